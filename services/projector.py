@@ -1,0 +1,411 @@
+"""The projector runtime (DESIGN §4): any projection, exactly once, bulk only.
+
+Per generation and stream, an `OrderedReader` delivers the stream in order from
+checkpoint + 1. Each batch (by count or time) is decoded and validated, then
+folded and its checkpoint written in ONE DuckDB transaction: a crash at any
+point resumes exactly where the last commit left off, with no acks needed.
+Events that cannot be decoded or break a rule go to `_rejects` (same
+transaction) and to FLEET_REJECTS; nothing blocks the stream.
+
+The runtime knows nothing about any family: it only uses the `Projection`
+interface (name, version, streams, event types, DDL, validate, fold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import msgspec
+import pyarrow as pa
+from nats.aio.client import Client
+
+from fleetlog.projections import Projection, RejectEvent, StoredEvent
+from fleetlog.schemas import event_decoder, parse_ts, subjects
+
+from .errors import StaleError
+from .store import Generation, ViewStore
+from .stream_reader import OrderedReader, StreamRecord
+
+__all__ = ["Projector", "Reject", "StaleError"]
+
+log = logging.getLogger("fleetlog.projector")
+
+
+class Reject(NamedTuple):
+    stream: str
+    seq: int
+    subject: str
+    reason: str
+    data: bytes
+
+
+@dataclass
+class _Feed:
+    """Progress of one generation on one stream (in memory; the durable copy is the checkpoint)."""
+
+    checkpoint: int
+    pending: int | None = None  # events after the checkpoint the broker reported, None = unknown
+    last_ts_ns: int = 0
+    caught_up: bool = False
+
+
+@dataclass
+class _Running:
+    projection: Projection
+    gen: Generation
+    feeds: dict[str, _Feed] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    folds: bool = True  # False for a live generation whose code version is gone
+
+
+class Projector:
+    def __init__(
+        self,
+        store: ViewStore,
+        projections: Sequence[Projection],
+        servers: list[str],
+        *,
+        nc: Client | None = None,
+        batch_max: int = 5000,
+        batch_wait_s: float = 0.02,
+        max_event_bytes: int = 512 * 1024,
+    ) -> None:
+        self.store = store
+        self.projections = {p.name: p for p in projections}
+        self.servers = servers
+        self.nc = nc  # for publishing rejects and reading stream info
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
+        self.max_event_bytes = max_event_bytes
+        self._running: dict[tuple[str, int], _Running] = {}
+        self._write_lock = threading.Lock()
+        self._stopping = asyncio.Event()
+        self._advanced = asyncio.Event()
+        self._reject_queue: asyncio.Queue[tuple[str, Reject]] = asyncio.Queue(maxsize=100_000)
+        self._aux: list[asyncio.Task[None]] = []
+        self.folded_events = 0
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        for projection in self.projections.values():
+            gens = self.store.generations(projection.name)
+            live = next((g for g in gens if g.state == "live"), None)
+            building = [g for g in gens if g.state == "building"]
+            if live is None:
+                live = self.store.create_generation(projection, "live")
+            for g in building:
+                if g.version != projection.version:
+                    self.store.retire(g)  # built by code that is gone
+            building = [g for g in building if g.version == projection.version]
+            live_folds = live.version == projection.version
+            await self._launch(projection, live, folds=live_folds)
+            if not live_folds and not building:
+                log.warning(
+                    "projection %s: version %d -> %d, rebuilding beside the live view",
+                    projection.name, live.version, projection.version,
+                )
+                building = [self.store.create_generation(projection, "building")]
+            for g in building:
+                await self._launch(projection, g, folds=True)
+        self._aux.append(asyncio.create_task(self._publish_rejects(), name="fleetlog-rejects"))
+
+    async def rebuild(self, name: str) -> Generation:
+        """Build a fresh generation of `name` from sequence 1 beside the live one."""
+        projection = self.projections[name]
+        for (pname, _), running in self._running.items():
+            if pname == name and running.gen.state == "building":
+                return running.gen
+        gen = self.store.create_generation(projection, "building")
+        await self._launch(projection, gen, folds=True)
+        return gen
+
+    async def stop(self) -> None:
+        """Stop reading; the batch being folded is committed first."""
+        self._stopping.set()
+        tasks = [t for r in self._running.values() for t in r.tasks]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in self._aux:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:
+        running = _Running(projection, gen, folds=folds)
+        checkpoints = self.store.checkpoints(gen.schema)
+        for stream in projection.streams:
+            running.feeds[stream] = _Feed(checkpoint=checkpoints.get(stream, 0))
+        self._running[(projection.name, gen.generation)] = running
+        if folds:
+            for stream in projection.streams:
+                running.tasks.append(
+                    asyncio.create_task(self._consume(running, stream), name=f"fold-{gen.schema}-{stream}")
+                )
+
+    # -- the loop ------------------------------------------------------------
+    async def _consume(self, running: _Running, stream: str) -> None:
+        feed = running.feeds[stream]
+        reader = OrderedReader(self.servers, stream, feed.checkpoint + 1, name=f"fleetlog-{running.gen.schema}")
+        await reader.start()
+        await self._check_caught_up(running, stream)
+        try:
+            while not self._stopping.is_set():
+                records = await reader.next_batch(self.batch_max, self.batch_wait_s)
+                if running.gen.state == "retired":
+                    return
+                if not records:
+                    if running.gen.state == "building" and not feed.caught_up:
+                        await self._check_caught_up(running, stream)
+                    continue
+                rejects = await asyncio.to_thread(self._apply, running, stream, records)
+                last = records[-1]
+                feed.checkpoint = last.seq
+                feed.pending = last.pending
+                feed.last_ts_ns = last.ts_ns
+                feed.caught_up = last.pending == 0
+                self.folded_events += len(records)
+                self._advanced.set()
+                if rejects and running.gen.state == "live":
+                    for r in rejects:
+                        with contextlib.suppress(asyncio.QueueFull):
+                            self._reject_queue.put_nowait((running.projection.name, r))
+                if running.gen.state == "building" and feed.caught_up:
+                    await self._maybe_promote(running)
+        finally:
+            await reader.close()
+
+    async def _check_caught_up(self, running: _Running, stream: str) -> None:
+        """An empty or fully folded stream never delivers a record; ask the broker instead."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        feed = running.feeds[stream]
+        try:
+            info = await self.nc.jetstream().stream_info(stream)
+        except Exception:  # noqa: BLE001 - the stream may not exist yet; retry later
+            return
+        last_seq = info.state.last_seq
+        if last_seq <= feed.checkpoint:
+            feed.caught_up = True
+            feed.pending = 0
+            if running.gen.state == "building":
+                await self._maybe_promote(running)
+
+    async def _maybe_promote(self, running: _Running) -> None:
+        if not all(f.caught_up for f in running.feeds.values()):
+            return
+        name = running.projection.name
+        old = next(
+            (r for (n, _), r in self._running.items() if n == name and r.gen.state == "live"), None
+        )
+        report = await asyncio.to_thread(self._compare, old, running)
+        await asyncio.to_thread(self.store.promote, running.gen, old.gen if old else None, report)
+        if old is not None:
+            for task in old.tasks:
+                task.cancel()
+            self._running.pop((name, old.gen.generation), None)
+        log.info("projection %s: generation %d is live (%s)", name, running.gen.generation, report)
+
+    def _compare(self, old: _Running | None, new: _Running) -> str:
+        """Compare the rebuilt tables with the live ones when both stand at the same checkpoints."""
+        if old is None:
+            return json.dumps({"compared": False, "why": "no live generation"})
+        with self._write_lock:
+            same_point = {s: f.checkpoint for s, f in old.feeds.items()} == {
+                s: f.checkpoint for s, f in new.feeds.items()
+            }
+            if not same_point or not old.folds:
+                return json.dumps({"compared": False, "why": "live generation is at other checkpoints"})
+            tables = new.projection.tables
+            a = self.store.table_digest(old.gen.schema, tables)
+            b = self.store.table_digest(new.gen.schema, tables)
+        return json.dumps({"compared": True, "equal": a == b, "live": a, "rebuilt": b})
+
+    # -- one batch -----------------------------------------------------------
+    def _decode(
+        self, projection: Projection, stream: str, records: Sequence[StreamRecord]
+    ) -> tuple[list[StoredEvent], list[Reject]]:
+        stored: list[StoredEvent] = []
+        rejects: list[Reject] = []
+        seen: set[str] = set()
+        decode = event_decoder.decode
+        types = projection.event_types
+        limit = self.max_event_bytes
+        for rec in records:
+            data = rec.data
+            if len(data) > limit:
+                rejects.append(Reject(stream, rec.seq, rec.subject, f"oversize: {len(data)} bytes > {limit}", data))
+                continue
+            try:
+                event = decode(data)
+            except msgspec.ValidationError as exc:
+                rejects.append(Reject(stream, rec.seq, rec.subject, f"invalid event: {exc}", data))
+                continue
+            except msgspec.DecodeError as exc:
+                rejects.append(Reject(stream, rec.seq, rec.subject, f"not valid JSON: {exc}", data))
+                continue
+            if not isinstance(event, types):
+                tag = type(event).__struct_config__.tag
+                rejects.append(
+                    Reject(stream, rec.seq, rec.subject, f"event type {tag!r} is not folded by {projection.name}", data)
+                )
+                continue
+            expected = event.subject()
+            if expected != rec.subject:
+                rejects.append(Reject(stream, rec.seq, rec.subject,
+                                      f"subject mismatch: the payload belongs on {expected!r}", data))
+                continue
+            try:
+                at = parse_ts(event.ts)
+            except ValueError as exc:
+                rejects.append(Reject(stream, rec.seq, rec.subject, str(exc), data))
+                continue
+            item = StoredEvent(stream, rec.seq, rec.subject, event, at)
+            try:
+                projection.validate(item)
+            except RejectEvent as exc:
+                rejects.append(Reject(stream, rec.seq, rec.subject, str(exc), data))
+                continue
+            if event.id in seen:
+                continue  # a retried publish inside one batch
+            seen.add(event.id)
+            stored.append(item)
+        return stored, rejects
+
+    def _apply(self, running: _Running, stream: str, records: Sequence[StreamRecord]) -> list[Reject]:
+        projection = running.projection
+        stored, rejects = self._decode(projection, stream, records)
+        last_seq = records[-1].seq
+        try:
+            self._commit(running, stream, stored, rejects, last_seq)
+        except Exception as exc:  # noqa: BLE001 - isolate the event(s) that break the fold
+            log.warning("fold of %d events failed (%s); retrying one by one", len(stored), exc)
+            rejects = self._apply_one_by_one(running, stream, stored, rejects, last_seq)
+        return rejects
+
+    def _apply_one_by_one(
+        self, running: _Running, stream: str, stored: list[StoredEvent], rejects: list[Reject], last_seq: int
+    ) -> list[Reject]:
+        """Slow path after a failed batch: an event whose fold fails becomes a reject."""
+        out = list(rejects)
+        self._commit(running, stream, [], rejects, 0)  # checkpoint untouched (seq < 0 never holds)
+        for item in stored:
+            try:
+                self._commit(running, stream, [item], [], item.seq)
+            except Exception as exc:  # noqa: BLE001
+                from fleetlog.schemas import encode_event
+
+                reject = Reject(stream, item.seq, item.subject, f"fold failed: {exc}", encode_event(item.event))
+                self._commit(running, stream, [], [reject], item.seq)
+                out.append(reject)
+        self._commit(running, stream, [], [], last_seq)
+        return out
+
+    def _commit(
+        self, running: _Running, stream: str, stored: Sequence[StoredEvent], rejects: Sequence[Reject], seq: int
+    ) -> None:
+        cur = self.store.cursor(running.gen.schema)
+        try:
+            with self._write_lock:
+                cur.execute("BEGIN")
+                try:
+                    if stored:
+                        running.projection.fold(cur, stored)
+                    if rejects:
+                        table = pa.table(
+                            {
+                                "stream": pa.array([r.stream for r in rejects], pa.string()),
+                                "seq": pa.array([r.seq for r in rejects], pa.int64()),
+                                "subject": pa.array([r.subject for r in rejects], pa.string()),
+                                "reason": pa.array([r.reason for r in rejects], pa.string()),
+                                "data": pa.array([r.data for r in rejects], pa.binary()),
+                            }
+                        )
+                        cur.register("_fleetlog_rejects", table)
+                        cur.execute(
+                            "INSERT INTO _rejects (stream, seq, subject, reason, data) "
+                            "SELECT stream, seq, subject, reason, data FROM _fleetlog_rejects"
+                            " WHERE seq NOT IN (SELECT seq FROM _rejects WHERE stream = ?)",
+                            [stream],
+                        )
+                        cur.unregister("_fleetlog_rejects")
+                    cur.execute(
+                        "UPDATE main.fleetlog_checkpoints SET seq = ?, updated_at = now()"
+                        " WHERE schema_name = ? AND stream = ? AND seq < ?",
+                        [seq, running.gen.schema, stream, seq],
+                    )
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+        finally:
+            cur.close()
+
+    # -- rejects stream ------------------------------------------------------
+    async def _publish_rejects(self) -> None:
+        """Side effect of live folding only: a rebuild never re-emits (dedup id per stream seq)."""
+        while True:
+            name, r = await self._reject_queue.get()
+            headers = {
+                "Nats-Msg-Id": f"reject.{name}.{r.stream}.{r.seq}",
+                "Fleetlog-Projection": name,
+                "Fleetlog-Stream": r.stream,
+                "Fleetlog-Seq": str(r.seq),
+                "Fleetlog-Subject": r.subject,
+                "Fleetlog-Reason": " ".join(r.reason.split())[:2000],
+            }
+            for attempt in range(20):
+                if self.nc is None:
+                    break
+                try:
+                    await self.nc.jetstream().publish(subjects.reject(name), r.data, headers=headers, timeout=5)
+                    break
+                except Exception as exc:  # noqa: BLE001 - the _rejects table already holds it
+                    log.debug("rejects publish failed (%s), retry %d", exc, attempt)
+                    await asyncio.sleep(min(0.1 * 2**attempt, 5))
+
+    # -- what queries need -----------------------------------------------------
+    def live(self, name: str) -> _Running:
+        for (pname, _), running in self._running.items():
+            if pname == name and running.gen.state == "live":
+                return running
+        raise KeyError(f"no live generation of projection {name!r}")
+
+    def running(self) -> list[_Running]:
+        return list(self._running.values())
+
+    def as_of(self, name: str) -> tuple[dict[str, int], dict[str, int]]:
+        running = self.live(name)
+        as_of = {s: f.checkpoint for s, f in running.feeds.items()}
+        lag = {s: (f.pending or 0) for s, f in running.feeds.items()}
+        return as_of, lag
+
+    async def wait_for(self, name: str, token: dict[str, int] | None, timeout_s: float) -> None:
+        """Read-your-writes: wait until the live generation folded every seq in `token`."""
+        if not token:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = self.live(name)
+            missing = {
+                s: seq for s, seq in token.items() if s in running.feeds and running.feeds[s].checkpoint < seq
+            }
+            if not missing:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                have = {s: running.feeds[s].checkpoint for s in missing}
+                raise StaleError(
+                    f"stale: view {name} has folded {have}, the request needs {missing}; "
+                    f"still behind after {timeout_s}s"
+                )
+            self._advanced.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), min(left, 0.05))

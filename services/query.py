@@ -1,0 +1,264 @@
+"""The query service (DESIGN §5): a `nats.micro` service in the projector's process.
+
+Endpoints: `fleetlog.<projection>.<endpoint>` for every endpoint a projection
+declares, plus `fleetlog.status` and `fleetlog.rejects`. Requests and replies are
+msgspec JSON. Every reply carries `as_of` and `lag`; a request's `min_seq`
+(consistency token) is waited for, bounded, else the reply is a "stale" error.
+Errors travel as micro error headers *and* a JSON body `{"error": {code, message}}`.
+Each request runs in its own task: a slow query or a read-your-writes wait never
+holds up other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import duckdb
+import msgspec
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from fleetlog.projections import Endpoint, Projection, QueryContext
+from fleetlog.schemas import Event, encode_event
+from fleetlog.schemas.answers import (
+    ProjectionStatus,
+    RejectRow,
+    RejectsAnswer,
+    RejectsQuery,
+    StatusAnswer,
+    StatusQuery,
+    StreamStatus,
+)
+from fleetlog.schemas.streams import STREAMS
+
+from .projector import Projector, StaleError
+
+__all__ = ["SERVICE_NAME", "QueryService", "endpoint_subject"]
+
+log = logging.getLogger("fleetlog.query")
+
+SERVICE_NAME = "fleetlog"
+SERVICE_VERSION = "0.1.0"
+QUEUE_GROUP = "fleetlog-query"
+
+_encode = msgspec.json.Encoder().encode
+
+
+def endpoint_subject(projection: str, endpoint: str) -> str:
+    return f"fleetlog.{projection}.{endpoint}"
+
+
+class _Context(QueryContext):
+    def __init__(self, service: QueryService, projection: Projection) -> None:
+        self._service = service
+        self._projection = projection
+
+    async def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        schema = self._service.projector.live(self._projection.name).gen.schema
+        store = self._service.projector.store
+
+        def run() -> Any:
+            cur = store.cursor(schema)
+            try:
+                return fn(cur)
+            finally:
+                cur.close()
+
+        return await asyncio.to_thread(run)
+
+    async def publish(self, event: Event) -> tuple[str, int]:
+        ack = await self._service.nc.jetstream().publish(
+            event.subject(), encode_event(event), headers={"Nats-Msg-Id": event.id}, timeout=5
+        )
+        return ack.stream, ack.seq
+
+    async def wait_for(self, token: dict[str, int]) -> None:
+        await self._service.projector.wait_for(self._projection.name, token, self._service.wait_max_s)
+
+
+class QueryService:
+    def __init__(self, nc: Client, projector: Projector, *, wait_max_s: float = 5.0, max_concurrent: int = 64) -> None:
+        self.nc = nc
+        self.projector = projector
+        self.wait_max_s = wait_max_s
+        self._service: Service | None = None
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        svc = await add_service(
+            self.nc,
+            name=SERVICE_NAME,
+            version=SERVICE_VERSION,
+            description="fleetlog views: attempts, runs, state, snapshots, processors",
+            queue_group=QUEUE_GROUP,
+        )
+        self._service = svc
+        for projection in self.projector.projections.values():
+            group = svc.add_group(name=f"fleetlog.{projection.name}")
+            for ep in projection.endpoints():
+                await group.add_endpoint(
+                    name=f"{projection.name}-{ep.name}",
+                    subject=ep.name,
+                    handler=self._spawn(self._projection_handler(projection, ep)),
+                    metadata={"description": ep.description},
+                )
+        await svc.add_endpoint(name="status", subject="fleetlog.status", handler=self._spawn(self._status))
+        await svc.add_endpoint(name="rejects", subject="fleetlog.rejects", handler=self._spawn(self._rejects))
+        await svc.add_endpoint(name="rebuild", subject="fleetlog.rebuild", handler=self._spawn(self._rebuild))
+
+    async def stop(self) -> None:
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 5)
+
+    # -- plumbing --------------------------------------------------------------
+    def _spawn(self, fn: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
+        async def handler(req: Request) -> None:
+            task = asyncio.create_task(self._guarded(fn, req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return handler
+
+    async def _guarded(self, fn: Callable[[Request], Awaitable[None]], req: Request) -> None:
+        async with self._slots:
+            try:
+                await fn(req)
+            except StaleError as exc:
+                await _error(req, "stale", str(exc))
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                await _error(req, "400", f"bad request: {exc}")
+            except KeyError as exc:
+                await _error(req, "404", str(exc))
+            except Exception as exc:  # noqa: BLE001 - a query bug must answer, not hang the caller
+                log.exception("query %s failed", req.subject)
+                await _error(req, "500", f"{type(exc).__name__}: {exc}")
+
+    def _projection_handler(self, projection: Projection, ep: Endpoint) -> Callable[[Request], Awaitable[None]]:
+        decoder = msgspec.json.Decoder(ep.request)
+        ctx = _Context(self, projection)
+
+        async def handle(req: Request) -> None:
+            request = decoder.decode(req.data or b"{}")
+            token = getattr(request, "min_seq", None)
+            await self.projector.wait_for(projection.name, token, self.wait_max_s)
+            answer = await ep.handler(ctx, request)
+            as_of, lag = self.projector.as_of(projection.name)
+            answer.as_of = as_of  # type: ignore[attr-defined]
+            answer.lag = lag  # type: ignore[attr-defined]
+            await req.respond(_encode(answer))
+
+        return handle
+
+    # -- built-in endpoints ------------------------------------------------------
+    async def _status(self, req: Request) -> None:
+        query = msgspec.json.decode(req.data or b"{}", type=StatusQuery)
+        await req.respond(_encode(await self.status(query)))
+
+    async def status(self, query: StatusQuery | None = None) -> StatusAnswer:
+        js = self.nc.jetstream()
+        streams: list[StreamStatus] = []
+        last_seq: dict[str, int] = {}
+        for spec in STREAMS:
+            try:
+                info = await js.stream_info(spec.name)
+            except Exception:  # noqa: BLE001 - not created yet
+                continue
+            st = info.state
+            last_seq[spec.name] = st.last_seq
+            streams.append(StreamStatus(
+                name=spec.name, messages=st.messages, bytes=st.bytes, first_seq=st.first_seq,
+                last_seq=st.last_seq, subjects=list(spec.subjects),
+            ))
+        projections: list[ProjectionStatus] = []
+        as_of: dict[str, int] = {}
+        lag_total: dict[str, int] = {}
+        rejects_total = 0
+        now_s = time.time()
+        for running in self.projector.running():
+            gen = running.gen
+            checkpoints = {s: f.checkpoint for s, f in running.feeds.items()}
+            lag = {s: max(0, last_seq.get(s, 0) - c) for s, c in checkpoints.items()}
+            # Age of the lag: how old the last folded event is while more are waiting.
+            lag_s = {
+                s: (round(max(0.0, now_s - f.last_ts_ns / 1e9), 3) if lag[s] and f.last_ts_ns else 0.0)
+                for s, f in running.feeds.items()
+            }
+            rows = await asyncio.to_thread(self._counts, gen.schema, running.projection.tables)
+            rejects = rows.pop("_rejects")
+            projections.append(ProjectionStatus(
+                name=gen.name, version=gen.version, generation=gen.generation, state=gen.state,
+                checkpoints=checkpoints, lag=lag, lag_seconds=lag_s, rejects=rejects, rows=rows,
+            ))
+            if gen.state == "live":
+                rejects_total += rejects
+                for s, c in checkpoints.items():
+                    as_of[s] = min(as_of.get(s, c), c)
+                    lag_total[s] = max(lag_total.get(s, 0), lag[s])
+        return StatusAnswer(streams=streams, projections=projections, rejects_total=rejects_total,
+                            as_of=as_of, lag=lag_total)
+
+    def _counts(self, schema: str, tables: tuple[str, ...]) -> dict[str, int]:
+        cur = self.projector.store.cursor(schema)
+        try:
+            out = {}
+            for table in (*tables, "_rejects"):
+                row = cur.execute(f"SELECT count(*) FROM {table}").fetchone()
+                out[table] = int(row[0]) if row else 0
+            return out
+        finally:
+            cur.close()
+
+    async def _rejects(self, req: Request) -> None:
+        query = msgspec.json.decode(req.data or b"{}", type=RejectsQuery)
+        items: list[RejectRow] = []
+        names = [query.projection] if query.projection else list(self.projector.projections)
+        for name in names:
+            if name not in self.projector.projections:
+                raise KeyError(f"unknown projection {name!r}")
+            await self.projector.wait_for(name, query.min_seq, self.wait_max_s)
+            schema = self.projector.live(name).gen.schema
+
+            def run(schema: str = schema, name: str = name) -> list[RejectRow]:
+                cur = self.projector.store.cursor(schema)
+                try:
+                    rows = cur.execute(
+                        "SELECT stream, seq, subject, reason, data, CAST(rejected_at AS VARCHAR) FROM _rejects"
+                        " ORDER BY rejected_at DESC, seq DESC LIMIT ?",
+                        [query.limit],
+                    ).fetchall()
+                finally:
+                    cur.close()
+                return [
+                    RejectRow(projection=name, stream=r[0], seq=r[1], subject=r[2], reason=r[3],
+                              data=bytes(r[4]).decode("utf-8", "replace"), rejected_at=r[5])
+                    for r in rows
+                ]
+
+            items.extend(await asyncio.to_thread(run))
+        await req.respond(_encode(RejectsAnswer(items=items[: query.limit])))
+
+    async def _rebuild(self, req: Request) -> None:
+        body = msgspec.json.decode(req.data or b"{}", type=dict[str, str])
+        name = body.get("projection", "")
+        if name not in self.projector.projections:
+            raise KeyError(f"unknown projection {name!r}")
+        gen = await self.projector.rebuild(name)
+        await req.respond(_encode({"projection": name, "generation": gen.generation, "schema": gen.schema}))
+
+
+async def _error(req: Request, code: str, message: str) -> None:
+    flat = " ".join(message.split())[:1000]
+    with contextlib.suppress(Exception):
+        await req.respond_error(code, flat, data=_encode({"error": {"code": code, "message": message}}))

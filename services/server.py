@@ -1,0 +1,92 @@
+"""Running fleetlog: `serve` (projector + query service against any NATS) and `up`
+(the same, on an embedded nats-server bound to loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fleetlog.projections import ALL, Projection
+
+from .broker import EmbeddedBroker
+from .config import FleetSettings
+from .connection import connect_once
+from .projector import Projector
+from .query import QueryService
+from .store import ViewStore
+from .streams import ensure_streams
+
+__all__ = ["Server", "run_serve", "run_up"]
+
+log = logging.getLogger("fleetlog.server")
+
+
+@dataclass
+class Server:
+    """The services of one fleetlog process, started and stopped in order."""
+
+    settings: FleetSettings
+    projections: Sequence[Projection] = ALL
+
+    async def start(self) -> None:
+        s = self.settings
+        self.nc = await connect_once(s.servers(), "fleetlog-server", timeout_s=5.0)
+        await ensure_streams(self.nc, s)
+        self.store = ViewStore(s.views_path())
+        self.projector = Projector(
+            self.store, self.projections, s.servers(), nc=self.nc,
+            batch_max=s.batch_max, batch_wait_s=s.batch_wait_s, max_event_bytes=s.max_event_bytes,
+        )
+        await self.projector.start()
+        self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s)
+        await self.query.start()
+        log.info("fleetlog serving %s, views in %s", s.nats_url, s.views_path())
+
+    async def stop(self) -> None:
+        """Stop answering, let the projector commit its last batch, close the file."""
+        with contextlib.suppress(Exception):
+            await self.query.stop()
+        await self.projector.stop()
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        self.store.close()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None) -> None:
+    server = Server(settings)
+    await server.start()
+    if ready is not None:
+        ready.set()
+    try:
+        await _until_signalled()
+    finally:
+        await server.stop()
+
+
+async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None) -> None:
+    broker = EmbeddedBroker(settings.data_dir / "broker", port=settings.port)
+    await broker.start()
+    if broker.reused:
+        log.info("reusing the NATS server already on %s", broker.url)
+    else:
+        log.info("started nats-server on %s (data in %s)", broker.url, broker.data_dir)
+    try:
+        await run_serve(settings.model_copy(update={"nats_url": broker.url}), ready)
+    finally:
+        await broker.stop()

@@ -1,0 +1,192 @@
+"""The DuckDB file that holds every view, with its bookkeeping.
+
+Each projection lives in generations: a DuckDB schema `<name>_g<n>` holding its
+tables and its `_rejects`. One generation is `live` (queries read it); a
+rebuild or a version bump builds the next one beside it (`building`) and
+promotes it atomically once it has caught up. Checkpoints (last folded stream
+sequence per generation and stream) sit in `fleetlog_checkpoints` and are
+written in the same transaction as the fold they describe.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from fleetlog.projections import Projection
+
+__all__ = ["Generation", "ViewStore"]
+
+META_DDL = (
+    """CREATE TABLE IF NOT EXISTS fleetlog_generations (
+        name VARCHAR NOT NULL,
+        generation INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        schema_name VARCHAR NOT NULL,
+        state VARCHAR NOT NULL,            -- live | building | retired
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        promoted_at TIMESTAMPTZ,
+        compare_report JSON
+    )""",
+    """CREATE TABLE IF NOT EXISTS fleetlog_checkpoints (
+        schema_name VARCHAR NOT NULL,
+        stream VARCHAR NOT NULL,
+        seq BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )""",
+)
+
+REJECTS_DDL = """CREATE TABLE IF NOT EXISTS _rejects (
+    stream VARCHAR NOT NULL,
+    seq BIGINT NOT NULL,
+    subject VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL,
+    data BLOB NOT NULL,
+    rejected_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)"""
+
+
+@dataclass
+class Generation:
+    name: str
+    generation: int
+    version: int
+    schema: str
+    state: str
+
+
+class ViewStore:
+    """Owns the DuckDB connection. DuckDB allows one writing process per file, so the
+    projector and the query service share this one object in one process."""
+
+    def __init__(self, path: Path | str, memory_limit: str = "1GB") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path))
+        self.con.execute(f"SET memory_limit = '{memory_limit}'")
+        row = self.con.execute("SELECT current_database()").fetchone()
+        assert row is not None
+        self.catalog: str = row[0]
+        self._lock = threading.Lock()
+        for stmt in META_DDL:
+            self.con.execute(stmt)
+
+    # -- generations ---------------------------------------------------------
+    def generations(self, name: str) -> list[Generation]:
+        with self._lock:
+            rows = self.con.execute(
+                """SELECT name, generation, version, schema_name, state FROM fleetlog_generations
+                   WHERE name = ? AND state <> 'retired' ORDER BY generation""",
+                [name],
+            ).fetchall()
+        return [Generation(*r) for r in rows]
+
+    def create_generation(self, projection: Projection, state: str) -> Generation:
+        """A fresh schema with the projection's tables, checkpoints at 0."""
+        with self._lock:
+            row = self.con.execute(
+                "SELECT coalesce(max(generation), 0) FROM fleetlog_generations WHERE name = ?", [projection.name]
+            ).fetchone()
+            number = (row[0] if row else 0) + 1
+            schema = f"{projection.name}_g{number}"
+            cur = self.con.cursor()
+            try:
+                cur.execute("BEGIN")
+                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                cur.execute(f'CREATE SCHEMA "{schema}"')
+                cur.execute(f'USE "{self.catalog}"."{schema}"')
+                for stmt in projection.ddl():
+                    cur.execute(stmt)
+                cur.execute(REJECTS_DDL)
+                cur.execute(
+                    "INSERT INTO main.fleetlog_generations (name, generation, version, schema_name, state)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [projection.name, number, projection.version, schema, state],
+                )
+                for stream in projection.streams:
+                    cur.execute(
+                        "INSERT INTO main.fleetlog_checkpoints (schema_name, stream, seq) VALUES (?, ?, 0)",
+                        [schema, stream],
+                    )
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+        return Generation(projection.name, number, projection.version, schema, state)
+
+    def retire(self, gen: Generation) -> None:
+        with self._lock:
+            self.con.execute(
+                "UPDATE fleetlog_generations SET state = 'retired' WHERE name = ? AND generation = ?",
+                [gen.name, gen.generation],
+            )
+            self.con.execute("DELETE FROM fleetlog_checkpoints WHERE schema_name = ?", [gen.schema])
+            self.con.execute(f'DROP SCHEMA IF EXISTS "{gen.schema}" CASCADE')
+
+    def promote(self, new: Generation, old: Generation | None, report: str | None) -> None:
+        """Make `new` the live generation in one transaction, then drop the old tables."""
+        with self._lock:
+            cur = self.con.cursor()
+            try:
+                cur.execute("BEGIN")
+                if old is not None:
+                    cur.execute(
+                        "UPDATE fleetlog_generations SET state = 'retired' WHERE name = ? AND generation = ?",
+                        [old.name, old.generation],
+                    )
+                cur.execute(
+                    """UPDATE fleetlog_generations SET state = 'live', promoted_at = now(), compare_report = ?
+                       WHERE name = ? AND generation = ?""",
+                    [report, new.name, new.generation],
+                )
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+        new.state = "live"
+        if old is not None:
+            old.state = "retired"
+            with self._lock:
+                self.con.execute("DELETE FROM fleetlog_checkpoints WHERE schema_name = ?", [old.schema])
+                self.con.execute(f'DROP SCHEMA IF EXISTS "{old.schema}" CASCADE')
+
+    # -- reading -------------------------------------------------------------
+    def checkpoints(self, schema: str) -> dict[str, int]:
+        with self._lock:
+            rows = self.con.execute(
+                "SELECT stream, seq FROM fleetlog_checkpoints WHERE schema_name = ?", [schema]
+            ).fetchall()
+        return {stream: int(seq) for stream, seq in rows}
+
+    def cursor(self, schema: str | None = None) -> duckdb.DuckDBPyConnection:
+        """A new cursor (its own DuckDB connection) whose unqualified names resolve in `schema`."""
+        with self._lock:
+            cur = self.con.cursor()
+        if schema is not None:
+            cur.execute(f'USE "{self.catalog}"."{schema}"')
+        return cur
+
+    def table_digest(self, schema: str, tables: tuple[str, ...]) -> dict[str, list[Any]]:
+        """Row count and an order-independent content hash per table (rebuild comparison)."""
+        out: dict[str, list[Any]] = {}
+        cur = self.cursor(schema)
+        try:
+            for table in tables:
+                row = cur.execute(f"SELECT count(*), coalesce(bit_xor(hash(t)), 0) FROM {table} t").fetchone()
+                assert row is not None
+                out[table] = [int(row[0]), str(row[1])]
+        finally:
+            cur.close()
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self.con.close()

@@ -1,0 +1,51 @@
+"""Shared fixtures: a real nats-server per test (free port, temp dir), never a mock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fleetlog import Fleet, FleetSettings
+from fleetlog.services.broker import EmbeddedBroker, free_port
+from fleetlog.services.server import Server
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
+    server = EmbeddedBroker(tmp_path / "broker", port=free_port())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, broker: EmbeddedBroker) -> FleetSettings:
+    return FleetSettings(
+        nats_url=broker.url,
+        data_dir=tmp_path / "data",
+        spool_dir=tmp_path / "spool",
+        batch_wait_s=0.01,
+    )
+
+
+@pytest.fixture
+async def server(settings: FleetSettings) -> AsyncIterator[Server]:
+    srv = Server(settings)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+@pytest.fixture
+async def fleet(settings: FleetSettings, server: Server) -> AsyncIterator[Fleet]:
+    client = await Fleet.connect(settings=settings)
+    try:
+        yield client
+    finally:
+        await client.close()
