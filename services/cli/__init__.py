@@ -1,1 +1,31 @@
-def main() -> None: ...
+"""The `fleetlog` command: a thin layer over the library (noun verb, `--json` everywhere)."""
+
+from __future__ import annotations
+
+import click
+
+from .admin import rebuild, rejects, schemas, status
+from .attempts import attempts, emit_attempt
+from .run import serve, up
+
+__all__ = ["cli", "main"]
+
+
+@click.group()
+@click.version_option(package_name="fleetlog")
+def cli() -> None:
+    """fleetlog: the flight recorder and control ledger for fleets of AI agents."""
+
+
+@cli.group()
+def emit() -> None:
+    """Publish one event (and wait for its ack)."""
+
+
+emit.add_command(emit_attempt)
+for command in (up, serve, status, attempts, schemas, rejects, rebuild):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,137 @@
+"""`fleetlog status`, `schemas export`, `rejects`, `rebuild`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+from rich.table import Table
+
+from fleetlog.schemas import export_schemas
+from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
+from fleetlog.services.client import Fleet
+
+from ._common import console, json_option, nats_option, print_json, run_client
+
+__all__ = ["rebuild", "rejects", "schemas", "status"]
+
+
+@click.command()
+@nats_option
+@json_option
+def status(nats_url: str | None, as_json: bool) -> None:
+    """Streams, projections, checkpoints, lag and rejects."""
+
+    async def go(fleet: Fleet) -> StatusAnswer:
+        return await fleet.status()
+
+    answer = run_client(nats_url, go)
+    if as_json:
+        print_json(answer)
+        return
+    streams = Table("stream", "messages", "bytes", "first", "last", title="streams")
+    for s in answer.streams:
+        streams.add_row(s.name, str(s.messages), str(s.bytes), str(s.first_seq), str(s.last_seq))
+    console.print(streams)
+    views = Table("projection", "v", "gen", "state", "checkpoints", "lag", "lag s", "rows", "rejects",
+                  title="projections")
+    for p in answer.projections:
+        views.add_row(p.name, str(p.version), str(p.generation), p.state, _kv(p.checkpoints), _kv(p.lag),
+                      _kv(p.lag_seconds), _kv(p.rows), str(p.rejects))
+    console.print(views)
+    console.print(f"rejects: {answer.rejects_total}")
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+@click.group()
+def schemas() -> None:
+    """The event contract."""
+
+
+@schemas.command("export")
+@click.argument("directory", type=click.Path(file_okay=False))
+def export_cmd(directory: str) -> None:
+    """Write the JSON Schema of every event type into DIRECTORY."""
+    paths = export_schemas(directory)
+    console.print(f"wrote {len(paths)} schemas to {directory}")
+
+
+@click.group(invoke_without_command=True)
+@click.option("--projection")
+@click.option("--limit", type=int, default=50, show_default=True)
+@nats_option
+@json_option
+@click.pass_context
+def rejects(ctx: click.Context, projection: str | None, limit: int, nats_url: str | None, as_json: bool) -> None:
+    """Events the projections refused, with the reason (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    async def go(fleet: Fleet) -> RejectsAnswer:
+        return await fleet.rejects(projection, limit)
+
+    answer = run_client(nats_url, go)
+    if as_json:
+        print_json(answer)
+        return
+    table = Table("projection", "stream", "seq", "subject", "reason", "data")
+    for r in answer.items:
+        table.add_row(r.projection, r.stream, str(r.seq), r.subject, r.reason, r.data[:60])
+    console.print(table)
+
+
+@rejects.command("redrive")
+@click.option("--projection", required=True)
+@click.option("--limit", type=int, default=1000, show_default=True)
+@nats_option
+@json_option
+def redrive(projection: str, limit: int, nats_url: str | None, as_json: bool) -> None:
+    """Publish rejected events again on their original subjects (after fixing what refused them)."""
+
+    async def go(fleet: Fleet) -> dict[str, int]:
+        answer = await fleet.rejects(projection, limit)
+        nc = fleet._link.nc  # noqa: SLF001 - the CLI is a thin layer over the same connection
+        assert nc is not None
+        js = nc.jetstream()
+        for r in answer.items:
+            await js.publish(r.subject, r.data.encode("utf-8"))
+        return {"redriven": len(answer.items)}
+
+    result = run_client(nats_url, go)
+    print_json(result) if as_json else console.print(f"re-published {result['redriven']} events")
+
+
+@click.command()
+@click.argument("projection")
+@click.option("--wait/--no-wait", default=True, help="follow progress until the new generation is live")
+@nats_option
+@json_option
+def rebuild(projection: str, wait: bool, nats_url: str | None, as_json: bool) -> None:
+    """Rebuild PROJECTION from sequence 1 beside the live view, then swap atomically."""
+
+    async def go(fleet: Fleet) -> dict[str, Any]:
+        started = await fleet.rebuild(projection)
+        if not wait:
+            return started
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True, disable=as_json) as progress:
+            task = progress.add_task(f"rebuilding {projection}", total=None)
+            while True:
+                answer = await fleet.status()
+                gens = [p for p in answer.projections if p.name == projection]
+                mine = next((p for p in gens if p.generation == started["generation"]), None)
+                if mine is None or mine.state == "live":
+                    break
+                done = sum(mine.checkpoints.values())
+                total = done + sum(mine.lag.values())
+                progress.update(task, completed=done, total=max(total, 1))
+                await asyncio.sleep(0.2)
+        return {**started, "state": "live"}
+
+    result = run_client(nats_url, go)
+    print_json(result) if as_json else console.print(f"{projection}: generation {result['generation']} is live")

@@ -1,0 +1,57 @@
+"""`fleetlog up` and `fleetlog serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import click
+
+from fleetlog.services.broker import BrokerError
+from fleetlog.services.server import run_serve, run_up
+
+from ._common import err_console, settings_from
+
+__all__ = ["serve", "up"]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.command()
+@click.option("--port", type=int, default=None, help="embedded broker port [env FLEETLOG_PORT; default 4222]")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="views, spool and broker data [env FLEETLOG_DATA_DIR; default: the user data dir]")
+@click.option("-v", "--verbose", is_flag=True)
+def up(port: int | None, data_dir: Path | None, verbose: bool) -> None:
+    """Start nats-server (JetStream, 127.0.0.1) plus projector and query service; Ctrl-C stops all."""
+    _logging(verbose)
+    settings = settings_from(None, port=port, data_dir=data_dir)
+    try:
+        asyncio.run(run_up(settings))
+    except BrokerError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@click.option("--nats", "nats_url", default=None, envvar="FLEETLOG_NATS_URL", help="NATS server URL(s)")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where the view files live [env FLEETLOG_DATA_DIR]")
+@click.option("-v", "--verbose", is_flag=True)
+def serve(nats_url: str | None, data_dir: Path | None, verbose: bool) -> None:
+    """Projector + query service against an external NATS (broker deployed separately)."""
+    _logging(verbose)
+    settings = settings_from(nats_url, data_dir=data_dir)
+    try:
+        asyncio.run(run_serve(settings))
+    except (OSError, TimeoutError) as exc:
+        err_console.print(f"[red]error:[/red] cannot reach NATS at {settings.nats_url}: {exc}")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        pass

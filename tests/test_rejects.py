@@ -1,0 +1,117 @@
+"""(c) Bad input on the wire: a raw NATS client, not our SDK, publishing garbage."""
+
+from __future__ import annotations
+
+import json
+
+import nats
+
+from fleetlog import Fleet
+from fleetlog.schemas import AttemptRecorded, RunCreated, RunState, encode_event, new_event_id, now_iso
+from fleetlog.services.server import Server
+
+from .helpers import wait_until
+
+
+def _valid(i: int) -> tuple[str, bytes]:
+    e = AttemptRecorded(id=new_event_id(), ts=now_iso(), agent=f"raw{i % 3}", action="probe", outcome="success",
+                        elapsed_s=i / 10)
+    return e.subject(), encode_event(e)
+
+
+def _garbage() -> list[tuple[str, bytes, str]]:
+    """(subject, payload, a word the reject reason must contain)."""
+    good = json.loads(_valid(0)[1])
+    bad: list[tuple[str, bytes, str]] = [
+        ("fleet.attempt.raw0.probe", b"{not json", "JSON"),
+        ("fleet.attempt.raw0.probe", b"\xff\xfe\x00binary", "JSON"),
+        ("fleet.attempt.raw0.probe", json.dumps({**good, "elapsed_s": "slow"}).encode(), "elapsed_s"),
+        ("fleet.attempt.raw0.probe", json.dumps({**good, "elapsed_s": -1}).encode(), "elapsed_s"),
+        ("fleet.attempt.raw0.probe", json.dumps({**good, "agent": 7}).encode(), "agent"),
+        ("fleet.attempt.raw0.probe", json.dumps({**good, "type": "attempt.bogus"}).encode(), "type"),
+        ("fleet.attempt.raw0.probe", json.dumps({k: v for k, v in good.items() if k != "id"}).encode(), "id"),
+        ("fleet.attempt.raw0.probe", json.dumps({**good, "id": "not-a-uuid"}).encode(), "id"),
+        ("fleet.attempt.raw0.probe", json.dumps({**good, "ts": "yesterday at noon"}).encode(), "ts"),
+        ("fleet.attempt.intruder.probe", json.dumps(good).encode(), "subject mismatch"),
+        ("fleet.attempt.raw0.probe", json.dumps({**good, "extras": {"blob": "x" * 600_000}}).encode(), "oversize"),
+        (
+            "fleet.attempt.raw0.probe",
+            encode_event(RunCreated(id=new_event_id(), ts=now_iso(),
+                                    state=RunState(run_id="r1", runner_id="x", status="queued", created_at=1))),
+            "not folded",
+        ),
+    ]
+    return bad
+
+
+async def test_garbage_mixed_with_1000_valid_events(fleet: Fleet, server: Server) -> None:
+    bad = _garbage()
+    nc = await nats.connect(fleet.settings.nats_url)
+    js = nc.jetstream()
+    bad_seqs: dict[int, str] = {}
+    try:
+        for i in range(1000):
+            subject, payload = _valid(i)
+            await js.publish(subject, payload)
+            if i % 80 == 0 and bad:
+                subject, payload, word = bad.pop()
+                ack = await js.publish(subject, payload)
+                bad_seqs[ack.seq] = word
+        for subject, payload, word in bad:
+            ack = await js.publish(subject, payload)
+            bad_seqs[ack.seq] = word
+        last = (await js.stream_info("FLEET_ATTEMPTS")).state.last_seq
+    finally:
+        await nc.close()
+
+    stats = await fleet.attempts.stats(min_seq={"FLEET_ATTEMPTS": last})
+    assert sum(s.count for s in stats.items) == 1000
+
+    rejects = await fleet.rejects("attempts", limit=100)
+    by_seq = {r.seq: r for r in rejects.items}
+    assert set(by_seq) == set(bad_seqs)
+    for seq, word in bad_seqs.items():
+        assert word.lower() in by_seq[seq].reason.lower(), (word, by_seq[seq].reason)
+    print("\n[fault c] reasons:\n  " + "\n  ".join(f"{s}: {by_seq[s].reason[:110]}" for s in sorted(by_seq)))
+
+    status = await fleet.status()
+    assert status.rejects_total == len(bad_seqs)
+    (proj,) = [p for p in status.projections if p.name == "attempts"]
+    assert proj.rejects == len(bad_seqs)
+    assert proj.rows["attempts"] == 1000
+
+    # The rejects stream carries each one with its reason, original subject and exact bytes.
+    async def stream_has_all() -> bool:
+        st = next(s for s in (await fleet.status()).streams if s.name == "FLEET_REJECTS")
+        return st.messages == len(bad_seqs)
+
+    await wait_until(stream_has_all, timeout_s=20)
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        sub = await nc.jetstream().subscribe("fleet.reject.attempts", ordered_consumer=True)
+        seen = {}
+        for _ in range(len(bad_seqs)):
+            msg = await sub.next_msg(timeout=5)
+            assert msg.headers is not None
+            seen[int(msg.headers["Fleetlog-Seq"])] = msg
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    assert set(seen) == set(bad_seqs)
+    for seq, msg in seen.items():
+        assert msg.headers is not None
+        assert msg.headers["Fleetlog-Reason"]
+        assert msg.headers["Fleetlog-Stream"] == "FLEET_ATTEMPTS"
+        assert msg.headers["Fleetlog-Subject"].startswith("fleet.attempt.")
+
+
+async def test_rejects_do_not_stop_later_events(fleet: Fleet, server: Server) -> None:
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        await nc.jetstream().publish("fleet.attempt.x.y", b"garbage")
+    finally:
+        await nc.close()
+    r = fleet.attempts.record(agent="x", action="y", outcome="success", elapsed_s=0.5)
+    token = await fleet.flush()
+    page = await fleet.attempts.query(agent="x", min_seq=token)
+    assert [row.id for row in page.items] == [r.id]
