@@ -167,7 +167,7 @@ def _validated_payload(event: Event, max_bytes: int) -> bytes:
     try:
         payload = encode_event(event)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise FleetValidationError(type(event).__name__, f"not JSON-serializable: {exc}") from None
+        raise FleetValidationError(_unencodable_field(event), f"value is not JSON-serializable: {exc}") from None
     if len(payload) > max_bytes:
         raise FleetValidationError(
             "event", f"encoded size {len(payload)} bytes exceeds max_event_bytes {max_bytes}"
@@ -182,6 +182,16 @@ def _validated_payload(event: Event, max_bytes: int) -> bytes:
         field, rule = _split_validation(str(exc))
         raise FleetValidationError(field, rule) from None
     return payload
+
+
+def _unencodable_field(event: Event) -> str:
+    """Slow path after a failed encode: which field holds the value JSON cannot carry."""
+    for name in event.__struct_fields__:
+        try:
+            msgspec.json.encode(getattr(event, name))
+        except (TypeError, ValueError, OverflowError):
+            return name
+    return type(event).__name__
 
 
 def _split_validation(message: str) -> tuple[str, str]:

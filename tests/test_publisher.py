@@ -1,0 +1,141 @@
+"""The no-loss publisher: offline start, spool, orphan adoption, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from fleetlog import Fleet, FleetSettings, FleetValidationError
+from fleetlog.services.broker import EmbeddedBroker, free_port
+from fleetlog.services.server import Server
+
+from .helpers import wait_until
+
+
+async def test_agent_starts_before_its_broker(tmp_path: Path) -> None:
+    """No broker at connect: record() still works, events spool, and drain once the broker comes."""
+    port = free_port()
+    settings = FleetSettings(nats_url=f"nats://127.0.0.1:{port}", data_dir=tmp_path / "d",
+                             spool_dir=tmp_path / "spool", batch_wait_s=0.01)
+    fleet = await Fleet.connect(settings=settings)
+    assert not fleet.connected
+    receipts = [fleet.attempts.record(agent="early", action="a", outcome="success", elapsed_s=i) for i in range(500)]
+    await asyncio.sleep(0.3)
+    stats = fleet.publisher_stats()
+    assert stats.acked == 0
+    assert stats.spool_pending + stats.queued == 500
+
+    broker = EmbeddedBroker(tmp_path / "broker", port=port)
+    await broker.start()
+    server = Server(settings)
+    try:
+        await server.start()
+        token = await fleet.flush(timeout=60)
+        page = await fleet.attempts.query(agent="early", limit=1000, min_seq=token)
+        assert sorted(r.id for r in page.items) == sorted(r.id for r in receipts)
+        # in order: the spool drains oldest first, so stream order = record order
+        by_time = [r.id for r in sorted(page.items, key=lambda r: r.ts)]
+        assert by_time == [r.id for r in receipts]
+    finally:
+        await fleet.close()
+        await server.stop()
+        await broker.stop()
+
+
+async def test_spool_cap_drops_and_counts(tmp_path: Path) -> None:
+    """Past the spool's disk cap events are dropped and counted; record() never raises or blocks."""
+    settings = FleetSettings(nats_url=f"nats://127.0.0.1:{free_port()}", data_dir=tmp_path / "d",
+                             spool_dir=tmp_path / "spool", spool_max_bytes=1 << 20, publish_queue_max=100)
+    fleet = await Fleet.connect(settings=settings)
+    try:
+        for i in range(20_000):
+            fleet.attempts.record(agent="capped", action="a", outcome="success", elapsed_s=i, extras={"pad": "x" * 200})
+        await asyncio.sleep(0.5)
+        stats = fleet.publisher_stats()
+        assert stats.accepted == 20_000
+        assert stats.dropped_spool_full > 0
+        assert stats.spool_pending + stats.queued + stats.dropped_spool_full == 20_000
+        spool_bytes = sum(p.stat().st_size for p in (tmp_path / "spool").rglob("seg-*.log"))
+        assert spool_bytes <= 1 << 20
+    finally:
+        await fleet.close(timeout=0.5)
+
+
+async def test_spool_of_a_killed_agent_is_adopted(broker: EmbeddedBroker, settings: FleetSettings,
+                                                  server: Server, tmp_path: Path) -> None:
+    """An agent SIGKILLed while its broker was away leaves a spool; the next client publishes it."""
+    dead_port = free_port()
+    script = textwrap.dedent(f"""
+        import asyncio, os, sys
+        from fleetlog import Fleet, FleetSettings
+        async def main():
+            s = FleetSettings(nats_url="nats://127.0.0.1:{dead_port}", spool_dir=r"{tmp_path / 'shared-spool'}",
+                              data_dir=r"{tmp_path / 'agent'}")
+            fleet = await Fleet.connect(settings=s)
+            for i in range(2000):
+                fleet.attempts.record(agent="orphan", action="a", outcome="success", elapsed_s=i)
+            while fleet.publisher_stats().spool_pending < 2000:
+                await asyncio.sleep(0.05)
+            print("spooled", flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == b"spooled"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    adopter = await Fleet.connect(settings=settings.model_copy(update={"spool_dir": tmp_path / "shared-spool"}))
+    try:
+        token = await adopter.flush(timeout=60)
+        assert adopter.publisher_stats().spooled >= 2000
+        summary = await adopter.attempts.summarize("orphan", limit=5000, min_seq=token)
+        assert summary.counts == {"a:success": 2000}
+    finally:
+        await adopter.close()
+    leftovers = [p for p in (tmp_path / "shared-spool").iterdir() if p.is_dir()]
+    assert leftovers == []
+
+
+async def test_bad_input_raises_and_publishes_nothing(fleet: Fleet) -> None:
+    for kwargs, field in [
+        ({"agent": "", "action": "a", "outcome": "o", "elapsed_s": 1}, "agent"),
+        ({"agent": "a", "action": None, "outcome": "o", "elapsed_s": 1}, "action"),
+        ({"agent": "a", "action": "b", "outcome": 3, "elapsed_s": 1}, "outcome"),
+        ({"agent": "a", "action": "b", "outcome": "o", "elapsed_s": "1"}, "elapsed_s"),
+        ({"agent": "a", "action": "b", "outcome": "o", "elapsed_s": -0.1}, "elapsed_s"),
+        ({"agent": "a", "action": "b", "outcome": "o", "elapsed_s": float("nan")}, "elapsed_s"),
+        ({"agent": "a", "action": "b", "outcome": "o", "elapsed_s": True}, "elapsed_s"),
+        ({"agent": "a", "action": "b", "outcome": "o", "elapsed_s": 1, "ts": "noon"}, "ts"),
+        ({"agent": "a", "action": "b", "outcome": "o", "elapsed_s": 1, "extras": {"s": object()}}, "extras"),
+        ({"agent": "a", "action": "b", "outcome": "o", "elapsed_s": 1, "extras": {"x": "y" * 600_000}}, "event"),
+    ]:
+        try:
+            fleet.attempts.record(**kwargs)
+        except FleetValidationError as exc:
+            assert exc.field == field, (kwargs, exc)
+            assert field in str(exc)
+        else:
+            raise AssertionError(f"no error for {kwargs}")
+    assert fleet.publisher_stats().accepted == 0
+
+
+async def test_receipt_and_flush_expose_the_token(fleet: Fleet) -> None:
+    receipts = [fleet.attempts.record(agent="t", action="a", outcome="success", elapsed_s=1) for _ in range(10)]
+    token = await fleet.flush()
+    seqs = [r.position.seq for r in receipts if r.position]
+    assert len(seqs) == 10 and seqs == sorted(seqs)
+    assert token["FLEET_ATTEMPTS"] == max(seqs)
+    assert receipts[-1].token == {"FLEET_ATTEMPTS": max(seqs)}
+    await wait_until(lambda: _true(), timeout_s=1)
+
+
+async def _true() -> bool:
+    return True
