@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import msgspec
 import pyarrow as pa
-
 from fleetlog.schemas import Event
 
 if TYPE_CHECKING:

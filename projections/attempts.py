@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import pyarrow as pa
-
 from fleetlog.schemas import AttemptRecorded, AttemptsPurged, Event, new_event_id, now_iso
 from fleetlog.schemas.attempts import (
     ActionStats,
@@ -149,7 +148,8 @@ class AttemptsProjection(Projection):
 def _where(agent: str | None, since: str | None, **eq: str | None) -> tuple[str, list[Any]]:
     from fleetlog.schemas import parse_ts
 
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[Any] = []
     if agent is not None:
         clauses.append("agent = ?")
         params.append(agent)
@@ -164,7 +164,7 @@ def _where(agent: str | None, since: str | None, **eq: str | None) -> tuple[str,
 
 
 def _pane(text: str | None) -> dict[str, Any] | None:
-    return None if text is None else _loads(text)  # type: ignore[no-any-return]
+    return None if text is None else _loads(text)
 
 
 async def _query(ctx: QueryContext, req: AttemptsQuery) -> AttemptPage:

@@ -47,15 +47,16 @@ AnyEvent = (
     | ProcessorLockChanged
 )
 
-EVENT_TYPES: Final[tuple[type[msgspec.Struct], ...]] = AnyEvent.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: Final[tuple[type[msgspec.Struct], ...]] = AnyEvent.__args__
 
-event_decoder: Final = msgspec.json.Decoder(AnyEvent)
+event_decoder: Final[msgspec.json.Decoder[AnyEvent]] = msgspec.json.Decoder(AnyEvent)
 _encoder: Final = msgspec.json.Encoder()
 
 
 def decode_event(data: bytes | str) -> AnyEvent:
     """Decode and validate one event; raises msgspec.ValidationError / DecodeError naming the field."""
-    return event_decoder.decode(data)
+    event: AnyEvent = event_decoder.decode(data)
+    return event
 
 
 def encode_event(event: msgspec.Struct) -> bytes:

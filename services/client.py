@@ -19,11 +19,10 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import msgspec
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
-
 from fleetlog.schemas import Event, encode_event
 from fleetlog.schemas.answers import RejectsAnswer, RejectsQuery, StatusAnswer, StatusQuery
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from .attempts import AttemptsAPI, AttemptsSyncAPI
 from .config import FleetSettings
@@ -35,7 +34,7 @@ from .streams import ensure_streams
 __all__ = ["Fleet", "FleetSync"]
 
 T = TypeVar("T")
-S = TypeVar("S", bound=msgspec.Struct)
+S = TypeVar("S")
 
 _encode = msgspec.json.Encoder().encode
 
@@ -64,7 +63,7 @@ class Fleet:
             async def _ensure(nc: Any) -> None:
                 try:
                     await ensure_streams(nc, settings)
-                except Exception as exc:  # noqa: BLE001 - the server owns streams; publishing still spools
+                except Exception as exc:
                     import logging
 
                     logging.getLogger("fleetlog.client").warning("could not ensure streams: %s", exc)
@@ -100,7 +99,9 @@ class Fleet:
         return self._link.connected
 
     # -- reading ----------------------------------------------------------------
-    async def request(self, subject: str, body: msgspec.Struct, reply_type: type[S], timeout: float = 10.0) -> S:
+    async def request(
+        self, subject: str, body: msgspec.Struct, reply_type: type[S], timeout: float = 10.0
+    ) -> S:
         """One query-service request; errors come back as typed exceptions."""
         nc = self._link.nc
         if nc is None or not nc.is_connected:
@@ -121,7 +122,7 @@ class Fleet:
         if code:
             try:
                 message = msgspec.json.decode(msg.data)["error"]["message"]
-            except Exception:  # noqa: BLE001
+            except Exception:
                 message = headers.get("Nats-Service-Error", "error")
             if code == "stale":
                 raise StaleError(message)
@@ -144,8 +145,8 @@ class Fleet:
         class _Req(msgspec.Struct):
             projection: str
 
-        reply = await self.request("fleetlog.rebuild", _Req(projection), dict[str, Any])  # type: ignore[type-var]
-        return reply  # type: ignore[return-value]
+        reply = await self.request("fleetlog.rebuild", _Req(projection), dict[str, Any])
+        return reply
 
     async def close(self, timeout: float = 10.0) -> None:
         """Drain what is queued (within timeout; the rest stays spooled on disk) and disconnect."""

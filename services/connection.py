@@ -38,7 +38,7 @@ async def connect_once(servers: list[str], name: str, timeout_s: float = 2.0, **
         ping_interval=5,
         max_outstanding_pings=3,
         error_cb=_quiet,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 
@@ -81,7 +81,7 @@ class Link:
         except TimeoutError:
             return False
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while not self.connected and asyncio.get_running_loop().time() < deadline:
+        while not self.connected and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         return self.connected
 
@@ -95,7 +95,7 @@ class Link:
                     disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected,
                 )
-            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+            except Exception as exc:
                 log.debug("connect to %s failed: %s", self.servers, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

@@ -25,10 +25,9 @@ from typing import NamedTuple
 
 import msgspec
 import pyarrow as pa
-from nats.aio.client import Client
-
 from fleetlog.projections import Projection, RejectEvent, StoredEvent
 from fleetlog.schemas import event_decoder, parse_ts, subjects
+from nats.aio.client import Client
 
 from .errors import StaleError
 from .store import Generation, ViewStore
@@ -189,7 +188,7 @@ class Projector:
         feed = running.feeds[stream]
         try:
             info = await self.nc.jetstream().stream_info(stream)
-        except Exception:  # noqa: BLE001 - the stream may not exist yet; retry later
+        except Exception:
             return
         last_seq = info.state.last_seq
         if last_seq <= feed.checkpoint:
@@ -285,7 +284,7 @@ class Projector:
         last_seq = records[-1].seq
         try:
             self._commit(running, stream, stored, rejects, last_seq)
-        except Exception as exc:  # noqa: BLE001 - isolate the event(s) that break the fold
+        except Exception as exc:
             log.warning("fold of %d events failed (%s); retrying one by one", len(stored), exc)
             rejects = self._apply_one_by_one(running, stream, stored, rejects, last_seq)
         return rejects
@@ -299,7 +298,7 @@ class Projector:
         for item in stored:
             try:
                 self._commit(running, stream, [item], [], item.seq)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 from fleetlog.schemas import encode_event
 
                 reject = Reject(stream, item.seq, item.subject, f"fold failed: {exc}", encode_event(item.event))
@@ -367,7 +366,7 @@ class Projector:
                 try:
                     await self.nc.jetstream().publish(subjects.reject(name), r.data, headers=headers, timeout=5)
                     break
-                except Exception as exc:  # noqa: BLE001 - the _rejects table already holds it
+                except Exception as exc:
                     log.debug("rejects publish failed (%s), retry %d", exc, attempt)
                     await asyncio.sleep(min(0.1 * 2**attempt, 5))
 

@@ -57,10 +57,10 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         self.dir = self.root / uuid.uuid4().hex
         self.dir.mkdir()
-        self._lock_file = open(self.dir / "lock", "wb")  # noqa: SIM115 - held for our lifetime
+        self._lock_file = open(self.dir / "lock", "wb")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._write_seg = 0
-        self._writer: BinaryIO = open(self._seg_path(0), "ab")  # noqa: SIM115
+        self._writer: BinaryIO = open(self._seg_path(0), "ab")
         self._write_off = 0
         self._read_seg = 0
         self._read_off = 0
@@ -107,7 +107,7 @@ class Spool:
                     self._writer.close()
                     self._write_seg += 1
                     self._write_off = 0
-                    self._writer = open(self._seg_path(self._write_seg), "ab")  # noqa: SIM115
+                    self._writer = open(self._seg_path(self._write_seg), "ab")
         if kept < len(records):
             log.error(
                 "spool full (%d bytes cap): dropped %d events (%d dropped in total)",
@@ -160,7 +160,7 @@ class Spool:
                 self._write_off = self._read_off = 0
                 self._pending_bytes = 0
                 (self.dir / "cursor").write_text("0 0")
-                self._writer = open(self._seg_path(0), "ab")  # noqa: SIM115
+                self._writer = open(self._seg_path(0), "ab")
 
     # -- orphans -----------------------------------------------------------
     def adopt_orphans(self) -> int:
@@ -171,7 +171,7 @@ class Spool:
                 continue
             lock_path = other / "lock"
             try:
-                fh = open(lock_path, "ab")  # noqa: SIM115
+                fh = open(lock_path, "ab")
             except OSError:
                 continue
             try:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-
 from fleetlog.projections import Projection
 
 __all__ = ["Generation", "ViewStore"]

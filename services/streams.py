@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from fleetlog.schemas.streams import DAY_S, STREAMS, StreamSpec
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
-
-from fleetlog.schemas.streams import DAY_S, STREAMS, StreamSpec
 
 from .config import FleetSettings
 

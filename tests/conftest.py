@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from fleetlog import Fleet, FleetSettings
 from fleetlog.services.broker import EmbeddedBroker, free_port
 from fleetlog.services.server import Server
+
+from fleetlog import Fleet, FleetSettings
 
 
 @pytest.fixture

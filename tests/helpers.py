@@ -22,7 +22,7 @@ def fleetlog_cmd() -> list[str]:
 
 def start_serve(nats_url: str, data_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
     """`fleetlog serve` in its own process (so that fault tests can SIGKILL it)."""
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    log = open(log_path, "ab")
     env = {**os.environ, "FLEETLOG_BATCH_WAIT_S": "0.01"}
     return subprocess.Popen([*fleetlog_cmd(), "serve", "--nats", nats_url, "--data-dir", str(data_dir)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -42,7 +42,7 @@ async def wait_until(predicate, timeout_s: float = 60.0, interval_s: float = 0.1
 async def live_checkpoint(fleet: Fleet, projection: str, stream: str) -> int:
     try:
         status = await fleet.status(timeout=2)
-    except Exception:  # noqa: BLE001 - server not up (yet)
+    except Exception:
         return -1
     for p in status.projections:
         if p.name == projection and p.state == "live":

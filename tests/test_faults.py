@@ -7,10 +7,11 @@ import signal
 import time
 from pathlib import Path
 
-from fleetlog import Fleet, FleetSettings
 from fleetlog.projections import ATTEMPTS
 from fleetlog.services.broker import EmbeddedBroker
 from fleetlog.services.server import Server
+
+from fleetlog import Fleet, FleetSettings
 
 from .helpers import live_checkpoint, start_serve, view_digest, wait_until
 

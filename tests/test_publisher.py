@@ -10,9 +10,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from fleetlog import Fleet, FleetSettings, FleetValidationError
 from fleetlog.services.broker import EmbeddedBroker, free_port
 from fleetlog.services.server import Server
+
+from fleetlog import Fleet, FleetSettings, FleetValidationError
 
 from .helpers import wait_until
 
@@ -85,7 +86,7 @@ async def test_spool_of_a_killed_agent_is_adopted(broker: EmbeddedBroker, settin
             await asyncio.sleep(60)
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)  # noqa: ASYNC220
     assert proc.stdout is not None
     line = await asyncio.to_thread(proc.stdout.readline)
     assert line.strip() == b"spooled"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import nats
-
-from fleetlog import Fleet
 from fleetlog.schemas import AttemptRecorded, RunCreated, RunState, encode_event, new_event_id, now_iso
 from fleetlog.services.server import Server
+
+from fleetlog import Fleet
 
 from .helpers import wait_until
 
@@ -98,7 +98,7 @@ async def test_garbage_mixed_with_1000_valid_events(fleet: Fleet, server: Server
     finally:
         await nc.close()
     assert set(seen) == set(bad_seqs)
-    for seq, msg in seen.items():
+    for msg in seen.values():
         assert msg.headers is not None
         assert msg.headers["Fleetlog-Reason"]
         assert msg.headers["Fleetlog-Stream"] == "FLEET_ATTEMPTS"

@@ -10,11 +10,10 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 import msgspec
-from rich.console import Console
-
 from fleetlog.services.client import Fleet
 from fleetlog.services.config import FleetSettings
 from fleetlog.services.errors import FleetError
+from rich.console import Console
 
 __all__ = ["console", "json_option", "nats_option", "print_json", "run_client", "settings_from"]
 

@@ -6,11 +6,10 @@ import asyncio
 from typing import Any
 
 import click
-from rich.table import Table
-
 from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
 from fleetlog.services.client import Fleet
+from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client
 
@@ -94,7 +93,7 @@ def redrive(projection: str, limit: int, nats_url: str | None, as_json: bool) ->
 
     async def go(fleet: Fleet) -> dict[str, int]:
         answer = await fleet.rejects(projection, limit)
-        nc = fleet._link.nc  # noqa: SLF001 - the CLI is a thin layer over the same connection
+        nc = fleet._link.nc
         assert nc is not None
         js = nc.jetstream()
         for r in answer.items:

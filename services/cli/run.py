@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import click
-
 from fleetlog.services.broker import BrokerError
 from fleetlog.services.server import run_serve, run_up
 
