@@ -249,6 +249,8 @@ class Publisher:
         receipt.deadline = time.monotonic() + self._ack_timeout_s
         self._pending[token] = (receipt, chunk)
         try:
+            # A JetStream publish: the reply subject routes the stream's ack to _on_ack,
+            # exactly what js.publish_async does, without its per-message future.
             await nc.publish(
                 receipt.subject,
                 receipt.payload,

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import click
+import duckdb
 from fleetlog.services.broker import BrokerError
 from fleetlog.services.server import run_serve, run_up
 
@@ -31,6 +32,9 @@ def up(port: int | None, data_dir: Path | None, verbose: bool) -> None:
     settings = settings_from(None, port=port, data_dir=data_dir)
     try:
         asyncio.run(run_up(settings))
+    except duckdb.IOException as exc:
+        err_console.print(f"[red]error:[/red] the views file is in use by another fleetlog process: {exc}")
+        raise SystemExit(1) from None
     except BrokerError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise SystemExit(1) from None
@@ -49,6 +53,9 @@ def serve(nats_url: str | None, data_dir: Path | None, verbose: bool) -> None:
     settings = settings_from(nats_url, data_dir=data_dir)
     try:
         asyncio.run(run_serve(settings))
+    except duckdb.IOException as exc:
+        err_console.print(f"[red]error:[/red] the views file is in use by another fleetlog process: {exc}")
+        raise SystemExit(1) from None
     except (OSError, TimeoutError) as exc:
         err_console.print(f"[red]error:[/red] cannot reach NATS at {settings.nats_url}: {exc}")
         raise SystemExit(1) from None
