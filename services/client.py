@@ -221,7 +221,13 @@ class FleetSync:
         thread = threading.Thread(target=loop.run_forever, name="fleetlog-loop", daemon=True)
         thread.start()
         fut: Future[Fleet] = asyncio.run_coroutine_threadsafe(Fleet.connect(nats_url, **kwargs), loop)
-        return cls(fut.result(), loop, thread)
+        try:
+            fleet = fut.result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            raise
+        return cls(fleet, loop, thread)
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

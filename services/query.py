@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import duckdb
@@ -70,7 +71,7 @@ class _Context(QueryContext):
             finally:
                 cur.close()
 
-        return await asyncio.to_thread(run)
+        return await asyncio.get_running_loop().run_in_executor(self._service.readers, run)
 
     async def publish(self, event: Event) -> tuple[str, int]:
         ack = await self._service.nc.jetstream().publish(
@@ -90,6 +91,9 @@ class QueryService:
         self._service: Service | None = None
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Reads get their own threads: the default pool is shared with whatever else the
+        # process runs (and with asyncio.to_thread callers), which must not starve queries.
+        self.readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fleetlog-read")
 
     async def start(self) -> None:
         svc = await add_service(
@@ -120,6 +124,7 @@ class QueryService:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 5)
+        self.readers.shutdown(wait=False)
 
     # -- plumbing --------------------------------------------------------------
     def _spawn(self, fn: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
@@ -194,7 +199,8 @@ class QueryService:
                 s: (round(max(0.0, now_s - f.last_ts_ns / 1e9), 3) if lag[s] and f.last_ts_ns else 0.0)
                 for s, f in running.feeds.items()
             }
-            rows = await asyncio.to_thread(self._counts, gen.schema, running.projection.tables)
+            rows = await asyncio.get_running_loop().run_in_executor(
+                self.readers, self._counts, gen.schema, running.projection.tables)
             rejects = rows.pop("_rejects")
             projections.append(ProjectionStatus(
                 name=gen.name, version=gen.version, generation=gen.generation, state=gen.state,
@@ -245,7 +251,7 @@ class QueryService:
                     for r in rows
                 ]
 
-            items.extend(await asyncio.to_thread(run))
+            items.extend(await asyncio.get_running_loop().run_in_executor(self.readers, run))
         await req.respond(_encode(RejectsAnswer(items=items[: query.limit])))
 
     async def _rebuild(self, req: Request) -> None:

@@ -55,10 +55,15 @@ class Spool:
         self.dropped = 0
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.dir = self.root / uuid.uuid4().hex
-        self.dir.mkdir()
-        self._lock_file = open(self.dir / "lock", "wb")
+        # Lock first, under a hidden name, then rename into view: an adopter scanning the
+        # root must never see an unlocked directory that belongs to a live publisher.
+        name = uuid.uuid4().hex
+        hidden = self.root / f".new-{name}"
+        hidden.mkdir()
+        self._lock_file = open(hidden / "lock", "wb")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.dir = self.root / name
+        hidden.rename(self.dir)
         self._write_seg = 0
         self._writer: BinaryIO = open(self._seg_path(0), "ab")
         self._write_off = 0
@@ -167,11 +172,13 @@ class Spool:
         """Copy the records of spools whose process died into this one; returns the count."""
         adopted = 0
         for other in sorted(self.root.iterdir()):
-            if other == self.dir or not other.is_dir():
+            if other == self.dir or not other.is_dir() or other.name.startswith("."):
                 continue
             lock_path = other / "lock"
+            if not lock_path.exists():
+                continue
             try:
-                fh = open(lock_path, "ab")
+                fh = open(lock_path, "rb")
             except OSError:
                 continue
             try:

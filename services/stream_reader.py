@@ -264,6 +264,14 @@ class OrderedReader:
         return self._ready_conn and self._transport is not None and not self._transport.is_closing()
 
     @property
+    def buffered_bytes(self) -> int:
+        """Accounted bytes of records received but not yet handed out (payload + overhead).
+
+        Conservative estimate used for backpressure; exposed for metrics and tests.
+        """
+        return self._bytes_in - self._bytes_out
+
+    @property
     def last_error(self) -> str | None:
         """Most recent transport/API problem (for health reporting); None if none yet."""
         return self._last_error
@@ -634,6 +642,7 @@ class OrderedReader:
     def _on_lost(self, gen: int, exc: Exception | None) -> None:
         if gen != self._gen:
             return
+        was_ready = self._ready_conn
         self._ready_conn = False
         for fut in (self._hs_info, self._hs_pong):
             if fut is not None and not fut.done():
@@ -642,7 +651,8 @@ class OrderedReader:
             if not rfut.done():
                 rfut.set_exception(_ApiError("connection lost during request"))
         self._requests.clear()
-        if not self._closing:
+        if was_ready and not self._closing:
+            # Handshake failures are reported by _run with the server's reason instead.
             self._last_error = f"connection lost: {exc!r}" if exc else "connection closed by server"
             log.info("stream reader: %s", self._last_error)
         self._wakeup.set()
@@ -664,8 +674,7 @@ class OrderedReader:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._requests[token] = fut
         self._write(
-            b"PUB %s %s.%s %d\r\n%s\r\n"
-            % (subject.encode(), self._inbox.encode(), token, len(payload), payload)
+            b"PUB %s %s.%s %d\r\n%s\r\n" % (subject.encode(), self._inbox.encode(), token, len(payload), payload)
         )
         try:
             async with asyncio.timeout(wait_s):
@@ -725,9 +734,7 @@ class OrderedReader:
         self._need_consumer = False
         self._last_activity = asyncio.get_running_loop().time()
         start = self._last_buffered_seq + 1
-        body = msgspec.json.encode(
-            {"stream_name": self._stream, "config": self._consumer_config(deliver, start)}
-        )
+        body = msgspec.json.encode({"stream_name": self._stream, "config": self._consumer_config(deliver, start)})
         try:
             raw = await self._request(f"$JS.API.CONSUMER.CREATE.{self._stream}", body, self._api_timeout)
             try:
@@ -819,9 +826,7 @@ class OrderedReader:
             self._wire = wire
             info = await self._hs_info
         if info.get("tls_required"):
-            raise StreamReaderError(
-                f"{srv.label} requires TLS, which is not supported by the bulk stream reader"
-            )
+            raise StreamReaderError(f"{srv.label} requires TLS, which is not supported by the bulk stream reader")
         if not info.get("headers", False):
             raise StreamReaderError(f"{srv.label} does not support headers (nats-server >= 2.2 needed)")
         connect: dict[str, Any] = {
@@ -843,8 +848,7 @@ class OrderedReader:
             connect["auth_token"] = srv.token
         self._inbox = "_INBOX." + secrets.token_hex(11)
         self._write(
-            b"CONNECT %s\r\nPING\r\nSUB %s.* %s\r\n"
-            % (msgspec.json.encode(connect), self._inbox.encode(), _INBOX_SID)
+            b"CONNECT %s\r\nPING\r\nSUB %s.* %s\r\n" % (msgspec.json.encode(connect), self._inbox.encode(), _INBOX_SID)
         )
         async with asyncio.timeout(self._connect_timeout):
             await self._hs_pong
