@@ -18,8 +18,6 @@ import contextlib
 import os
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,27 +25,10 @@ from pathlib import Path
 
 import msgspec
 import nats
-
+from fleetlog.services.broker import EmbeddedBroker, free_port
 from fleetlog.services.stream_reader import OrderedReader
 
 STREAM = "BENCH"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _server_binary() -> str:
-    beside = Path(sys.executable).with_name("nats-server")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("nats-server")
-    if not found:
-        raise SystemExit("nats-server binary not found")
-    return found
 
 
 def _rss_peak_mib() -> float:
@@ -77,9 +58,7 @@ async def _publish(url: str, n: int, window: int) -> None:
     await js.add_stream(name=STREAM, subjects=["fleet.>"])
     t0 = time.perf_counter()
     for base in range(0, n, window):
-        futs = [
-            await js.publish_async(f"fleet.agent{i % 16}", _payload(i)) for i in range(base, min(n, base + window))
-        ]
+        futs = [await js.publish_async(f"fleet.agent{i % 16}", _payload(i)) for i in range(base, min(n, base + window))]
         await asyncio.gather(*futs)
     dt = time.perf_counter() - t0
     info = await js.stream_info(STREAM)
@@ -136,18 +115,10 @@ async def main() -> None:
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="fleetlog-bench-")
-    port = _free_port()
-    url = f"nats://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    broker = EmbeddedBroker(Path(tmp), port=free_port())
+    await broker.start()
+    url = broker.url
     try:
-        for _ in range(200):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-                break
-            await asyncio.sleep(0.05)
         await _publish(url, args.n, args.window)
         print(f"cores: {os.cpu_count()}, python {sys.version.split()[0]}")
         rss0 = _rss_peak_mib()
@@ -156,12 +127,12 @@ async def main() -> None:
         print(f"OrderedReader.next_batch(5000, 0.05): {reader_rate:12,.0f} records/s  (peak RSS {rss_reader:.0f} MiB)")
         if not args.skip_natspy:
             natspy_rate = await _bench_natspy(url, args.n)
-            print(f"nats-py ordered consumer (no-op cb):  {natspy_rate:12,.0f} msgs/s     (peak RSS {_rss_peak_mib():.0f} MiB)")
+            rss = _rss_peak_mib()
+            print(f"nats-py ordered consumer (no-op cb):  {natspy_rate:12,.0f} msgs/s     (peak RSS {rss:.0f} MiB)")
             print(f"ratio OrderedReader / nats-py: {reader_rate / natspy_rate:.1f}x")
         print(f"peak RSS before reading {rss0:.0f} MiB, after OrderedReader {rss_reader:.0f} MiB")
     finally:
-        proc.kill()
-        proc.wait()
+        await broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -892,35 +892,18 @@ class OrderedReader:
                     await asyncio.shield(wire.lost)
 
     async def _serve(self) -> None:
-        """Supervise one live connection: (re)create the consumer, ping, watch heartbeats."""
+        """Supervise one live connection: ping it, (re)create the consumer, watch heartbeats."""
         loop = asyncio.get_running_loop()
         tick = min(0.5, self._hb_s / 2)
         ping_every = max(1.0, 2 * self._hb_s)
         next_ping = loop.time() + ping_every
+        next_create = 0.0
         create_backoff = 0.1
         while not self._closing and self.connected:
-            if self._need_consumer:
-                try:
-                    await self._create_consumer()
-                    create_backoff = 0.1
-                    self._signal_first()
-                except _ApiError as exc:
-                    self._last_error = str(exc)
-                    log.debug("stream reader: %s", exc)
-                    self._signal_first()
-                    if not self.connected:
-                        return
-                    await asyncio.sleep(create_backoff)
-                    create_backoff = min(create_backoff * 2, _BACKOFF_MAX_S)
-                    continue
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(tick):
-                    await self._wakeup.wait()
-            if not self.connected:
-                return
             now = loop.time()
             if now >= next_ping:
+                # Liveness first, so a silently dead socket is noticed even while consumer
+                # creation keeps timing out on it.
                 next_ping = now + ping_every
                 if not self._paused:
                     if self._pings_out >= 2:
@@ -929,5 +912,32 @@ class OrderedReader:
                         return
                     self._pings_out += 1
                     self._write(b"PING\r\n")
-            if not self._need_consumer and not self._paused and now - self._last_activity > 3 * self._hb_s:
+            if self._need_consumer:
+                if now >= next_create:
+                    if self._pings_out == 0:
+                        # A PING ahead of the request: if the request times out and this
+                        # PONG never came either, the socket is dead, not the API slow.
+                        self._pings_out = 1
+                        self._write(b"PING\r\n")
+                    try:
+                        await self._create_consumer()
+                        create_backoff = 0.1
+                    except _ApiError as exc:
+                        self._last_error = str(exc)
+                        log.debug("stream reader: %s", exc)
+                        if self._pings_out and not self._paused and self.connected:
+                            self._last_error = f"{exc}; no PONG either: connection presumed dead"
+                            log.info("stream reader: %s", self._last_error)
+                            return
+                        next_create = loop.time() + create_backoff
+                        create_backoff = min(create_backoff * 2, _BACKOFF_MAX_S)
+                    self._signal_first()
+                    continue
+            elif not self._paused and now - self._last_activity > 3 * self._hb_s:
                 self._reset_consumer(f"no data or heartbeat for {now - self._last_activity:.1f}s")
+                continue
+            self._wakeup.clear()
+            wait = tick if not self._need_consumer else max(0.0, min(tick, next_create - now))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wakeup.wait()
