@@ -89,11 +89,14 @@ class Link:
         delay = 0.1
         while not self._closed:
             try:
-                nc = await connect_once(
-                    self.servers,
-                    self.name,
-                    disconnected_cb=self._disconnected,
-                    reconnected_cb=self._reconnected,
+                nc = await asyncio.wait_for(
+                    connect_once(
+                        self.servers,
+                        self.name,
+                        disconnected_cb=self._disconnected,
+                        reconnected_cb=self._reconnected,
+                    ),
+                    timeout=5.0,
                 )
             except Exception as exc:
                 log.debug("connect to %s failed: %s", self.servers, exc)
@@ -117,8 +120,9 @@ class Link:
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # nats-py's connect can swallow a cancellation while it cycles through servers;
+            # never let closing a client hang on it.
+            await asyncio.wait({self._task}, timeout=2.0)
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
