@@ -122,16 +122,15 @@ async def main() -> None:
         res["summary_counts"] = sum(sm.counts.values())
 
     rows_out = []
-    for name, lat, target in (
-        ("stats()", lat_stats, TARGET_STATS_P50_MS),
-        ("stats(since='1d')", lat_stats_1d, None),
-        ("stats(agent=A)", lat_stats_agent, None),
-        ("summarize(A)", lat_sum, TARGET_SUMMARY_P50_MS),
-        ("query(agent=A, limit=50)", lat_q, None),
-        ("status()", lat_status, None),
+    for name, key, lat, target in (
+        ("stats()", "stats", lat_stats, TARGET_STATS_P50_MS),
+        ("stats(since='1d')", "stats_since_1d", lat_stats_1d, None),
+        ("stats(agent=A)", "stats_agent", lat_stats_agent, None),
+        ("summarize(A)", "summarize", lat_sum, TARGET_SUMMARY_P50_MS),
+        ("query(agent=A, limit=50)", "query_agent", lat_q, None),
+        ("status()", "status", lat_status, None),
     ):
         p = percentiles(lat, (50, 99))
-        key = name.split("(")[0] + ("" if name.endswith("()") or name.startswith("summarize") else "_" + name)
         res[key] = {**{k: round(v, 2) for k, v in p.items()}, "runs": len(lat)}
         verdict = "-" if target is None else ("met" if p["p50"] < target else "MISSED")
         if target is not None:
