@@ -1,6 +1,6 @@
 """fleetlog's views: one module per projection (DDL + fold + version + its queries)."""
 
-from ._base import Endpoint, Projection, QueryContext, RejectEvent, StoredEvent, insert_new_by_id
+from ._base import Endpoint, FoldReject, Projection, QueryContext, RejectEvent, StoredEvent, insert_new_by_id
 from .attempts import PROJECTION as ATTEMPTS
 
 # Every projection the projector runs, in start-up order.
@@ -10,6 +10,7 @@ __all__ = [
     "ALL",
     "ATTEMPTS",
     "Endpoint",
+    "FoldReject",
     "Projection",
     "QueryContext",
     "RejectEvent",

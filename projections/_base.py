@@ -22,7 +22,7 @@ from fleetlog.schemas import Event
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["Endpoint", "Projection", "QueryContext", "RejectEvent", "StoredEvent", "insert_new_by_id"]
+__all__ = ["Endpoint", "FoldReject", "Projection", "QueryContext", "RejectEvent", "StoredEvent", "insert_new_by_id"]
 
 
 class StoredEvent(NamedTuple):
@@ -33,6 +33,9 @@ class StoredEvent(NamedTuple):
     subject: str
     event: Event
     at: datetime  # the event's `ts`, parsed, UTC
+
+
+FoldReject = tuple[StoredEvent, str]  # (event, reason) refused inside a fold
 
 
 class RejectEvent(Exception):
@@ -81,8 +84,13 @@ class Projection(abc.ABC):
         """Raise RejectEvent(reason) for a rule the decoder cannot express."""
 
     @abc.abstractmethod
-    def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> None:
-        """Apply the batch with bulk statements only. Pure and deterministic."""
+    def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> Sequence[FoldReject] | None:
+        """Apply the batch with bulk statements only. Pure and deterministic.
+
+        Returns the events refused by a rule that depends on the view's state at
+        their stream position (e.g. a stale fencing token); the runtime records
+        them as rejects in the same transaction.
+        """
 
     def endpoints(self) -> Sequence[Endpoint]:
         return ()

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import msgspec
 import pyarrow as pa
 from fleetlog.projections import Projection, RejectEvent, StoredEvent
+from fleetlog.schemas import encode_event as _encode_event
 from fleetlog.schemas import event_decoder, parse_ts, subjects
 from nats.aio.client import Client
 
@@ -283,7 +284,7 @@ class Projector:
         stored, rejects = self._decode(projection, stream, records)
         last_seq = records[-1].seq
         try:
-            self._commit(running, stream, stored, rejects, last_seq)
+            rejects = self._commit(running, stream, stored, rejects, last_seq)
         except Exception as exc:
             log.warning("fold of %d events failed (%s); retrying one by one", len(stored), exc)
             rejects = self._apply_one_by_one(running, stream, stored, rejects, last_seq)
@@ -297,11 +298,9 @@ class Projector:
         self._commit(running, stream, [], rejects, 0)  # checkpoint untouched (seq < 0 never holds)
         for item in stored:
             try:
-                self._commit(running, stream, [item], [], item.seq)
+                out.extend(self._commit(running, stream, [item], [], item.seq))
             except Exception as exc:
-                from fleetlog.schemas import encode_event
-
-                reject = Reject(stream, item.seq, item.subject, f"fold failed: {exc}", encode_event(item.event))
+                reject = Reject(stream, item.seq, item.subject, f"fold failed: {exc}", _encode_event(item.event))
                 self._commit(running, stream, [], [reject], item.seq)
                 out.append(reject)
         self._commit(running, stream, [], [], last_seq)
@@ -309,14 +308,21 @@ class Projector:
 
     def _commit(
         self, running: _Running, stream: str, stored: Sequence[StoredEvent], rejects: Sequence[Reject], seq: int
-    ) -> None:
+    ) -> list[Reject]:
+        """Fold + rejects + checkpoint in one transaction; returns every reject (decode-time and fold-time)."""
+        rejects = list(rejects)
         cur = self.store.cursor(running.gen.schema)
         try:
             with self._write_lock:
                 cur.execute("BEGIN")
                 try:
                     if stored:
-                        running.projection.fold(cur, stored)
+                        refused = running.projection.fold(cur, stored)
+                        if refused:
+                            rejects.extend(
+                                Reject(stream, item.seq, item.subject, reason, _encode_event(item.event))
+                                for item, reason in refused
+                            )
                     if rejects:
                         table = pa.table(
                             {
@@ -346,6 +352,7 @@ class Projector:
                     raise
         finally:
             cur.close()
+        return rejects
 
     # -- rejects stream ------------------------------------------------------
     async def _publish_rejects(self) -> None:
