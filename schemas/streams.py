@@ -37,7 +37,11 @@ STREAMS: Final[tuple[StreamSpec, ...]] = (
         max_age_s=30 * DAY_S,
         max_age_setting="attempts_max_age_days",
     ),
-    StreamSpec("FLEET_RUNS", ("fleet.run.*.state", "fleet.run.*.event"), "run lifecycle (guarded), run result events"),
+    StreamSpec(
+        "FLEET_RUNS",
+        ("fleet.run.*.state", "fleet.run.*.event.*"),
+        "run lifecycle (guarded), run result events (one subject per sequence)",
+    ),
     StreamSpec(
         "FLEET_RUNTIMES",
         ("fleet.runtime.*.*",),

@@ -19,6 +19,7 @@ __all__ = [
     "proc_run",
     "reject",
     "run_event",
+    "run_events",
     "run_state",
     "runtime",
     "snapshot",
@@ -87,8 +88,14 @@ def run_state(run_id: str) -> str:
     return f"fleet.run.{escape_token(run_id)}.state"
 
 
-def run_event(run_id: str) -> str:
-    return f"fleet.run.{escape_token(run_id)}.event"
+def run_event(run_id: str, sequence: int) -> str:
+    """One subject per (run, sequence): first write wins, forever, and is found by a direct get."""
+    return f"fleet.run.{escape_token(run_id)}.event.{int(sequence)}"
+
+
+def run_events(run_id: str) -> str:
+    """Every result event of one run (wildcard)."""
+    return f"fleet.run.{escape_token(run_id)}.event.*"
 
 
 def runtime(runtime_id: str, kind: str) -> str:

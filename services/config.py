@@ -47,6 +47,10 @@ class FleetSettings(BaseSettings):
     sql_max_rows: int = Field(10_000, ge=1)
     sql_timeout_s: float = Field(10.0, gt=0)
 
+    # reactors (lease sweeper, stale-runtime marker)
+    reactors: bool = Field(True, description="run the reactors in `up`/`serve`")
+    reactor_interval_s: float = Field(1.0, gt=0, description="how often each reactor looks for work")
+
     def servers(self) -> list[str]:
         return [s.strip() for s in self.nats_url.split(",") if s.strip()]
 

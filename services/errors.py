@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FleetError", "FleetUnavailable", "FleetValidationError", "QueryError", "StaleError"]
+__all__ = ["FleetError", "FleetUnavailable", "FleetValidationError", "QueryError", "StaleError", "StaleHolderError"]
 
 
 class FleetError(Exception):
@@ -32,3 +32,7 @@ class QueryError(FleetError):
 
 class FleetUnavailable(FleetError, ConnectionError):
     """No query service answered (is `fleetlog up` / `fleetlog serve` running?)."""
+
+
+class StaleHolderError(FleetError, PermissionError):
+    """A write to a claimed run by someone who does not (or no longer) hold its claim."""

@@ -17,6 +17,7 @@ from .config import FleetSettings
 from .connection import connect_once
 from .projector import Projector
 from .query import QueryService
+from .reactors import Reactors
 from .store import ViewStore
 from .streams import ensure_streams
 
@@ -44,10 +45,17 @@ class Server:
         await self.projector.start()
         self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s)
         await self.query.start()
+        self.reactors: Reactors | None = None
+        if s.reactors:
+            self.reactors = Reactors(s)
+            await self.reactors.start()
         log.info("fleetlog serving %s, views in %s", s.nats_url, s.views_path())
 
     async def stop(self) -> None:
-        """Stop answering, let the projector commit its last batch, close the file."""
+        """Stop the reactors and answering, let the projector commit its last batch, close the file."""
+        if self.reactors is not None:
+            with contextlib.suppress(Exception):
+                await self.reactors.stop()
         with contextlib.suppress(Exception):
             await self.query.stop()
         await self.projector.stop()

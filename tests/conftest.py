@@ -29,6 +29,7 @@ def settings(tmp_path: Path, broker: EmbeddedBroker) -> FleetSettings:
         data_dir=tmp_path / "data",
         spool_dir=tmp_path / "spool",
         batch_wait_s=0.01,
+        reactors=False,  # tests drive the reactors' work with their own clocks; test_reactors runs them live
     )
 
 

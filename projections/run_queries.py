@@ -1,0 +1,247 @@
+"""Read endpoints of the run ledger view (`fleetlog.runs.<name>`).
+
+`candidates` and `expired` only *propose*: the caller's guarded publish decides.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from fleetlog.schemas import RunState
+from fleetlog.schemas.runs import (
+    Candidate,
+    Candidates,
+    CandidatesQuery,
+    ExpiredQuery,
+    MaxSequence,
+    MaxSequenceQuery,
+    RunEventPage,
+    RunEventsQuery,
+    RunEventView,
+    RunnerStats,
+    RunPage,
+    RunsListQuery,
+    RunStats,
+    RunStatsQuery,
+    RuntimeRunStats,
+    run_view,
+)
+
+from ._base import Endpoint, QueryContext
+
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["ENDPOINTS"]
+
+_state = msgspec.json.Decoder(RunState).decode
+_loads = msgspec.json.decode
+
+
+class _Where:
+    """AND-ed clauses with their parameters."""
+
+    def __init__(self) -> None:
+        self.clauses: list[str] = []
+        self.params: list[Any] = []
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.clauses.append(clause)
+        self.params.extend(params)
+
+    def eq(self, column: str, value: Any) -> None:
+        if value is not None:
+            self.add(f"{column} = ?", value)
+
+    def thread(self, thread_id: str | None, strict: bool) -> None:
+        if thread_id is not None:
+            self.add("thread_id = ?", thread_id)
+        elif strict:
+            self.add("thread_id IS NULL")
+
+    def sql(self) -> str:
+        return ("WHERE " + " AND ".join(self.clauses)) if self.clauses else ""
+
+
+async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Candidates:
+    w = _Where()
+    w.add("(status = 'queued' OR (claimed_by IS NOT NULL AND lease_expires_at <= ?))", req.now)
+    w.add("(requested_runtime_id IS NULL OR requested_runtime_id = '' OR requested_runtime_id = ?)", req.runtime_id)
+    w.eq("queue", req.queue)
+    if req.runner_ids:
+        w.add(f"runner_id IN ({', '.join('?' * len(req.runner_ids))})", *req.runner_ids)
+    w.eq("conversation_id", req.conversation_id)
+    w.eq("bot_id", req.bot_id)
+    w.eq("workspace_id", req.workspace_id)
+    w.thread(req.thread_id, req.strict_thread)
+
+    def run(cur: duckdb.DuckDBPyConnection) -> list[Candidate]:
+        rows = cur.execute(
+            f"SELECT state, state_seq FROM runs {w.sql()} ORDER BY priority DESC, created_seq ASC LIMIT ?",
+            [*w.params, req.limit],
+        ).fetchall()
+        return [Candidate(state=_state(s), state_seq=q) for s, q in rows]
+
+    return Candidates(items=await ctx.read(run))
+
+
+async def _expired(ctx: QueryContext, req: ExpiredQuery) -> Candidates:
+    def run(cur: duckdb.DuckDBPyConnection) -> list[Candidate]:
+        rows = cur.execute(
+            "SELECT state, state_seq FROM runs WHERE claimed_by IS NOT NULL AND lease_expires_at <= ?"
+            " ORDER BY lease_expires_at ASC, created_seq ASC LIMIT ?",
+            [req.now, req.limit],
+        ).fetchall()
+        return [Candidate(state=_state(s), state_seq=q) for s, q in rows]
+
+    return Candidates(items=await ctx.read(run))
+
+
+async def _list(ctx: QueryContext, req: RunsListQuery) -> RunPage:
+    w = _Where()
+    w.eq("conversation_id", req.conversation_id)
+    if req.statuses:
+        w.add(f"status IN ({', '.join('?' * len(req.statuses))})", *req.statuses)
+    w.eq("runner_id", req.runner_id)
+    w.eq("bot_id", req.bot_id)
+    w.eq("workspace_id", req.workspace_id)
+    w.thread(req.thread_id, req.strict_thread)
+
+    def run(cur: duckdb.DuckDBPyConnection) -> RunPage:
+        total = cur.execute(f"SELECT count(*) FROM runs {w.sql()}", w.params).fetchone()
+        page = _Where()
+        page.clauses, page.params = list(w.clauses), list(w.params)
+        if req.before_id is not None:
+            page.add("created_seq < coalesce((SELECT created_seq FROM runs WHERE run_id = ?), 0)", req.before_id)
+        rows = cur.execute(
+            f"SELECT state FROM runs {page.sql()} ORDER BY created_seq DESC LIMIT ?", [*page.params, req.limit + 1]
+        ).fetchall()
+        items = [run_view(_state(r[0])) for r in rows[: req.limit]]
+        more = len(rows) > req.limit
+        return RunPage(
+            items=items,
+            next_cursor=items[-1].run_id if more and items else None,
+            has_more=more,
+            total_count=int(total[0]) if total else 0,
+        )
+
+    page: RunPage = await ctx.read(run)
+    return page
+
+
+_EVENT_COLUMNS = "run_id, sequence, type, data, usage, source, artifact_refs, metadata, created_at, fence"
+
+
+def event_view(row: Sequence[Any]) -> RunEventView:
+    run_id, sequence, type_, data, usage, source, refs, metadata, created_at, fence = row
+    return RunEventView(
+        run_id=run_id, sequence=sequence, type=type_, data=_loads(data),
+        usage=None if usage is None else _loads(usage), source=source, artifact_refs=_loads(refs),
+        metadata=_loads(metadata), created_at=created_at, fence=fence,
+    )
+
+
+async def _events(ctx: QueryContext, req: RunEventsQuery) -> RunEventPage:
+    w = _Where()
+    w.add("run_id = ?", req.run_id)
+    if req.after_sequence is not None:
+        w.add("sequence > ?", req.after_sequence)
+    if req.before_sequence is not None:
+        w.add("sequence < ?", req.before_sequence)
+    order = "ASC" if req.direction == "forward" else "DESC"
+
+    def run(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
+        return cur.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM run_events {w.sql()} ORDER BY sequence {order} LIMIT ?",
+            [*w.params, req.limit + 1],
+        ).fetchall()
+
+    rows = await ctx.read(run)
+    items = [event_view(r) for r in rows[: req.limit]]
+    more = len(rows) > req.limit
+    return RunEventPage(
+        items=items,
+        next_cursor=items[-1].sequence if more and items else None,
+        prev_cursor=items[0].sequence if items else None,
+        has_more=more,
+    )
+
+
+async def _max_sequence(ctx: QueryContext, req: MaxSequenceQuery) -> MaxSequence:
+    def run(cur: duckdb.DuckDBPyConnection) -> int | None:
+        row = cur.execute("SELECT max(sequence) FROM run_events WHERE run_id = ?", [req.run_id]).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    return MaxSequence(sequence=await ctx.read(run))
+
+
+async def _stats(ctx: QueryContext, req: RunStatsQuery) -> RunStats:
+    until = req.until if req.until is not None else time.time()
+    w = _Where()
+    if req.since is not None:
+        w.add("created_at >= ?", int(req.since))
+    w.add("created_at <= ?", int(until))
+    w.eq("runner_id", req.runner_id)
+    where = w.sql()
+
+    def run(cur: duckdb.DuckDBPyConnection) -> RunStats:
+        by_status = dict(cur.execute(f"SELECT status, count(*) FROM runs {where} GROUP BY status", w.params).fetchall())
+        total = sum(by_status.values())
+        agg = cur.execute(
+            f"""SELECT count(d), avg(d), quantile_cont(d, [0.5, 0.95, 0.99]), avg(w), min(created_at)
+                FROM (SELECT finished_at - coalesce(started_at, last_claimed_at, created_at) AS d,
+                             coalesce(started_at, last_claimed_at) - created_at AS w, created_at
+                      FROM runs {where})""",
+            w.params,
+        ).fetchone()
+        assert agg is not None
+        finished, avg_duration, quantiles, avg_wait, first = agg
+        start = req.since if req.since is not None else first
+        hours = (until - start) / 3600 if start is not None else 0
+        runners = cur.execute(
+            f"""SELECT runner_id, sum(n), map_from_entries(list(struct_pack(k := status, v := n)))
+                FROM (SELECT runner_id, status, count(*) AS n FROM runs {where} GROUP BY runner_id, status)
+                GROUP BY runner_id ORDER BY runner_id""",
+            w.params,
+        ).fetchall()
+        runtimes = cur.execute(
+            """SELECT claimed_by, count(*), count(*) FILTER (status = 'claimed') FROM runs
+               WHERE claimed_by IS NOT NULL AND status IN ('claimed', 'running')
+               GROUP BY claimed_by ORDER BY claimed_by"""
+        ).fetchall()
+        q = quantiles or [None, None, None]
+        return RunStats(
+            since=None if req.since is None else int(req.since),
+            until=int(until),
+            total=total,
+            by_status=by_status,
+            finished=int(finished),
+            throughput_per_hour=round(finished / hours, 4) if hours > 0 else None,
+            avg_duration_s=None if avg_duration is None else float(avg_duration),
+            avg_queue_wait_s=None if avg_wait is None else float(avg_wait),
+            p50_duration_s=q[0], p95_duration_s=q[1], p99_duration_s=q[2],
+            runtimes=[RuntimeRunStats(runtime_id=r, active=int(a), claimed=int(c)) for r, a, c in runtimes],
+            runners=[
+                RunnerStats(
+                    runner_id=r, total=int(n), by_status={k: int(v) for k, v in statuses.items()},
+                    success_rate=round(statuses.get("completed", 0) / n, 4) if n else None,
+                )
+                for r, n, statuses in runners
+            ],
+        )
+
+    stats: RunStats = await ctx.read(run)
+    return stats
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("list", RunsListQuery, _list, "runs newest first, filtered, cursor-paged"),
+    Endpoint("events", RunEventsQuery, _events, "a run's result events by sequence, cursor-paged"),
+    Endpoint("candidates", CandidatesQuery, _candidates, "runs the view believes claimable (proposals)"),
+    Endpoint("expired", ExpiredQuery, _expired, "claimed runs whose lease passed, oldest lease first"),
+    Endpoint("max_sequence", MaxSequenceQuery, _max_sequence, "highest result-event sequence of a run"),
+    Endpoint("stats", RunStatsQuery, _stats, "run counts, success rates, durations and queue waits"),
+)

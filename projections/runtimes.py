@@ -1,0 +1,197 @@
+"""The runtime registry view: one row per runner runtime, its registration, heartbeat and status.
+
+FLEET_RUNTIMES keeps only the last message per subject (registration, heartbeat,
+status of each runtime), so every event is state-carrying: a heartbeat holds the
+runtime's whole merged metadata. Folding what the stream still holds in stream
+order therefore gives the same rows as the live fold did.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+import pyarrow as pa
+from fleetlog.schemas import Event, RuntimeHeartbeat, RuntimeRegistered, RuntimeStatusChanged
+from fleetlog.schemas.runtimes import (
+    RuntimeGetQuery,
+    RuntimeList,
+    RuntimesListQuery,
+    RuntimeView,
+    StaleQuery,
+    StaleRuntime,
+    StaleRuntimes,
+)
+
+from ._base import Endpoint, FoldReject, Projection, QueryContext, StoredEvent
+
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["PROJECTION", "RuntimesProjection"]
+
+_encode = msgspec.json.Encoder().encode
+
+COLUMNS = (
+    "runtime_id", "display_name", "endpoint", "version", "capabilities", "labels", "metadata", "status",
+    "status_reason", "heartbeat_deadline_s", "registered_at", "last_heartbeat_at", "active_runs", "heartbeat_seq",
+)
+
+
+class RuntimesProjection(Projection):
+    name: ClassVar[str] = "runtimes"
+    version: ClassVar[int] = 1
+    streams: ClassVar[tuple[str, ...]] = ("FLEET_RUNTIMES",)
+    event_types: ClassVar[tuple[type[Event], ...]] = (RuntimeRegistered, RuntimeHeartbeat, RuntimeStatusChanged)
+    tables: ClassVar[tuple[str, ...]] = ("runtimes",)
+
+    def ddl(self) -> Sequence[str]:
+        return (
+            """CREATE TABLE IF NOT EXISTS runtimes (
+                runtime_id VARCHAR NOT NULL,
+                display_name VARCHAR,
+                endpoint VARCHAR,
+                version VARCHAR,
+                capabilities JSON NOT NULL,
+                labels JSON NOT NULL,
+                metadata JSON NOT NULL,
+                status VARCHAR NOT NULL,
+                status_reason VARCHAR,
+                heartbeat_deadline_s DOUBLE NOT NULL,
+                registered_at BIGINT NOT NULL,
+                last_heartbeat_at BIGINT NOT NULL,
+                active_runs BIGINT,
+                heartbeat_seq BIGINT NOT NULL   -- 0 until the first heartbeat: guards the stale marker
+            )""",
+        )
+
+    def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> list[FoldReject]:
+        ids = sorted({e.event.runtime_id for e in batch})  # type: ignore[attr-defined]
+        rows = _load(con, ids)
+        changed: set[str] = set()
+        refused: list[FoldReject] = []
+        for stored in batch:
+            e = stored.event
+            at = int(stored.at.timestamp())
+            if isinstance(e, RuntimeRegistered):
+                prev = rows.get(e.runtime_id)
+                rows[e.runtime_id] = {
+                    "runtime_id": e.runtime_id, "display_name": e.display_name, "endpoint": e.endpoint,
+                    "version": e.version, "capabilities": list(e.capabilities), "labels": dict(e.labels),
+                    "metadata": dict(e.metadata), "status": "online", "status_reason": None,
+                    "heartbeat_deadline_s": e.heartbeat_deadline_s, "registered_at": at, "last_heartbeat_at": at,
+                    "active_runs": None, "heartbeat_seq": prev["heartbeat_seq"] if prev else 0,
+                }
+            else:
+                row = rows.get(e.runtime_id)  # type: ignore[attr-defined]
+                if row is None:
+                    refused.append((stored, f"runtime_id: {e.runtime_id!r} is not registered"))  # type: ignore[attr-defined]
+                    continue
+                if isinstance(e, RuntimeHeartbeat):
+                    row.update(status=e.status, status_reason=None, metadata=dict(e.metadata),
+                               last_heartbeat_at=at, active_runs=e.active_runs, heartbeat_seq=stored.seq)
+                elif isinstance(e, RuntimeStatusChanged):
+                    row.update(status=e.status, status_reason=e.reason)
+            changed.add(e.runtime_id)  # type: ignore[attr-defined]
+        _write(con, [rows[r] for r in sorted(changed)])
+        return refused
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        return (
+            Endpoint("list", RuntimesListQuery, _list, "runtimes by status and labels"),
+            Endpoint("get", RuntimeGetQuery, _get, "one runtime"),
+            Endpoint("stale", StaleQuery, _stale, "runtimes whose heartbeat deadline passed (proposals)"),
+        )
+
+
+_JSON_COLUMNS = ("capabilities", "labels", "metadata")
+_SELECT = ", ".join(COLUMNS)
+
+
+def _row(values: Sequence[Any]) -> dict[str, Any]:
+    row = dict(zip(COLUMNS, values, strict=True))
+    for c in _JSON_COLUMNS:
+        row[c] = json.loads(row[c])
+    return row
+
+
+def _load(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, dict[str, Any]]:
+    con.register("_fleetlog_ids", pa.table({"runtime_id": pa.array(ids, pa.string())}))
+    try:
+        rows = con.execute(f"SELECT {_SELECT} FROM runtimes SEMI JOIN _fleetlog_ids USING (runtime_id)").fetchall()
+    finally:
+        con.unregister("_fleetlog_ids")
+    return {r[0]: _row(r) for r in rows}
+
+
+def _write(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    kinds = {"heartbeat_deadline_s": pa.float64(), "registered_at": pa.int64(), "last_heartbeat_at": pa.int64(),
+             "active_runs": pa.int64(), "heartbeat_seq": pa.int64()}
+    table = pa.table({
+        c: pa.array(
+            [_encode(r[c]).decode() if c in _JSON_COLUMNS else r[c] for r in rows], kinds.get(c, pa.string())
+        )
+        for c in COLUMNS
+    })
+    con.register("_fleetlog_runtimes", table)
+    try:
+        con.execute("DELETE FROM runtimes WHERE runtime_id IN (SELECT runtime_id FROM _fleetlog_runtimes)")
+        con.execute(f"INSERT INTO runtimes ({_SELECT}) SELECT {_SELECT} FROM _fleetlog_runtimes")
+    finally:
+        con.unregister("_fleetlog_runtimes")
+
+
+def _to_view(values: Sequence[Any]) -> RuntimeView:
+    row = _row(values)
+    row.pop("heartbeat_seq")
+    return msgspec.convert(row, RuntimeView)
+
+
+async def _list(ctx: QueryContext, req: RuntimesListQuery) -> RuntimeList:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if req.statuses:
+        clauses.append(f"status IN ({', '.join('?' * len(req.statuses))})")
+        params.extend(req.statuses)
+    for key, value in (req.labels or {}).items():
+        clauses.append("json_extract_string(labels, ?) = ?")
+        params.extend(["$." + json.dumps(key), value])
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+
+    def run(cur: duckdb.DuckDBPyConnection) -> RuntimeList:
+        total = cur.execute(f"SELECT count(*) FROM runtimes {where}", params).fetchone()
+        rows = cur.execute(f"SELECT {_SELECT} FROM runtimes {where} ORDER BY runtime_id LIMIT ?",
+                           [*params, req.limit]).fetchall()
+        return RuntimeList(items=[_to_view(r) for r in rows], total=int(total[0]) if total else 0)
+
+    answer: RuntimeList = await ctx.read(run)
+    return answer
+
+
+async def _get(ctx: QueryContext, req: RuntimeGetQuery) -> RuntimeList:
+    def run(cur: duckdb.DuckDBPyConnection) -> RuntimeList:
+        rows = cur.execute(f"SELECT {_SELECT} FROM runtimes WHERE runtime_id = ?", [req.runtime_id]).fetchall()
+        return RuntimeList(items=[_to_view(r) for r in rows], total=len(rows))
+
+    answer: RuntimeList = await ctx.read(run)
+    return answer
+
+
+async def _stale(ctx: QueryContext, req: StaleQuery) -> StaleRuntimes:
+    def run(cur: duckdb.DuckDBPyConnection) -> list[StaleRuntime]:
+        rows = cur.execute(
+            """SELECT runtime_id, last_heartbeat_at, heartbeat_seq FROM runtimes
+               WHERE status NOT IN ('stale', 'offline') AND last_heartbeat_at + heartbeat_deadline_s < ?
+               ORDER BY last_heartbeat_at LIMIT 500""",
+            [req.now],
+        ).fetchall()
+        return [StaleRuntime(runtime_id=r, last_heartbeat_at=t, heartbeat_seq=q) for r, t, q in rows]
+
+    return StaleRuntimes(items=await ctx.read(run))
+
+
+PROJECTION = RuntimesProjection()

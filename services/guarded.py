@@ -1,0 +1,111 @@
+"""Guarded commands (DESIGN §3.2): read the last message of a subject, publish with an expected sequence.
+
+JetStream decides: a publish carrying `Nats-Expected-Last-Subject-Sequence: N` is
+stored only if the subject's last message is still N (0 = the subject is empty),
+so of any number of concurrent writers exactly one wins and the others get
+`WrongLastSequence` (JetStream error 10071) and retry on fresh state. With
+`Nats-Expected-Last-Subject-Sequence-Subject` the check applies to another
+subject of the same stream: a run's result event is stored only while the run's
+lifecycle subject is where the writer saw it (a fence decided at write time).
+
+Reads use direct get (`allow_direct` streams): one request, answered by any
+replica, no consumer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from .errors import FleetError, FleetUnavailable
+
+__all__ = ["BrokerRefused", "Guarded", "StoredMsg", "WrongLastSequence"]
+
+WRONG_LAST_SEQUENCE = 10071
+
+
+class WrongLastSequence(FleetError):
+    """Another writer got there first: the subject moved past the expected sequence."""
+
+
+class BrokerRefused(FleetError):
+    """JetStream refused a guarded publish for a reason other than a lost race."""
+
+
+class StoredMsg(NamedTuple):
+    seq: int
+    subject: str
+    data: bytes
+
+
+class _Ack(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_Ack)
+
+
+class Guarded:
+    """Direct gets and expected-sequence publishes on one NATS connection."""
+
+    def __init__(self, nc: Client, timeout_s: float = 5.0) -> None:
+        self.nc = nc
+        self.timeout_s = timeout_s
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
+        try:
+            return await self.nc.request(subject, payload, timeout=self.timeout_s, headers=headers)
+        except NoRespondersError:
+            raise FleetUnavailable(f"JetStream did not answer {subject} (is the stream there?)") from None
+        except NatsTimeout:
+            raise FleetUnavailable(f"JetStream did not answer {subject} within {self.timeout_s}s") from None
+
+    async def last(self, stream: str, subject: str) -> StoredMsg | None:
+        """The last message stored on `subject` (wildcards allowed), or None."""
+        msg = await self._request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"")
+        return _stored(msg)
+
+    async def first(self, stream: str, subject: str) -> StoredMsg | None:
+        """The first message still stored on `subject`, or None."""
+        body = msgspec.json.encode({"seq": 0, "next_by_subj": subject})
+        msg = await self._request(f"$JS.API.DIRECT.GET.{stream}", body)
+        return _stored(msg)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str,
+        expected_last_seq: int | None,
+        expected_subject: str | None = None,
+    ) -> tuple[str, int, bool]:
+        """Acked publish; returns (stream, seq, duplicate). Raises WrongLastSequence when beaten."""
+        headers = {"Nats-Msg-Id": msg_id}
+        if expected_last_seq is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
+            if expected_subject is not None:
+                headers["Nats-Expected-Last-Subject-Sequence-Subject"] = expected_subject
+        msg = await self._request(subject, payload, headers)
+        ack = _ack_decoder.decode(msg.data)
+        if ack.error is not None:
+            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
+            raise BrokerRefused(f"JetStream refused the publish to {subject}: {ack.error.get('description')}")
+        return ack.stream, ack.seq, ack.duplicate
+
+
+def _stored(msg: Any) -> StoredMsg | None:
+    headers = msg.headers or {}
+    if headers.get("Status") == "404" or "Nats-Sequence" not in headers:
+        if headers.get("Status") not in (None, "404"):
+            raise BrokerRefused(f"direct get failed: {headers.get('Status')} {headers.get('Description', '')}")
+        return None
+    return StoredMsg(int(headers["Nats-Sequence"]), headers.get("Nats-Subject", ""), bytes(msg.data))

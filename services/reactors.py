@@ -1,0 +1,70 @@
+"""Reactors (DESIGN §6): time-driven workers that publish new facts, safe to run more than once.
+
+Every effect is a guarded command: two sweepers racing over the same expired
+lease produce one `run.lease_expired` (the other loses on the expected sequence);
+a stale mark loses to a heartbeat that landed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from .client import Fleet
+from .config import FleetSettings
+
+__all__ = ["Reactors"]
+
+log = logging.getLogger("fleetlog.reactors")
+
+
+class Reactors:
+    """The claim-lease sweeper and the stale-runtime marker, on their own client connection."""
+
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+        self._tasks: list[asyncio.Task[None]] = []
+        self.fleet: Fleet | None = None
+        self.swept = 0
+        self.marked = 0
+
+    async def start(self) -> None:
+        self.fleet = await Fleet.connect(settings=self.settings, name="fleetlog-reactors", ensure=False)
+        self._tasks = [
+            asyncio.create_task(self._every("lease sweeper", self.sweep_leases)),
+            asyncio.create_task(self._every("stale-runtime marker", self.mark_stale)),
+        ]
+
+    async def sweep_leases(self) -> None:
+        assert self.fleet is not None
+        while True:
+            released = await self.fleet.runs.release_expired(limit=500)
+            self.swept += len(released)
+            if len(released) < 500:
+                return
+
+    async def mark_stale(self) -> None:
+        assert self.fleet is not None
+        self.marked += len(await self.fleet.runtimes.mark_stale())
+
+    async def _every(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        interval = self.settings.reactor_interval_s
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a reactor never dies: it tries again next tick
+                log.warning("%s: %s", name, exc)
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.fleet is not None:
+            await self.fleet.close()
