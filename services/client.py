@@ -29,6 +29,7 @@ from .config import FleetSettings
 from .connection import Link
 from .errors import FleetUnavailable, FleetValidationError, QueryError, StaleError
 from .publisher import Publisher, PublisherStats, Receipt, Token
+from .state import StateAPI, StateSyncAPI
 from .streams import ensure_streams
 
 __all__ = ["Fleet", "FleetSync"]
@@ -48,6 +49,7 @@ class Fleet:
         self._publisher = publisher
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
         self.attempts = AttemptsAPI(self)
+        self.state = StateAPI(self)
 
     @classmethod
     async def connect(
@@ -214,6 +216,7 @@ class FleetSync:
         self._loop = loop
         self._thread = thread
         self.attempts = AttemptsSyncAPI(fleet.attempts, self._run)
+        self.state = StateSyncAPI(fleet.state, self._run)
 
     @classmethod
     def connect(cls, nats_url: str | None = None, **kwargs: Any) -> FleetSync:

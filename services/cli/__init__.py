@@ -7,6 +7,7 @@ import click
 from .admin import rebuild, rejects, schemas, status
 from .attempts import attempts, emit_attempt
 from .run import serve, up
+from .state import state
 
 __all__ = ["cli", "main"]
 
@@ -23,7 +24,7 @@ def emit() -> None:
 
 
 emit.add_command(emit_attempt)
-for command in (up, serve, status, attempts, schemas, rejects, rebuild):
+for command in (up, serve, status, attempts, schemas, rejects, rebuild, state):
     cli.add_command(command)
 
 
