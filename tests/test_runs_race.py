@@ -27,11 +27,9 @@ async def test_eight_processes_claim_every_run_exactly_once(fleet: Fleet, settin
         ))
     start_at = time.time() + 3.0
     script = Path(__file__).with_name("run_claimer.py")
-    procs = [
-        subprocess.Popen(  # noqa: ASYNC220 - start and forget; waited for in a thread[sys.executable, str(script), settings.nats_url, f"rt-{n}", str(tmp_path / f"c{n}.json"),
-                          str(tmp_path / f"spool{n}"), str(start_at)])
-        for n in range(CLAIMERS)
-    ]
+    argv = [[sys.executable, str(script), settings.nats_url, f"rt-{n}", str(tmp_path / f"c{n}.json"),
+             str(tmp_path / f"spool{n}"), str(start_at)] for n in range(CLAIMERS)]
+    procs = [subprocess.Popen(a) for a in argv]  # noqa: ASYNC220 - started here, waited for in threads
     for p in procs:
         assert await asyncio.to_thread(p.wait, 240) == 0
     results = [json.loads((tmp_path / f"c{n}.json").read_text()) for n in range(CLAIMERS)]
