@@ -16,6 +16,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -60,6 +61,7 @@ from . import run_rules as rules
 from .errors import FleetValidationError
 from .guarded import Guarded, StoredMsg, WrongLastSequence
 from .publisher import Receipt, Token
+from .timeparse import parse_since
 
 if TYPE_CHECKING:
     from .client import Fleet
@@ -213,7 +215,7 @@ class RunsAPI:
         key = (runtime_id, flt)
         g = await self._guarded()
         need_seq = 0  # the view must have folded this far before proposing again
-        lost = self._contended  # rivals seen lately: spread out from the first pick
+        lost = int(self._contended)  # rivals seen lately: spread out from the first pick
         for _ in range(MAX_RETRIES * 4):
             cache = self._cache.get(key)
             if cache is None or not cache.items or cache.expired(self.clock()):
@@ -483,11 +485,15 @@ class RunsAPI:
         return await self._fleet.request("fleetlog.runs.events", req, RunEventPage)
 
     async def stats(
-        self, since: float | None = None, until: float | None = None, runner_id: str | None = None, *,
-        min_seq: Token | Receipt | None = None,
+        self, since: float | str | datetime | None = None, until: float | str | datetime | None = None,
+        runner_id: str | None = None, *, min_seq: Token | Receipt | None = None,
     ) -> RunStats:
-        """Counts per status, success rates per runner, throughput, durations (avg, p50/p95/p99), queue wait."""
-        req = RunStatsQuery(since=since, until=until, runner_id=runner_id, min_seq=self._token(min_seq))
+        """Counts per status, success rates per runner, throughput, durations (avg, p50/p95/p99), queue wait.
+
+        `since`/`until`: epoch seconds, a datetime, ISO-8601 text, or relative (`24h`, `7d`).
+        """
+        req = RunStatsQuery(since=_epoch_or_none("since", since), until=_epoch_or_none("until", until),
+                            runner_id=runner_id, min_seq=self._token(min_seq))
         return await self._fleet.request("fleetlog.runs.stats", req, RunStats)
 
     async def watch(self, run_id: str) -> AsyncIterator[RunView]:
@@ -503,6 +509,17 @@ class RunsAPI:
                 yield run_view(_state_of(StoredMsg(msg.metadata.sequence.stream, msg.subject, msg.data)))
         finally:
             await sub.unsubscribe()
+
+
+def _epoch_or_none(field: str, value: float | str | datetime | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    text = parse_since(value)  # type: ignore[arg-type]
+    if text is None:
+        raise FleetValidationError(field, f"must be epoch seconds, a datetime, ISO-8601 or relative, got {value!r}")
+    return parse_ts(text).timestamp()
 
 
 def type_name(value: Any) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -66,3 +69,33 @@ def view_digest(db_path: Path, projection: str, tables: tuple[str, ...]) -> dict
         return out
     finally:
         con.close()
+
+
+CliRun = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
+
+
+def cli_runner(nats_url: str, tmp_path: Path, parallel: int = 3) -> CliRun:
+    """`fleetlog ... --nats URL` as a real subprocess, awaited in a thread.
+
+    Each invocation gets its own FLEETLOG_DATA_DIR (its spool lands there). At most
+    `parallel` run at once: the in-process server's DuckDB reads share the default
+    thread pool on this 2-core machine.
+    """
+    slots = asyncio.Semaphore(parallel)
+    counter = iter(range(1_000_000))
+
+    async def run(*args: str, stdin: str = "", nats: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "FLEETLOG_DATA_DIR": str(tmp_path / f"cli-{next(counter)}"), "COLUMNS": "300",
+               "NO_COLOR": "1", "TERM": "dumb"}
+        env.pop("FLEETLOG_NATS_URL", None)
+        cmd = [*fleetlog_cmd(), *args, *(["--nats", nats_url] if nats else [])]
+        async with slots:
+            return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, env=env,
+                                           timeout=60, input=stdin)
+
+    return run
+
+
+def cli_json(res: subprocess.CompletedProcess[str]) -> Any:
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)

@@ -7,6 +7,8 @@ import click
 from .admin import rebuild, rejects, schemas, status
 from .attempts import attempts, emit_attempt
 from .run import serve, up
+from .runs import runs
+from .runtimes import runtimes
 from .state import state
 
 __all__ = ["cli", "main"]
@@ -24,7 +26,7 @@ def emit() -> None:
 
 
 emit.add_command(emit_attempt)
-for command in (up, serve, status, attempts, schemas, rejects, rebuild, state):
+for command in (up, serve, status, attempts, runs, runtimes, state, schemas, rejects, rebuild):
     cli.add_command(command)
 
 
