@@ -71,9 +71,24 @@ def new_event_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+_now_prefix: tuple[int, str] = (-1, "")
+
+
 def now_iso() -> str:
-    """Current UTC time as ISO-8601 with microseconds and a `+00:00` offset."""
-    return datetime.now(UTC).isoformat()
+    """Current UTC time as ISO-8601 with microseconds and a `+00:00` offset.
+
+    The same text as `datetime.now(UTC).isoformat()` (which leaves out a zero
+    microsecond part), but it sits on the agent's hot path: the
+    `YYYY-MM-DDTHH:MM:SS` prefix is formatted once per second and cached.
+    """
+    global _now_prefix
+    sec, ns = divmod(time.time_ns(), 1_000_000_000)
+    cached_sec, prefix = _now_prefix
+    if sec != cached_sec:
+        prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _now_prefix = (sec, prefix)  # one tuple: a reader in another thread sees a consistent pair
+    us = ns // 1000
+    return f"{prefix}.{us:06d}+00:00" if us else f"{prefix}+00:00"
 
 
 def parse_ts(value: str) -> datetime:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
+import msgspec
 from fleetlog.schemas import AttemptRecorded, new_event_id, now_iso, parse_ts
 from fleetlog.schemas.attempts import (
     AttemptPage,
@@ -47,6 +48,71 @@ def _required_text(field: str, value: Any) -> str:
     return value
 
 
+# -- record(): every wire rule checked at the call, without encoding the event -------------
+#
+# `record()` is on the agent's hot path (issue 2 part 10: p99 < 20 µs). `Fleet.emit()`
+# validates a caller-built event by encoding it and decoding it with its own type; here
+# every field is built or checked in Python instead, against the same rules (read from
+# the schema, so they cannot drift), and the sender encodes the event off the call.
+# What could change after the call (extras, a caller's pane dict) is encoded at the call
+# and carried as raw JSON, so the event records the values as they were when recorded.
+
+_LENGTHS: Final = {
+    f.name: (f.type.min_length or 0, f.type.max_length)
+    for f in cast(msgspec.inspect.StructType, msgspec.inspect.type_info(AttemptRecorded)).fields
+    if isinstance(f.type, msgspec.inspect.StrType)
+}
+_EMPTY_OBJECT: Final = msgspec.Raw(b"{}")
+_encode_json = msgspec.json.Encoder().encode
+# JSON text for one character is at most 6 bytes (`\u001f`), so 6 × len(text) + 2 bounds
+# any string's encoded size; keys, punctuation, id, `v` and a float fit in this.
+_FIXED_BYTES: Final = 512
+
+
+def _bounded_text(field: str, value: Any) -> str:
+    """A required string within the schema's length limits that UTF-8 can carry."""
+    if not isinstance(value, str):
+        raise FleetValidationError(field, f"must be a non-empty string, got {type(value).__name__}")
+    lo, hi = _LENGTHS[field]
+    if not value:
+        raise FleetValidationError(field, "must be a non-empty string, got ''")
+    if hi is not None and len(value) > hi:
+        raise FleetValidationError(field, f"must be at most {hi} characters, got {len(value)}")
+    if len(value) < lo:
+        raise FleetValidationError(field, f"must be at least {lo} characters, got {len(value)}")
+    _utf8(field, value)
+    return value
+
+
+def _utf8(field: str, text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FleetValidationError(field, f"is not valid text ({exc.reason} at {exc.start})") from None
+
+
+def _raw_json(field: str, value: Any) -> msgspec.Raw:
+    try:
+        return msgspec.Raw(_encode_json(value))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FleetValidationError(field, f"value is not JSON-serializable: {exc}") from None
+
+
+def _checked_pane(field: str, value: Any, max_chars: int) -> tuple[Any, int]:
+    """The normalised pane, ready for the sender to encode, and a bound of its JSON size."""
+    pane = normalize_pane(field, value, max_chars)
+    if pane is None:
+        return None, 4
+    if isinstance(value, dict) and "format" in value:
+        # A caller's dict (any keys and values besides format/text): encoded now.
+        raw = _raw_json(field, pane)
+        return raw, len(raw)
+    text: str = pane["text"]
+    _utf8(field, text)  # json-dump texts are ASCII; a caller's string may hold lone surrogates
+    return pane, 64 + 6 * len(text)
+
+
 def _optional_filter(field: str, value: str | None) -> str | None:
     if value is None:
         return None
@@ -70,12 +136,16 @@ class AttemptsAPI:
         ts: str | datetime | None = None,
     ) -> Receipt:
         """Record one attempt. Returns at once (fire-and-forget); raises only for bad input."""
-        _required_text("agent", agent)
-        _required_text("action", action)
-        _required_text("outcome", outcome)
+        _bounded_text("agent", agent)
+        _bounded_text("action", action)
+        _bounded_text("outcome", outcome)
         if isinstance(elapsed_s, bool) or not isinstance(elapsed_s, int | float):
             raise FleetValidationError("elapsed_s", f"must be a number >= 0, got {type(elapsed_s).__name__}")
-        if not math.isfinite(elapsed_s) or elapsed_s < 0:
+        try:
+            elapsed = float(elapsed_s)
+        except OverflowError:
+            elapsed = math.inf
+        if not math.isfinite(elapsed) or elapsed < 0:
             raise FleetValidationError("elapsed_s", f"must be a finite number >= 0, got {elapsed_s!r}")
         if ts is None:
             ts_text = now_iso()
@@ -86,26 +156,35 @@ class AttemptsAPI:
                 parse_ts(ts)
             except ValueError as exc:
                 raise FleetValidationError("ts", str(exc).removeprefix("ts: ")) from None
-            ts_text = ts  # stored exactly as given
+            ts_text = _bounded_text("ts", ts)  # stored exactly as given
         else:
             raise FleetValidationError("ts", f"must be an ISO-8601 string or a datetime, got {type(ts).__name__}")
-        if extras is None:
-            extras = {}
-        elif not isinstance(extras, dict):
+        if extras is None or extras == {}:
+            extras_raw = _EMPTY_OBJECT
+        elif isinstance(extras, dict):
+            extras_raw = _raw_json("extras", extras)
+        else:
             raise FleetValidationError("extras", f"must be a dict, got {type(extras).__name__}")
-        max_chars = self._fleet.settings.pane_max_chars
+        fleet = self._fleet
+        settings = fleet.settings
+        before, before_max = _checked_pane("pane_before", pane_before, settings.pane_max_chars)
+        after, after_max = _checked_pane("pane_after", pane_after, settings.pane_max_chars)
         event = AttemptRecorded(
             id=new_event_id(),
             ts=ts_text,
             agent=agent,
             action=action,
             outcome=outcome,
-            elapsed_s=float(elapsed_s),
-            pane_before=normalize_pane("pane_before", pane_before, max_chars),
-            pane_after=normalize_pane("pane_after", pane_after, max_chars),
-            extras=extras,
+            elapsed_s=elapsed,
+            pane_before=before,
+            pane_after=after,
+            extras=cast(dict[str, Any], extras_raw),
         )
-        return self._fleet.emit(event)
+        size_max = (_FIXED_BYTES + before_max + after_max + len(extras_raw)
+                    + 6 * (len(agent) + len(action) + len(outcome) + len(ts_text)))
+        if size_max > settings.max_event_bytes:
+            return fleet.emit(event)  # near the cap: encode now, exactly, and refuse it if oversize
+        return fleet.emit_validated(event)
 
     async def query(
         self,

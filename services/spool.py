@@ -15,6 +15,7 @@ When the spool reaches its byte cap, further records are dropped, counted
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -195,6 +196,13 @@ class Spool:
             finally:
                 fh.close()
         return adopted
+
+    def set_aside(self, msg_id: str, subject: str, payload: bytes, reason: str) -> None:
+        """Record an event that will never be published in `<root>/dead-letter.jsonl`."""
+        line = json.dumps({"id": msg_id, "subject": subject, "reason": reason,
+                           "payload": payload.decode("utf-8", "replace")})
+        with self._lock, open(self.root / "dead-letter.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
     def close(self) -> None:
         """Release the directory; remove it when nothing is left in it."""

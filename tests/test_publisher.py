@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import pytest
+from fleetlog.schemas import AttemptRecorded, new_event_id, now_iso
 from fleetlog.services.broker import EmbeddedBroker, free_port
 from fleetlog.services.server import Server
 
@@ -140,3 +144,88 @@ async def test_receipt_and_flush_expose_the_token(fleet: Fleet) -> None:
 
 async def _true() -> bool:
     return True
+
+
+async def test_record_checks_every_wire_rule_at_the_call(fleet: Fleet) -> None:
+    """record() no longer re-decodes the encoded event: each rule of the event's schema is
+    checked in Python instead, and still names the field. Nothing is published."""
+    ok: dict[str, Any] = {"agent": "a", "action": "b", "outcome": "o", "elapsed_s": 1.0}
+    cases = [
+        ("agent", {**ok, "agent": "x" * 257}),
+        ("action", {**ok, "action": "x" * 257}),
+        ("outcome", {**ok, "outcome": "x" * 1025}),
+        ("ts", {**ok, "ts": "20260101"}),               # ISO (basic format) but shorter than the schema allows
+        ("agent", {**ok, "agent": "bad\ud800"}),        # a lone surrogate: not encodable text
+        ("outcome", {**ok, "outcome": "\udfff"}),
+        ("pane_before", {**ok, "pane_before": "tail \ud800"}),
+        ("pane_after", {**ok, "pane_after": {"format": "full", "text": "t", "extra": object()}}),
+        ("extras", {**ok, "extras": {"k": object()}}),
+        ("elapsed_s", {**ok, "elapsed_s": 10**400}),
+    ]
+    for field, kwargs in cases:
+        with pytest.raises(FleetValidationError) as info:
+            fleet.attempts.record(**kwargs)
+        assert info.value.field == field, (kwargs, info.value)
+    assert fleet.publisher_stats().accepted == 0
+    # the limits themselves are fine
+    receipt = fleet.attempts.record(agent="x" * 256, action="y" * 256, outcome="z" * 1024, elapsed_s=0,
+                                    ts="2026-01-01")
+    token = await fleet.flush()
+    page = await fleet.attempts.query(agent="x" * 256, min_seq=token)
+    assert [(r.id, r.ts, len(r.outcome)) for r in page.items] == [(receipt.id, "2026-01-01", 1024)]
+
+
+async def test_record_keeps_arguments_as_they_were_at_the_call(fleet: Fleet) -> None:
+    """The sender encodes later; a dict the caller changes after record() must not change the event."""
+    extras: dict[str, Any] = {"n": 0, "tags": ["a"]}
+    pane = {"format": "ansi", "text": "before", "meta": {"rows": 24}}
+    first = fleet.attempts.record(agent="snap", action="a", outcome="success", elapsed_s=1, extras=extras,
+                                  pane_before=pane)
+    extras["n"] = 1
+    extras["tags"].append("b")
+    pane["meta"]["rows"] = 99  # type: ignore[index]
+    second = fleet.attempts.record(agent="snap", action="a", outcome="success", elapsed_s=2, extras=extras)
+    token = await fleet.flush()
+    rows = {r.id: r for r in (await fleet.attempts.query(agent="snap", min_seq=token)).items}
+    assert rows[first.id].extras == {"n": 0, "tags": ["a"]}
+    assert rows[first.id].pane_before == {"format": "ansi", "text": "before", "meta": {"rows": 24}}
+    assert rows[second.id].extras == {"n": 1, "tags": ["a", "b"]}
+
+
+async def test_emit_of_a_caller_built_event_is_still_fully_validated(fleet: Fleet) -> None:
+    """Only the typed APIs skip the validating decode; emit() of any struct keeps it."""
+    bad = AttemptRecorded(id="not-a-uuid", ts=now_iso(), agent="a", action="b", outcome="o", elapsed_s=1.0)
+    with pytest.raises(FleetValidationError) as info:
+        fleet.emit(bad)
+    assert info.value.field == "id"
+    negative = AttemptRecorded(id=new_event_id(), ts=now_iso(), agent="a", action="b", outcome="o", elapsed_s=-1.0)
+    with pytest.raises(FleetValidationError) as info:
+        fleet.emit(negative)
+    assert info.value.field == "elapsed_s"
+    assert fleet.publisher_stats().accepted == 0
+
+
+async def test_event_over_the_servers_max_payload_is_set_aside_not_retried(settings: FleetSettings,
+                                                                         server: Server, tmp_path: Path) -> None:
+    """max_event_bytes set above what the server takes: that event goes to dead-letter.jsonl at once
+    (it could never be published), and the events around it are published."""
+    spool = tmp_path / "big-spool"
+    fleet = await Fleet.connect(settings=settings.model_copy(update={"max_event_bytes": 4 << 20,
+                                                                      "spool_dir": spool}))
+    try:
+        before = fleet.attempts.record(agent="big", action="a", outcome="success", elapsed_s=1)
+        huge = fleet.attempts.record(agent="big", action="a", outcome="success", elapsed_s=2,
+                                     extras={"blob": "x" * (2 << 20)})
+        after = fleet.attempts.record(agent="big", action="a", outcome="success", elapsed_s=3)
+        token = await fleet.flush(timeout=30)
+        stats = fleet.publisher_stats()
+        assert (stats.acked, stats.dead_lettered, stats.spool_pending) == (2, 1, 0)
+        assert huge.position is None and before.position is not None and after.position is not None
+        [line] = (spool / "dead-letter.jsonl").read_text().splitlines()
+        entry = json.loads(line)
+        assert entry["id"] == huge.id and "max_payload" in entry["reason"]
+        assert json.loads(entry["payload"])["extras"]["blob"] == "x" * (2 << 20)
+        page = await fleet.attempts.query(agent="big", min_seq=token)
+        assert sorted(r.id for r in page.items) == sorted([before.id, after.id])
+    finally:
+        await fleet.close()
