@@ -6,7 +6,10 @@ msgspec JSON. Every reply carries `as_of` and `lag`; a request's `min_seq`
 (consistency token) is waited for, bounded, else the reply is a "stale" error.
 Errors travel as micro error headers *and* a JSON body `{"error": {code, message}}`.
 Each request runs in its own task: a slow query or a read-your-writes wait never
-holds up other requests.
+holds up other requests. Concurrency is bounded where the work is: a request takes
+one of `max_concurrent` slots only while it reads the view (`QueryService.read`),
+never while it waits for `min_seq` — a burst of requests waiting for the fold must
+not shut out everything else.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import msgspec
@@ -49,6 +52,7 @@ SERVICE_VERSION = "0.1.0"
 QUEUE_GROUP = "fleetlog-query"
 
 _encode = msgspec.json.Encoder().encode
+T = TypeVar("T")
 
 
 def endpoint_subject(projection: str, endpoint: str) -> str:
@@ -71,7 +75,7 @@ class _Context(QueryContext):
             finally:
                 cur.close()
 
-        return await asyncio.get_running_loop().run_in_executor(self._service.readers, run)
+        return await self._service.read(run)
 
     async def publish(self, event: Event) -> tuple[str, int]:
         ack = await self._service.nc.jetstream().publish(
@@ -127,6 +131,11 @@ class QueryService:
         self.readers.shutdown(wait=False)
 
     # -- plumbing --------------------------------------------------------------
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking view read on the reader threads, holding a concurrency slot meanwhile."""
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(self.readers, fn, *args)
+
     def _spawn(self, fn: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
         async def handler(req: Request) -> None:
             task = asyncio.create_task(self._guarded(fn, req))
@@ -136,18 +145,17 @@ class QueryService:
         return handler
 
     async def _guarded(self, fn: Callable[[Request], Awaitable[None]], req: Request) -> None:
-        async with self._slots:
-            try:
-                await fn(req)
-            except StaleError as exc:
-                await _error(req, "stale", str(exc))
-            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-                await _error(req, "400", f"bad request: {exc}")
-            except KeyError as exc:
-                await _error(req, "404", str(exc))
-            except Exception as exc:
-                log.exception("query %s failed", req.subject)
-                await _error(req, "500", f"{type(exc).__name__}: {exc}")
+        try:
+            await fn(req)
+        except StaleError as exc:
+            await _error(req, "stale", str(exc))
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            await _error(req, "400", f"bad request: {exc}")
+        except KeyError as exc:
+            await _error(req, "404", str(exc))
+        except Exception as exc:
+            log.exception("query %s failed", req.subject)
+            await _error(req, "500", f"{type(exc).__name__}: {exc}")
 
     def _projection_handler(self, projection: Projection, ep: Endpoint) -> Callable[[Request], Awaitable[None]]:
         decoder = msgspec.json.Decoder(ep.request)
@@ -199,8 +207,7 @@ class QueryService:
                 s: (round(max(0.0, now_s - f.last_ts_ns / 1e9), 3) if lag[s] and f.last_ts_ns else 0.0)
                 for s, f in running.feeds.items()
             }
-            rows = await asyncio.get_running_loop().run_in_executor(
-                self.readers, self._counts, gen.schema, running.projection.tables)
+            rows = await self.read(self._counts, gen.schema, running.projection.tables)
             rejects = rows.pop("_rejects")
             projections.append(ProjectionStatus(
                 name=gen.name, version=gen.version, generation=gen.generation, state=gen.state,
@@ -251,7 +258,7 @@ class QueryService:
                     for r in rows
                 ]
 
-            items.extend(await asyncio.get_running_loop().run_in_executor(self.readers, run))
+            items.extend(await self.read(run))
         await req.respond(_encode(RejectsAnswer(items=items[: query.limit])))
 
     async def _rebuild(self, req: Request) -> None:
