@@ -100,11 +100,9 @@ class StateProjection(Projection):
         if kept:
             con.register("_fleetlog_state_set", self._rows(kept))
             try:
-                assignments = ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
-                con.execute(
-                    f"INSERT INTO state SELECT {', '.join(_COLUMNS)} FROM _fleetlog_state_set"
-                    f" ON CONFLICT (scope_key, key) DO UPDATE SET {assignments}"
-                )
+                # = ON CONFLICT (scope_key, key) DO UPDATE SET every other column; measured about
+                # twice as fast here (the batch holds each key once, so there is no ambiguity)
+                con.execute(f"INSERT OR REPLACE INTO state SELECT {', '.join(_COLUMNS)} FROM _fleetlog_state_set")
             finally:
                 con.unregister("_fleetlog_state_set")
         return rejects

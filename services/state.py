@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from fleetlog.schemas import decode_event, new_event_id, now_iso
+from fleetlog.schemas import decode_event, encode_event, new_event_id, now_iso
 from fleetlog.schemas.state import (
     MAX_KEY_CHARS,
     STATE_SCOPES,
@@ -56,6 +56,8 @@ __all__ = ["StateAPI", "StateDeletion", "StatePolicyError", "StateSyncAPI", "Sta
 STREAM = "FLEET_STATE"
 WRONG_LAST_SEQUENCE = 10071
 MAX_RACES = 200  # lost races before giving up (20 writers on one key lose at most 19 in a row)
+_WIRE: dict[type[StateEvent], msgspec.json.Decoder[Any]] = {
+    StateSet: msgspec.json.Decoder(StateSet), StateDeleted: msgspec.json.Decoder(StateDeleted)}
 
 
 class StatePolicyError(FleetValidationError):
@@ -215,9 +217,17 @@ class StateAPI:
         return int(ack["seq"])
 
     def _fleet_payload(self, event: StateEvent) -> bytes:
-        from .client import _validated_payload
-
-        return _validated_payload(event, self._fleet.settings.max_event_bytes)
+        """Encode, then decode with the event's own type: the wire rules, checked before publishing."""
+        payload = encode_event(event)
+        limit = self._fleet.settings.max_event_bytes
+        if len(payload) > limit:
+            raise FleetValidationError("event", f"encoded size {len(payload)} bytes exceeds max_event_bytes {limit}")
+        try:
+            _WIRE[type(event)].decode(payload)
+        except msgspec.ValidationError as exc:
+            rule, _, where = str(exc).rpartition(" - at `$.")
+            raise FleetValidationError(where.rstrip("`") or "event", rule or str(exc)) from None
+        return payload
 
     async def _backoff(self, attempt: int) -> None:
         await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))

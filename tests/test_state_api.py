@@ -112,6 +112,9 @@ async def test_policy_errors_in_order_and_nothing_published(fleet: Fleet, settin
         with pytest.raises(FleetValidationError) as exc_info:
             await fleet.state.set("conversation", "k", 1, **kwargs)
         assert exc_info.value.field.startswith(field), exc_info.value
+    with pytest.raises(FleetValidationError) as exc_info:  # the whole event must fit max_event_bytes
+        await fleet.state.set("conversation", "k", 1, context={**CTX, "bot_id": "b" * 600_000}, binding=BIND)
+    assert exc_info.value.field == "event" and "max_event_bytes" in exc_info.value.rule
     assert await stream_last_seq(settings) == before
 
     exact = await fleet.state.set("conversation", "big", "x" * 262_142, context=CTX, binding=BIND)  # 262,144 bytes

@@ -175,3 +175,23 @@ async def test_projection_rechecks_rules_on_raw_publishes(fleet: Fleet, settings
         assert back.created_at == back.updated_at  # a fresh key: the breach left nothing to keep
     finally:
         await nc.close()
+
+
+async def test_writes_need_the_broker(tmp_path: Any) -> None:
+    """State writes are awaited, not spooled: with no broker they fail clearly instead of pretending."""
+    from fleetlog.services.broker import free_port
+
+    from fleetlog import FleetUnavailable
+
+    offline = FleetSettings(nats_url=f"nats://127.0.0.1:{free_port()}", data_dir=tmp_path / "d",
+                            spool_dir=tmp_path / "spool")
+    async with await Fleet.connect(settings=offline) as fleet:
+        for call in (fleet.state.set("actor", "k", 1, context=CTX, binding=BIND),
+                     fleet.state.delete("actor", "k", context=CTX, binding=BIND)):
+            try:
+                await call
+            except FleetUnavailable as exc:
+                assert "not connected" in str(exc)
+            else:
+                raise AssertionError("a state write without a broker must raise FleetUnavailable")
+        assert fleet.publisher_stats().accepted == 0  # nothing went to the fire-and-forget path
