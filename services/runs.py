@@ -73,9 +73,20 @@ _lifecycle = msgspec.json.Decoder(
     RunCreated | RunClaimed | RunRenewed | RunReleased | RunLeaseExpired | RunFinalized | RunCancelRequested
 )
 _run_event = msgspec.json.Decoder(RunEventAppended)
+
+
+class _LeaseOnly(msgspec.Struct):
+    lease_expires_at: float | None = None
+
+
+class _ClaimLease(msgspec.Struct):
+    state: _LeaseOnly
+
+
+_lease_of = msgspec.json.Decoder(_ClaimLease).decode  # reads one field of a claim, skips the rest
 # A command re-reads and retries after losing a race; this many losses in a row means something is wrong.
 MAX_RETRIES = 64
-CANDIDATES_TTL_S = 0.05
+CANDIDATES_TTL_S = 0.25
 # Proposals per fetch: wide enough that racing claimers, picking at random within the top
 # priority, rarely pick the same run (measured: 32 gave ~6 lost races per claim with 8 claimers).
 CANDIDATES = 256
@@ -129,9 +140,16 @@ class RunsAPI:
         self._fleet = fleet
         self.clock = clock  # injectable: tests drive lease expiry without sleeping
         self._seen = 0  # highest FLEET_RUNS sequence this client wrote: reads wait for it
+        # Highest sequence of this client's writes that can make a run claimable (create, release,
+        # finalize, expire): proposals wait for it. Its own claims only remove candidates, so
+        # proposals need not wait for those (a stale proposal just loses its guarded publish).
+        self._proposals_seq = 0
         self._cache: dict[tuple[Any, ...], _CandidateCache] = {}
         self.counters = ClaimCounters()
         self._contended = False  # the last claim_next lost a race
+        self._watching = False
+        # run_id -> (last lifecycle sequence seen on the stream, its lease end if it was a claim)
+        self._latest: dict[str, tuple[int, float | None]] = {}
 
     # -- plumbing ------------------------------------------------------------------
     async def _guarded(self) -> Guarded:
@@ -162,6 +180,7 @@ class RunsAPI:
         self._note(seq)
         if cls not in (RunClaimed, RunRenewed, RunCancelRequested):
             self._cache.clear()  # this client may have made a run claimable: propose afresh
+            self._proposals_seq = seq
         return seq
 
     # -- commands ------------------------------------------------------------------
@@ -214,37 +233,85 @@ class RunsAPI:
                                 thread_id, strict_thread)
         key = (runtime_id, flt)
         g = await self._guarded()
+        if not self._watching:
+            await self._watch_lifecycles(g)
         need_seq = 0  # the view must have folded this far before proposing again
         lost = int(self._contended)  # rivals seen lately: spread out from the first pick
-        for _ in range(MAX_RETRIES * 4):
+        fetches = 0
+        while True:
             cache = self._cache.get(key)
             if cache is None or not cache.items or cache.expired(self.clock()):
+                if fetches == MAX_RETRIES:
+                    break
+                fetches += 1
                 cache = await self._fetch(key, flt, need_seq)
                 need_seq = 0
                 if not cache.items:
                     return None
             pick = _pick(cache.items, spread=lost > 0)
-            now = self.clock()
-            if not rules.claimable(pick.state, runtime_id, now, flt):
+            state_now: RunState | None = pick.state
+            seq_now = pick.state_seq
+            moved, lease_until = self._latest.get(pick.state.run_id, (0, None))
+            if moved > seq_now:
+                # Changed since it was proposed. Claimed by a rival whose lease still runs: skip it
+                # without a round trip. Anything else: look at the run itself (below).
                 self.counters.stale_candidates += 1
-                continue
-            token = secrets.token_urlsafe(32)
-            state = rules.claim(pick.state, runtime_id, lease_s, now, token)
-            try:
-                fence = await self._write(g, RunClaimed, state, pick.state_seq, runtime_id=runtime_id)
-            except WrongLastSequence as exc:
-                self.counters.conflicts += 1
-                lost += 1
-                need_seq = max(need_seq, _actual_seq(exc))
-                continue
-            self.counters.claims += 1
-            self._contended = lost > 0
-            return Claim(run=run_view(msgspec.structs.replace(state, fence=fence)), claim_token=token, fence=fence)
-        raise TimeoutError(f"claim_next: no claim after {MAX_RETRIES * 4} attempts (heavy contention)")
+                need_seq = max(need_seq, moved)
+                if lease_until is not None and lease_until > self.clock():
+                    continue
+                state_now = None
+            for _attempt in range(MAX_RETRIES):
+                if state_now is None:  # re-read it: it may still be the best claimable run
+                    fresh = await self._read(g, pick.state.run_id)
+                    if fresh is None:
+                        break
+                    state_now, seq_now = fresh
+                now = self.clock()
+                if not rules.claimable(state_now, runtime_id, now, flt):
+                    break
+                token = secrets.token_urlsafe(32)
+                state = rules.claim(state_now, runtime_id, lease_s, now, token)
+                try:
+                    fence = await self._write(g, RunClaimed, state, seq_now, runtime_id=runtime_id)
+                except WrongLastSequence as exc:
+                    self.counters.conflicts += 1
+                    lost += 1
+                    need_seq = max(need_seq, _actual_seq(exc))
+                    state_now = None
+                    continue
+                self.counters.claims += 1
+                self._contended = lost > 0
+                return Claim(run=run_view(msgspec.structs.replace(state, fence=fence)), claim_token=token,
+                             fence=fence)
+        raise TimeoutError(f"claim_next: rivals took every proposal in {MAX_RETRIES} rounds (heavy contention)")
+
+    async def _watch_lifecycles(self, g: Guarded) -> None:
+        """Follow every run's lifecycle sequence: a proposal older than its run's latest message is
+        skipped. Rivals' claims arrive here within milliseconds, long before the view folds them,
+        so a claimer rarely publishes into a race it has already lost."""
+        from nats.js.api import DeliverPolicy
+
+        latest = self._latest
+
+        async def moved(msg: Any) -> None:
+            tokens = msg.subject.split(".")
+            if len(latest) > 200_000:
+                latest.clear()  # bounded; forgetting only costs a lost race
+            # msgspec writes the tag first: {"type":"run.claimed",...
+            lease_until = None
+            if msg.data[9:21] == b'run.claimed"':  # msgspec writes the tag first
+                lease_until = _lease_of(msg.data).state.lease_expires_at
+            latest[subjects.unescape_token(tokens[2])] = (msg.metadata.sequence.stream, lease_until)
+
+        self._watching = True
+        await g.nc.jetstream().subscribe(
+            "fleet.run.*.state", cb=moved, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+        )
 
     async def _fetch(self, key: tuple[Any, ...], flt: rules.ClaimFilter, need_seq: int) -> _CandidateCache:
         runtime_id = key[0]
-        token = {STREAM: max(need_seq, self._seen)} if max(need_seq, self._seen) else None
+        wait = max(need_seq, self._proposals_seq)
+        token = {STREAM: wait} if wait else None
         req = CandidatesQuery(
             runtime_id=runtime_id, now=self.clock(), queue=flt.queue, runner_ids=sorted(flt.runner_ids) or None,
             conversation_id=flt.conversation_id, bot_id=flt.bot_id, workspace_id=flt.workspace_id,
