@@ -15,6 +15,7 @@ not shut out everything else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -87,13 +88,24 @@ class _Context(QueryContext):
         await self._service.projector.wait_for(self._projection.name, token, self._service.wait_max_s)
 
 
+# Endpoints whose answer depends only on the request and the view's state: their answers
+# are kept per (request without min_seq, generation, checkpoints) and reused until the
+# view moves. Small answers only (a page of rows with panes could be megabytes).
+CACHED_READS: frozenset[tuple[str, str]] = frozenset({("attempts", "stats"), ("attempts", "summary")})
+
+
 class QueryService:
-    def __init__(self, nc: Client, projector: Projector, *, wait_max_s: float = 5.0, max_concurrent: int = 64) -> None:
+    def __init__(self, nc: Client, projector: Projector, *, wait_max_s: float = 5.0, max_concurrent: int = 64,
+                 cached: frozenset[tuple[str, str]] = CACHED_READS, cache_entries: int = 256) -> None:
         self.nc = nc
         self.projector = projector
         self.wait_max_s = wait_max_s
         self._service: Service | None = None
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._cached = cached
+        self._cache: collections.OrderedDict[tuple[Any, ...], asyncio.Future[Any]] = collections.OrderedDict()
+        self._cache_entries = cache_entries
+        self.cache_hits = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # Reads get their own threads: the default pool is shared with whatever else the
         # process runs (and with asyncio.to_thread callers), which must not starve queries.
@@ -161,17 +173,55 @@ class QueryService:
         decoder = msgspec.json.Decoder(ep.request)
         ctx = _Context(self, projection)
 
+        cached = (projection.name, ep.name) in self._cached
+
         async def handle(req: Request) -> None:
             request = decoder.decode(req.data or b"{}")
             token = getattr(request, "min_seq", None)
             await self.projector.wait_for(projection.name, token, self.wait_max_s)
-            answer = await ep.handler(ctx, request)
+            # Read before the query: the answer reflects at least this point (checkpoints move
+            # only after their fold committed), so as_of never claims more than the answer holds.
             as_of, lag = self.projector.as_of(projection.name)
-            answer.as_of = as_of  # type: ignore[attr-defined]
-            answer.lag = lag  # type: ignore[attr-defined]
+            if cached:
+                answer = await self._cached_answer(projection, ep, ctx, request, as_of)
+            else:
+                answer = await ep.handler(ctx, request)
+            answer.as_of = as_of
+            answer.lag = lag
             await req.respond(_encode(answer))
 
         return handle
+
+    async def _cached_answer(self, projection: Projection, ep: Endpoint, ctx: _Context, request: Any,
+                             as_of: dict[str, int]) -> Any:
+        """The answer for this request at this view state: computed once, shared by every
+        request that asks the same while the view has not moved (also while it is computed)."""
+        if hasattr(request, "min_seq"):
+            request = msgspec.structs.replace(request, min_seq=None)
+        gen = self.projector.live(projection.name).gen.schema
+        key = (projection.name, ep.name, _encode(request), gen, tuple(sorted(as_of.items())))
+        fut = self._cache.get(key)
+        if fut is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._cache[key] = fut
+        while len(self._cache) > self._cache_entries:
+            self._cache.popitem(last=False)
+        try:
+            answer = await ep.handler(ctx, request)
+        except asyncio.CancelledError:
+            self._cache.pop(key, None)
+            fut.cancel()
+            raise
+        except Exception as exc:
+            self._cache.pop(key, None)
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: whoever shares it gets it raised
+            raise
+        fut.set_result(answer)
+        return answer
 
     # -- built-in endpoints ------------------------------------------------------
     async def _status(self, req: Request) -> None:
