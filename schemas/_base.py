@@ -71,7 +71,10 @@ def new_event_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-_now_prefix: tuple[int, str] = (-1, "")
+# (second, "YYYY-MM-DDTHH:MM:SS.", "YYYY-MM-DDTHH:MM:SS+00:00"): one tuple, replaced whole, so a
+# thread never pairs one second with another second's text.
+_now_prefix: tuple[int, str, str] = (-1, "", "")
+_DIGITS3 = tuple(f"{i:03d}" for i in range(1000))
 
 
 def now_iso() -> str:
@@ -83,12 +86,15 @@ def now_iso() -> str:
     """
     global _now_prefix
     sec, ns = divmod(time.time_ns(), 1_000_000_000)
-    cached_sec, prefix = _now_prefix
-    if sec != cached_sec:
+    cached = _now_prefix
+    if sec != cached[0]:
         prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _now_prefix = (sec, prefix)  # one tuple: a reader in another thread sees a consistent pair
+        cached = _now_prefix = (sec, prefix + ".", prefix + "+00:00")
     us = ns // 1000
-    return f"{prefix}.{us:06d}+00:00" if us else f"{prefix}+00:00"
+    if us:
+        ms, us = divmod(us, 1000)
+        return f"{cached[1]}{_DIGITS3[ms]}{_DIGITS3[us]}+00:00"
+    return cached[2]
 
 
 def parse_ts(value: str) -> datetime:

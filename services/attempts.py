@@ -62,6 +62,9 @@ _LENGTHS: Final = {
     for f in cast(msgspec.inspect.StructType, msgspec.inspect.type_info(AttemptRecorded)).fields
     if isinstance(f.type, msgspec.inspect.StrType)
 }
+_IDENTITY_MAX: Final = min(_LENGTHS["agent"][1] or 0, _LENGTHS["action"][1] or 0)
+_TEXT_MAX: Final = _LENGTHS["outcome"][1] or 0
+assert _LENGTHS["agent"][0] <= 1 and _LENGTHS["action"][0] <= 1 and _LENGTHS["outcome"][0] <= 1
 _EMPTY_OBJECT: Final = msgspec.Raw(b"{}")
 _encode_json = msgspec.json.Encoder().encode
 # JSON text for one character is at most 6 bytes (`\u001f`), so 6 × len(text) + 2 bounds
@@ -99,6 +102,30 @@ def _raw_json(field: str, value: Any) -> msgspec.Raw:
         raise FleetValidationError(field, f"value is not JSON-serializable: {exc}") from None
 
 
+def _elapsed(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FleetValidationError("elapsed_s", f"must be a number >= 0, got {type(value).__name__}")
+    try:
+        elapsed = float(value)
+    except OverflowError:
+        elapsed = math.inf
+    if not math.isfinite(elapsed) or elapsed < 0:
+        raise FleetValidationError("elapsed_s", f"must be a finite number >= 0, got {value!r}")
+    return elapsed
+
+
+def _ts_text(ts: Any) -> str:
+    if isinstance(ts, datetime):
+        return ts.isoformat()
+    if isinstance(ts, str):
+        try:
+            parse_ts(ts)
+        except ValueError as exc:
+            raise FleetValidationError("ts", str(exc).removeprefix("ts: ")) from None
+        return _bounded_text("ts", ts)  # stored exactly as given
+    raise FleetValidationError("ts", f"must be an ISO-8601 string or a datetime, got {type(ts).__name__}")
+
+
 def _checked_pane(field: str, value: Any, max_chars: int) -> tuple[Any, int]:
     """The normalised pane, ready for the sender to encode, and a bound of its JSON size."""
     pane = normalize_pane(field, value, max_chars)
@@ -122,6 +149,7 @@ def _optional_filter(field: str, value: str | None) -> str | None:
 class AttemptsAPI:
     def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
+        self._subjects: dict[str, dict[str, str]] = {}  # agent -> action -> subject, bounded
 
     def record(
         self,
@@ -136,39 +164,41 @@ class AttemptsAPI:
         ts: str | datetime | None = None,
     ) -> Receipt:
         """Record one attempt. Returns at once (fire-and-forget); raises only for bad input."""
-        _bounded_text("agent", agent)
-        _bounded_text("action", action)
-        _bounded_text("outcome", outcome)
-        if isinstance(elapsed_s, bool) or not isinstance(elapsed_s, int | float):
-            raise FleetValidationError("elapsed_s", f"must be a number >= 0, got {type(elapsed_s).__name__}")
-        try:
-            elapsed = float(elapsed_s)
-        except OverflowError:
-            elapsed = math.inf
-        if not math.isfinite(elapsed) or elapsed < 0:
-            raise FleetValidationError("elapsed_s", f"must be a finite number >= 0, got {elapsed_s!r}")
-        if ts is None:
-            ts_text = now_iso()
-        elif isinstance(ts, datetime):
-            ts_text = ts.isoformat()
-        elif isinstance(ts, str):
-            try:
-                parse_ts(ts)
-            except ValueError as exc:
-                raise FleetValidationError("ts", str(exc).removeprefix("ts: ")) from None
-            ts_text = _bounded_text("ts", ts)  # stored exactly as given
+        # Fast paths first (plain short ASCII strings, a float, a str pane); anything else
+        # takes the general checks, which raise naming the field.
+        if not (type(agent) is str and type(action) is str and type(outcome) is str
+                and 0 < len(agent) <= _IDENTITY_MAX and 0 < len(action) <= _IDENTITY_MAX
+                and 0 < len(outcome) <= _TEXT_MAX and agent.isascii() and action.isascii() and outcome.isascii()):
+            _bounded_text("agent", agent)
+            _bounded_text("action", action)
+            _bounded_text("outcome", outcome)
+        if type(elapsed_s) is float and 0.0 <= elapsed_s < math.inf:
+            elapsed = elapsed_s
         else:
-            raise FleetValidationError("ts", f"must be an ISO-8601 string or a datetime, got {type(ts).__name__}")
-        if extras is None or extras == {}:
+            elapsed = _elapsed(elapsed_s)
+        ts_text = now_iso() if ts is None else _ts_text(ts)
+        if extras is None:
             extras_raw = _EMPTY_OBJECT
-        elif isinstance(extras, dict):
-            extras_raw = _raw_json("extras", extras)
+        elif type(extras) is dict or isinstance(extras, dict):
+            extras_raw = _raw_json("extras", extras) if extras else _EMPTY_OBJECT
         else:
             raise FleetValidationError("extras", f"must be a dict, got {type(extras).__name__}")
         fleet = self._fleet
         settings = fleet.settings
-        before, before_max = _checked_pane("pane_before", pane_before, settings.pane_max_chars)
-        after, after_max = _checked_pane("pane_after", pane_after, settings.pane_max_chars)
+        max_chars = settings.pane_max_chars
+        if pane_before is None:
+            before: Any = None
+            before_max = 4
+        elif type(pane_before) is str and len(pane_before) <= max_chars and pane_before.isascii():
+            before = {"format": "full", "text": pane_before}  # normalize_pane of a short string
+            before_max = 64 + 6 * len(pane_before)
+        else:
+            before, before_max = _checked_pane("pane_before", pane_before, max_chars)
+        if pane_after is None:
+            after: Any = None
+            after_max = 4
+        else:
+            after, after_max = _checked_pane("pane_after", pane_after, max_chars)
         event = AttemptRecorded(
             id=new_event_id(),
             ts=ts_text,
@@ -184,7 +214,21 @@ class AttemptsAPI:
                     + 6 * (len(agent) + len(action) + len(outcome) + len(ts_text)))
         if size_max > settings.max_event_bytes:
             return fleet.emit(event)  # near the cap: encode now, exactly, and refuse it if oversize
-        return fleet.emit_validated(event)
+        by_action = self._subjects.get(agent)
+        subject = None if by_action is None else by_action.get(action)
+        if subject is None:
+            subject = self._subject(event)
+        return fleet.emit_validated(event, subject)
+
+    def _subject(self, event: AttemptRecorded) -> str:
+        subjects = self._subjects
+        if len(subjects) >= 1024:
+            subjects.clear()  # bounded: agents and actions repeat
+        by_action = subjects.setdefault(event.agent, {})
+        if len(by_action) >= 1024:
+            by_action.clear()
+        subject = by_action[event.action] = event.subject()
+        return subject
 
     async def query(
         self,

@@ -89,16 +89,17 @@ class Fleet:
         payload = _validated_payload(event, self.settings.max_event_bytes)
         return self._publisher.submit(event.id, event.subject(), payload)
 
-    def emit_validated(self, event: Event) -> Receipt:
+    def emit_validated(self, event: Event, subject: str | None = None) -> Receipt:
         """Enqueue an event whose fields a family API has already checked against every wire
         rule (types, lengths, JSON-encodable values, encoded size within max_event_bytes).
 
         The hot path of typed APIs such as `attempts.record()`: no encode and no validating
         re-decode at the call; the sender encodes. Anything not checked that way goes
         through `emit()`. Values the caller could still change after the call must already
-        be in the event as `msgspec.Raw` JSON (an encode-time snapshot).
+        be in the event as `msgspec.Raw` JSON (an encode-time snapshot). `subject`, when
+        given, must be `event.subject()` (a caller may have it cached).
         """
-        return self._publisher.submit_event(event, event.subject())
+        return self._publisher.submit_event(event, event.subject() if subject is None else subject)
 
     async def flush(self, timeout: float | None = 30.0) -> Token:
         """Wait until everything enqueued is acked; returns the consistency token {stream: seq}."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,25 @@ async def test_event_over_the_servers_max_payload_is_set_aside_not_retried(setti
         assert sorted(r.id for r in page.items) == sorted([before.id, after.id])
     finally:
         await fleet.close()
+
+
+def test_now_iso_is_the_isoformat_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """now_iso() caches the seconds prefix; its text must stay datetime.isoformat()'s, zero µs included."""
+    from fleetlog.schemas import _base
+
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for ns in (1_700_000_000_000_000_000, 1_700_000_000_000_001_000, 1_700_000_000_000_999_999,
+               1_700_000_000_999_999_999, 1_700_000_001_000_000_000, 1_700_000_001_123_456_789,
+               1_700_000_000_500_000_000):  # and back to an earlier second
+        monkeypatch.setattr(_base.time, "time_ns", lambda ns=ns: ns)
+        assert now_iso() == (epoch + timedelta(microseconds=ns // 1000)).isoformat(), ns
+
+
+async def test_a_lone_event_is_sent_without_flush(fleet: Fleet) -> None:
+    """The sender waits a moment to batch a short run, but never for a flush."""
+    receipt = fleet.attempts.record(agent="lone", action="a", outcome="success", elapsed_s=1)
+
+    async def acked() -> bool:
+        return receipt.position is not None
+
+    await wait_until(acked, timeout_s=10, interval_s=0.01)
