@@ -45,7 +45,8 @@ async def wait_serving(fleet: Fleet, timeout_s: float = 60) -> None:
             await asyncio.sleep(0.2)
 
 
-async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: int) -> dict[str, Any]:
+async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: int,
+                     serve_pid: int) -> dict[str, Any]:
     priorities = (0, 1, 5, 9)
     ids = [f"run-{i:06d}" for i in range(runs)]
     t0 = time.perf_counter()
@@ -56,6 +57,10 @@ async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: in
         ))
     create_s = time.perf_counter() - t0
     start_at = time.time() + 3.0
+    import psutil
+
+    serve, nats_proc = psutil.Process(serve_pid), _nats_process()
+    cpu0 = (serve.cpu_times(), nats_proc.cpu_times() if nats_proc else None)
     procs = [
         subprocess.Popen([sys.executable, str(CLAIMER), url, f"rt-{n}", str(work / f"claims-{n}.json"),
                           str(work / f"spool-{n}"), str(start_at)])
@@ -65,6 +70,8 @@ async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: in
         await asyncio.to_thread(p.wait)
     results = [json.loads((work / f"claims-{n}.json").read_text()) for n in range(claimers)]
     claimed = [c[0] for r in results for c in r["claims"]]
+    serve_cpu = sum(serve.cpu_times()[:2]) - sum(cpu0[0][:2])
+    nats_cpu = sum(nats_proc.cpu_times()[:2]) - sum(cpu0[1][:2]) if nats_proc and cpu0[1] else None
     latencies_ms = [c[3] * 1000 for r in results for c in r["claims"]]
     wall = max(r["elapsed_s"] for r in results)
     conflicts = sum(r["conflicts"] for r in results)
@@ -75,8 +82,21 @@ async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: in
         "missing": runs - len(set(claimed)), "claims_per_s": round(len(claimed) / wall),
         "conflicts": conflicts, "conflicts_per_claim": round(conflicts / max(1, len(claimed)), 3),
         "fetches": sum(r["fetches"] for r in results),
+        "claimer_cpu_s": round(sum(r["cpu_s"] for r in results), 1),
+        "serve_cpu_s": round(serve_cpu, 1), "nats_cpu_s": None if nats_cpu is None else round(nats_cpu, 1),
         "claim_ms_p50": round(lat["p50"], 2), "claim_ms_p99": round(lat["p99"], 2),
     }
+
+
+def _nats_process() -> Any:
+    import os
+
+    import psutil
+
+    for child in psutil.Process(os.getpid()).children():
+        if "nats-server" in child.name():
+            return child
+    return None
 
 
 async def append_rate(fleet: Fleet, n: int) -> dict[str, Any]:
@@ -104,7 +124,7 @@ async def main(args: argparse.Namespace) -> None:
         fleet = await Fleet.connect(settings=settings_for(b.url, work / "client"))
         try:
             await wait_serving(fleet)
-            race = await claim_race(fleet, b.url, work, args.runs, args.claimers)
+            race = await claim_race(fleet, b.url, work, args.runs, args.claimers, proc.pid)
             appends = await append_rate(fleet, args.events)
         finally:
             await fleet.close()

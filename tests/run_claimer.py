@@ -33,7 +33,8 @@ async def main(url: str, runtime_id: str, out: Path, spool: Path, start_at: floa
     c = fleet.runs.counters
     out.write_text(json.dumps({  # noqa: ASYNC240 - once, at exit
         "runtime_id": runtime_id, "claims": claims, "elapsed_s": elapsed,
-        "conflicts": c.conflicts, "fetches": c.fetches, "stale_candidates": c.stale_candidates,
+        "cpu_s": time.process_time(), "conflicts": c.conflicts, "fetches": c.fetches,
+        "stale_candidates": c.stale_candidates,
     }))
 
 
