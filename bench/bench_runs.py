@@ -61,11 +61,9 @@ async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: in
 
     serve, nats_proc = psutil.Process(serve_pid), _nats_process()
     cpu0 = (serve.cpu_times(), nats_proc.cpu_times() if nats_proc else None)
-    procs = [
-        subprocess.Popen(  # noqa: ASYNC220 - started here, waited for in threads[sys.executable, str(CLAIMER), url, f"rt-{n}", str(work / f"claims-{n}.json"),
-                          str(work / f"spool-{n}"), str(start_at)])
-        for n in range(claimers)
-    ]
+    argv = [[sys.executable, str(CLAIMER), url, f"rt-{n}", str(work / f"claims-{n}.json"), str(work / f"spool-{n}"),
+             str(start_at)] for n in range(claimers)]
+    procs = [subprocess.Popen(a) for a in argv]  # noqa: ASYNC220 - started here, waited for in threads
     for p in procs:
         await asyncio.to_thread(p.wait)
     results = [json.loads((work / f"claims-{n}.json").read_text()) for n in range(claimers)]
