@@ -42,10 +42,9 @@ from fleetlog.schemas.state import (
     scope_key_for,
     value_json,
 )
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 
-from .errors import FleetError, FleetUnavailable, FleetValidationError
+from .errors import FleetError, FleetValidationError
+from .guarded import Guarded, WrongLastSequence
 from .publisher import Receipt, Token
 
 if TYPE_CHECKING:
@@ -54,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["StateAPI", "StateDeletion", "StatePolicyError", "StateSyncAPI", "StateWrite"]
 
 STREAM = "FLEET_STATE"
-WRONG_LAST_SEQUENCE = 10071
 MAX_RACES = 200  # lost races before giving up (20 writers on one key lose at most 19 in a row)
 _WIRE: dict[type[StateEvent], msgspec.json.Decoder[Any]] = {
     StateSet: msgspec.json.Decoder(StateSet), StateDeleted: msgspec.json.Decoder(StateDeleted)}
@@ -167,54 +165,28 @@ class StateAPI:
         except StateRuleViolation as exc:
             raise _policy_error(exc) from None
 
-    async def _nc(self) -> Any:
-        link = self._fleet._link
-        nc = link.nc
-        if nc is None or not nc.is_connected:
-            if not await link.wait_connected(2.0):
-                raise FleetUnavailable(f"not connected to NATS at {self._fleet.settings.nats_url}")
-            nc = link.nc
-        return nc
-
-    async def _ask(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
-        nc = await self._nc()
-        try:
-            return await nc.request(subject, payload, timeout=5.0, headers=headers)
-        except NoRespondersError:
-            raise FleetUnavailable(f"JetStream did not answer {subject} (is the {STREAM} stream there?)") from None
-        except NatsTimeout:
-            raise FleetUnavailable(f"JetStream did not answer {subject} within 5s") from None
-
     async def _last(self, subject: str) -> tuple[int, StateEvent | None]:
         """The subject's last message: (seq or 0, the event if it is a valid state event)."""
-        msg = await self._ask(f"$JS.API.DIRECT.GET.{STREAM}.{subject}", b"")
-        headers = msg.headers or {}
-        if "Nats-Sequence" not in headers:
-            if headers.get("Status") not in (None, "404"):
-                raise FleetError(f"direct get of {subject} failed: {headers.get('Status')} "
-                                 f"{headers.get('Description', '')}")
+        msg = await Guarded(await self._fleet.nats()).last(STREAM, subject)
+        if msg is None:
             return 0, None
-        seq = int(headers["Nats-Sequence"])
         try:
-            event = decode_event(bytes(msg.data))
+            event = decode_event(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError):
-            return seq, None  # garbage: the view holds nothing for this key
+            return msg.seq, None  # garbage: the view holds nothing for this key
         if not isinstance(event, StateEvent) or rule_violation(event) is not None:
-            return seq, None
-        return seq, event
+            return msg.seq, None
+        return msg.seq, event
 
     async def _publish(self, event: StateEvent, expected: int) -> int | None:
         """Guarded publish; the seq, or None when another writer got there first."""
-        payload = self._fleet_payload(event)
-        msg = await self._ask(event.subject(), payload, {
-            "Nats-Msg-Id": event.id, "Nats-Expected-Last-Subject-Sequence": str(expected)})
-        ack = msgspec.json.decode(msg.data or b"{}")
-        error = ack.get("error")
-        if error:
-            if error.get("err_code") == WRONG_LAST_SEQUENCE:
-                return None
-            raise FleetError(f"JetStream refused the state write on {event.subject()}: {error.get('description')}")
-        return int(ack["seq"])
+        g = Guarded(await self._fleet.nats())
+        try:
+            _, seq, _ = await g.publish(event.subject(), self._fleet_payload(event), msg_id=event.id,
+                                        expected_last_seq=expected)
+        except WrongLastSequence:
+            return None
+        return seq
 
     def _fleet_payload(self, event: StateEvent) -> bytes:
         """Encode, then decode with the event's own type: the wire rules, checked before publishing."""
