@@ -2,14 +2,18 @@
 
 from ._base import Endpoint, FoldReject, Projection, QueryContext, RejectEvent, StoredEvent, insert_new_by_id
 from .attempts import PROJECTION as ATTEMPTS
+from .runs import PROJECTION as RUNS
+from .runtimes import PROJECTION as RUNTIMES
 from .state import PROJECTION as STATE
 
 # Every projection the projector runs, in start-up order.
-ALL: tuple[Projection, ...] = (ATTEMPTS, STATE)
+ALL: tuple[Projection, ...] = (ATTEMPTS, RUNS, RUNTIMES, STATE)
 
 __all__ = [
     "ALL",
     "ATTEMPTS",
+    "RUNS",
+    "RUNTIMES",
     "STATE",
     "Endpoint",
     "FoldReject",

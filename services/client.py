@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import msgspec
 from fleetlog.schemas import Event, encode_event
 from fleetlog.schemas.answers import RejectsAnswer, RejectsQuery, StatusAnswer, StatusQuery
+from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -29,8 +30,11 @@ from .config import FleetSettings
 from .connection import Link
 from .errors import FleetUnavailable, FleetValidationError, QueryError, StaleError
 from .publisher import Publisher, PublisherStats, Receipt, Token
+from .runs import RunsAPI
+from .runtimes import RuntimesAPI
 from .state import StateAPI, StateSyncAPI
 from .streams import ensure_streams
+from .sync import SyncFacade
 
 __all__ = ["Fleet", "FleetSync"]
 
@@ -49,6 +53,8 @@ class Fleet:
         self._publisher = publisher
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
         self.attempts = AttemptsAPI(self)
+        self.runs = RunsAPI(self)
+        self.runtimes = RuntimesAPI(self)
         self.state = StateAPI(self)
 
     @classmethod
@@ -113,16 +119,21 @@ class Fleet:
         return self._link.connected
 
     # -- reading ----------------------------------------------------------------
+    async def nats(self, timeout: float = 2.0) -> Client:
+        """The live NATS connection (waits up to `timeout` for a reconnect), else FleetUnavailable."""
+        nc = self._link.nc
+        if nc is None or not nc.is_connected:
+            if not await self._link.wait_connected(timeout):
+                raise FleetUnavailable(f"not connected to NATS at {self.settings.nats_url}")
+            nc = self._link.nc
+            assert nc is not None
+        return nc
+
     async def request(
         self, subject: str, body: msgspec.Struct, reply_type: type[S], timeout: float = 10.0
     ) -> S:
         """One query-service request; errors come back as typed exceptions."""
-        nc = self._link.nc
-        if nc is None or not nc.is_connected:
-            if not await self._link.wait_connected(min(timeout, 2.0)):
-                raise FleetUnavailable(f"not connected to NATS at {self.settings.nats_url}")
-            nc = self._link.nc
-            assert nc is not None
+        nc = await self.nats(min(timeout, 2.0))
         try:
             msg = await nc.request(subject, _encode(body), timeout=timeout)
         except NoRespondersError:
@@ -228,6 +239,8 @@ class FleetSync:
         self._loop = loop
         self._thread = thread
         self.attempts = AttemptsSyncAPI(fleet.attempts, self._run)
+        self.runs = SyncFacade(fleet.runs, self._run)
+        self.runtimes = SyncFacade(fleet.runtimes, self._run)
         self.state = StateSyncAPI(fleet.state, self._run)
 
     @classmethod
