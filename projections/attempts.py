@@ -199,6 +199,8 @@ async def _stats(ctx: QueryContext, req: AttemptStatsQuery) -> AttemptStats:
 # of that sorted tail, provided k − (n − c) >= 0, which the query checks per group. t comes
 # from a 5 % sample (vectors of the table): the smallest per-group 0.93-quantile. Should any
 # group's sample sit below t after all, the query runs again with t = −inf (every value).
+# A selection the sample puts under _TAIL_MIN_ROWS rows is sorted whole (t = −inf) at once.
+_TAIL_MIN_ROWS = 100_000
 _P95_INDEX = "CAST(greatest(0, floor(0.95 * (count(*) - 1))) AS BIGINT)"
 _TAIL_INDEX = f"({_P95_INDEX} - count(*) + count(*) FILTER (WHERE elapsed_s >= ?))"
 
@@ -208,19 +210,27 @@ def _stats_rows(cur: duckdb.DuckDBPyConnection, where: str, params: list[Any],
     """count, mean and exact p95 per (action, outcome); `tail_from` overrides the sampled t."""
     if tail_from is None:
         row = cur.execute(
-            f"""SELECT min(q) FROM (SELECT quantile_disc(elapsed_s, 0.93) AS q
+            f"""SELECT min(q), sum(n) FROM (SELECT quantile_disc(elapsed_s, 0.93) AS q, count(*) AS n
                 FROM attempts TABLESAMPLE 5% (system) {where} GROUP BY action, outcome)""",
             params,
         ).fetchone()
-        tail_from = -math.inf if row is None or row[0] is None else float(row[0])
+        # Below ~100k rows sorting everything is as cheap as the tail's bookkeeping.
+        if row is None or row[0] is None or row[1] * 20 < _TAIL_MIN_ROWS:
+            tail_from = -math.inf
+        else:
+            tail_from = float(row[0])
+    if tail_from == -math.inf:
+        p95, p95_params = f"list_sort(list(elapsed_s))[{_P95_INDEX} + 1]", []
+    else:
+        p95 = (f"CASE WHEN {_TAIL_INDEX} >= 0 THEN"
+               f" list_sort(list(elapsed_s) FILTER (WHERE elapsed_s >= ?))[{_TAIL_INDEX} + 1] END")
+        p95_params = [tail_from, tail_from, tail_from]
     rows = cur.execute(
-        f"""SELECT action, outcome, count(*) AS n, avg(elapsed_s),
-                   CASE WHEN {_TAIL_INDEX} >= 0
-                        THEN list_sort(list(elapsed_s) FILTER (WHERE elapsed_s >= ?))[{_TAIL_INDEX} + 1] END
+        f"""SELECT action, outcome, count(*) AS n, avg(elapsed_s), {p95}
             FROM attempts {where}
             GROUP BY action, outcome
             ORDER BY action ASC, n DESC, outcome ASC""",
-        [tail_from, tail_from, tail_from, *params],
+        [*p95_params, *params],
     ).fetchall()
     if tail_from != -math.inf and any(r[4] is None for r in rows):
         return _stats_rows(cur, where, params, -math.inf)
