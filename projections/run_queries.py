@@ -18,6 +18,8 @@ from fleetlog.schemas.runs import (
     ExpiredQuery,
     MaxSequence,
     MaxSequenceQuery,
+    RawCandidate,
+    RawCandidates,
     RunEventPage,
     RunEventsQuery,
     RunEventView,
@@ -66,7 +68,7 @@ class _Where:
         return ("WHERE " + " AND ".join(self.clauses)) if self.clauses else ""
 
 
-async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Candidates:
+async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> RawCandidates:
     w = _Where()
     w.add("(status = 'queued' OR (claimed_by IS NOT NULL AND lease_expires_at <= ?))", req.now)
     w.add("(requested_runtime_id IS NULL OR requested_runtime_id = '' OR requested_runtime_id = ?)", req.runtime_id)
@@ -78,14 +80,14 @@ async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Candidates:
     w.eq("workspace_id", req.workspace_id)
     w.thread(req.thread_id, req.strict_thread)
 
-    def run(cur: duckdb.DuckDBPyConnection) -> list[Candidate]:
+    def run(cur: duckdb.DuckDBPyConnection) -> list[RawCandidate]:
         rows = cur.execute(
             f"SELECT state, state_seq FROM runs {w.sql()} ORDER BY priority DESC, created_seq ASC LIMIT ?",
             [*w.params, req.limit],
         ).fetchall()
-        return [Candidate(state=_state(s), state_seq=q) for s, q in rows]
+        return [RawCandidate(state=msgspec.Raw(s.encode()), state_seq=q) for s, q in rows]
 
-    return Candidates(items=await ctx.read(run))
+    return RawCandidates(items=await ctx.read(run))
 
 
 async def _expired(ctx: QueryContext, req: ExpiredQuery) -> Candidates:

@@ -26,6 +26,8 @@ __all__ = [
     "ExpiredQuery",
     "MaxSequence",
     "MaxSequenceQuery",
+    "RawCandidate",
+    "RawCandidates",
     "RunAnswer",
     "RunCancelRequested",
     "RunClaimed",
@@ -295,6 +297,20 @@ class Candidate(msgspec.Struct, kw_only=True, array_like=True):
 
 class Candidates(Answer, kw_only=True):
     items: list[Candidate]
+
+
+class RawCandidate(msgspec.Struct, kw_only=True, array_like=True):
+    """`Candidate` as the view sends it: the stored state JSON passed through undecoded."""
+
+    state: msgspec.Raw
+    state_seq: int
+
+
+class RawCandidates(Answer, kw_only=True):
+    """Same wire shape as `Candidates` (measured: decoding and re-encoding 256 states per
+    proposal list was half the query service's CPU in an 8-claimer race)."""
+
+    items: list[RawCandidate]
 
 
 class ExpiredQuery(msgspec.Struct, kw_only=True):

@@ -59,6 +59,8 @@ class RuntimesAPI:
         self.clock = clock
         self._seen = 0
         self.last_heartbeat: Receipt | None = None  # the receipt of the latest heartbeat (fire-and-forget)
+        # runtime_id -> (registration seq, metadata after our last heartbeat's merge)
+        self._merged: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def _token(self, min_seq: Token | Receipt | None) -> dict[str, int] | None:
         if isinstance(min_seq, Receipt):
@@ -113,7 +115,12 @@ class RuntimesAPI:
         hb_msg = await g.last(STREAM, subjects.runtime(runtime_id, "heartbeat"))
         if hb_msg is not None and hb_msg.seq > reg_msg.seq:
             base = _heartbeat.decode(hb_msg.data).metadata
+        mine = self._merged.get(runtime_id)
+        if mine is not None and mine[0] == reg_msg.seq:
+            # Our own previous heartbeat may still be queued (fire-and-forget): merge onto it.
+            base = mine[1]
         merged = {**base, **(metadata or {})}
+        self._merged[runtime_id] = (reg_msg.seq, merged)
         event = RuntimeHeartbeat(id=new_event_id(), ts=now_iso(), runtime_id=runtime_id, status=status,
                                  metadata=merged, active_runs=active_runs)
         receipt = self._fleet.emit(event)
