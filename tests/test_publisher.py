@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from fleetlog.schemas import AttemptRecorded, new_event_id, now_iso
-from fleetlog.services.broker import EmbeddedBroker, free_port
+from fleetlog.services.broker import EmbeddedBroker, find_nats_server, free_port
 from fleetlog.services.server import Server
 
 from fleetlog import Fleet, FleetSettings, FleetValidationError
@@ -252,3 +253,75 @@ async def test_a_lone_event_is_sent_without_flush(fleet: Fleet) -> None:
         return receipt.position is not None
 
     await wait_until(acked, timeout_s=10, interval_s=0.01)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+async def test_publishing_to_a_tls_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tls:// URLs: the publisher's own connection upgrades to TLS like nats-py's (default SSL
+    context, so the CA comes from SSL_CERT_FILE here), and every event is acked."""
+    ca_key, ca_crt, key, csr, crt = (tmp_path / n for n in ("ca.key", "ca.crt", "s.key", "s.csr", "s.crt"))
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    for cmd in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca_crt, "-days", "2",
+         "-subj", "/CN=fleetlog-test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial", "-out", crt,
+         "-days", "2", "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)  # noqa: ASYNC221
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_crt))
+    port = free_port()
+    log = open(tmp_path / "nats.log", "wb")  # noqa: ASYNC230
+    proc = subprocess.Popen([find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",  # noqa: ASYNC220
+                             str(tmp_path / "js"), "--tls", "--tlscert", str(crt), "--tlskey", str(key)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    url = f"tls://127.0.0.1:{port}"
+    try:
+        settings = FleetSettings(nats_url=url, data_dir=tmp_path / "d", spool_dir=tmp_path / "spool")
+        fleet = await Fleet.connect(settings=settings)
+        try:
+            receipts = [fleet.attempts.record(agent="tls", action="a", outcome="success", elapsed_s=i)
+                        for i in range(100)]
+            token = await fleet.flush(timeout=60)
+            assert fleet.publisher_stats().acked == 100
+            assert all(r.position is not None for r in receipts)
+            assert token["FLEET_ATTEMPTS"] == 100
+        finally:
+            await fleet.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_publishing_with_user_and_password_in_the_url(tmp_path: Path) -> None:
+    """nats://user:pass@host URLs authenticate the publisher's connection too; a wrong password
+    publishes nothing and raises nothing (the events wait in the spool)."""
+    port = free_port()
+    proc = subprocess.Popen([find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js",  # noqa: ASYNC220
+                             "-sd", str(tmp_path / "js"), "--user", "agent", "--pass", "s3cret"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        good = FleetSettings(nats_url=f"nats://agent:s3cret@127.0.0.1:{port}", data_dir=tmp_path / "d",
+                             spool_dir=tmp_path / "spool")
+        fleet = await Fleet.connect(settings=good)
+        try:
+            fleet.attempts.record(agent="auth", action="a", outcome="success", elapsed_s=1)
+            token = await fleet.flush(timeout=30)
+            assert token == {"FLEET_ATTEMPTS": 1} and fleet.publisher_stats().acked == 1
+        finally:
+            await fleet.close()
+        bad = good.model_copy(update={"nats_url": f"nats://agent:wrong@127.0.0.1:{port}"})
+        fleet = await Fleet.connect(settings=bad)
+        try:
+            fleet.attempts.record(agent="auth", action="a", outcome="success", elapsed_s=2)
+            with pytest.raises(TimeoutError):
+                await fleet.flush(timeout=1.5)
+            stats = fleet.publisher_stats()
+            assert stats.acked == 0 and stats.spool_pending + stats.queued == 1
+        finally:
+            await fleet.close(timeout=0.2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
