@@ -80,6 +80,7 @@ async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: in
         "missing": runs - len(set(claimed)), "claims_per_s": round(len(claimed) / wall),
         "conflicts": conflicts, "conflicts_per_claim": round(conflicts / max(1, len(claimed)), 3),
         "fetches": sum(r["fetches"] for r in results),
+        "skipped_proposals": sum(r["stale_candidates"] for r in results),
         "claimer_cpu_s": round(sum(r["cpu_s"] for r in results), 1),
         "serve_cpu_s": round(serve_cpu, 1), "nats_cpu_s": None if nats_cpu is None else round(nats_cpu, 1),
         "claim_ms_p50": round(lat["p50"], 2), "claim_ms_p99": round(lat["p99"], 2),

@@ -80,7 +80,7 @@ async def test_run_lifecycle_through_the_cli(cli: CliRun, fleet: Fleet) -> None:
 async def test_release_list_stats_sweep(cli: CliRun, fleet: Fleet) -> None:
     for i in range(3):
         await fleet.runs.create(f"r{i}", "runner-a", status="queued", conversation_id="c")
-    claim = await fleet.runs.claim_next("rt-1", lease_s=1)
+    claim = await fleet.runs.claim_next("rt-1", lease_s=300)  # the CLI release below must find it live
     assert claim is not None
     released = cli_json(await cli("runs", "release", claim.run.run_id, "--token", claim.claim_token,
                                   "--status", "failed", "--reason", "boom", "--json"))
