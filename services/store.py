@@ -18,7 +18,14 @@ from typing import Any
 import duckdb
 from fleetlog.projections import Projection
 
-__all__ = ["Generation", "ViewStore"]
+__all__ = ["CATALOG", "ROW_GROUP_ROWS", "Generation", "ViewStore"]
+
+CATALOG = "fleetlog"
+# Rows per row group. DuckDB's default (122,880) made every checkpoint during a replay
+# rewrite (and recompress) the row group being filled, up to 300 MB of 2 KB-pane rows:
+# 53 µs of CPU per event for insert + commit against 17 µs with 16,384-row groups
+# (measured, 200k attempts with 2 KB panes, commit per 5,000); without panes both ~4 µs.
+ROW_GROUP_ROWS = 16_384
 
 META_DDL = (
     """CREATE TABLE IF NOT EXISTS fleetlog_generations (
@@ -62,11 +69,29 @@ class ViewStore:
     """Owns the DuckDB connection. DuckDB allows one writing process per file, so the
     projector and the query service share this one object in one process."""
 
-    def __init__(self, path: Path | str, memory_limit: str = "1GB") -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        memory_limit: str = "256MB",
+        checkpoint_threshold: str = "16MB",
+        row_group_size: int = ROW_GROUP_ROWS,
+    ) -> None:
+        """`memory_limit` bounds DuckDB's buffers (it spills beyond). `row_group_size`: see
+        ROW_GROUP_ROWS. `checkpoint_threshold` is the WAL size that triggers an automatic
+        checkpoint; committed rows not yet checkpointed stay in memory, so it also bounds
+        memory, and the projector checkpoints when idle (`checkpoint`)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(self.path))
+        # The file is attached (not opened directly) because the row group size is an
+        # ATTACH option; every cursor names the catalog (`cursor()`), so nothing depends
+        # on the connection's default database.
+        self.con = duckdb.connect()
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
+        self.con.execute(f"SET checkpoint_threshold = '{checkpoint_threshold}'")
+        quoted = str(self.path).replace("'", "''")
+        self.con.execute(f"SET temp_directory = '{quoted}.tmp'")  # spill beside the file, as when opened directly
+        self.con.execute(f"ATTACH '{quoted}' AS {CATALOG} (ROW_GROUP_SIZE {int(row_group_size)})")
+        self.con.execute(f"USE {CATALOG}")
         row = self.con.execute("SELECT current_database()").fetchone()
         assert row is not None
         self.catalog: str = row[0]
@@ -93,6 +118,7 @@ class ViewStore:
             number = (row[0] if row else 0) + 1
             schema = f"{projection.name}_g{number}"
             cur = self.con.cursor()
+            cur.execute(f'USE "{self.catalog}"')
             try:
                 cur.execute("BEGIN")
                 cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -132,6 +158,7 @@ class ViewStore:
         """Make `new` the live generation in one transaction, then drop the old tables."""
         with self._lock:
             cur = self.con.cursor()
+            cur.execute(f'USE "{self.catalog}"')
             try:
                 cur.execute("BEGIN")
                 if old is not None:
@@ -166,11 +193,14 @@ class ViewStore:
         return {stream: int(seq) for stream, seq in rows}
 
     def cursor(self, schema: str | None = None) -> duckdb.DuckDBPyConnection:
-        """A new cursor (its own DuckDB connection) whose unqualified names resolve in `schema`."""
+        """A new cursor (its own DuckDB connection) whose unqualified names resolve in `schema`
+        (else in the views file's `main`)."""
         with self._lock:
             cur = self.con.cursor()
         if schema is not None:
             cur.execute(f'USE "{self.catalog}"."{schema}"')
+        else:
+            cur.execute(f'USE "{self.catalog}"')
         return cur
 
     def table_digest(self, schema: str, tables: tuple[str, ...]) -> dict[str, list[Any]]:
@@ -185,6 +215,21 @@ class ViewStore:
         finally:
             cur.close()
         return out
+
+    def wal_bytes(self) -> int:
+        """Size of the write-ahead log: committed changes not yet checkpointed into the file."""
+        try:
+            return Path(str(self.path) + ".wal").stat().st_size
+        except OSError:
+            return 0
+
+    def checkpoint(self) -> None:
+        """Write the WAL into the database file (the projector calls it when idle)."""
+        cur = self.cursor()
+        try:
+            cur.execute(f"CHECKPOINT {CATALOG}")
+        finally:
+            cur.close()
 
     def close(self) -> None:
         with self._lock:
