@@ -5,6 +5,11 @@ turns a decoded batch into bulk table changes (+ the read endpoints it serves).
 The projector runtime runs any projection without knowing its family: it
 decodes, validates the envelope, rejects what breaks a rule, and calls `fold`
 inside the transaction that also writes the checkpoint.
+
+A projection may also offer `fold_raw`, an optional bulk path that takes the
+batch as it sits in the stream (raw JSON in an Arrow column) and decodes in
+SQL, with no Python object per event; rows it cannot vouch for go back to the
+runtime's decoder (`decode`), so the rules stay exactly the decoder's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,18 @@ from fleetlog.schemas import Event
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["Endpoint", "FoldReject", "Projection", "QueryContext", "RejectEvent", "StoredEvent", "insert_new_by_id"]
+__all__ = [
+    "DecodeRows",
+    "Endpoint",
+    "FoldReject",
+    "Projection",
+    "QueryContext",
+    "RawBatch",
+    "RejectEvent",
+    "StoredEvent",
+    "has_raw_fold",
+    "insert_new_by_id",
+]
 
 
 class StoredEvent(NamedTuple):
@@ -36,6 +52,25 @@ class StoredEvent(NamedTuple):
 
 
 FoldReject = tuple[StoredEvent, str]  # (event, reason) refused inside a fold
+
+
+class RawBatch(NamedTuple):
+    """A batch as it sits in the stream, for `Projection.fold_raw`.
+
+    `table` has one row per message, in stream order: `seq` BIGINT, `subject`
+    VARCHAR and `data` VARCHAR (the payload text). `data` is NULL where the payload
+    is oversize or not UTF-8; such rows must be handed to `decode`, which rejects
+    them with the reason.
+    """
+
+    stream: str
+    table: pa.Table
+
+
+# decode(seqs): run the runtime's decoder on these rows (stream seqs of the batch).
+# Rows that break a rule become rejects (recorded by the runtime in the same
+# transaction); the valid ones come back in stream order, deduplicated by id.
+DecodeRows = Callable[[Sequence[int]], list[StoredEvent]]
 
 
 class RejectEvent(Exception):
@@ -92,8 +127,30 @@ class Projection(abc.ABC):
         them as rejects in the same transaction.
         """
 
+    def fold_raw(
+        self, con: duckdb.DuckDBPyConnection, batch: RawBatch, decode: DecodeRows
+    ) -> Sequence[FoldReject] | None:
+        """Optional bulk path: fold a batch straight from its raw payloads.
+
+        Must leave the view exactly as `decode` + `fold` of the whole batch would:
+        rows whose payload the projection's SQL can vouch for (the same rules as the
+        decoder and `validate`, and the subject check) are folded in bulk; every
+        other row is handed to `decode(seqs)` — which records the rejects — and the
+        events it returns are folded with `fold`, in stream order relative to the
+        bulk rows where order matters. Duplicate event ids inside the batch fold
+        once (the first). A projection that does not override this is folded with
+        `fold` only; if this raises, the runtime rolls back and folds the batch with
+        `decode` + `fold`.
+        """
+        raise NotImplementedError
+
     def endpoints(self) -> Sequence[Endpoint]:
         return ()
+
+
+def has_raw_fold(projection: Projection) -> bool:
+    """True if the projection overrides `fold_raw`."""
+    return type(projection).fold_raw is not Projection.fold_raw
 
 
 def insert_new_by_id(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, columns: str) -> None:

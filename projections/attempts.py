@@ -28,7 +28,17 @@ from fleetlog.schemas.attempts import (
     PurgeResult,
 )
 
-from ._base import Endpoint, Projection, QueryContext, StoredEvent, insert_new_by_id
+from ._base import (
+    DecodeRows,
+    Endpoint,
+    FoldReject,
+    Projection,
+    QueryContext,
+    RawBatch,
+    StoredEvent,
+    insert_new_by_id,
+)
+from .attempts_raw import fold_attempts_raw
 
 if TYPE_CHECKING:
     import duckdb
@@ -38,7 +48,12 @@ __all__ = ["PROJECTION", "AttemptsProjection", "p95_index"]
 _json = msgspec.json.Encoder()
 _loads = msgspec.json.decode
 
-COLUMNS = "CAST(id AS UUID), seq, ts, ts_utc, agent, action, outcome, elapsed_s, pane_before, pane_after, extras"
+# Panes and extras are stored as DuckDB writes JSON (json(): minified), the same text
+# the bulk path (attempts_raw) stores, so both paths give identical rows.
+COLUMNS = (
+    "CAST(id AS UUID), seq, ts, ts_utc, agent, action, outcome, elapsed_s,"
+    " json(pane_before), json(pane_after), json(extras)"
+)
 
 
 def p95_index(n: int) -> int:
@@ -64,8 +79,8 @@ class AttemptsProjection(Projection):
                 action VARCHAR NOT NULL,
                 outcome VARCHAR NOT NULL,
                 elapsed_s DOUBLE NOT NULL,
-                pane_before JSON,
-                pane_after JSON,
+                pane_before JSON USING COMPRESSION zstd,  -- KBs of text each: zstd is smaller and
+                pane_after JSON USING COMPRESSION zstd,   -- cheaper to checkpoint than the default
                 extras JSON NOT NULL
             )""",
             """CREATE TABLE IF NOT EXISTS attempt_purges (
@@ -86,6 +101,12 @@ class AttemptsProjection(Projection):
             else:
                 run.append(stored)
         self._insert(con, run)
+
+    def fold_raw(
+        self, con: duckdb.DuckDBPyConnection, batch: RawBatch, decode: DecodeRows
+    ) -> Sequence[FoldReject] | None:
+        """The bulk path: payloads decoded by DuckDB (see attempts_raw)."""
+        return fold_attempts_raw(self, con, batch, decode)
 
     def _insert(self, con: duckdb.DuckDBPyConnection, run: list[StoredEvent]) -> None:
         if not run:
