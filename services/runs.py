@@ -55,7 +55,7 @@ from .errors import FleetValidationError
 from .guarded import Guarded, StoredMsg, WrongLastSequence
 from .publisher import Receipt, Token
 from .run_claims import ClaimCounters, Claimer
-from .run_events import ResultEvents
+from .run_events import ResultEvents, _dict, _text
 from .timeparse import parse_since
 
 if TYPE_CHECKING:
@@ -77,20 +77,14 @@ _Refs = list[Any] | None
 _Views = list[RunView]
 
 
-def _text(field: str, value: Any, *, optional: bool = False) -> Any:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise FleetValidationError(field, f"must be a non-empty string, got {value!r}")
-    return value
-
-
-def _dict(field: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise FleetValidationError(field, f"must be a dict, got {type(value).__name__}")
-    return value
+def session_token(min_seq: Token | Receipt | None, stream: str, seen: int) -> dict[str, int] | None:
+    """The `min_seq` a read sends: the caller's token, else this client's own last write (session
+    consistency: a client reads its own commands), else none (answer at once)."""
+    if isinstance(min_seq, Receipt):
+        return min_seq.token
+    if min_seq is not None:
+        return dict(min_seq)
+    return {stream: seen} if seen else None
 
 
 def _clamp(value: int, lo: int, hi: int) -> int:
@@ -112,11 +106,7 @@ class RunsAPI(ResultEvents):
         self._seen = max(self._seen, seq)
 
     def _token(self, min_seq: Token | Receipt | None) -> dict[str, int] | None:
-        if isinstance(min_seq, Receipt):
-            return min_seq.token
-        if min_seq is not None:
-            return dict(min_seq)
-        return {STREAM: self._seen} if self._seen else None
+        return session_token(min_seq, STREAM, self._seen)
 
     async def _read(self, g: Guarded, run_id: str) -> tuple[RunState, int] | None:
         msg = await g.last(STREAM, subjects.run_state(run_id))

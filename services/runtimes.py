@@ -36,6 +36,7 @@ from fleetlog.schemas.runtimes import (
 from .errors import FleetValidationError
 from .guarded import Guarded, WrongLastSequence
 from .publisher import Receipt, Token
+from .runs import session_token
 
 if TYPE_CHECKING:
     from .client import Fleet
@@ -63,11 +64,7 @@ class RuntimesAPI:
         self._merged: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def _token(self, min_seq: Token | Receipt | None) -> dict[str, int] | None:
-        if isinstance(min_seq, Receipt):
-            return min_seq.token
-        if min_seq is not None:
-            return dict(min_seq)
-        return {STREAM: self._seen} if self._seen else None
+        return session_token(min_seq, STREAM, self._seen)
 
     async def register(
         self, runtime_id: str, display_name: str | None = None, endpoint: str | None = None,
