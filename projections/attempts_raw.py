@@ -77,9 +77,9 @@ def _client_pane(col: str) -> str:
 
 _STAGE = f"""
 CREATE OR REPLACE TEMP TABLE _fleetlog_attempts_stage AS
-WITH parsed AS MATERIALIZED (
+WITH parsed AS (
     SELECT seq, subject, unnest(try(json_transform_strict(data, '{_SHAPE}'))) FROM _fleetlog_raw
-), checked AS MATERIALIZED (
+), checked AS (
     SELECT seq, subject, ts, agent, action, outcome, elapsed_s, pane_before, pane_after, extras, coalesce(
         type = '"attempt.recorded"'
         AND regexp_full_match(id, '{_ID}')

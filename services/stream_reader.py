@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from bisect import bisect_right
+from itertools import accumulate
 from typing import NamedTuple
 
 from .stream_consumer import SupervisorMixin
@@ -179,12 +181,15 @@ class OrderedReader(InboundMixin, SupervisorMixin):
         if self._fatal is not None:
             raise self._fatal
 
-    async def next_columns(self, max_n: int, max_wait_s: float) -> StreamBatch | None:
+    async def next_columns(
+        self, max_n: int, max_wait_s: float, max_bytes: int | None = None
+    ) -> StreamBatch | None:
         """Return up to ``max_n`` records in stream order, as columns (None if there are none).
 
         Returns as soon as ``max_n`` records are buffered, otherwise whatever arrived within
         ``max_wait_s``.  If reading is paused for backpressure, returns what is buffered
-        right away so the caller can drain.
+        right away so the caller can drain.  With ``max_bytes``, stops before the payloads
+        exceed it (at least one record is returned).
         """
         if self._task is None:
             raise StreamReaderError("OrderedReader.next_batch() before start()")
@@ -209,6 +214,9 @@ class OrderedReader(InboundMixin, SupervisorMixin):
                 self._waiter = None
         if self._fatal is not None:
             raise self._fatal
+        if max_bytes is not None and len(self._seqs) > 1:
+            sizes = accumulate(map(len, self._datas[:max_n]))
+            max_n = max(1, bisect_right(list(sizes), max_bytes))
         return self._take(max_n)
 
     async def next_batch(self, max_n: int, max_wait_s: float) -> list[StreamRecord]:
