@@ -97,6 +97,22 @@ def test_stats_p95_is_exact_whatever_the_tail_threshold() -> None:
     [one] = [s for s in _stats_rows(con, *_where(None, None)) if s.action == "ten"]
     assert one.mean_elapsed_s == pytest.approx(5.5)
 
+    # Later queries start from the last answer (a hint per key); when the view moved below it
+    # (a group's p95 drops under the hint's threshold), the answer is still exact.
+    where, params = _where(None, None)
+    key = ("test", "hint")
+    for _ in range(2):
+        got = [(s.action, s.outcome, s.count, s.p95_elapsed_s) for s in _stats_rows(con, where, params, hint_key=key)]
+        assert got == expected(None, None)
+    low = [("a0", "big-00", "success", 0.0)] * 30_000  # the group with the smallest p95, pushed lower
+    rows += low
+    con.execute("INSERT INTO attempts (id, seq, ts, ts_utc, agent, action, outcome, elapsed_s, extras) "
+                "SELECT uuid(), 1000000 + i, 't', TIMESTAMPTZ '2027-01-01 00:00:00+00', 'a0', 'big-00', 'success',"
+                " 0.0, '{}' FROM range(30000) r(i)")
+    for _ in range(2):
+        got = [(s.action, s.outcome, s.count, s.p95_elapsed_s) for s in _stats_rows(con, where, params, hint_key=key)]
+        assert got == expected(None, None)
+
 
 async def test_stats_and_summary_are_reused_until_the_view_moves(fleet: Fleet, server: Server) -> None:
     """Same request, same view state: the answer is computed once. Once the view folds more,
