@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fleetlog.projections import Projection
@@ -37,6 +38,8 @@ log = logging.getLogger("fleetlog.projector")
 # Batch limits while a feed is more than `batch_max` behind (a replay or a backlog).
 CATCHUP_BATCH_EVENTS = 50_000
 CATCHUP_BATCH_BYTES = 12 * 1024 * 1024
+# Read ahead while a batch folds (with record overhead counted; see OrderedReader).
+READER_BUFFER_BYTES = 16 * 1024 * 1024
 
 @dataclass
 class _Feed:
@@ -80,6 +83,9 @@ class Projector:
         self.max_event_bytes = max_event_bytes
         self.idle_checkpoint_s = idle_checkpoint_s
         self.folder = BatchFolder(store, max_event_bytes)
+        # One thread does every write (they are serialised by the write lock anyway): DuckDB's
+        # allocator then keeps one thread cache warm instead of one per pool thread.
+        self._fold_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetlog-fold")
         self._running: dict[tuple[str, int], _Running] = {}
         self._write_lock = self.folder.write_lock
         self._stopping = asyncio.Event()
@@ -133,6 +139,7 @@ class Projector:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._fold_thread.shutdown(wait=True)
 
     async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:
         running = _Running(projection, gen, folds=folds)
@@ -150,7 +157,8 @@ class Projector:
     async def _consume(self, running: _Running, stream: str) -> None:
         feed = running.feeds[stream]
         reader = OrderedReader(
-            self.servers, stream, feed.checkpoint + 1, name=f"fleetlog-{running.gen.schema}", keep_headers=False
+            self.servers, stream, feed.checkpoint + 1, name=f"fleetlog-{running.gen.schema}",
+            max_buffer_bytes=READER_BUFFER_BYTES, keep_headers=False,
         )
         await reader.start()
         await self._check_caught_up(running, stream)
@@ -170,8 +178,8 @@ class Projector:
                     if running.gen.state == "building" and not feed.caught_up:
                         await self._check_caught_up(running, stream)
                     continue
-                rejects = await asyncio.to_thread(
-                    self.folder.apply, running.projection, running.gen.schema, stream, batch
+                rejects = await asyncio.get_running_loop().run_in_executor(
+                    self._fold_thread, self.folder.apply, running.projection, running.gen.schema, stream, batch
                 )
                 feed.checkpoint = batch.last_seq
                 feed.pending = batch.pending()
@@ -250,7 +258,7 @@ class Projector:
                 continue
             done_at = last
             if self.store.wal_bytes() > 0:
-                await asyncio.to_thread(self._checkpoint)
+                await asyncio.get_running_loop().run_in_executor(self._fold_thread, self._checkpoint)
 
     def _checkpoint(self) -> None:
         with self._write_lock:

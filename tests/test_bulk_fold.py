@@ -73,7 +73,7 @@ def _corpus() -> tuple[list[tuple[str, bytes, bool]], int]:
         _sdk(outcome="ok ✓ — fine", elapsed_s=3, extras={"polls": 4, "model": "m-7", "retry": True}),
         _sdk(pane_before="$ ls\n\x1b[1mbold\x1b[0m\ttab é 😀", pane_after={"format": "json-dump", "text": "[1, 2]"}),
         _sdk(pane_before="x" * 100),  # truncated to the last 64 characters
-        _sdk(extras={"big": 12345678901234567890123, "tiny": 1e-7, "neg": -2.5, "nested": {"a": [1, None, "s"]}}),
+        _sdk(extras={"big": 1234567890123456789, "tiny": 1e-7, "neg": -2.5, "nested": {"a": [1, None, "s"]}}),
         _sdk(ts="2026-11-16T03:44:42Z"),
         _sdk(ts="2026-11-16T03:44:42"),
         _sdk(ts="2026-11-16T08:14:42.5+05:30"),
@@ -93,6 +93,7 @@ def _corpus() -> tuple[list[tuple[str, bytes, bool]], int]:
         _sdk(outcome='say "hi"'),
         _sdk(pane_before={"format": "tmux", "text": "t", "rows": 24}),
         _sdk(extras={"huge": 1.5e300}),
+        _sdk(extras={"bigger than int64": 12345678901234567890123}),
         _sdk(ts="2026-11-16 03:44:42"),
         _sdk(ts="2026-11-16T03:44:42.1234567"),
         _sdk(elapsed_s=-0.0),
@@ -139,6 +140,7 @@ async def _fold(broker: EmbeddedBroker, data_dir: Path, last: int, projection: P
                              batch_wait_s=0.01, batch_max=batch_max)
     server = Server(settings, projections=(projection,))
     await server.start()
+    server.projector.folder.bulk_min_events = 1  # the corpus is small: bulk-fold every batch
     try:
         feed = server.projector.live("attempts").feeds[STREAM]
         for _ in range(600):
