@@ -207,6 +207,7 @@ class CpuMonitor:
         self._t0 = 0.0
         self._stat0: list[int] = []
         self._ours0: dict[int, float] = {}
+        self._load0 = 0.0
 
     @staticmethod
     def _stat() -> list[int]:
@@ -223,6 +224,7 @@ class CpuMonitor:
         return out
 
     def start(self) -> CpuMonitor:
+        self._load0 = os.getloadavg()[0]
         self._t0 = time.perf_counter()
         self._stat0 = self._stat()
         self._ours0 = self._ours()
@@ -245,6 +247,7 @@ class CpuMonitor:
             "foreign_cores": round(max(0.0, busy - ours) / dt, 2),
             "steal_cores": round(steal / dt, 3),
             "loadavg_1m": os.getloadavg()[0],
+            "loadavg_1m_at_start": round(self._load0, 2),
         }
 
 

@@ -7,7 +7,8 @@ delivery rate measured in the same run; projector peak RSS < 400 MB.
    5 outcomes, a --pane-bytes pane (default 2048), small extras, event times spread
    over 6 days) are published into FLEET_ATTEMPTS by a bare-protocol acked publisher
    (same bytes as the SDK: `Nats-Msg-Id`, JetStream acks).
-2. raw: `OrderedReader(...).next_batch(5000, 0.05)` drains the stream; nothing else.
+2. raw: `OrderedReader(..., keep_headers=False).next_columns(5000, 0.05)` drains the stream
+   (the same reader, settings and call the projector uses); nothing else.
 3. fold, in process: a fresh `Server` (new data_dir) starts; the time until
    `server.projector.live("attempts").feeds["FLEET_ATTEMPTS"].checkpoint` reaches the
    last seq is the fold time (includes startup: connect, DDL, consumer creation).
@@ -74,17 +75,17 @@ async def load(url: str, work: Path, n: int, pane_bytes: int) -> tuple[int, dict
 async def raw_rate(url: str, last_seq: int) -> dict:
     mon = CpuMonitor().start()
     t0 = time.perf_counter()
-    reader = OrderedReader([url], STREAM, 1, name="bench-raw")
+    reader = OrderedReader([url], STREAM, 1, name="bench-raw", keep_headers=False)
     await reader.start()
     got = 0
     nbytes = 0
     last = 0
     while last < last_seq:
-        batch = await reader.next_batch(5000, 0.05)
-        if batch:
+        batch = await reader.next_columns(5000, 0.05)
+        if batch is not None:
             got += len(batch)
-            last = batch[-1].seq
-            nbytes += sum(len(r.data) for r in batch)
+            last = batch.last_seq
+            nbytes += sum(map(len, batch.data))
     dt = time.perf_counter() - t0
     await reader.close()
     return {"events": got, "seconds": round(dt, 2), "events_per_s": round(got / dt),
@@ -210,20 +211,24 @@ async def main() -> None:
             print(f"  peak RSS {res['fold_subprocess']['peak_rss_mb']} MB", flush=True)
 
     raw = res["raw"]["events_per_s"]
-    rows = [("raw OrderedReader.next_batch(5000, 0.05)", f"{raw:,}", f"{res['raw']['seconds']:.1f}", "-", "-",
-             res["raw"]["cpu"]["foreign_cores"])]
+    def loadavg(cpu: dict) -> str:
+        return f"{cpu['loadavg_1m_at_start']:.1f} -> {cpu['loadavg_1m']:.1f}"
+
+    rows = [("raw OrderedReader.next_columns(5000, 0.05)", f"{raw:,}", f"{res['raw']['seconds']:.1f}", "-", "-",
+             res["raw"]["cpu"]["foreign_cores"], loadavg(res["raw"]["cpu"]))]
     fold = None
     if "fold_inprocess" in res:
         fold = res["fold_inprocess"]["events_per_s"]
         rows.append(("fold, in-process Server", f"{fold:,}", f"{res['fold_inprocess']['seconds']:.1f}",
-                     f"{fold / raw:.0%}", "-", res["fold_inprocess"]["cpu"]["foreign_cores"]))
+                     f"{fold / raw:.0%}", "-", res["fold_inprocess"]["cpu"]["foreign_cores"],
+                     loadavg(res["fold_inprocess"]["cpu"])))
     if "fold_subprocess" in res:
         fs = res["fold_subprocess"]
         rows.append(("fold, `fleetlog serve` subprocess", f"{fs['events_per_s_from_spawn']:,}",
                      f"{fs['seconds_from_spawn']:.1f}", f"{fs['events_per_s_from_spawn'] / raw:.0%}",
-                     fs["peak_rss_mb"], fs["cpu"]["foreign_cores"]))
+                     fs["peak_rss_mb"], fs["cpu"]["foreign_cores"], loadavg(fs["cpu"])))
     print(f"\nreplay of {last_seq:,} attempts ({res['load'].get('stream_bytes', 0) / 1e6:,.0f} MB in the stream)")
-    print(table(rows, ["path", "events/s", "seconds", "of raw", "peak RSS MB", "foreign cores"]))
+    print(table(rows, ["path", "events/s", "seconds", "of raw", "peak RSS MB", "foreign cores", "load 1m"]))
     verdict = {}
     if fold is not None:
         verdict["fold_events_per_s"] = {"value": fold, "target": TARGET_FOLD, "met": fold >= TARGET_FOLD}

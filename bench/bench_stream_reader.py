@@ -1,7 +1,8 @@
 """Replay throughput: nats-py ordered consumer vs. fleetlog's bulk OrderedReader.
 
 Why: the projector must replay a stream of ~1M events at >= 150k events/s; this bench
-shows how fast the bulk reader drains a stream (target >= 300k records/s on 2 cores), how
+shows how fast the bulk reader drains a stream (target >= 300k records/s on 2 cores), both as
+columns (`next_columns`, the projector's call) and as `StreamRecord` tuples (`next_batch`), how
 it compares with nats-py's ordered push consumer on the same data, and what nats-server
 itself can push to one push consumer (a raw socket drain that parses nothing).
 
@@ -102,6 +103,25 @@ async def _bench_natspy(url: str, n: int) -> float:
     return n / dt
 
 
+async def _bench_columns(url: str, n: int) -> float:
+    """What the projector does: columns, no header blocks kept."""
+    reader = OrderedReader(url, STREAM, 1, keep_headers=False)
+    t0 = time.perf_counter()
+    await reader.start()
+    got = 0
+    last = 0
+    while got < n:
+        batch = await reader.next_columns(5000, 0.05)
+        if batch is not None:
+            assert batch.seqs[0] == last + 1, (batch.seqs[0], last)
+            last = batch.last_seq
+            got += len(batch)
+    dt = time.perf_counter() - t0
+    await reader.close()
+    assert last == n
+    return n / dt
+
+
 async def _bench_reader(url: str, n: int) -> float:
     reader = OrderedReader(url, STREAM, 1)
     t0 = time.perf_counter()
@@ -181,12 +201,13 @@ async def main() -> None:
         await _publish(broker.url, args.n, args.window, args.msg_id)
         print(f"cores: {os.cpu_count()}, python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}")
         phases: list[tuple[str, Callable[[str, int], Awaitable[float]]]] = [
+            ("OrderedReader.next_columns(5000, 0.05)", _bench_columns),
             ("OrderedReader.next_batch(5000, 0.05)", _bench_reader),
             ("nats-py ordered consumer, no-op cb", _bench_natspy),
             ("ceiling: raw socket drain, no parsing", _bench_ceiling),
         ]
         if args.skip_natspy:
-            del phases[1]
+            del phases[2]
         rates: dict[str, tuple[float, float]] = {}
         for label, fn in phases:
             await broker.stop()
@@ -194,10 +215,10 @@ async def main() -> None:
             cold = await fn(broker.url, args.n)
             warm = await fn(broker.url, args.n)
             rates[label] = (cold, warm)
-            print(f"{label:38s} cold {cold:9,.0f}/s  warm {warm:9,.0f}/s  (process peak RSS {_rss_peak_mib():.0f} MiB)")
+            print(f"{label:40s} cold {cold:9,.0f}/s  warm {warm:9,.0f}/s  (process peak RSS {_rss_peak_mib():.0f} MiB)")
         reader = rates[phases[0][0]]
         if not args.skip_natspy:
-            natspy = rates[phases[1][0]]
+            natspy = rates[phases[2][0]]
             print(
                 f"ratio OrderedReader / nats-py: cold {reader[0] / natspy[0]:.1f}x, warm {reader[1] / natspy[1]:.1f}x"
             )

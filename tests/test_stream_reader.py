@@ -125,6 +125,40 @@ async def test_reads_20k_in_order_exactly_once(broker: EmbeddedBroker, js: JetSt
             assert f"X-I: {r.seq}\r\n".encode() in r.headers
 
 
+async def test_columns_match_records_and_nothing_handed_out_stays_buffered(
+    broker: EmbeddedBroker, js: JetStreamContext
+) -> None:
+    """next_columns (the projector's call) hands out the same messages as next_batch, in
+    columns; a partial take leaves only the rest in the buffer (the projector's memory
+    bound depends on it); max_bytes bounds a batch by payload size."""
+    await js.add_stream(name=STREAM, subjects=["ev.>"])
+    await _publish(js, 1, 5000, headers_every=7)
+    async with _reader(broker.url, STREAM, 1, keep_headers=False) as reader:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while len(reader._seqs) < 5000:  # everything buffered, nothing handed out yet
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        first = await reader.next_columns(1200, 0.2)
+        assert first is not None and first.seqs == list(range(1, 1201))
+        assert first.headers is None
+        assert len(reader._seqs) == len(reader._datas) == len(reader._replies) == 3800
+        assert reader._seqs[0] == 1201
+        small = await reader.next_columns(1000, 0.2, max_bytes=10 * 120)
+        assert small is not None and small.seqs == list(range(1201, 1211))
+        rest = await reader.next_columns(10_000, 0.2)
+        assert rest is not None and len(reader._seqs) == 0
+        batches = [first, small, rest]
+        records = [r for b in batches for r in b.records()]
+        _check_payloads(records, list(range(1, 5001)))
+        assert all(r.headers is None for r in records)
+        assert [r.pending for r in records] == [5000 - s for s in range(1, 5001)]
+        assert rest.pending() == 0 and rest.ts_ns() == records[-1].ts_ns
+        assert [b.seqs for b in batches] == [[r.seq for r in b.records()] for b in batches]
+        assert [b.data for b in batches] == [[r.data for r in b.records()] for b in batches]
+        assert await reader.next_columns(10, 0.2) is None
+
+
 async def test_start_beyond_end_tails_new_messages(broker: EmbeddedBroker, js: JetStreamContext) -> None:
     await js.add_stream(name=STREAM, subjects=["ev.>"])
     await _publish(js, 1, 100)
