@@ -193,6 +193,7 @@ class Projector:
                             self._reject_queue.put_nowait((running.projection.name, r))
                 if running.gen.state == "building" and feed.caught_up:
                     await self._maybe_promote(running)
+                del batch, rejects  # not alive while the next batch is read and folded
         finally:
             await reader.close()
 
