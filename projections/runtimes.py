@@ -36,13 +36,13 @@ _encode = msgspec.json.Encoder().encode
 
 COLUMNS = (
     "runtime_id", "display_name", "endpoint", "version", "capabilities", "labels", "metadata", "status",
-    "status_reason", "heartbeat_deadline_s", "registered_at", "last_heartbeat_at", "active_runs", "heartbeat_seq",
+    "status_reason", "heartbeat_deadline_s", "registered_at", "last_heartbeat_at", "active_runs", "last_seq",
 )
 
 
 class RuntimesProjection(Projection):
     name: ClassVar[str] = "runtimes"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: last_seq (any message of the runtime) guards the stale marker
     streams: ClassVar[tuple[str, ...]] = ("FLEET_RUNTIMES",)
     event_types: ClassVar[tuple[type[Event], ...]] = (RuntimeRegistered, RuntimeHeartbeat, RuntimeStatusChanged)
     tables: ClassVar[tuple[str, ...]] = ("runtimes",)
@@ -63,7 +63,7 @@ class RuntimesProjection(Projection):
                 registered_at BIGINT NOT NULL,
                 last_heartbeat_at BIGINT NOT NULL,
                 active_runs BIGINT,
-                heartbeat_seq BIGINT NOT NULL   -- 0 until the first heartbeat: guards the stale marker
+                last_seq BIGINT NOT NULL   -- stream sequence of its latest message: guards the stale marker
             )""",
         )
 
@@ -76,13 +76,12 @@ class RuntimesProjection(Projection):
             e = stored.event
             at = int(stored.at.timestamp())
             if isinstance(e, RuntimeRegistered):
-                prev = rows.get(e.runtime_id)
                 rows[e.runtime_id] = {
                     "runtime_id": e.runtime_id, "display_name": e.display_name, "endpoint": e.endpoint,
                     "version": e.version, "capabilities": list(e.capabilities), "labels": dict(e.labels),
                     "metadata": dict(e.metadata), "status": "online", "status_reason": None,
                     "heartbeat_deadline_s": e.heartbeat_deadline_s, "registered_at": at, "last_heartbeat_at": at,
-                    "active_runs": None, "heartbeat_seq": prev["heartbeat_seq"] if prev else 0,
+                    "active_runs": None, "last_seq": stored.seq,
                 }
             else:
                 row = rows.get(e.runtime_id)  # type: ignore[attr-defined]
@@ -91,9 +90,10 @@ class RuntimesProjection(Projection):
                     continue
                 if isinstance(e, RuntimeHeartbeat):
                     row.update(status=e.status, status_reason=None, metadata=dict(e.metadata),
-                               last_heartbeat_at=at, active_runs=e.active_runs, heartbeat_seq=stored.seq)
+                               last_heartbeat_at=at, active_runs=e.active_runs)
                 elif isinstance(e, RuntimeStatusChanged):
                     row.update(status=e.status, status_reason=e.reason)
+            rows[e.runtime_id]["last_seq"] = stored.seq  # type: ignore[attr-defined]
             changed.add(e.runtime_id)  # type: ignore[attr-defined]
         _write(con, [rows[r] for r in sorted(changed)])
         return refused
@@ -130,7 +130,7 @@ def _write(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     kinds = {"heartbeat_deadline_s": pa.float64(), "registered_at": pa.int64(), "last_heartbeat_at": pa.int64(),
-             "active_runs": pa.int64(), "heartbeat_seq": pa.int64()}
+             "active_runs": pa.int64(), "last_seq": pa.int64()}
     table = pa.table({
         c: pa.array(
             [_encode(r[c]).decode() if c in _JSON_COLUMNS else r[c] for r in rows], kinds.get(c, pa.string())
@@ -147,7 +147,7 @@ def _write(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
 
 def _to_view(values: Sequence[Any]) -> RuntimeView:
     row = _row(values)
-    row.pop("heartbeat_seq")
+    row.pop("last_seq")
     return msgspec.convert(row, RuntimeView)
 
 
@@ -184,12 +184,12 @@ async def _get(ctx: QueryContext, req: RuntimeGetQuery) -> RuntimeList:
 async def _stale(ctx: QueryContext, req: StaleQuery) -> StaleRuntimes:
     def run(cur: duckdb.DuckDBPyConnection) -> list[StaleRuntime]:
         rows = cur.execute(
-            """SELECT runtime_id, last_heartbeat_at, heartbeat_seq FROM runtimes
+            """SELECT runtime_id, last_heartbeat_at, last_seq FROM runtimes
                WHERE status NOT IN ('stale', 'offline') AND last_heartbeat_at + heartbeat_deadline_s < ?
                ORDER BY last_heartbeat_at LIMIT 500""",
             [req.now],
         ).fetchall()
-        return [StaleRuntime(runtime_id=r, last_heartbeat_at=t, heartbeat_seq=q) for r, t, q in rows]
+        return [StaleRuntime(runtime_id=r, last_heartbeat_at=t, last_seq=q) for r, t, q in rows]
 
     return StaleRuntimes(items=await ctx.read(run))
 

@@ -113,7 +113,7 @@ class StaleQuery(msgspec.Struct, kw_only=True):
 class StaleRuntime(msgspec.Struct, kw_only=True):
     runtime_id: str
     last_heartbeat_at: int
-    heartbeat_seq: int  # stream sequence of its last heartbeat (0: none): the marker publishes guarded by it
+    last_seq: int  # stream sequence of the runtime's latest message: the marker publishes guarded by it
 
 
 class StaleRuntimes(Answer, kw_only=True):

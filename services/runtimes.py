@@ -2,8 +2,9 @@
 
 Registration is an acked publish; heartbeats are fire-and-forget facts that carry
 the runtime's whole merged metadata (the stream keeps only the latest per runtime).
-The stale marker (`mark_stale`, run by the reactor) publishes guarded by the
-runtime's last heartbeat sequence, so a heartbeat that lands first always wins.
+The stale marker (`mark_stale`, run by the reactor) publishes guarded by the sequence
+of the runtime's latest message on any of its subjects (a wildcard guard), so a
+heartbeat that lands first always wins and two markers never both mark it.
 """
 
 from __future__ import annotations
@@ -157,11 +158,11 @@ class RuntimesAPI:
                                          status="stale", reason=reason)
             try:
                 _, seq, _ = await g.publish(
-                    event.subject(), encode_event(event), msg_id=event.id, expected_last_seq=item.heartbeat_seq,
-                    expected_subject=subjects.runtime(item.runtime_id, "heartbeat"),
+                    event.subject(), encode_event(event), msg_id=event.id, expected_last_seq=item.last_seq,
+                    expected_subject=subjects.runtime(item.runtime_id, "*"),
                 )
             except WrongLastSequence:
-                continue  # a heartbeat landed meanwhile: not stale after all
+                continue  # a heartbeat (or another marker) landed meanwhile
             self._seen = max(self._seen, seq)
             marked.append(item.runtime_id)
         return marked
