@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 from fleetlog.projections import Projection
 from fleetlog.projections.attempts import AttemptsProjection
 from fleetlog.schemas import AttemptRecorded, AttemptsPurged, RunCreated, RunState, encode_event, new_event_id
+from fleetlog.services import fold
 from fleetlog.services.broker import EmbeddedBroker
 from fleetlog.services.panes import normalize_pane
 from fleetlog.services.server import Server
@@ -140,7 +142,6 @@ async def _fold(broker: EmbeddedBroker, data_dir: Path, last: int, projection: P
                              batch_wait_s=0.01, batch_max=batch_max)
     server = Server(settings, projections=(projection,))
     await server.start()
-    server.projector.folder.bulk_min_events = 1  # the corpus is small: bulk-fold every batch
     try:
         feed = server.projector.live("attempts").feeds[STREAM]
         for _ in range(600):
@@ -162,7 +163,10 @@ async def _fold(broker: EmbeddedBroker, data_dir: Path, last: int, projection: P
         await server.stop()
 
 
-async def test_bulk_fold_equals_decode_and_fold(broker: EmbeddedBroker, tmp_path: Path) -> None:
+async def test_bulk_fold_equals_decode_and_fold(
+    broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fold, "BULK_MIN_EVENTS", 1)  # the corpus is small: bulk-fold every batch
     corpus, n_rejected = _corpus()
     nc = await nats.connect(broker.url)
     try:
