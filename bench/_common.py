@@ -7,6 +7,7 @@ at the end unless told to keep it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -337,3 +338,16 @@ async def raw_publish_attempts(url: str, n: int, fac: AttemptFactory, window: in
     if errors:
         raise RuntimeError(f"{errors} publishes refused by JetStream")
     return {"n": n, "seconds": round(dt, 2), "events_per_s": round(n / dt), "generate_s": round(gen_s, 2)}
+
+
+async def wait_service(fleet: Any, timeout: float = 60.0) -> None:
+    """Until the query service answers `fleetlog.status` (a `fleetlog serve` just started)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await fleet.status(timeout=2)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)

@@ -32,6 +32,7 @@ from _common import (
     settings_for,
     stop_subprocess,
     table,
+    wait_service,
 )
 from fleetlog.services.errors import StaleError
 
@@ -39,18 +40,6 @@ from fleetlog import Fleet
 
 TARGET_P50_MS = 50.0
 TARGET_P99_MS = 250.0
-
-
-async def wait_service(fleet: Fleet, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await fleet.status(timeout=2)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 async def main() -> None:

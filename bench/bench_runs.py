@@ -26,23 +26,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import broker, emit_json, percentiles, serve_subprocess, settings_for, stop_subprocess, table
+from _common import (
+    broker,
+    emit_json,
+    percentiles,
+    serve_subprocess,
+    settings_for,
+    stop_subprocess,
+    table,
+    wait_service,
+)
 
 from fleetlog import Fleet
 
 CLAIMER = Path(__file__).resolve().parent.parent / "tests" / "run_claimer.py"
-
-
-async def wait_serving(fleet: Fleet, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            await fleet.status(timeout=2)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 async def claim_race(fleet: Fleet, url: str, work: Path, runs: int, claimers: int,
@@ -122,7 +119,7 @@ async def main(args: argparse.Namespace) -> None:
         proc = serve_subprocess(b.url, work / "serve", work / "serve.log")
         fleet = await Fleet.connect(settings=settings_for(b.url, work / "client"))
         try:
-            await wait_serving(fleet)
+            await wait_service(fleet)
             race = await claim_race(fleet, b.url, work, args.runs, args.claimers, proc.pid)
             appends = await append_rate(fleet, args.events)
         finally:

@@ -39,6 +39,7 @@ from _common import (
     settings_for,
     stop_subprocess,
     table,
+    wait_service,
 )
 
 from fleetlog import Fleet
@@ -50,18 +51,6 @@ BIND = {"binding_id": "bench-binding"}
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-async def wait_service(fleet: Fleet, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await fleet.status(timeout=2)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 # -- the background load (its own process) ------------------------------------------------
