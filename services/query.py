@@ -272,13 +272,21 @@ class QueryService:
                             as_of=as_of, lag=lag_total)
 
     def _counts(self, schema: str, tables: tuple[str, ...]) -> dict[str, int]:
-        cur = self.projector.store.cursor(schema)
+        """Row counts of one generation; empty if a promotion retired (dropped) it meanwhile."""
+        import duckdb
+
+        try:
+            cur = self.projector.store.cursor(schema)
+        except duckdb.CatalogException:
+            return {}
         try:
             out = {}
             for table in (*tables, "_rejects"):
                 row = cur.execute(f"SELECT count(*) FROM {table}").fetchone()
                 out[table] = int(row[0]) if row else 0
             return out
+        except duckdb.CatalogException:
+            return {}
         finally:
             cur.close()
 
