@@ -18,8 +18,8 @@ from fleetlog.schemas.runs import (
     ExpiredQuery,
     MaxSequence,
     MaxSequenceQuery,
-    RawCandidate,
-    RawCandidates,
+    Proposal,
+    Proposals,
     RunEventPage,
     RunEventsQuery,
     RunEventView,
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     import duckdb
 
 __all__ = ["ENDPOINTS"]
+
+# How far down the exact order striped proposals reach (see `_candidates`).
+STRIPE_WINDOW = 1024
 
 _state = msgspec.json.Decoder(RunState).decode
 _loads = msgspec.json.decode
@@ -68,7 +71,7 @@ class _Where:
         return ("WHERE " + " AND ".join(self.clauses)) if self.clauses else ""
 
 
-async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> RawCandidates:
+async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Proposals:
     w = _Where()
     w.add("(status = 'queued' OR (claimed_by IS NOT NULL AND lease_expires_at <= ?))", req.now)
     w.add("(requested_runtime_id IS NULL OR requested_runtime_id = '' OR requested_runtime_id = ?)", req.runtime_id)
@@ -80,14 +83,30 @@ async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> RawCandidates:
     w.eq("workspace_id", req.workspace_id)
     w.thread(req.thread_id, req.strict_thread)
 
-    def run(cur: duckdb.DuckDBPyConnection) -> list[RawCandidate]:
-        rows = cur.execute(
-            f"SELECT state, state_seq FROM runs {w.sql()} ORDER BY priority DESC, created_seq ASC LIMIT ?",
-            [*w.params, req.limit],
-        ).fetchall()
-        return [RawCandidate(state=msgspec.Raw(s.encode()), state_seq=q) for s, q in rows]
+    exact = "priority DESC, created_seq ASC"
+    if req.stripe is None:
+        sql = f"SELECT run_id, priority, state_seq, state, 0 FROM runs {w.sql()} ORDER BY {exact} LIMIT ?"
+        params = [*w.params, req.limit]
+    else:
+        # The oldest STRIPE_WINDOW candidates in the exact order; of those the caller's stripe
+        # first, then the other stripes in an order of the caller's own (its salt): racing
+        # claimers work on different runs, and every run still reaches the head within
+        # STRIPE_WINDOW claims (no stripe starves).
+        k, n, salt = req.stripe
+        sql = (
+            f"SELECT run_id, priority, state_seq, state, stripe FROM ("
+            f"  SELECT run_id, priority, state_seq, state, created_seq, (hash(run_id) % ?)::INTEGER AS stripe"
+            f"  FROM runs {w.sql()} ORDER BY {exact} LIMIT ?"
+            f") ORDER BY priority DESC, stripe = ? DESC, hash(stripe, ?), created_seq ASC LIMIT ?"
+        )
+        params = [n, *w.params, STRIPE_WINDOW, k, salt, req.limit]
 
-    return RawCandidates(items=await ctx.read(run))
+    def run(cur: duckdb.DuckDBPyConnection) -> list[Proposal]:
+        rows = cur.execute(sql, params).fetchall()
+        return [Proposal(run_id=r, priority=p, state_seq=q, state=msgspec.Raw(s.encode()), stripe=k)
+                for r, p, q, s, k in rows]
+
+    return Proposals(items=await ctx.read(run))
 
 
 async def _expired(ctx: QueryContext, req: ExpiredQuery) -> Candidates:

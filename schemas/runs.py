@@ -26,8 +26,8 @@ __all__ = [
     "ExpiredQuery",
     "MaxSequence",
     "MaxSequenceQuery",
-    "RawCandidate",
-    "RawCandidates",
+    "Proposal",
+    "Proposals",
     "RunAnswer",
     "RunCancelRequested",
     "RunClaimed",
@@ -288,6 +288,13 @@ class CandidatesQuery(msgspec.Struct, kw_only=True):
     strict_thread: bool = False
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32
     min_seq: dict[str, int] | None = None
+    # (k, n, salt): within a priority, runs whose stripe (a hash of the run id, mod n) is k
+    # come first, then the other stripes in an order set by salt; None: exact creation order.
+    # Racing claimers ask for different k and salts.
+    stripe: tuple[
+        Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge=1, le=4096)],
+        Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+    ] | None = None
 
 
 class Candidate(msgspec.Struct, kw_only=True, array_like=True):
@@ -299,18 +306,20 @@ class Candidates(Answer, kw_only=True):
     items: list[Candidate]
 
 
-class RawCandidate(msgspec.Struct, kw_only=True, array_like=True):
-    """`Candidate` as the view sends it: the stored state JSON passed through undecoded."""
+class Proposal(msgspec.Struct, kw_only=True, array_like=True):
+    """A run the view believes claimable. The stored state JSON passes through undecoded on
+    both sides: the claimer decodes a proposal only when it tries it (measured: decoding 256
+    states per list was half the query service's CPU, and most proposals are never tried)."""
 
-    state: msgspec.Raw
+    run_id: str
+    priority: int
     state_seq: int
+    state: msgspec.Raw
+    stripe: int = 0  # striped lists: hash(run_id) mod n (CandidatesQuery.stripe)
 
 
-class RawCandidates(Answer, kw_only=True):
-    """Same wire shape as `Candidates` (measured: decoding and re-encoding 256 states per
-    proposal list was half the query service's CPU in an 8-claimer race)."""
-
-    items: list[RawCandidate]
+class Proposals(Answer, kw_only=True):
+    items: list[Proposal]
 
 
 class ExpiredQuery(msgspec.Struct, kw_only=True):

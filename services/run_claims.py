@@ -1,11 +1,13 @@
 """Claiming runs: the view proposes, JetStream decides (DESIGN §3.2).
 
-`Claimer.claim_next` asks the view for up to 256 claimable runs, best first, and
-publishes a claim guarded by the proposed run's lifecycle sequence: a stale proposal
-can only lose its publish. Proposals are cached briefly per filter; the client follows
-every run's lifecycle (an ordered consumer) so that it skips proposals a rival already
-took, and re-reads a run it lost (it may still be the best claimable one), which keeps
-the priority order exact. docs/architecture.md has the measurements behind each choice.
+`Claimer.claim_next` asks the view for a short list of claimable runs, best first, and
+publishes a claim guarded by the proposed run's lifecycle sequence: a stale proposal can
+only lose its publish. Proposals are cached briefly per filter and reflect at least this
+client's own writes. A claimer that has lost a race to a rival asks for *striped*
+proposals for a while: the oldest candidates are cut into `STRIPES` stripes by a hash of
+the run id and the claimer's own stripe comes first, so racing claimers work on different
+runs instead of all reading the same head, and no claimer needs to watch the others.
+docs/architecture.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from fleetlog.schemas import RunCancelRequested, RunClaimed, RunState
-from fleetlog.schemas.runs import Candidate, Candidates, CandidatesQuery, Claim, RunLifecycle, run_view
+from fleetlog.schemas.runs import CandidatesQuery, Claim, Proposal, Proposals, RunLifecycle, run_view
 
 from . import run_rules as rules
-from .guarded import Guarded, WrongLastSequence
+from .errors import StaleError
+from .guarded import WrongLastSequence
 
 if TYPE_CHECKING:
     from .runs import RunsAPI
@@ -30,27 +33,22 @@ __all__ = ["ClaimCounters", "Claimer"]
 STREAM = "FLEET_RUNS"
 # A claimer gives up after this many proposal lists in one call were all taken by rivals.
 MAX_ROUNDS = 64
-
-
-class _ClaimedState(msgspec.Struct):
-    run_id: str
-    dispatch_attempts: int = 0
-    lease_expires_at: float | None = None  # None unless held
-    claim_token_sha256: str | None = None
-
-
-class _ClaimSeen(msgspec.Struct):
-    state: _ClaimedState
-
-
-_claim_seen = msgspec.json.Decoder(_ClaimSeen).decode  # three fields of a claim; the rest is skipped
-# A command re-reads and retries after losing a race; this many losses in a row means something is wrong.
-
-
 CANDIDATES_TTL_S = 0.25
-# Proposals per fetch: wide enough that racing claimers, picking at random within the top
-# priority, rarely pick the same run (measured: 32 gave ~6 lost races per claim with 8 claimers).
-CANDIDATES = 256
+# Proposals per list: a claimer takes ~30 claims from one list in its 0.25 s at 1,000 claims/s
+# shared by 8 claimers.
+CANDIDATES = 64
+# Stripes of the oldest candidates once contended; a lost race moves the claimer to another one.
+STRIPES = 64
+# How long a lost race keeps a claimer striped (it goes back to the exact head after that).
+CONTENDED_S = 5.0
+# How long a stripe where a rival was met is avoided.
+BUSY_S = 2.0
+# Picks among this many of the head of its stripe, so two claimers on one stripe rarely collide.
+SPREAD = 8
+# Bound on the remembered run sequences (forgetting only costs a lost race).
+MAX_REMEMBERED = 100_000
+
+_state = msgspec.json.Decoder(RunState).decode
 
 
 class ClaimCounters(msgspec.Struct):
@@ -58,56 +56,82 @@ class ClaimCounters(msgspec.Struct):
 
     claims: int = 0
     conflicts: int = 0  # guarded publishes that lost the race
-    fetches: int = 0  # candidate lists asked of the view
-    stale_candidates: int = 0  # proposals the claimer's own check refused
+    fetches: int = 0  # proposal lists asked of the view
+    stale_candidates: int = 0  # proposals skipped because a newer lifecycle message was known
 
 
-class _CandidateCache(msgspec.Struct):
-    items: list[Candidate]
+class _ProposalCache(msgspec.Struct):
+    items: list[Proposal]
+    stripe: int | None
     fetched_at: float  # time.monotonic()
     fetched_now: float  # the API's clock: leases may have expired since
 
     def expired(self, now: float) -> bool:
         return max(time.monotonic() - self.fetched_at, now - self.fetched_now) > CANDIDATES_TTL_S
 
+
 class Claimer:
-    """One client's claiming: its proposal cache, what it saw on the wire, its counters."""
+    """One client's claiming: its proposal cache, the run sequences it knows, its counters."""
 
     def __init__(self, api: RunsAPI) -> None:
         self._api = api
         # Highest sequence of this client's writes that can make a run claimable (create, release,
-        # finalize, expire, renew): proposals wait for it. Its own claims only remove candidates,
-        # so proposals need not wait for those (a stale proposal just loses its guarded publish).
+        # finalize, expire, renew): proposals must reflect it.
         self._proposals_seq = 0
-        self._cache: dict[tuple[Any, ...], _CandidateCache] = {}
+        # Highest sequence of any of its writes, claims included: proposals wait for it when the
+        # view is not far behind (a list that misses the client's own claims only wastes picks,
+        # and one that has them also has every rival claim stored before them).
+        self._last_write = 0
+        self._cache: dict[tuple[Any, ...], _ProposalCache] = {}
         self.counters = ClaimCounters()
-        self._contended = False  # the last claim_next lost a race to a rival
-        self._watching = False
-        # run_id -> (stream sequence of its latest lifecycle message, lease end if a rival holds it)
-        self._moved: dict[str, tuple[int, float | None]] = {}
+        self._stripe: int | None = None  # set while contended
+        self._contended_until = 0.0  # time.monotonic()
+        self._salt = 0  # orders the other stripes after the own one (CandidatesQuery.stripe)
+        self._busy: dict[int, float] = {}  # stripe -> when a rival was last met there
+        # run_id -> the latest lifecycle sequence this client wrote or was told of by JetStream:
+        # a proposal older than that is stale and skipped without a round trip.
+        self._known: dict[str, int] = {}
         self._my_claims: set[str] = set()  # token hashes of this client's claims (bounded)
 
-    def wrote(self, cls: type[RunLifecycle], seq: int) -> None:
-        """This client stored a lifecycle event: unless it was a claim or a cancel request, it
-        may have made a run claimable (a renew may shorten a lease), so propose afresh."""
+    def wrote(self, cls: type[RunLifecycle], run_id: str, seq: int) -> None:
+        """This client stored a lifecycle event. Unless it was a claim or a cancel request it may
+        have made a run claimable (a renew may shorten a lease), so propose afresh."""
+        self._remember(run_id, seq)
+        self._last_write = max(self._last_write, seq)
         if cls not in (RunClaimed, RunCancelRequested):
             self._cache.clear()
             self._proposals_seq = seq
+
+    def _remember(self, run_id: str, seq: int) -> None:
+        if len(self._known) > MAX_REMEMBERED:
+            self._known.clear()
+        if seq > self._known.get(run_id, 0):
+            self._known[run_id] = seq
+
+    def _lost_to_rival(self, lost: Proposal) -> None:
+        """A rival claimed what this client tried: work on another stripe, one where no rival
+        was met lately (the rival works in the stripe of the run it took)."""
+        now = time.monotonic()
+        self._contended_until = now + CONTENDED_S
+        if self._stripe is not None:
+            self._busy[lost.stripe] = now
+        free = [k for k in range(STRIPES) if now - self._busy.get(k, -BUSY_S) >= BUSY_S]
+        self._stripe = random.choice(free) if free else random.randrange(STRIPES)
+        self._salt = random.randrange(2**31)
 
     async def claim_next(self, runtime_id: str, flt: rules.ClaimFilter, lease_s: float) -> Claim | None:
         """Claim the best eligible run (priority desc, then creation order), or None if there is none."""
         api = self._api
         key = (runtime_id, flt)
         g = await api._guarded()
-        if not self._watching:
-            await self._watch_lifecycles(g)
         need_seq = 0  # how far the view must have folded to stop proposing what we skipped
-        lost = 0  # races lost to rivals in this call
         fetches = 0
-        useless = False  # the last proposals were all taken: wait for the view before asking again
+        useless = False  # the last proposals were all stale: wait for the view before asking again
         while True:
+            if self._stripe is not None and time.monotonic() > self._contended_until:
+                self._stripe = None  # uncontended again: back to the exact order
             cache = self._cache.get(key)
-            if cache is None or not cache.items or cache.expired(api.clock()):
+            if cache is None or not cache.items or cache.stripe != self._stripe or cache.expired(api.clock()):
                 if fetches == MAX_ROUNDS:
                     break
                 fetches += 1
@@ -115,36 +139,33 @@ class Claimer:
                 useless = True
                 if not cache.items:
                     return None
-            pick = _pick(cache.items, spread=lost > 0 or self._contended)
-            state_now: RunState | None = pick.state
-            seq_now = pick.state_seq
-            moved, rival_lease = self._moved.get(pick.state.run_id, (0, None))
-            if moved > seq_now:
-                # Its lifecycle moved since it was proposed; the next proposals wait until the view
-                # has folded that far. Claimed by a rival whose lease runs: skip it without a round
-                # trip. Anything else: look at the run itself (it may still be the best one).
+            pick = _pick(cache.items, spread=self._stripe is not None)
+            known = self._known.get(pick.run_id, 0)
+            if known > pick.state_seq:
+                # Its lifecycle moved since it was proposed (our own claim, or a race we lost):
+                # the next proposals wait until the view has folded that far.
                 self.counters.stale_candidates += 1
-                need_seq = max(need_seq, moved)
-                if rival_lease is not None and rival_lease > api.clock():
-                    lost += 1
-                    continue
-                state_now = None
+                need_seq = max(need_seq, known)
+                continue
             useless = False
+            state_now: RunState | None = _state(pick.state)  # decoded only now: most lists are not used up
+            seq_now = pick.state_seq
             for _attempt in range(MAX_ROUNDS):
                 if state_now is None:  # re-read it: it may still be the best claimable run
-                    fresh = await api._read(g, pick.state.run_id)
+                    fresh = await api._read(g, pick.run_id)
                     if fresh is None:
                         break
                     state_now, seq_now = fresh
+                    self._remember(pick.run_id, seq_now)
                     rival = state_now.claim_token_sha256
                     if rival is not None and rival not in self._my_claims:
-                        lost += 1  # a rival claimer, not just our own stale proposal: spread out
+                        self._lost_to_rival(pick)  # a rival claimer, not just our own stale proposal
                 now = api.clock()
                 if not rules.claimable(state_now, runtime_id, now, flt):
                     break
                 token = secrets.token_urlsafe(32)
                 state = rules.claim(state_now, runtime_id, lease_s, now, token)
-                if len(self._my_claims) > 100_000:
+                if len(self._my_claims) > MAX_REMEMBERED:
                     self._my_claims.clear()
                 self._my_claims.add(state.claim_token_sha256 or "")
                 try:
@@ -155,55 +176,44 @@ class Claimer:
                     state_now = None
                     continue
                 self.counters.claims += 1
-                self._contended = lost > 0
                 return Claim(run=run_view(msgspec.structs.replace(state, fence=fence)), claim_token=token,
                              fence=fence)
         raise TimeoutError(f"claim_next: rivals took every proposal in {MAX_ROUNDS} rounds (heavy contention)")
 
-    async def _watch_lifecycles(self, g: Guarded) -> None:
-        """Follow every run's lifecycle sequence with an ordered consumer (new messages only).
-        A rival's claim arrives here within milliseconds, long before the view folds it, so a
-        claimer rarely publishes into a race it has already lost (measured in an 8-process race:
-        0.025 lost races per claim, against 0.3 with a plain subscription comparing counters)."""
-        from nats.js.api import DeliverPolicy
-
-        moved, mine = self._moved, self._my_claims
-
-        async def on_message(msg: Any) -> None:
-            state = _claim_seen(msg.data).state
-            if len(moved) > 200_000:
-                moved.clear()  # bounded; forgetting only costs a lost race
-            rival = state.claim_token_sha256 is not None and state.claim_token_sha256 not in mine
-            moved[state.run_id] = (msg.metadata.sequence.stream, state.lease_expires_at if rival else None)
-
-        self._watching = True
-        await g.nc.jetstream().subscribe(
-            "fleet.run.*.state", cb=on_message, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
-        )
-
-    async def _fetch(self, key: tuple[Any, ...], flt: rules.ClaimFilter, need_seq: int) -> _CandidateCache:
+    async def _fetch(self, key: tuple[Any, ...], flt: rules.ClaimFilter, need_seq: int) -> _ProposalCache:
         api = self._api
         runtime_id = key[0]
-        wait = max(need_seq, self._proposals_seq)
-        token = {STREAM: wait} if wait else None
+        needed = max(need_seq, self._proposals_seq)
         req = CandidatesQuery(
             runtime_id=runtime_id, now=api.clock(), queue=flt.queue, runner_ids=sorted(flt.runner_ids) or None,
             conversation_id=flt.conversation_id, bot_id=flt.bot_id, workspace_id=flt.workspace_id,
-            thread_id=flt.thread_id, strict_thread=flt.strict_thread, limit=CANDIDATES, min_seq=token,
+            thread_id=flt.thread_id, strict_thread=flt.strict_thread, limit=CANDIDATES,
+            min_seq={STREAM: max(needed, self._last_write)} if max(needed, self._last_write) else None,
+            stripe=None if self._stripe is None else (self._stripe, STRIPES, self._salt),
         )
-        answer = await api._fleet.request("fleetlog.runs.candidates", req, Candidates)
+        try:
+            answer = await api._fleet.request("fleetlog.runs.candidates", req, Proposals)
+        except StaleError:
+            if self._last_write <= needed:
+                raise
+            # The view is far behind this client's claims: stale proposals only lose races.
+            req = msgspec.structs.replace(req, min_seq={STREAM: needed} if needed else None)
+            answer = await api._fleet.request("fleetlog.runs.candidates", req, Proposals)
         self.counters.fetches += 1
-        cache = self._cache[key] = _CandidateCache(answer.items, time.monotonic(), req.now)
+        if self._stripe is not None and answer.items:
+            self._stripe = answer.items[0].stripe  # own stripe used up: adopt the one it spilled into
+        cache = self._cache[key] = _ProposalCache(answer.items, self._stripe, time.monotonic(), req.now)
         return cache
 
 
-def _pick(items: list[Candidate], spread: bool) -> Candidate:
-    """Take the head; once a race was lost, a random one of the head's priority (claimers spread out)."""
+def _pick(items: list[Proposal], spread: bool) -> Proposal:
+    """Take the head; while contended, one of the first few of the head's priority (so two
+    claimers given the same stripe rarely pick the same run)."""
     if not spread:
         return items.pop(0)
-    top = items[0].state.priority
+    top = items[0].priority
     width = 1
-    while width < len(items) and items[width].state.priority == top:
+    while width < min(len(items), SPREAD) and items[width].priority == top:
         width += 1
     return items.pop(random.randrange(width))
 

@@ -121,7 +121,7 @@ class RunsAPI(ResultEvents):
         event = cls(id=new_event_id(), ts=now_iso(), state=state, runtime_id=runtime_id, reason=reason)
         _, seq, _ = await g.publish(event.subject(), encode_event(event), msg_id=event.id, expected_last_seq=expected)
         self._note(seq)
-        self._claimer.wrote(cls, seq)
+        self._claimer.wrote(cls, state.run_id, seq)
         return seq
 
     @property

@@ -7,7 +7,7 @@ import asyncio
 import msgspec
 import pytest
 from fleetlog.schemas import encode_event, subjects
-from fleetlog.schemas.runs import RunEventAppended
+from fleetlog.schemas.runs import Proposal, RunEventAppended
 from fleetlog.services.errors import StaleHolderError
 
 from fleetlog import Fleet
@@ -78,6 +78,45 @@ async def test_claim_order_token_and_fence(fleet: Fleet, clock: Clock) -> None:
     for shown in (msgspec.json.encode(got), msgspec.json.encode(listed)):
         assert first.claim_token.encode() not in shown
         assert b"claim_token" not in shown
+
+
+async def test_striped_proposals_keep_priority_and_the_window(
+    fleet: Fleet, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What contended claimers are shown: every run of a higher priority before any lower one;
+    within a priority the caller's stripe first, then the other stripes, each in creation
+    order; and only the oldest STRIPE_WINDOW candidates (no run waits behind a busy stripe)."""
+    from fleetlog.projections import run_queries
+    from fleetlog.schemas.runs import CandidatesQuery, Proposals
+
+    ids = [f"s-{i:03d}" for i in range(120)]
+    for i, r in enumerate(ids):  # one by one: creation order is the list order
+        await fleet.runs.create(r, "r", status="queued", priority=5 if i % 3 else 1)
+
+    async def proposals(stripe: tuple[int, int, int] | None) -> list[Proposal]:
+        query = CandidatesQuery(runtime_id="rt", now=clock.now, limit=1000, stripe=stripe,
+                                min_seq=fleet.runs._token(None))
+        return (await fleet.request("fleetlog.runs.candidates", query, Proposals)).items
+
+    exact = [p.run_id for p in await proposals(None)]
+    assert exact == [r for i, r in enumerate(ids) if i % 3] + [r for i, r in enumerate(ids) if not i % 3]
+    for k, salt in ((0, 1), (3, 99), (7, 12345)):
+        got = await proposals((k, 8, salt))
+        assert sorted(p.run_id for p in got) == sorted(ids)
+        prios = [p.priority for p in got]
+        assert prios == sorted(prios, reverse=True)  # never a lower priority ahead of a higher one
+        for prio in (5, 1):
+            group = [p for p in got if p.priority == prio]
+            own = [p.run_id for p in group if p.stripe == k]
+            assert [p.run_id for p in group[: len(own)]] == own  # the caller's stripe first
+            for s in {p.stripe for p in group}:  # each stripe contiguous, in creation order
+                at = [i for i, p in enumerate(group) if p.stripe == s]
+                assert at == list(range(at[0], at[0] + len(at)))
+                assert [group[i].run_id for i in at] == [r for r in exact if r in {group[i].run_id for i in at}]
+        assert len({p.stripe for p in got}) > 1
+    monkeypatch.setattr(run_queries, "STRIPE_WINDOW", 30)
+    windowed = await proposals((5, 8, 7))
+    assert sorted(p.run_id for p in windowed) == sorted(exact[:30])  # only the oldest 30 of the order
 
 
 async def test_claim_filters_and_requested_runtime(fleet: Fleet, clock: Clock) -> None:
