@@ -78,9 +78,9 @@ class Claimer:
         # Highest sequence of this client's writes that can make a run claimable (create, release,
         # finalize, expire, renew): proposals must reflect it.
         self._proposals_seq = 0
-        # Highest sequence of any of its writes, claims included: proposals wait for it when the
-        # view is not far behind (a list that misses the client's own claims only wastes picks,
-        # and one that has them also has every rival claim stored before them).
+        # Highest sequence of any of its writes, claims included: proposals wait for it unless
+        # the view is far behind (a list that has the client's own claims also has every rival
+        # claim stored before them).
         self._last_write = 0
         self._cache: dict[tuple[Any, ...], _ProposalCache] = {}
         self.counters = ClaimCounters()
@@ -124,9 +124,8 @@ class Claimer:
         api = self._api
         key = (runtime_id, flt)
         g = await api._guarded()
-        need_seq = 0  # how far the view must have folded to stop proposing what we skipped
+        need_seq = 0  # stream sequences this call learnt of (lost races, skipped proposals)
         fetches = 0
-        useless = False  # the last proposals were all stale: wait for the view before asking again
         while True:
             if self._stripe is not None and time.monotonic() > self._contended_until:
                 self._stripe = None  # uncontended again: back to the exact order
@@ -135,8 +134,7 @@ class Claimer:
                 if fetches == MAX_ROUNDS:
                     break
                 fetches += 1
-                cache = await self._fetch(key, flt, need_seq if useless else 0)
-                useless = True
+                cache = await self._fetch(key, flt, need_seq)
                 if not cache.items:
                     return None
             pick = _pick(cache.items, spread=self._stripe is not None)
@@ -147,7 +145,6 @@ class Claimer:
                 self.counters.stale_candidates += 1
                 need_seq = max(need_seq, known)
                 continue
-            useless = False
             state_now: RunState | None = _state(pick.state)  # decoded only now: most lists are not used up
             seq_now = pick.state_seq
             for _attempt in range(MAX_ROUNDS):
@@ -181,22 +178,25 @@ class Claimer:
         raise TimeoutError(f"claim_next: rivals took every proposal in {MAX_ROUNDS} rounds (heavy contention)")
 
     async def _fetch(self, key: tuple[Any, ...], flt: rules.ClaimFilter, need_seq: int) -> _ProposalCache:
+        """Proposals that reflect this client's writes and what it learnt from lost races (a list
+        that lacks them only wastes picks and races); if the view is too far behind for that,
+        ones that reflect at least the writes that can have made runs claimable."""
         api = self._api
         runtime_id = key[0]
-        needed = max(need_seq, self._proposals_seq)
+        wanted = max(need_seq, self._proposals_seq, self._last_write)
         req = CandidatesQuery(
             runtime_id=runtime_id, now=api.clock(), queue=flt.queue, runner_ids=sorted(flt.runner_ids) or None,
             conversation_id=flt.conversation_id, bot_id=flt.bot_id, workspace_id=flt.workspace_id,
             thread_id=flt.thread_id, strict_thread=flt.strict_thread, limit=CANDIDATES,
-            min_seq={STREAM: max(needed, self._last_write)} if max(needed, self._last_write) else None,
+            min_seq={STREAM: wanted} if wanted else None,
             stripe=None if self._stripe is None else (self._stripe, STRIPES, self._salt),
         )
         try:
             answer = await api._fleet.request("fleetlog.runs.candidates", req, Proposals)
         except StaleError:
-            if self._last_write <= needed:
+            if wanted <= self._proposals_seq:
                 raise
-            # The view is far behind this client's claims: stale proposals only lose races.
+            needed = self._proposals_seq
             req = msgspec.structs.replace(req, min_seq={STREAM: needed} if needed else None)
             answer = await api._fleet.request("fleetlog.runs.candidates", req, Proposals)
         self.counters.fetches += 1
