@@ -163,8 +163,12 @@ class Fleet:
     async def status(self, timeout: float = 10.0) -> StatusAnswer:
         return await self.request("fleetlog.status", StatusQuery(), StatusAnswer, timeout)
 
-    async def rejects(self, projection: str | None = None, limit: int = 50) -> RejectsAnswer:
-        return await self.request("fleetlog.rejects", RejectsQuery(projection=projection, limit=limit), RejectsAnswer)
+    async def rejects(
+        self, projection: str | None = None, limit: int = 50, min_seq: dict[str, int] | None = None
+    ) -> RejectsAnswer:
+        """Newest rejects first; `min_seq` waits until the projection(s) folded that far."""
+        query = RejectsQuery(projection=projection, limit=limit, min_seq=min_seq)
+        return await self.request("fleetlog.rejects", query, RejectsAnswer)
 
     async def rebuild(self, projection: str) -> dict[str, Any]:
         class _Req(msgspec.Struct):

@@ -72,6 +72,11 @@ class Guarded:
         msg = await self._request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"")
         return _stored(msg)
 
+    async def get(self, stream: str, seq: int) -> StoredMsg | None:
+        """The message stored at `seq`, or None if it is gone (deleted, aged out)."""
+        msg = await self._request(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode({"seq": seq}))
+        return _stored(msg)
+
     async def first(self, stream: str, subject: str) -> StoredMsg | None:
         """The first message still stored on `subject`, or None."""
         body = msgspec.json.encode({"seq": 0, "next_by_subj": subject})

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nats
 from fleetlog.schemas import AttemptRecorded, RunCreated, RunState, encode_event, new_event_id, now_iso
+from fleetlog.services.guarded import Guarded
 from fleetlog.services.server import Server
 
 from fleetlog import Fleet
 
-from .helpers import wait_until
+from .helpers import cli_json, cli_runner, wait_until
 
 
 def _valid(i: int) -> tuple[str, bytes]:
@@ -115,3 +117,25 @@ async def test_rejects_do_not_stop_later_events(fleet: Fleet, server: Server) ->
     token = await fleet.flush()
     page = await fleet.attempts.query(agent="x", min_seq=token)
     assert [row.id for row in page.items] == [r.id]
+
+
+async def test_rejects_redrive_republishes_the_exact_bytes(fleet: Fleet, server: Server, tmp_path: Path) -> None:
+    """`fleetlog rejects redrive` puts a rejected message back on its subject byte for byte
+    (undecodable bytes included: the answer's `data` is only text), so a fixed rule can fold it."""
+    payload = b"\xff\xfe{\"not\": utf8}\x00"
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        first = await nc.jetstream().publish("fleet.attempt.redrive.probe", payload)
+    finally:
+        await nc.close()
+    before = await fleet.rejects("attempts", 10, min_seq={"FLEET_ATTEMPTS": first.seq})
+    assert [r.seq for r in before.items] == [first.seq]
+    assert "\ufffd" in before.items[0].data
+    cli = cli_runner(fleet.settings.nats_url, tmp_path)
+    out = cli_json(await cli("rejects", "redrive", "--projection", "attempts", "--json"))
+    assert out == {"redriven": 1, "gone": 0}
+    guarded = Guarded(await fleet.nats())
+    last = await guarded.last("FLEET_ATTEMPTS", "fleet.attempt.redrive.probe")
+    assert last is not None and last.seq > first.seq and last.data == payload
+    again = await fleet.rejects("attempts", 10, min_seq={"FLEET_ATTEMPTS": last.seq})
+    assert [r.seq for r in again.items] == [last.seq, first.seq]  # refused again, nothing lost

@@ -9,6 +9,7 @@ import click
 from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
 from fleetlog.services.client import Fleet
+from fleetlog.services.guarded import Guarded
 from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client
@@ -93,15 +94,22 @@ def redrive(projection: str, limit: int, nats_url: str | None, as_json: bool) ->
 
     async def go(fleet: Fleet) -> dict[str, int]:
         answer = await fleet.rejects(projection, limit)
-        nc = fleet._link.nc
-        assert nc is not None
-        js = nc.jetstream()
+        nc = await fleet.nats()
+        guarded, js = Guarded(nc), nc.jetstream()
+        redriven = gone = 0
         for r in answer.items:
-            await js.publish(r.subject, r.data.encode("utf-8"))
-        return {"redriven": len(answer.items)}
+            # The original message, byte for byte, from its stream (the answer's `data` is text).
+            original = await guarded.get(r.stream, r.seq)
+            if original is None:
+                gone += 1
+                continue
+            await js.publish(r.subject, original.data)
+            redriven += 1
+        return {"redriven": redriven, "gone": gone}
 
     result = run_client(nats_url, go)
-    print_json(result) if as_json else console.print(f"re-published {result['redriven']} events")
+    gone = f"; {result['gone']} no longer in their stream" if result["gone"] else ""
+    print_json(result) if as_json else console.print(f"re-published {result['redriven']} events{gone}")
 
 
 @click.command()
