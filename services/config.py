@@ -50,6 +50,9 @@ class FleetSettings(BaseSettings):
     # reactors (lease sweeper, stale-runtime marker)
     reactors: bool = Field(True, description="run the reactors in `up`/`serve`")
     reactor_interval_s: float = Field(1.0, gt=0, description="how often each reactor looks for work")
+    nats_wait_s: float | None = Field(
+        None, ge=0, description="how long `serve` waits for NATS at start (None: until it comes or a signal)"
+    )
 
     def servers(self) -> list[str]:
         return [s.strip() for s in self.nats_url.split(",") if s.strip()]

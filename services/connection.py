@@ -22,8 +22,12 @@ log = logging.getLogger("fleetlog.connection")
 OnConnect = Callable[[Client], Awaitable[None]]
 
 
-async def connect_once(servers: list[str], name: str, timeout_s: float = 2.0, **kwargs: object) -> Client:
-    """One nats-py connection with fleetlog's reconnect policy (forever, 0.25 s apart)."""
+async def connect_once(
+    servers: list[str], name: str, timeout_s: float = 2.0,
+    error_cb: Callable[[Exception], Awaitable[None]] | None = None, **kwargs: object,
+) -> Client:
+    """One nats-py connection with fleetlog's reconnect policy (forever, 0.25 s apart; the
+    first connect too: it returns once a server answers)."""
 
     async def _quiet(exc: Exception) -> None:
         log.debug("nats: %s", exc)
@@ -37,7 +41,7 @@ async def connect_once(servers: list[str], name: str, timeout_s: float = 2.0, **
         reconnect_time_wait=0.25,
         ping_interval=5,
         max_outstanding_pings=3,
-        error_cb=_quiet,
+        error_cb=error_cb or _quiet,
         **kwargs,
     )
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fleetlog.projections import ALL, Projection
+from nats.aio.client import Client
 
 from .broker import EmbeddedBroker
 from .config import FleetSettings
@@ -35,7 +36,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        self.nc = await connect_once(s.servers(), "fleetlog-server", timeout_s=5.0)
+        self.nc = await _connect_waiting(s)
         await ensure_streams(self.nc, s)
         self.store = ViewStore(s.views_path())
         self.projector = Projector(
@@ -76,13 +77,52 @@ async def _until_signalled() -> None:
             loop.remove_signal_handler(sig)
 
 
+async def _connect_waiting(s: FleetSettings) -> Client:
+    """Connect, waiting for NATS if it is not there yet (nats-py retries the first connect
+    too): broker and services start in any order (compose, systemd). Says so in the log, and
+    gives up after `nats_wait_s` (None: waits until a server answers or a signal comes)."""
+    failures = 0
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        nonlocal failures
+        if connected:
+            log.debug("nats: %s", exc)  # later trouble: nats-py reconnects by itself
+            return
+        failures += 1
+        if failures == 1 or failures % 20 == 0:
+            log.warning("waiting for NATS at %s (%d attempts): %s", s.nats_url, failures, exc or type(exc).__name__)
+
+    connecting = connect_once(s.servers(), "fleetlog-server", timeout_s=5.0, error_cb=on_error)
+    try:
+        nc = await (connecting if s.nats_wait_s is None else asyncio.wait_for(connecting, s.nats_wait_s))
+    except TimeoutError:
+        raise TimeoutError(f"no NATS server answered within {s.nats_wait_s}s ({failures} attempts)") from None
+    connected = True
+    if failures:
+        log.info("NATS at %s answered after %d failed attempts", s.nats_url, failures)
+    return nc
+
+
 async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None) -> None:
     server = Server(settings)
-    await server.start()
+    starting = asyncio.ensure_future(server.start())
+    signalled = asyncio.ensure_future(_until_signalled())
+    done, _ = await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if starting not in done:  # a signal while still waiting for NATS: stop waiting, nothing to stop
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    if starting.exception() is not None:
+        signalled.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await signalled
+        raise starting.exception()  # type: ignore[misc]
     if ready is not None:
         ready.set()
     try:
-        await _until_signalled()
+        await signalled
     finally:
         await server.stop()
 
