@@ -36,6 +36,7 @@ __all__ = [
     "RawBatch",
     "RejectEvent",
     "StoredEvent",
+    "forgets",
     "has_raw_fold",
     "insert_new_by_id",
 ]
@@ -144,8 +145,20 @@ class Projection(abc.ABC):
         """
         raise NotImplementedError
 
+    def forget(self, con: duckdb.DuckDBPyConnection, subjects: Sequence[str]) -> None:  # noqa: B027 - optional
+        """For a view over a compacted stream (one message per subject): the last message on
+        each of these subjects was rejected before the fold (undecodable, oversize, wrong
+        subject, `validate`), and it replaced the subject's earlier message in the stream.
+        Drop what the view holds for them, so the live view agrees with a rebuild (which sees
+        only the rejected message). Called in the fold's transaction, after the fold."""
+
     def endpoints(self) -> Sequence[Endpoint]:
         return ()
+
+
+def forgets(projection: Projection) -> bool:
+    """Whether the projection overrides `forget` (the runtime then tracks its early rejects)."""
+    return type(projection).forget is not Projection.forget
 
 
 def has_raw_fold(projection: Projection) -> bool:

@@ -46,13 +46,13 @@ _loads = msgspec.json.decode
 
 _CONTEXT = ("runner_id", "bot_id", "workspace_id", "conversation_id", "thread_id", "actor_type", "actor_id",
             "subject_type", "subject_id")
-_UPDATED = ("scope", "binding_identity", *_CONTEXT, "value", "created_at", "updated_at", "seq", "event_id")
+_UPDATED = ("scope", "binding_identity", *_CONTEXT, "value", "created_at", "updated_at", "seq", "event_id", "subject")
 _COLUMNS = ("scope_key", "key", *_UPDATED)
 
 
 class StateProjection(Projection):
     name: ClassVar[str] = "state"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: the subject column (`forget`)
     streams: ClassVar[tuple[str, ...]] = ("FLEET_STATE",)
     event_types: ClassVar[tuple[type[Event], ...]] = (StateSet, StateDeleted)
     tables: ClassVar[tuple[str, ...]] = ("state",)
@@ -71,6 +71,7 @@ class StateProjection(Projection):
                 updated_at VARCHAR NOT NULL,       -- this write's event time
                 seq BIGINT NOT NULL,               -- FLEET_STATE sequence of this write
                 event_id VARCHAR NOT NULL,
+                subject VARCHAR NOT NULL,          -- the key's FLEET_STATE subject
                 PRIMARY KEY (scope_key, key)
             )""",
         )
@@ -123,7 +124,17 @@ class StateProjection(Projection):
             cols["updated_at"].append(e.ts)
             cols["seq"].append(stored.seq)
             cols["event_id"].append(e.id)
+            cols["subject"].append(stored.subject)
         return pa.table({c: pa.array(v, pa.int64() if c == "seq" else pa.string()) for c, v in cols.items()})
+
+    def forget(self, con: duckdb.DuckDBPyConnection, subjects: Sequence[str]) -> None:
+        """A message rejected before the fold (undecodable, oversize, wrong subject) replaced
+        the key's message in the compacted stream: the key holds no value, as after a rebuild."""
+        con.register("_fleetlog_state_forget", pa.table({"subject": pa.array(subjects, pa.string())}))
+        try:
+            con.execute("DELETE FROM state USING _fleetlog_state_forget f WHERE state.subject = f.subject")
+        finally:
+            con.unregister("_fleetlog_state_forget")
 
     def endpoints(self) -> Sequence[Endpoint]:
         return (

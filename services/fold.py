@@ -22,7 +22,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 from fleetlog.projections import FoldReject, Projection, RejectEvent, StoredEvent
-from fleetlog.projections._base import RawBatch, has_raw_fold
+from fleetlog.projections._base import RawBatch, forgets, has_raw_fold
 from fleetlog.schemas import encode_event as _encode_event
 from fleetlog.schemas import event_decoder, parse_ts
 
@@ -115,9 +115,10 @@ class BatchFolder:
     def apply(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
         """Fold one batch exactly once: fold, rejects and checkpoint in one transaction."""
         last_seq = batch.last_seq
+        forget = _forgetter(projection, batch.subjects, batch.seqs)
         if has_raw_fold(projection) and len(batch) >= self.bulk_min_events:
             try:
-                rejects = self._apply_raw(projection, schema, stream, batch)
+                rejects = self._apply_raw(projection, schema, stream, batch, forget)
                 self.bulk_batches += 1
                 return rejects
             except Exception as exc:
@@ -126,13 +127,15 @@ class BatchFolder:
         rows = zip(batch.seqs, batch.subjects, batch.data, strict=True)
         stored, rejects = self.decode(projection, stream, rows)
         try:
-            rejects = self._commit(schema, stream, _folder(projection, stored), rejects, last_seq)
+            rejects = self._commit(schema, stream, _folder(projection, stored), rejects, last_seq, forget)
         except Exception as exc:
             log.warning("fold of %d events failed (%s); retrying one by one", len(stored), exc)
-            rejects = self._apply_one_by_one(projection, schema, stream, stored, rejects, last_seq)
+            rejects = self._apply_one_by_one(projection, schema, stream, stored, rejects, last_seq, forget)
         return rejects
 
-    def _apply_raw(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
+    def _apply_raw(
+        self, projection: Projection, schema: str, stream: str, batch: StreamBatch, forget: _Forget | None
+    ) -> list[Reject]:
         """The projection's bulk path: raw payloads in one Arrow table, no object per event.
 
         The payload bytes move into Arrow: `batch.data` is emptied while the batch folds
@@ -158,7 +161,7 @@ class BatchFolder:
             return projection.fold_raw(cur, raw, decode)
 
         try:
-            return self._commit(schema, stream, fold, rejects, batch.last_seq)
+            return self._commit(schema, stream, fold, rejects, batch.last_seq, forget)
         except BaseException:
             batch.data = payloads.to_pylist()
             raise
@@ -191,6 +194,7 @@ class BatchFolder:
         stored: list[StoredEvent],
         rejects: list[Reject],
         last_seq: int,
+        forget: _Forget | None,
     ) -> list[Reject]:
         """Slow path after a failed batch: an event whose fold fails becomes a reject."""
         out = list(rejects)
@@ -202,7 +206,7 @@ class BatchFolder:
                 reject = Reject(stream, item.seq, item.subject, f"fold failed: {exc}", _encode_event(item.event))
                 self._commit(schema, stream, None, [reject], item.seq)
                 out.append(reject)
-        self._commit(schema, stream, None, [], last_seq)
+        self._commit(schema, stream, _forget_only(forget, out), [], last_seq)
         return out
 
     def _commit(
@@ -212,11 +216,13 @@ class BatchFolder:
         fold: Callable[[duckdb.DuckDBPyConnection], Sequence[FoldReject] | None] | None,
         rejects: list[Reject],
         seq: int,
+        forget: _Forget | None = None,
     ) -> list[Reject]:
         """Fold + rejects + checkpoint in one transaction; returns every reject.
 
         `fold(cursor)` may add decode-time rejects to `rejects` while it runs (the bulk
-        path decodes inside the fold); the events it refuses are rejects too.
+        path decodes inside the fold); the events it refuses are rejects too. `forget`
+        gets the decode-time ones after the fold (`Projection.forget`).
         """
         cur = self.store.cursor(schema)
         try:
@@ -224,6 +230,8 @@ class BatchFolder:
                 cur.execute("BEGIN")
                 try:
                     refused = fold(cur) if fold is not None else None
+                    if forget is not None and rejects:
+                        forget(cur, rejects)
                     out = list(rejects)
                     if refused:
                         out.extend(
@@ -268,6 +276,34 @@ class BatchFolder:
         finally:
             cur.unregister("_fleetlog_rejects")
 
+
+
+_Forget = Callable[[duckdb.DuckDBPyConnection, Sequence[Reject]], None]
+
+
+def _forgetter(projection: Projection, subjects: Sequence[str], seqs: Sequence[int]) -> _Forget | None:
+    """`Projection.forget` for the subjects whose last message in the batch was rejected
+    before the fold (a later valid message on the subject is folded and stands)."""
+    if not forgets(projection):
+        return None
+
+    def forget(cur: duckdb.DuckDBPyConnection, early: Sequence[Reject]) -> None:
+        last = dict(zip(subjects, seqs, strict=True))  # each subject's last message in the batch
+        gone = sorted({r.subject for r in early if last.get(r.subject) == r.seq})
+        if gone:
+            projection.forget(cur, gone)
+
+    return forget
+
+
+def _forget_only(forget: _Forget | None, rejects: list[Reject]) -> Callable[[duckdb.DuckDBPyConnection], None] | None:
+    if forget is None:
+        return None
+
+    def run(cur: duckdb.DuckDBPyConnection) -> None:
+        forget(cur, rejects)
+
+    return run
 
 
 def _folder(

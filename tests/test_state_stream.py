@@ -195,3 +195,36 @@ async def test_writes_need_the_broker(tmp_path: Any) -> None:
             else:
                 raise AssertionError("a state write without a broker must raise FleetUnavailable")
         assert fleet.publisher_stats().accepted == 0  # nothing went to the fire-and-forget path
+
+
+async def test_a_message_rejected_before_the_fold_clears_its_key_live_as_after_a_rebuild(
+        fleet: Fleet, settings: FleetSettings, server: Server) -> None:
+    """Garbage published raw on a key's subject replaces the key's message in the compacted
+    stream. It is rejected before the fold (not JSON, or wrong subject), so the projection
+    never sees it, yet the key must lose its value live as a rebuild (which sees only the
+    garbage) would; a later valid message in the same batch still stands."""
+    w1 = await fleet.state.set("conversation", "victim-1", "ok", context=CTX, binding=BIND)
+    w2 = await fleet.state.set("conversation", "victim-2", "ok", context=CTX, binding=BIND)
+    await fleet.state.set("conversation", "bystander", "ok", context=CTX, binding=BIND)
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    try:
+        await js.publish(_subject(_raw(key="victim-1")), b"\xff not json")
+        # a well-formed event for another key, published on victim-2's subject: wrong subject
+        await js.publish(_subject(_raw(key="victim-2")), json.dumps(_raw(key="elsewhere")).encode())
+        # garbage and then a valid write on a third key: the valid one is its last message
+        await js.publish(_subject(_raw(key="revived")), b"{broken")
+        last = await js.publish(_subject(_raw(key="revived")), json.dumps(_raw(key="revived", value=7)).encode())
+    finally:
+        await nc.close()
+    token = {STREAM: last.seq}
+    assert await fleet.state.get("conversation", "victim-1", context=CTX, binding=BIND, min_seq=token) is None
+    assert await fleet.state.get("conversation", "victim-2", context=CTX, binding=BIND) is None
+    assert await fleet.state.get("conversation", "revived", context=CTX, binding=BIND) == 7
+    assert await fleet.state.get("conversation", "bystander", context=CTX, binding=BIND) == "ok"
+    assert w1.seq < w2.seq < last.seq
+    rejects = await fleet.rejects("state", 10, min_seq=token)
+    assert len(rejects.items) == 3
+    live = digest(server)
+    await rebuild_and_wait(fleet)
+    assert digest(server) == live  # the live view and a rebuild from the stream agree
