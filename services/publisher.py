@@ -34,37 +34,23 @@ from pathlib import Path
 from fleetlog.schemas import Event
 
 from .connection import Link
+from .publisher_spool import BURST, MAX_BROKER_REFUSALS, DrainChunk, SpoolSide
 from .pubwire import PubWire, decode_ack, frame_hpub
 from .receipt import Position, PublisherStats, Receipt, Token
-from .spool import Spool, SpoolRecord
+from .spool import Spool
 
 __all__ = ["Position", "Publisher", "PublisherStats", "Receipt", "Token"]
 
 log = logging.getLogger("fleetlog.publisher")
 
-# After this many refusals *by the broker* (an API error, not a transport
-# failure) an event is set aside in dead-letter.jsonl rather than retried forever
-# and holding up everything queued behind it.
-MAX_BROKER_REFUSALS = 10
-
-
-# At most this many events framed into one socket write.
-_BURST = 512
 # A short run of events waits this long for more before it is sent (not on flush/close):
 # fewer, larger writes cost less on both sides and interrupt the caller less often.
 _LINGER_S = 0.002
 
 
-class _DrainChunk:
-    __slots__ = ("done", "failed", "left")
+class Publisher(SpoolSide):
+    """Fire-and-forget publishing with acks, a disk spool and flush (module docstring)."""
 
-    def __init__(self, n: int) -> None:
-        self.left = n
-        self.failed = False
-        self.done = asyncio.Event()
-
-
-class Publisher:
     def __init__(
         self,
         link: Link,
@@ -81,7 +67,7 @@ class Publisher:
         self._spool = Spool(spool_root, spool_max_bytes)
         self._queue: collections.deque[Receipt] = collections.deque()
         # In flight, by reply token, oldest first (the reaper relies on that order).
-        self._pending: dict[bytes, tuple[Receipt, _DrainChunk | None]] = {}
+        self._pending: dict[bytes, tuple[Receipt, DrainChunk | None]] = {}
         self._tokens = itertools.count()
         self._stats = PublisherStats()
         self._acked_max: Token = {}
@@ -188,11 +174,11 @@ class Publisher:
                     await asyncio.wait_for(self._wake.wait(), 0.5)
                 self._idle = False
                 continue
-            if len(self._queue) < _BURST and not self._closing and not self._flushing:
+            if len(self._queue) < BURST and not self._closing and not self._flushing:
                 await asyncio.sleep(_LINGER_S)
             if not await self._slots():
                 continue
-            n = min(len(self._queue), self._max_inflight - len(self._pending), _BURST)
+            n = min(len(self._queue), self._max_inflight - len(self._pending), BURST)
             queue = self._queue
             self._send([queue.popleft() for _ in range(n)], None)
             await asyncio.sleep(0)  # let the acks and the caller in between bursts
@@ -207,7 +193,7 @@ class Publisher:
             await asyncio.wait_for(self._slot_free.wait(), 0.5)
         return len(self._pending) < self._max_inflight
 
-    def _send(self, receipts: list[Receipt], chunk: _DrainChunk | None) -> None:
+    def _send(self, receipts: list[Receipt], chunk: DrainChunk | None) -> None:
         """Frame every receipt as an acked HPUB and write them all at once (the wire is connected)."""
         wire = self._wire
         if not wire.connected:
@@ -236,7 +222,7 @@ class Publisher:
         if frames:
             wire.write(b"".join(frames))
 
-    def _refused(self, receipt: Receipt, chunk: _DrainChunk | None, reason: str) -> None:
+    def _refused(self, receipt: Receipt, chunk: DrainChunk | None, reason: str) -> None:
         """Can never be published: set aside at once (a spooled one by the drain)."""
         receipt.attempts = MAX_BROKER_REFUSALS - 1
         self._failed(receipt, chunk, broker_refused=True, reason=reason)
@@ -274,7 +260,7 @@ class Publisher:
         self._progress.set()
 
     def _failed(
-        self, receipt: Receipt, chunk: _DrainChunk | None, *, broker_refused: bool, reason: str = ""
+        self, receipt: Receipt, chunk: DrainChunk | None, *, broker_refused: bool, reason: str = ""
     ) -> None:
         if chunk is not None:
             # Spooled records stay in the spool; the drain retries them (and counts refusals).
@@ -319,80 +305,6 @@ class Publisher:
             if expired:
                 self._slot_free.set()
                 self._progress.set()
-
-    # -- spool ---------------------------------------------------------------
-    def _to_spool(self, receipts: list[Receipt]) -> None:
-        records = []
-        for r in receipts:
-            try:
-                records.append(SpoolRecord(r.subject, r.id, r.encoded(), r.attempts))
-            except (TypeError, ValueError, OverflowError) as exc:  # checked at the call: not expected
-                self._dead_letter(r, f"could not be encoded: {exc}")
-        kept = self._spool.append(records)
-        with self._stats_lock:
-            self._stats.spooled += kept
-
-    def _spill_queue(self) -> None:
-        if self._queue:
-            batch = []
-            while self._queue:
-                batch.append(self._queue.popleft())
-            self._to_spool(batch)
-
-    async def _drain_spool(self) -> bool:
-        """Publish the oldest spooled records; commit what was acked in order. True if all went."""
-        records = self._spool.peek(1000)
-        if not records:
-            return True
-        chunk = _DrainChunk(len(records))
-        receipts = [
-            Receipt(r.msg_id, r.subject, r.payload, max(r.attempts, self._refusals.get(r.msg_id, 0)))
-            for r, _seg, _off, _size in records
-        ]
-        sent = 0
-        while sent < len(receipts):
-            if not self._wire.connected:
-                # Never sent: count the rest as failed (they stay spooled).
-                chunk.left -= len(receipts) - sent
-                chunk.failed = True
-                break
-            if await self._slots():
-                n = min(len(receipts) - sent, self._max_inflight - len(self._pending), _BURST)
-                self._send(receipts[sent : sent + n], chunk)
-                sent += n
-        if chunk.left > 0:
-            await chunk.done.wait()
-        # Commit the longest acked prefix; the rest stays spooled, in order.
-        done = 0
-        nbytes = 0
-        last = (0, 0)
-        for receipt, (_rec, seg, off, size) in zip(receipts, records, strict=True):
-            if receipt.seq is None:
-                if receipt.attempts >= MAX_BROKER_REFUSALS:
-                    self._refusals.pop(receipt.id, None)
-                    self._dead_letter(receipt, "refused by JetStream while draining the spool")
-                else:
-                    if receipt.attempts:
-                        self._refusals[receipt.id] = receipt.attempts
-                    break
-            done += 1
-            nbytes += size
-            last = (seg, off)
-        if done:
-            self._spool.commit(last[0], last[1], done, nbytes)
-            self._progress.set()
-        return not chunk.failed
-
-    def _dead_letter(self, receipt: Receipt, reason: str) -> None:
-        with self._stats_lock:
-            self._stats.dead_lettered += 1
-        log.error("event %s on %s set aside after %d refusals: %s", receipt.id, receipt.subject,
-                  receipt.attempts, reason)
-        try:
-            payload = receipt.encoded()
-        except (TypeError, ValueError, OverflowError):
-            payload = b""
-        self._spool.set_aside(receipt.id, receipt.subject, payload, reason)
 
     # -- flush / close ---------------------------------------------------------
     def acked_token(self) -> Token:
