@@ -39,6 +39,7 @@ __all__ = [
     "forgets",
     "has_raw_fold",
     "insert_new_by_id",
+    "trims",
 ]
 
 
@@ -152,8 +153,19 @@ class Projection(abc.ABC):
         Drop what the view holds for them, so the live view agrees with a rebuild (which sees
         only the rejected message). Called in the fold's transaction, after the fold."""
 
+    def trim(self, con: duckdb.DuckDBPyConnection, stream: str, first_seq: int) -> int:
+        """For a view over a stream with an age (or size) limit: JetStream no longer holds
+        `stream`'s messages before `first_seq`, so a rebuild would not see them; delete the
+        rows they made and return how many. Called in a transaction on the fold thread."""
+        raise NotImplementedError
+
     def endpoints(self) -> Sequence[Endpoint]:
         return ()
+
+
+def trims(projection: Projection) -> bool:
+    """Whether the projection implements `trim` (retention keeps it to its streams)."""
+    return type(projection).trim is not Projection.trim
 
 
 def forgets(projection: Projection) -> bool:

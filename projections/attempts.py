@@ -157,6 +157,12 @@ class AttemptsProjection(Projection):
             "INSERT INTO attempt_purges VALUES (?, ?, ?, ?)", [event.id, stored.seq, cutoff, n]
         )
 
+    def trim(self, con: duckdb.DuckDBPyConnection, stream: str, first_seq: int) -> int:
+        """Attempts (and purge records) that aged out of FLEET_ATTEMPTS."""
+        row = con.execute("DELETE FROM attempts WHERE seq < ?", [first_seq]).fetchone()
+        con.execute("DELETE FROM attempt_purges WHERE seq < ?", [first_seq])
+        return int(row[0]) if row else 0
+
     def endpoints(self) -> Sequence[Endpoint]:
         return (
             Endpoint("query", AttemptsQuery, _query, "attempts, newest first, filtered and paged"),

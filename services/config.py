@@ -28,6 +28,9 @@ class FleetSettings(BaseSettings):
     attempts_max_age_days: float = Field(30.0, gt=0)
     snapshots_max_age_days: float = Field(30.0, gt=0)
     rejects_max_age_days: float = Field(30.0, gt=0)
+    retention_interval_s: float = Field(
+        60.0, gt=0, description="how often views drop rows whose messages aged out of their stream"
+    )
 
     # client / publisher
     pane_max_chars: int = Field(4096, ge=1, description="pane texts keep their last N characters")

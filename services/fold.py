@@ -254,6 +254,22 @@ class BatchFolder:
             cur.close()
         return out
 
+    def trim(self, projection: Projection, schema: str, stream: str, first_seq: int) -> int:
+        """`Projection.trim` in its own transaction (retention: rows whose messages aged out)."""
+        cur = self.store.cursor(schema)
+        try:
+            with self.write_lock:
+                cur.execute("BEGIN")
+                try:
+                    deleted = projection.trim(cur, stream, first_seq)
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+        finally:
+            cur.close()
+        return deleted
+
     @staticmethod
     def _insert_rejects(cur: duckdb.DuckDBPyConnection, stream: str, rejects: list[Reject]) -> None:
         table = pa.table(

@@ -28,6 +28,7 @@ from nats.aio.client import Client
 
 from .errors import StaleError
 from .fold import BatchFolder, Reject
+from .retention import keep_to_streams
 from .store import Generation, ViewStore
 from .stream_reader import OrderedReader
 
@@ -72,6 +73,7 @@ class Projector:
         batch_wait_s: float = 0.02,
         max_event_bytes: int = 512 * 1024,
         idle_checkpoint_s: float = 1.0,
+        retention_interval_s: float = 60.0,
     ) -> None:
         self.store = store
         self.projections = {p.name: p for p in projections}
@@ -82,6 +84,7 @@ class Projector:
         self.batch_wait_s = batch_wait_s
         self.max_event_bytes = max_event_bytes
         self.idle_checkpoint_s = idle_checkpoint_s
+        self.retention_interval_s = retention_interval_s
         self.folder = BatchFolder(store, max_event_bytes)
         # One thread does every write (they are serialised by the write lock anyway): DuckDB's
         # allocator then keeps one thread cache warm instead of one per pool thread.
@@ -118,6 +121,8 @@ class Projector:
                 await self._launch(projection, g, folds=True)
         self._aux.append(asyncio.create_task(self._publish_rejects(), name="fleetlog-rejects"))
         self._aux.append(asyncio.create_task(self._checkpoint_when_idle(), name="fleetlog-checkpoint"))
+        retention = keep_to_streams(self, self.retention_interval_s)
+        self._aux.append(asyncio.create_task(retention, name="fleetlog-retention"))
 
     async def rebuild(self, name: str) -> Generation:
         """Build a fresh generation of `name` from sequence 1 beside the live one."""
@@ -260,6 +265,12 @@ class Projector:
             done_at = last
             if self.store.wal_bytes() > 0:
                 await asyncio.get_running_loop().run_in_executor(self._fold_thread, self._checkpoint)
+
+    async def trim(self, projection: Projection, schema: str, stream: str, first_seq: int) -> int:
+        """Retention (services/retention.py): drop rows whose messages aged out of `stream`."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._fold_thread, self.folder.trim, projection, schema, stream, first_seq
+        )
 
     def _checkpoint(self) -> None:
         with self._write_lock:

@@ -42,6 +42,7 @@ class Server:
         self.projector = Projector(
             self.store, self.projections, s.servers(), nc=self.nc,
             batch_max=s.batch_max, batch_wait_s=s.batch_wait_s, max_event_bytes=s.max_event_bytes,
+            retention_interval_s=s.retention_interval_s,
         )
         await self.projector.start()
         self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s)

@@ -29,7 +29,8 @@ def stream_config(spec: StreamSpec, settings: FleetSettings, replicas: int = 1) 
         discard=DiscardPolicy.OLD,
         max_age=max_age,  # seconds; nats-py converts to ns
         max_msgs_per_subject=spec.max_msgs_per_subject,
-        duplicate_window=spec.duplicate_window_s,
+        # JetStream refuses a dedup window longer than the max age (a short retention setting)
+        duplicate_window=spec.duplicate_window_s if not max_age else min(spec.duplicate_window_s, max_age),
         num_replicas=replicas,
         allow_direct=True,  # guarded commands read the last message per subject with direct get
     )

@@ -1,0 +1,58 @@
+"""Retention: view rows follow their stream's age limit, so the live view equals a rebuild."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fleetlog.services.broker import EmbeddedBroker
+from fleetlog.services.server import Server
+
+from fleetlog import Fleet, FleetSettings
+
+from .helpers import wait_until
+
+STREAM = "FLEET_ATTEMPTS"
+
+
+async def test_rows_leave_the_view_when_their_messages_age_out(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    settings = FleetSettings(
+        nats_url=broker.url, data_dir=tmp_path / "data", spool_dir=tmp_path / "spool", batch_wait_s=0.01,
+        reactors=False, attempts_max_age_days=3 / 86_400, retention_interval_s=0.2,
+    )
+    server = Server(settings)
+    await server.start()
+    fleet = await Fleet.connect(settings=settings)
+    try:
+        for i in range(20):
+            fleet.attempts.record(agent="old", action="a", outcome="success", elapsed_s=float(i))
+        token = await fleet.flush()
+        assert (await fleet.attempts.query(agent="old", limit=100, min_seq=token)).items  # folded
+
+        nc = await fleet.nats()
+
+        async def aged_out() -> bool:
+            info = await nc.jetstream().stream_info(STREAM)
+            page = await fleet.attempts.query(agent="old", limit=100)
+            return info.state.messages == 0 and not page.items
+
+        await wait_until(aged_out, timeout_s=30, interval_s=0.2)  # the stream dropped them, and so did the view
+        fresh = fleet.attempts.record(agent="new", action="a", outcome="success", elapsed_s=1.0)
+        token = await fleet.flush()
+        page = await fleet.attempts.query(limit=100, min_seq=token)
+        assert [r.id for r in page.items] == [fresh.id]
+        stats = await fleet.attempts.stats(min_seq=token)
+        assert sum(s.count for s in stats.items) == 1
+        running = server.projector.live("attempts")
+        live = server.store.table_digest(running.gen.schema, ("attempts", "attempt_purges"))
+        generation = (await fleet.rebuild("attempts"))["generation"]
+
+        async def rebuilt() -> bool:
+            return any(p.name == "attempts" and p.state == "live" and p.generation == generation
+                       for p in (await fleet.status()).projections)
+
+        await wait_until(rebuilt, timeout_s=60, interval_s=0.1)
+        running = server.projector.live("attempts")
+        assert server.store.table_digest(running.gen.schema, ("attempts", "attempt_purges")) == live
+    finally:
+        await fleet.close()
+        await server.stop()
