@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from fleetlog.schemas import Event, encode_event
-from fleetlog.schemas.answers import RejectsAnswer, RejectsQuery, StatusAnswer, StatusQuery
+from fleetlog.schemas.answers import RejectsAnswer, RejectsQuery, SqlAnswer, SqlQuery, StatusAnswer, StatusQuery
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -162,6 +162,14 @@ class Fleet:
 
     async def status(self, timeout: float = 10.0) -> StatusAnswer:
         return await self.request("fleetlog.status", StatusQuery(), StatusAnswer, timeout)
+
+    async def sql(
+        self, sql: str, max_rows: int | None = None, min_seq: dict[str, int] | None = None, timeout: float = 30.0
+    ) -> SqlAnswer:
+        """One read-only SELECT over the live views (`fleetlog sql`); see services/sql.py for
+        what it may read. A statement that is not one such SELECT raises FleetValidationError."""
+        return await self.request("fleetlog.sql", SqlQuery(sql=sql, max_rows=max_rows, min_seq=min_seq), SqlAnswer,
+                                  timeout)
 
     async def rejects(
         self, projection: str | None = None, limit: int = 50, min_seq: dict[str, int] | None = None

@@ -32,6 +32,8 @@ from fleetlog.schemas.answers import (
     RejectRow,
     RejectsAnswer,
     RejectsQuery,
+    SqlAnswer,
+    SqlQuery,
     StatusAnswer,
     StatusQuery,
     StreamStatus,
@@ -43,6 +45,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from .projector import Projector, StaleError
+from .sql import check_select, run_select
 
 __all__ = ["SERVICE_NAME", "QueryService", "endpoint_subject"]
 
@@ -96,8 +99,11 @@ CACHED_READS: frozenset[tuple[str, str]] = frozenset({("attempts", "stats"), ("a
 
 class QueryService:
     def __init__(self, nc: Client, projector: Projector, *, wait_max_s: float = 5.0, max_concurrent: int = 64,
-                 cached: frozenset[tuple[str, str]] = CACHED_READS, cache_entries: int = 256) -> None:
+                 cached: frozenset[tuple[str, str]] = CACHED_READS, cache_entries: int = 256,
+                 sql_max_rows: int = 10_000, sql_timeout_s: float = 10.0) -> None:
         self.nc = nc
+        self.sql_max_rows = sql_max_rows
+        self.sql_timeout_s = sql_timeout_s
         self.projector = projector
         self.wait_max_s = wait_max_s
         self._service: Service | None = None
@@ -132,6 +138,7 @@ class QueryService:
         await svc.add_endpoint(name="status", subject="fleetlog.status", handler=self._spawn(self._status))
         await svc.add_endpoint(name="rejects", subject="fleetlog.rejects", handler=self._spawn(self._rejects))
         await svc.add_endpoint(name="rebuild", subject="fleetlog.rebuild", handler=self._spawn(self._rebuild))
+        await svc.add_endpoint(name="sql", subject="fleetlog.sql", handler=self._spawn(self._sql))
 
     async def stop(self) -> None:
         if self._service is not None:
@@ -161,6 +168,8 @@ class QueryService:
             await fn(req)
         except StaleError as exc:
             await _error(req, "stale", str(exc))
+        except TimeoutError as exc:
+            await _error(req, "408", str(exc))
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             await _error(req, "400", f"bad request: {exc}")
         except KeyError as exc:
@@ -224,6 +233,36 @@ class QueryService:
         return answer
 
     # -- built-in endpoints ------------------------------------------------------
+    async def _sql(self, req: Request) -> None:
+        """`fleetlog sql`: one checked, read-only SELECT over every live view (services/sql.py)."""
+        query = msgspec.json.decode(req.data or b"{}", type=SqlQuery)
+        live = [self.projector.live(name) for name in self.projector.projections]
+        check_select(query.sql, [t for r in live for t in r.projection.tables])
+        for running in live:
+            await self.projector.wait_for(running.projection.name, query.min_seq, self.wait_max_s)
+        as_of: dict[str, int] = {}
+        lag: dict[str, int] = {}
+        for running in live:
+            got, behind = self.projector.as_of(running.projection.name)
+            for s, c in got.items():
+                as_of[s] = min(as_of.get(s, c), c)
+            for s, n in behind.items():
+                lag[s] = max(lag.get(s, 0), n)
+        store = self.projector.store
+        path = ",".join(f"{store.catalog}.{r.gen.schema}" for r in live)
+        max_rows = min(query.max_rows or self.sql_max_rows, self.sql_max_rows)
+
+        def run() -> tuple[list[str], list[list[Any]], bool]:
+            cur = store.cursor(None)
+            try:
+                cur.execute(f"SET search_path = '{path}'")
+                return run_select(cur, query.sql, max_rows, self.sql_timeout_s)
+            finally:
+                cur.close()
+
+        columns, rows, truncated = await self.read(run)
+        await req.respond(_encode(SqlAnswer(columns=columns, rows=rows, truncated=truncated, as_of=as_of, lag=lag)))
+
     async def _status(self, req: Request) -> None:
         query = msgspec.json.decode(req.data or b"{}", type=StatusQuery)
         await req.respond(_encode(await self.status(query)))

@@ -45,7 +45,8 @@ class Server:
             retention_interval_s=s.retention_interval_s,
         )
         await self.projector.start()
-        self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s)
+        self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s,
+                                  sql_max_rows=s.sql_max_rows, sql_timeout_s=s.sql_timeout_s)
         await self.query.start()
         self.reactors: Reactors | None = None
         if s.reactors:

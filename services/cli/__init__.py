@@ -9,6 +9,7 @@ from .attempts import attempts, emit_attempt
 from .run import serve, up
 from .runs import runs
 from .runtimes import runtimes
+from .sql import sql
 from .state import state
 
 __all__ = ["cli", "main"]
@@ -26,7 +27,7 @@ def emit() -> None:
 
 
 emit.add_command(emit_attempt)
-for command in (up, serve, status, attempts, runs, runtimes, state, schemas, rejects, rebuild):
+for command in (up, serve, status, attempts, runs, runtimes, state, sql, schemas, rejects, rebuild):
     cli.add_command(command)
 
 
