@@ -74,6 +74,7 @@ class Projector:
         max_event_bytes: int = 512 * 1024,
         idle_checkpoint_s: float = 1.0,
         retention_interval_s: float = 60.0,
+        publish_rejects: bool = True,
     ) -> None:
         self.store = store
         self.projections = {p.name: p for p in projections}
@@ -85,6 +86,7 @@ class Projector:
         self.max_event_bytes = max_event_bytes
         self.idle_checkpoint_s = idle_checkpoint_s
         self.retention_interval_s = retention_interval_s
+        self.publish_rejects = publish_rejects  # False for a private replica: it publishes nothing
         self.folder = BatchFolder(store, max_event_bytes)
         # One thread does every write (they are serialised by the write lock anyway): DuckDB's
         # allocator then keeps one thread cache warm instead of one per pool thread.
@@ -119,7 +121,8 @@ class Projector:
                 building = [self.store.create_generation(projection, "building")]
             for g in building:
                 await self._launch(projection, g, folds=True)
-        self._aux.append(asyncio.create_task(self._publish_rejects(), name="fleetlog-rejects"))
+        if self.publish_rejects:
+            self._aux.append(asyncio.create_task(self._publish_rejects(), name="fleetlog-rejects"))
         self._aux.append(asyncio.create_task(self._checkpoint_when_idle(), name="fleetlog-checkpoint"))
         retention = keep_to_streams(self, self.retention_interval_s)
         self._aux.append(asyncio.create_task(retention, name="fleetlog-retention"))
@@ -192,7 +195,7 @@ class Projector:
                 feed.caught_up = feed.pending == 0
                 self.folded_events += len(batch)
                 self._advanced.set()
-                if rejects and running.gen.state == "live":
+                if rejects and running.gen.state == "live" and self.publish_rejects:
                     for r in rejects:
                         with contextlib.suppress(asyncio.QueueFull):
                             self._reject_queue.put_nowait((running.projection.name, r))

@@ -6,6 +6,7 @@ import click
 
 from .admin import rebuild, rejects, schemas, status
 from .attempts import attempts, emit_attempt
+from .replica import export, replica
 from .run import serve, up
 from .runs import runs
 from .runtimes import runtimes
@@ -27,7 +28,7 @@ def emit() -> None:
 
 
 emit.add_command(emit_attempt)
-for command in (up, serve, status, attempts, runs, runtimes, state, sql, schemas, rejects, rebuild):
+for command in (up, serve, status, attempts, runs, runtimes, state, sql, replica, export, schemas, rejects, rebuild):
     cli.add_command(command)
 
 
