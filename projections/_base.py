@@ -146,12 +146,13 @@ class Projection(abc.ABC):
         """
         raise NotImplementedError
 
-    def forget(self, con: duckdb.DuckDBPyConnection, subjects: Sequence[str]) -> None:  # noqa: B027 - optional
-        """For a view over a compacted stream (one message per subject): the last message on
-        each of these subjects was rejected before the fold (undecodable, oversize, wrong
-        subject, `validate`), and it replaced the subject's earlier message in the stream.
-        Drop what the view holds for them, so the live view agrees with a rebuild (which sees
-        only the rejected message). Called in the fold's transaction, after the fold."""
+    def forget(self, con: duckdb.DuckDBPyConnection, rejected: Sequence[tuple[str, int]]) -> None:  # noqa: B027
+        """For a view over a compacted stream (one message per subject): `rejected` holds
+        (subject, seq) of each subject whose last message in the batch was rejected before
+        the fold (undecodable, oversize, wrong subject, `validate`, a failing fold). That
+        message replaced the subject's earlier one in the stream, so drop what the view holds
+        for the subject: the live view then agrees with a rebuild (which sees only the
+        rejected message, and calls this too). In the fold's transaction, after the fold."""
 
     def trim(self, con: duckdb.DuckDBPyConnection, stream: str, first_seq: int) -> int:
         """For a view over a stream with an age (or size) limit: JetStream no longer holds

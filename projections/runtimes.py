@@ -4,6 +4,12 @@ FLEET_RUNTIMES keeps only the last message per subject (registration, heartbeat,
 status of each runtime), so every event is state-carrying: a heartbeat holds the
 runtime's whole merged metadata. Folding what the stream still holds in stream
 order therefore gives the same rows as the live fold did.
+
+`runtime_messages` keeps each subject's last folded event. When a subject's last message
+is rejected before the fold (`forget`), its event leaves that table and the runtime's
+row is folded again from the others, as a rebuild (which sees only the rejected message
+on that subject) would fold it; `last_seq` still moves to the rejected message, which is
+the runtime's latest on the wire (the stale marker's guard).
 """
 
 from __future__ import annotations
@@ -14,7 +20,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import pyarrow as pa
-from fleetlog.schemas import Event, RuntimeHeartbeat, RuntimeRegistered, RuntimeStatusChanged
+from fleetlog.schemas import (
+    Event,
+    RuntimeHeartbeat,
+    RuntimeRegistered,
+    RuntimeStatusChanged,
+    decode_event,
+    encode_event,
+    parse_ts,
+    subjects,
+)
 from fleetlog.schemas.runtimes import (
     RuntimeGetQuery,
     RuntimeList,
@@ -42,10 +57,11 @@ COLUMNS = (
 
 class RuntimesProjection(Projection):
     name: ClassVar[str] = "runtimes"
-    version: ClassVar[int] = 2  # 2: last_seq (any message of the runtime) guards the stale marker
+    # 2: last_seq (any message of the runtime) guards the stale marker; 3: runtime_messages (`forget`)
+    version: ClassVar[int] = 3
     streams: ClassVar[tuple[str, ...]] = ("FLEET_RUNTIMES",)
     event_types: ClassVar[tuple[type[Event], ...]] = (RuntimeRegistered, RuntimeHeartbeat, RuntimeStatusChanged)
-    tables: ClassVar[tuple[str, ...]] = ("runtimes",)
+    tables: ClassVar[tuple[str, ...]] = ("runtimes", "runtime_messages")
 
     def ddl(self) -> Sequence[str]:
         return (
@@ -65,6 +81,12 @@ class RuntimesProjection(Projection):
                 active_runs BIGINT,
                 last_seq BIGINT NOT NULL   -- stream sequence of its latest message: guards the stale marker
             )""",
+            """CREATE TABLE IF NOT EXISTS runtime_messages (
+                subject VARCHAR NOT NULL,     -- fleet.runtime.<id>.<registration|heartbeat|status>
+                runtime_id VARCHAR NOT NULL,
+                seq BIGINT NOT NULL,
+                event JSON NOT NULL           -- the subject's last folded event
+            )""",
         )
 
     def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> list[FoldReject]:
@@ -72,31 +94,52 @@ class RuntimesProjection(Projection):
         rows = _load(con, ids)
         changed: set[str] = set()
         refused: list[FoldReject] = []
+        last: dict[str, StoredEvent | None] = {}  # subject -> its last event, None if refused
         for stored in batch:
-            e = stored.event
-            at = int(stored.at.timestamp())
-            if isinstance(e, RuntimeRegistered):
-                rows[e.runtime_id] = {
-                    "runtime_id": e.runtime_id, "display_name": e.display_name, "endpoint": e.endpoint,
-                    "version": e.version, "capabilities": list(e.capabilities), "labels": dict(e.labels),
-                    "metadata": dict(e.metadata), "status": "online", "status_reason": None,
-                    "heartbeat_deadline_s": e.heartbeat_deadline_s, "registered_at": at, "last_heartbeat_at": at,
-                    "active_runs": None, "last_seq": stored.seq,
-                }
-            else:
-                row = rows.get(e.runtime_id)  # type: ignore[attr-defined]
-                if row is None:
-                    refused.append((stored, f"runtime_id: {e.runtime_id!r} is not registered"))  # type: ignore[attr-defined]
-                    continue
-                if isinstance(e, RuntimeHeartbeat):
-                    row.update(status=e.status, status_reason=None, metadata=dict(e.metadata),
-                               last_heartbeat_at=at, active_runs=e.active_runs)
-                elif isinstance(e, RuntimeStatusChanged):
-                    row.update(status=e.status, status_reason=e.reason)
-            rows[e.runtime_id]["last_seq"] = stored.seq  # type: ignore[attr-defined]
-            changed.add(e.runtime_id)  # type: ignore[attr-defined]
+            reason = _apply(rows, stored)
+            if reason is not None:
+                refused.append((stored, reason))
+                last[stored.subject] = None  # it replaced the subject's message in the stream too
+                continue
+            last[stored.subject] = stored
+            changed.add(stored.event.runtime_id)  # type: ignore[attr-defined]
         _write(con, [rows[r] for r in sorted(changed)])
+        _keep_messages(con, last)
         return refused
+
+    def forget(self, con: duckdb.DuckDBPyConnection, rejected: Sequence[tuple[str, int]]) -> None:
+        """Each subject's event leaves `runtime_messages`; its runtime is folded again from the
+        rest (as a rebuild folds it), and its `last_seq` moves to the rejected message."""
+        latest: dict[str, int] = {}
+        for subject, seq in rejected:
+            runtime_id = _runtime_of(subject)
+            if runtime_id is not None:
+                latest[runtime_id] = max(latest.get(runtime_id, 0), seq)
+        if not latest:
+            return
+        gone = pa.table({"subject": pa.array([s for s, _ in rejected], pa.string())})
+        con.register("_fleetlog_forget", gone)
+        try:
+            con.execute("DELETE FROM runtime_messages WHERE subject IN (SELECT subject FROM _fleetlog_forget)")
+        finally:
+            con.unregister("_fleetlog_forget")
+        ids = sorted(latest)
+        con.register("_fleetlog_ids", pa.table({"runtime_id": pa.array(ids, pa.string())}))
+        try:
+            messages = con.execute(
+                "SELECT subject, seq, event FROM runtime_messages SEMI JOIN _fleetlog_ids USING (runtime_id)"
+                " ORDER BY seq"
+            ).fetchall()
+            con.execute("DELETE FROM runtimes WHERE runtime_id IN (SELECT runtime_id FROM _fleetlog_ids)")
+        finally:
+            con.unregister("_fleetlog_ids")
+        rows: dict[str, dict[str, Any]] = {}
+        for subject, seq, event_json in messages:
+            event = decode_event(event_json.encode())
+            _apply(rows, StoredEvent("FLEET_RUNTIMES", seq, subject, event, parse_ts(event.ts)))
+        for runtime_id, row in rows.items():
+            row["last_seq"] = max(row["last_seq"], latest[runtime_id])
+        _write(con, [rows[r] for r in sorted(rows)])
 
     def endpoints(self) -> Sequence[Endpoint]:
         return (
@@ -115,6 +158,64 @@ def _row(values: Sequence[Any]) -> dict[str, Any]:
     for c in _JSON_COLUMNS:
         row[c] = json.loads(row[c])
     return row
+
+
+def _apply(rows: dict[str, dict[str, Any]], stored: StoredEvent) -> str | None:
+    """Fold one event into `rows`; the reason when a rule refuses it."""
+    e = stored.event
+    at = int(stored.at.timestamp())
+    if isinstance(e, RuntimeRegistered):
+        rows[e.runtime_id] = {
+            "runtime_id": e.runtime_id, "display_name": e.display_name, "endpoint": e.endpoint,
+            "version": e.version, "capabilities": list(e.capabilities), "labels": dict(e.labels),
+            "metadata": dict(e.metadata), "status": "online", "status_reason": None,
+            "heartbeat_deadline_s": e.heartbeat_deadline_s, "registered_at": at, "last_heartbeat_at": at,
+            "active_runs": None, "last_seq": stored.seq,
+        }
+        return None
+    assert isinstance(e, RuntimeHeartbeat | RuntimeStatusChanged)
+    row = rows.get(e.runtime_id)
+    if row is None:
+        return f"runtime_id: {e.runtime_id!r} is not registered"
+    if isinstance(e, RuntimeHeartbeat):
+        row.update(status=e.status, status_reason=None, metadata=dict(e.metadata),
+                   last_heartbeat_at=at, active_runs=e.active_runs)
+    else:
+        row.update(status=e.status, status_reason=e.reason)
+    row["last_seq"] = stored.seq
+    return None
+
+
+def _keep_messages(con: duckdb.DuckDBPyConnection, last: dict[str, StoredEvent | None]) -> None:
+    """Each subject's last event replaces the one kept for it (a refused one leaves none)."""
+    if not last:
+        return
+    con.register("_fleetlog_subjects", pa.table({"subject": pa.array(list(last), pa.string())}))
+    try:
+        con.execute("DELETE FROM runtime_messages WHERE subject IN (SELECT subject FROM _fleetlog_subjects)")
+    finally:
+        con.unregister("_fleetlog_subjects")
+    kept = [s for s in last.values() if s is not None]
+    if not kept:
+        return
+    table = pa.table({
+        "subject": pa.array([s.subject for s in kept], pa.string()),
+        "runtime_id": pa.array([s.event.runtime_id for s in kept], pa.string()),  # type: ignore[attr-defined]
+        "seq": pa.array([s.seq for s in kept], pa.int64()),
+        "event": pa.array([encode_event(s.event).decode() for s in kept], pa.string()),
+    })
+    con.register("_fleetlog_messages", table)
+    try:
+        con.execute("INSERT INTO runtime_messages SELECT subject, runtime_id, seq, event FROM _fleetlog_messages")
+    finally:
+        con.unregister("_fleetlog_messages")
+
+
+def _runtime_of(subject: str) -> str | None:
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["fleet", "runtime"]:
+        return None
+    return subjects.unescape_token(parts[2])
 
 
 def _load(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -127,9 +127,10 @@ class StateProjection(Projection):
             cols["subject"].append(stored.subject)
         return pa.table({c: pa.array(v, pa.int64() if c == "seq" else pa.string()) for c, v in cols.items()})
 
-    def forget(self, con: duckdb.DuckDBPyConnection, subjects: Sequence[str]) -> None:
+    def forget(self, con: duckdb.DuckDBPyConnection, rejected: Sequence[tuple[str, int]]) -> None:
         """A message rejected before the fold (undecodable, oversize, wrong subject) replaced
         the key's message in the compacted stream: the key holds no value, as after a rebuild."""
+        subjects = [subject for subject, _seq in rejected]
         con.register("_fleetlog_state_forget", pa.table({"subject": pa.array(subjects, pa.string())}))
         try:
             con.execute("DELETE FROM state USING _fleetlog_state_forget f WHERE state.subject = f.subject")

@@ -305,7 +305,7 @@ def _forgetter(projection: Projection, subjects: Sequence[str], seqs: Sequence[i
 
     def forget(cur: duckdb.DuckDBPyConnection, early: Sequence[Reject]) -> None:
         last = dict(zip(subjects, seqs, strict=True))  # each subject's last message in the batch
-        gone = sorted({r.subject for r in early if last.get(r.subject) == r.seq})
+        gone = sorted({(r.subject, r.seq) for r in early if last.get(r.subject) == r.seq})
         if gone:
             projection.forget(cur, gone)
 
