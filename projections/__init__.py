@@ -1,6 +1,15 @@
 """fleetlog's views: one module per projection (DDL + fold + version + its queries)."""
 
-from ._base import Endpoint, FoldReject, Projection, QueryContext, RejectEvent, StoredEvent, insert_new_by_id
+from ._base import (
+    Endpoint,
+    FoldReject,
+    Projection,
+    QueryContext,
+    RejectEvent,
+    StoredEvent,
+    execute_prepared,
+    insert_new_by_id,
+)
 from .attempts import PROJECTION as ATTEMPTS
 from .runs import PROJECTION as RUNS
 from .runtimes import PROJECTION as RUNTIMES
@@ -21,5 +30,6 @@ __all__ = [
     "QueryContext",
     "RejectEvent",
     "StoredEvent",
+    "execute_prepared",
     "insert_new_by_id",
 ]

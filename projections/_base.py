@@ -15,6 +15,9 @@ runtime's decoder (`decode`), so the rules stay exactly the decoder's.
 from __future__ import annotations
 
 import abc
+import hashlib
+import math
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +39,7 @@ __all__ = [
     "RawBatch",
     "RejectEvent",
     "StoredEvent",
+    "execute_prepared",
     "forgets",
     "has_raw_fold",
     "insert_new_by_id",
@@ -203,3 +207,40 @@ def insert_new_by_id(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table,
         )
     finally:
         con.unregister("_fleetlog_batch")
+
+
+def execute_prepared(cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any]) -> duckdb.DuckDBPyConnection:
+    """`cur.execute(sql, params)` through a statement prepared once per connection.
+
+    DuckDB plans a statement on every `execute` (measured: 3 ms of a 7.9 ms proposal query);
+    on a long-lived cursor (the query service keeps one per reader thread and generation)
+    `PREPARE` once and `EXECUTE` with the values as literals. Falls back to a plain execute
+    for values that have no safe literal form.
+    """
+    import duckdb
+
+    literals = [_literal(p) for p in params]
+    if any(lit is None for lit in literals):
+        return cur.execute(sql, list(params))
+    name = f"fleetlog_{hashlib.sha1(sql.encode()).hexdigest()[:16]}"
+    run = f"EXECUTE {name}({', '.join(str(lit) for lit in literals)})" if literals else f"EXECUTE {name}"
+    try:
+        return cur.execute(run)
+    except duckdb.Error:  # not prepared on this connection yet (or its plan went stale)
+        numbered = iter(range(1, len(params) + 1))
+        cur.execute(f"PREPARE {name} AS " + re.sub(r"\?", lambda _m: f"${next(numbered)}", sql))
+        return cur.execute(run)
+
+
+def _literal(value: Any) -> str | None:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value!r}::DOUBLE" if math.isfinite(value) else None
+    if isinstance(value, str) and "\x00" not in value:
+        return "'" + value.replace("'", "''") + "'"
+    return None
