@@ -335,6 +335,8 @@ class QueryService:
                 for s, f in running.feeds.items()
             }
             rows = await self.read(self._counts, gen.schema, running.projection.tables)
+            if not rows:
+                continue  # a promotion retired (dropped) this generation meanwhile
             rejects = rows.pop("_rejects")
             projections.append(ProjectionStatus(
                 name=gen.name, version=gen.version, generation=gen.generation, state=gen.state,

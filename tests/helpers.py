@@ -99,3 +99,14 @@ def cli_runner(nats_url: str, tmp_path: Path, parallel: int = 3) -> CliRun:
 def cli_json(res: subprocess.CompletedProcess[str]) -> Any:
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+async def rebuild_and_wait(fleet: Fleet, projection: str, timeout_s: float = 60.0) -> None:
+    """`fleet.rebuild(projection)` and wait until the new generation is the live one."""
+    generation = (await fleet.rebuild(projection))["generation"]
+
+    async def live() -> bool:
+        return any(p.name == projection and p.state == "live" and p.generation == generation
+                   for p in (await fleet.status()).projections)
+
+    await wait_until(live, timeout_s=timeout_s, interval_s=0.05)

@@ -9,7 +9,7 @@ from fleetlog.services.server import Server
 
 from fleetlog import Fleet, FleetSettings
 
-from .helpers import wait_until
+from .helpers import rebuild_and_wait, wait_until
 
 STREAM = "FLEET_ATTEMPTS"
 
@@ -44,13 +44,7 @@ async def test_rows_leave_the_view_when_their_messages_age_out(tmp_path: Path, b
         assert sum(s.count for s in stats.items) == 1
         running = server.projector.live("attempts")
         live = server.store.table_digest(running.gen.schema, ("attempts", "attempt_purges"))
-        generation = (await fleet.rebuild("attempts"))["generation"]
-
-        async def rebuilt() -> bool:
-            return any(p.name == "attempts" and p.state == "live" and p.generation == generation
-                       for p in (await fleet.status()).projections)
-
-        await wait_until(rebuilt, timeout_s=60, interval_s=0.1)
+        await rebuild_and_wait(fleet, "attempts")
         running = server.projector.live("attempts")
         assert server.store.table_digest(running.gen.schema, ("attempts", "attempt_purges")) == live
     finally:

@@ -8,7 +8,7 @@ from fleetlog.services.server import Server
 
 from fleetlog import Fleet
 
-from .helpers import wait_until
+from .helpers import rebuild_and_wait
 
 
 async def test_garbage_on_a_heartbeat_subject_live_as_after_a_rebuild(fleet: Fleet, server: Server) -> None:
@@ -35,13 +35,7 @@ async def test_garbage_on_a_heartbeat_subject_live_as_after_a_rebuild(fleet: Fle
     assert other is not None and other.metadata == {"x": 1}
     running = server.projector.live("runtimes")
     live = server.store.table_digest(running.gen.schema, ("runtimes", "runtime_messages"))
-    generation = (await fleet.rebuild("runtimes"))["generation"]
-
-    async def rebuilt() -> bool:
-        return any(p.name == "runtimes" and p.state == "live" and p.generation == generation
-                   for p in (await fleet.status()).projections)
-
-    await wait_until(rebuilt, timeout_s=60, interval_s=0.1)
+    await rebuild_and_wait(fleet, "runtimes")
     running = server.projector.live("runtimes")
     assert server.store.table_digest(running.gen.schema, ("runtimes", "runtime_messages")) == live
     fleet.runtimes.clock = lambda: t0 + 3600

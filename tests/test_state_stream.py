@@ -15,7 +15,7 @@ from fleetlog.services.server import Server
 
 from fleetlog import Fleet, FleetSettings
 
-from .helpers import wait_until
+from .helpers import rebuild_and_wait, wait_until
 
 STREAM = "FLEET_STATE"
 CTX: dict[str, Any] = {"runner_id": "runner-1", "conversation_id": "conv-1", "actor_id": "user-1"}
@@ -43,17 +43,6 @@ async def last_message(settings: FleetSettings, subject: str) -> tuple[int, Any]
 def digest(server: Server) -> Any:
     running = server.projector.live("state")
     return server.store.table_digest(running.gen.schema, ("state",))
-
-
-async def rebuild_and_wait(fleet: Fleet) -> None:
-    generation = (await fleet.rebuild("state"))["generation"]
-
-    async def live() -> bool:
-        status = await fleet.status()
-        return any(p.name == "state" and p.state == "live" and p.generation == generation
-                   for p in status.projections)
-
-    await wait_until(live, 60, 0.05)
 
 
 async def test_twenty_concurrent_writers_last_write_in_stream_order_wins(
@@ -98,7 +87,7 @@ async def test_compaction_rebuild_and_tombstones(fleet: Fleet, settings: FleetSe
     before = digest(server)
     snap_before = msgspec.to_builtins(await fleet.state.snapshot(CTX, BIND, min_seq=token))
 
-    await rebuild_and_wait(fleet)
+    await rebuild_and_wait(fleet, "state")
     assert digest(server) == before  # the same rows, byte for byte (created_at survived compaction)
     assert before["state"][0] == 2
     snap_after = msgspec.to_builtins(await fleet.state.snapshot(CTX, BIND, min_seq=token))
@@ -226,5 +215,5 @@ async def test_a_message_rejected_before_the_fold_clears_its_key_live_as_after_a
     rejects = await fleet.rejects("state", 10, min_seq=token)
     assert len(rejects.items) == 3
     live = digest(server)
-    await rebuild_and_wait(fleet)
+    await rebuild_and_wait(fleet, "state")
     assert digest(server) == live  # the live view and a rebuild from the stream agree
