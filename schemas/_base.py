@@ -38,9 +38,12 @@ Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 IsoTs = Annotated[str, msgspec.Meta(min_length=10, max_length=64)]
 
 
-class Event(msgspec.Struct, kw_only=True, tag_field="type", frozen=True):
+class Event(msgspec.Struct, kw_only=True, tag_field="type", frozen=True, gc=False):
     """Envelope: `id` (dedup key, also sent as Nats-Msg-Id), `type` (the tag), `ts`
-    (event time as given, ISO-8601, UTC when no offset) and `v` (schema version)."""
+    (event time as given, ISO-8601, UTC when no offset) and `v` (schema version).
+
+    Events are immutable and never part of a reference cycle, so the garbage collector
+    does not track them (`gc=False`): fewer tracked allocations on the `record()` path."""
 
     # The stream that holds this family's events; set by each family's base class.
     STREAM: ClassVar[str] = ""
