@@ -63,10 +63,11 @@ def p95_index(n: int) -> int:
 
 class AttemptsProjection(Projection):
     name: ClassVar[str] = "attempts"
-    version: ClassVar[int] = 1
+    # v2: attempt_purged_ids (a purged attempt delivered again stays purged, whatever the batching)
+    version: ClassVar[int] = 2
     streams: ClassVar[tuple[str, ...]] = ("FLEET_ATTEMPTS",)
     event_types: ClassVar[tuple[type[Event], ...]] = (AttemptRecorded, AttemptsPurged)
-    tables: ClassVar[tuple[str, ...]] = ("attempts", "attempt_purges")
+    tables: ClassVar[tuple[str, ...]] = ("attempts", "attempt_purges", "attempt_purged_ids")
 
     def ddl(self) -> Sequence[str]:
         return (
@@ -88,6 +89,14 @@ class AttemptsProjection(Projection):
                 seq BIGINT NOT NULL,
                 before TIMESTAMPTZ NOT NULL,
                 deleted BIGINT NOT NULL
+            )""",
+            # The ids a purge deleted, so that a copy of one delivered after the purge (a
+            # spool replay beyond the broker's dedupe window) is a duplicate, not a new row.
+            # Without them the outcome depended on whether both copies fell in one batch.
+            # seq is the purge's: the ids go when the purge ages out of the stream.
+            """CREATE TABLE IF NOT EXISTS attempt_purged_ids (
+                id UUID NOT NULL,
+                seq BIGINT NOT NULL
             )""",
         )
 
@@ -142,7 +151,7 @@ class AttemptsProjection(Projection):
                 "extras": pa.array(extras, pa.string()),
             }
         )
-        insert_new_by_id(con, "attempts", table, COLUMNS)
+        insert_new_by_id(con, "attempts", table, COLUMNS, also_skip=("attempt_purged_ids",))
 
     def _purge(self, con: duckdb.DuckDBPyConnection, stored: StoredEvent, event: AttemptsPurged) -> None:
         from fleetlog.schemas import parse_ts
@@ -151,6 +160,7 @@ class AttemptsProjection(Projection):
         row = con.execute("SELECT count(*) FROM attempt_purges WHERE event_id = ?", [event.id]).fetchone()
         if row and row[0]:
             return  # the same purge delivered twice
+        con.execute("INSERT INTO attempt_purged_ids SELECT id, ? FROM attempts WHERE ts_utc < ?", [stored.seq, cutoff])
         deleted = con.execute("DELETE FROM attempts WHERE ts_utc < ?", [cutoff]).fetchone()
         n = int(deleted[0]) if deleted else 0
         con.execute(
@@ -161,6 +171,7 @@ class AttemptsProjection(Projection):
         """Attempts (and purge records) that aged out of FLEET_ATTEMPTS."""
         row = con.execute("DELETE FROM attempts WHERE seq < ?", [first_seq]).fetchone()
         con.execute("DELETE FROM attempt_purges WHERE seq < ?", [first_seq])
+        con.execute("DELETE FROM attempt_purged_ids WHERE seq < ?", [first_seq])
         return int(row[0]) if row else 0
 
     def endpoints(self) -> Sequence[Endpoint]:

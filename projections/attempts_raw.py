@@ -129,6 +129,10 @@ WHERE ok AND seq > ? AND seq < ?
     SELECT t.id FROM attempts t
     WHERE t.id BETWEEN (SELECT min(id) FROM _fleetlog_attempts_stage WHERE ok)
                    AND (SELECT max(id) FROM _fleetlog_attempts_stage WHERE ok)
+    UNION ALL
+    SELECT p.id FROM attempt_purged_ids p  -- deleted by a purge: a copy stays deleted
+    WHERE p.id BETWEEN (SELECT min(id) FROM _fleetlog_attempts_stage WHERE ok)
+                   AND (SELECT max(id) FROM _fleetlog_attempts_stage WHERE ok)
   )
 """
 _FIRST_PER_ID = " QUALIFY row_number() OVER (PARTITION BY id ORDER BY seq) = 1"

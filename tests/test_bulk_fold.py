@@ -132,7 +132,11 @@ def _corpus() -> tuple[list[tuple[str, bytes, bool]], int]:
     # it removes the attempts before it with an older ts, not the ones after it.
     out.sort(key=lambda item: hash(item[1]))
     purge = AttemptsPurged(id=new_event_id(), ts="2026-11-20T00:00:00Z", before="2026-11-16T03:44:42.1+00:00")
-    out.insert(len(out) // 2, (purge.subject(), encode_event(purge), True))
+    # One event with a copy on each side of the purge: the purge deletes it, and the copy
+    # (same id) stays deleted on every path and with every batching.
+    purged = _sdk(agent="purged-then-copied")
+    middle = len(out) // 2
+    out[middle:middle] = [(*purged, False), (purge.subject(), encode_event(purge), True), (*purged, False)]
     return out, len(rejected)
 
 
@@ -188,6 +192,7 @@ async def test_bulk_fold_equals_decode_and_fold(
     assert bulk[2] == small[2] == expected_decoded
     assert decoded[2] == 0
     # Sanity: the purge removed some rows, and every garbage payload is a reject.
+    assert bulk[0]["attempt_purged_ids"][0] > 0
     rows = bulk[0]["attempts"][0]
     assert 0 < rows < len(corpus) - len(bulk[1])
     assert len(bulk[1]) == n_rejected
