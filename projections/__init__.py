@@ -13,16 +13,18 @@ from ._base import (
 from .attempts import PROJECTION as ATTEMPTS
 from .runs import PROJECTION as RUNS
 from .runtimes import PROJECTION as RUNTIMES
+from .snapshots import PROJECTION as SNAPSHOTS
 from .state import PROJECTION as STATE
 
 # Every projection the projector runs, in start-up order.
-ALL: tuple[Projection, ...] = (ATTEMPTS, RUNS, RUNTIMES, STATE)
+ALL: tuple[Projection, ...] = (ATTEMPTS, RUNS, RUNTIMES, STATE, SNAPSHOTS)
 
 __all__ = [
     "ALL",
     "ATTEMPTS",
     "RUNS",
     "RUNTIMES",
+    "SNAPSHOTS",
     "STATE",
     "Endpoint",
     "FoldReject",

@@ -58,8 +58,9 @@ STREAMS: Final[tuple[StreamSpec, ...]] = (
         "FLEET_SNAPSHOTS",
         ("fleet.snapshot.*.*",),
         "host snapshots",
+        # Max age only, no last-N per subject: the view then holds exactly the snapshots a
+        # rebuild sees (trimmed by stream sequence), and history reaches back the whole age.
         max_age_s=30 * DAY_S,
-        max_msgs_per_subject=10,
         max_age_setting="snapshots_max_age_days",
     ),
     StreamSpec(

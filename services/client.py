@@ -32,6 +32,7 @@ from .errors import FleetUnavailable, FleetValidationError, QueryError, StaleErr
 from .publisher import Publisher, PublisherStats, Receipt, Token
 from .runs import RunsAPI
 from .runtimes import RuntimesAPI
+from .snapshots import SnapshotsAPI
 from .state import StateAPI, StateSyncAPI
 from .streams import ensure_streams
 from .sync import SyncFacade
@@ -56,6 +57,7 @@ class Fleet:
         self.runs = RunsAPI(self)
         self.runtimes = RuntimesAPI(self)
         self.state = StateAPI(self)
+        self.snapshots = SnapshotsAPI(self)
 
     @classmethod
     async def connect(
@@ -254,6 +256,7 @@ class FleetSync:
         self.runs = SyncFacade(fleet.runs, self._run)
         self.runtimes = SyncFacade(fleet.runtimes, self._run)
         self.state = StateSyncAPI(fleet.state, self._run)
+        self.snapshots = SyncFacade(fleet.snapshots, self._run)
 
     @classmethod
     def connect(cls, nats_url: str | None = None, **kwargs: Any) -> FleetSync:

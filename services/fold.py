@@ -254,6 +254,10 @@ class BatchFolder:
             cur.close()
         return out
 
+    def advance(self, schema: str, stream: str, seq: int) -> None:
+        """Move the checkpoint to `seq` with nothing to fold: the stream holds no message up to it."""
+        self._commit(schema, stream, None, [], seq)
+
     def trim(self, projection: Projection, schema: str, stream: str, first_seq: int) -> int:
         """`Projection.trim` in its own transaction (retention: rows whose messages aged out)."""
         cur = self.store.cursor(schema)

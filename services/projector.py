@@ -215,6 +215,14 @@ class Projector:
         except Exception:
             return
         last_seq = info.state.last_seq
+        if info.state.messages == 0 and last_seq > feed.checkpoint:
+            # Everything up to last_seq left the stream unfolded (aged out before a rebuild,
+            # or purged): nothing will ever be delivered up to it, so the checkpoint moves
+            # there, or a min_seq token up to last_seq would wait in vain.
+            await asyncio.get_running_loop().run_in_executor(
+                self._fold_thread, self.folder.advance, running.gen.schema, stream, last_seq
+            )
+            feed.checkpoint = last_seq
         if last_seq <= feed.checkpoint:
             feed.caught_up = True
             feed.pending = 0

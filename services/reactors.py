@@ -1,8 +1,9 @@
-"""Reactors (DESIGN §6): time-driven workers that publish new facts, safe to run more than once.
+"""Reactors (DESIGN §6): workers that publish new facts, safe to run more than once.
 
 Every effect is a guarded command: two sweepers racing over the same expired
 lease produce one `run.lease_expired` (the other loses on the expected sequence);
-a stale mark loses to a heartbeat that landed first.
+a stale mark loses to a heartbeat that landed first; two snapshot differs never
+publish two diffs for one snapshot (services/snapshot_differ.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from .client import Fleet
 from .config import FleetSettings
+from .snapshot_differ import SnapshotDiffer
 
 __all__ = ["Reactors"]
 
@@ -21,12 +23,13 @@ log = logging.getLogger("fleetlog.reactors")
 
 
 class Reactors:
-    """The claim-lease sweeper and the stale-runtime marker, on their own client connection."""
+    """The claim-lease sweeper, the stale-runtime marker and the snapshot differ, on their own connection."""
 
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings
         self._tasks: list[asyncio.Task[None]] = []
         self.fleet: Fleet | None = None
+        self.differ: SnapshotDiffer | None = None
         self.swept = 0
         self.marked = 0
 
@@ -36,6 +39,8 @@ class Reactors:
             asyncio.create_task(self._every("lease sweeper", self.sweep_leases)),
             asyncio.create_task(self._every("stale-runtime marker", self.mark_stale)),
         ]
+        self.differ = SnapshotDiffer(await self.fleet.nats())
+        self._tasks.append(asyncio.create_task(self._every("snapshot differ", self.diff_snapshots)))
 
     async def sweep_leases(self) -> None:
         assert self.fleet is not None
@@ -48,6 +53,12 @@ class Reactors:
     async def mark_stale(self) -> None:
         assert self.fleet is not None
         self.marked += len(await self.fleet.runtimes.mark_stale())
+
+    async def diff_snapshots(self) -> None:
+        """Diff every snapshot waiting (each fetch waits up to 1 s for new ones), then rest a tick."""
+        assert self.differ is not None
+        while await self.differ.run_once(timeout=1.0):
+            pass
 
     async def _every(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         interval = self.settings.reactor_interval_s
@@ -66,5 +77,7 @@ class Reactors:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.differ is not None:
+            await self.differ.stop()
         if self.fleet is not None:
             await self.fleet.close()

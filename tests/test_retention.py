@@ -1,4 +1,4 @@
-"""Retention: view rows follow their stream's age limit, so the live view equals a rebuild."""
+"""Retention: view rows follow their streams' age limits, so the live view equals a rebuild."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fleetlog.services.broker import EmbeddedBroker
 from fleetlog.services.server import Server
+from fleetlog.services.snapshot_differ import SnapshotDiffer
 
 from fleetlog import Fleet, FleetSettings
 
@@ -47,6 +48,52 @@ async def test_rows_leave_the_view_when_their_messages_age_out(tmp_path: Path, b
         await rebuild_and_wait(fleet, "attempts")
         running = server.projector.live("attempts")
         assert server.store.table_digest(running.gen.schema, ("attempts", "attempt_purges")) == live
+    finally:
+        await fleet.close()
+        await server.stop()
+
+
+async def test_snapshots_and_diffs_leave_the_view_when_they_age_out(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    settings = FleetSettings(
+        nats_url=broker.url, data_dir=tmp_path / "data", spool_dir=tmp_path / "spool", batch_wait_s=0.01,
+        reactors=False, snapshots_max_age_days=3 / 86_400, retention_interval_s=0.2,
+    )
+    server = Server(settings)
+    await server.start()
+    fleet = await Fleet.connect(settings=settings)
+    try:
+        for i in range(3):
+            fleet.snapshots.take("a", {"i": i}, host="old")
+        token = await fleet.flush()
+        assert len((await fleet.snapshots.history("old", "a", min_seq=token)).items) == 3
+        differ = SnapshotDiffer(server.nc)
+        while await differ.run_once(timeout=0.5):
+            pass
+        await differ.stop()
+        assert differ.published == 3
+        nc = await fleet.nats()
+
+        async def aged_out() -> bool:
+            js = nc.jetstream()
+            snaps, diffs = await js.stream_info("FLEET_SNAPSHOTS"), await js.stream_info("FLEET_DIFFS")
+            return (snaps.state.messages == 0 and diffs.state.messages == 0
+                    and not (await fleet.snapshots.latest()).items and not (await fleet.snapshots.diffs()).items)
+
+        await wait_until(aged_out, timeout_s=30, interval_s=0.2)
+        fresh = fleet.snapshots.take("a", {"i": 9}, host="old")
+        token = await fleet.flush()
+        assert [s.id for s in (await fleet.snapshots.history("old", "a", min_seq=token)).items] == [fresh.id]
+        running = server.projector.live("snapshots")
+        live = server.store.table_digest(running.gen.schema, ("snapshots", "snapshot_diffs"))
+        diffs_seq = running.feeds["FLEET_DIFFS"].checkpoint
+        assert diffs_seq == 3
+        # FLEET_DIFFS is now empty: the rebuild must still catch up (its checkpoint moves to
+        # the stream's last seq) and answer a token that names the aged-out diffs.
+        await rebuild_and_wait(fleet, "snapshots")
+        running = server.projector.live("snapshots")
+        assert server.store.table_digest(running.gen.schema, ("snapshots", "snapshot_diffs")) == live
+        assert running.feeds["FLEET_DIFFS"].checkpoint == diffs_seq
+        assert (await fleet.snapshots.diffs(min_seq={"FLEET_DIFFS": diffs_seq})).items == []
     finally:
         await fleet.close()
         await server.stop()

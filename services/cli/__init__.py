@@ -10,6 +10,7 @@ from .replica import export, replica
 from .run import serve, up
 from .runs import runs
 from .runtimes import runtimes
+from .snapshots import snapshots
 from .sql import sql
 from .state import state
 
@@ -28,7 +29,8 @@ def emit() -> None:
 
 
 emit.add_command(emit_attempt)
-for command in (up, serve, status, attempts, runs, runtimes, state, sql, replica, export, schemas, rejects, rebuild):
+for command in (up, serve, status, attempts, runs, runtimes, state, snapshots, sql, replica, export, schemas, rejects,
+                rebuild):
     cli.add_command(command)
 
 

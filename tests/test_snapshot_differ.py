@@ -1,0 +1,161 @@
+"""The snapshot differ against the real broker: chained diffs, exactly one per snapshot, races,
+restarts, redelivery, live `watch`, and a rebuild that re-emits nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+
+import nats
+from fleetlog.schemas import subjects
+from fleetlog.schemas.snapshots import SnapshotDiff
+from fleetlog.services.reactors import Reactors
+from fleetlog.services.server import Server
+from fleetlog.services.snapshot_differ import SnapshotDiffer
+
+from fleetlog import Fleet
+
+from .helpers import rebuild_and_wait
+
+
+async def _drain(differ: SnapshotDiffer) -> None:
+    """Diff everything waiting, then unsubscribe (a live pull subscription holds up the
+    connection's drain at shutdown)."""
+    while await differ.run_once(timeout=0.5):
+        pass
+    await differ.stop()
+
+
+async def _diff_stream_seq(fleet: Fleet) -> int:
+    js = (await fleet.nats()).jetstream()
+    return (await js.stream_info("FLEET_DIFFS")).state.last_seq
+
+
+async def test_one_diff_per_snapshot_chained(fleet: Fleet, server: Server) -> None:
+    fleet.snapshots.take("a", {"v": 1, "cfg": {"x": 1}}, host="h")
+    fleet.snapshots.take("a", {"v": 1, "cfg": {"x": 1}}, host="h")  # unchanged: an empty diff
+    fleet.snapshots.take("a", {"v": 2, "cfg": {}}, host="h")
+    fleet.snapshots.take("b", {"up": True}, host="h")
+    token = await fleet.flush()
+    snaps = (await fleet.snapshots.history("h", "a", min_seq=token)).items[::-1]
+    differ = SnapshotDiffer(server.nc)
+    await _drain(differ)
+    assert (differ.published, differ.covered, differ.skipped) == (4, 0, 0)
+
+    last = await _diff_stream_seq(fleet)
+    diffs = (await fleet.snapshots.diffs(min_seq={"FLEET_DIFFS": last})).items
+    assert len(diffs) == 4
+    of_a = [d for d in diffs if d.agent == "a"]
+    assert [(d.from_seq, d.to_seq) for d in of_a] == [
+        (None, snaps[0].seq), (snaps[0].seq, snaps[1].seq), (snaps[1].seq, snaps[2].seq)]
+    assert of_a[0].added == {"/v": 1, "/cfg/x": 1}
+    assert (of_a[1].added, of_a[1].removed, of_a[1].changed) == ({}, [], {})
+    assert of_a[2].changed == {"/v": {"from": 1, "to": 2}} and of_a[2].removed == ["/cfg/x"]
+    assert of_a[2].added == {"/cfg": {}} and of_a[2].snapshot_ts == snaps[2].ts
+    changes = await fleet.snapshots.diffs(host="h", changes_only=True)
+    assert len(changes.items) == 3  # the empty diff left out
+    assert [d.agent for d in (await fleet.snapshots.diffs(agent="b")).items] == ["b"]
+
+    # Redelivered (a crash between publish and ack): covered, nothing published twice.
+    again = SnapshotDiffer(server.nc, durable="another-consumer")
+    await _drain(again)
+    assert (again.published, again.covered) == (0, 4)
+
+
+async def test_two_differs_race_and_restart(fleet: Fleet, server: Server) -> None:
+    """Two differs on one durable consumer, one of them stopped half way and replaced:
+    no snapshot is diffed twice, each subject's diffs form one chain ending at its last
+    snapshot, and each diff's content is the diff of the snapshots it names."""
+    hosts = [f"h{i}" for i in range(4)]
+    for n in range(60):
+        for h in hosts:
+            fleet.snapshots.take("agent", {"n": n // 3, "h": h}, host=h)
+    token = await fleet.flush()
+    await fleet.snapshots.latest(min_seq=token)
+    nc2 = await nats.connect(fleet.settings.nats_url)
+    try:
+        one, two = SnapshotDiffer(server.nc, batch=16), SnapshotDiffer(nc2, batch=16)
+        await asyncio.gather(one.run_once(), two.run_once())
+        await two.stop()  # stopped half way
+        three = SnapshotDiffer(nc2, batch=16)  # a restarted differ: same durable consumer
+        await asyncio.gather(_drain(one), _drain(three))
+    finally:
+        await nc2.close()
+    assert one.published and two.published and three.published  # all three took part
+    published = one.published + two.published + three.published
+    assert published + one.covered + two.covered + three.covered >= 240
+    last_seq = await _diff_stream_seq(fleet)
+    diffs = await fleet.snapshots.diffs(limit=500, min_seq={"FLEET_DIFFS": last_seq})
+    assert len(diffs.items) == published
+    for h in hosts:
+        chain = [d for d in diffs.items if d.host == h]
+        to_seqs = [d.to_seq for d in chain]
+        assert to_seqs == sorted(set(to_seqs))  # never twice, never backwards
+        assert chain[0].from_seq is None
+        assert all(b.from_seq == a.to_seq for a, b in itertools.pairwise(chain))
+        newest = await fleet.snapshots.get(h, "agent")
+        assert newest is not None and chain[-1].to_seq == newest.seq
+        for d in chain[1:]:
+            expected = await fleet.snapshots.diff(h, "agent", from_seq=d.from_seq, to_seq=d.to_seq)
+            assert (d.added, d.removed, d.changed) == (expected.added, expected.removed, expected.changed)
+
+
+async def test_garbage_is_skipped_and_a_rebuild_emits_nothing(fleet: Fleet, server: Server) -> None:
+    fleet.snapshots.take("a", {"v": 1}, host="h")
+    await fleet.flush()
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        await nc.jetstream().publish(subjects.snapshot("h", "a"), b"garbage")
+    finally:
+        await nc.close()
+    fleet.snapshots.take("a", {"v": 2}, host="h")
+    await fleet.flush()
+    differ = SnapshotDiffer(server.nc)
+    await _drain(differ)
+    assert (differ.published, differ.skipped) == (2, 1)
+    before = await _diff_stream_seq(fleet)
+    diffs = await fleet.snapshots.diffs(min_seq={"FLEET_DIFFS": before})
+    assert [d.changed for d in diffs.items] == [{}, {"/v": {"from": 1, "to": 2}}]
+    await rebuild_and_wait(fleet, "snapshots")
+    assert await _diff_stream_seq(fleet) == before
+    assert len((await fleet.snapshots.diffs()).items) == 2
+
+
+async def test_watch_follows_the_reactor_live(fleet: Fleet, server: Server) -> None:
+    reactors = Reactors(fleet.settings)
+    await reactors.start()
+    got: list[tuple[int, SnapshotDiff]] = []
+
+    async def follow() -> None:
+        async for seq, diff in fleet.snapshots.watch(host="w"):
+            got.append((seq, diff))
+
+    task = asyncio.create_task(follow())
+    try:
+        await asyncio.sleep(0.3)  # the subscription is in place (deliver: new)
+        fleet.snapshots.take("a", {"v": 1}, host="w")
+        fleet.snapshots.take("a", {"v": 1}, host="w")  # an empty diff: not shown (changes_only)
+        fleet.snapshots.take("a", {"v": 2}, host="w")
+        fleet.snapshots.take("a", {"v": 9}, host="other")  # another host: filtered out
+        await fleet.flush()
+        for _ in range(200):
+            if len(got) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [d.changed or d.added for _, d in got] == [{"/v": 1}, {"/v": {"from": 1, "to": 2}}]
+        assert got[0][0] < got[1][0]
+        # Replay from a position: the history first, empty diffs included when asked.
+        replayed: list[SnapshotDiff] = []
+        watcher = fleet.snapshots.watch(host="w", after_seq=0, changes_only=False)
+        async for _, diff in watcher:
+            replayed.append(diff)
+            if len(replayed) == 3:
+                break
+        await watcher.aclose()
+        assert [d.empty for d in replayed] == [False, True, False]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await reactors.stop()
