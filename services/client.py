@@ -29,6 +29,7 @@ from .attempts import AttemptsAPI, AttemptsSyncAPI
 from .config import FleetSettings
 from .connection import Link
 from .errors import FleetUnavailable, FleetValidationError, QueryError, StaleError
+from .processors import ProcessorsAPI
 from .publisher import Publisher, PublisherStats, Receipt, Token
 from .runs import RunsAPI
 from .runtimes import RuntimesAPI
@@ -58,6 +59,7 @@ class Fleet:
         self.runtimes = RuntimesAPI(self)
         self.state = StateAPI(self)
         self.snapshots = SnapshotsAPI(self)
+        self.processors = ProcessorsAPI(self)
 
     @classmethod
     async def connect(
@@ -257,6 +259,7 @@ class FleetSync:
         self.runtimes = SyncFacade(fleet.runtimes, self._run)
         self.state = StateSyncAPI(fleet.state, self._run)
         self.snapshots = SyncFacade(fleet.snapshots, self._run)
+        self.processors = SyncFacade(fleet.processors, self._run)
 
     @classmethod
     def connect(cls, nats_url: str | None = None, **kwargs: Any) -> FleetSync:

@@ -6,6 +6,7 @@ import click
 
 from .admin import rebuild, rejects, schemas, status
 from .attempts import attempts, emit_attempt
+from .processors import processors
 from .replica import export, replica
 from .run import serve, up
 from .runs import runs
@@ -29,8 +30,8 @@ def emit() -> None:
 
 
 emit.add_command(emit_attempt)
-for command in (up, serve, status, attempts, runs, runtimes, state, snapshots, sql, replica, export, schemas, rejects,
-                rebuild):
+for command in (up, serve, status, attempts, runs, runtimes, state, snapshots, processors, sql, replica, export,
+                schemas, rejects, rebuild):
     cli.add_command(command)
 
 
