@@ -45,13 +45,13 @@ _json = msgspec.json.Encoder()
 _loads = msgspec.json.decode
 _SNAPSHOT_COLUMNS = "CAST(id AS UUID), seq, host, agent, ts, ts_utc, json(data)"
 _DIFF_COLUMNS = ("CAST(id AS UUID), seq, host, agent, from_seq, to_seq, snapshot_ts, json(added), json(removed),"
-                 " json(changed), changes")
+                 " json(changed), changes, truncated")
 _ROW = "host, agent, seq, CAST(id AS VARCHAR), ts, CAST(epoch(ts_utc) AS BIGINT), data"
 
 
 class SnapshotsProjection(Projection):
     name: ClassVar[str] = "snapshots"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: snapshot_diffs.truncated
     streams: ClassVar[tuple[str, ...]] = (SNAPSHOTS, DIFFS)
     event_types: ClassVar[tuple[type[Event], ...]] = (HostSnapshot, SnapshotDiff)
     tables: ClassVar[tuple[str, ...]] = ("snapshots", "snapshot_diffs")
@@ -78,7 +78,8 @@ class SnapshotsProjection(Projection):
                 added JSON NOT NULL,
                 removed JSON NOT NULL,
                 changed JSON NOT NULL,
-                changes INTEGER NOT NULL      -- paths added + removed + changed
+                changes INTEGER NOT NULL,     -- paths added + removed + changed
+                truncated BOOLEAN NOT NULL    -- too large to publish: the lists are empty
             )""",
         )
 
@@ -133,7 +134,9 @@ def _diff_rows(batch: list[StoredEvent]) -> pa.Table:
         "added": pa.array([enc(e.added).decode() for e in events], pa.string()),
         "removed": pa.array([enc(e.removed).decode() for e in events], pa.string()),
         "changed": pa.array([enc(e.changed).decode() for e in events], pa.string()),
-        "changes": pa.array([len(e.added) + len(e.removed) + len(e.changed) for e in events], pa.int32()),
+        "changes": pa.array([e.paths if e.truncated and e.paths is not None
+                             else len(e.added) + len(e.removed) + len(e.changed) for e in events], pa.int32()),
+        "truncated": pa.array([e.truncated for e in events], pa.bool_()),
     })
 
 
@@ -142,16 +145,23 @@ def _row(r: tuple[Any, ...]) -> SnapshotRow:
 
 
 async def _latest(ctx: QueryContext, req: SnapshotsLatestQuery) -> SnapshotList:
-    clauses, params = _who(req.host, req.agent)
+    after = "(host, agent) > (?, ?)" if req.after is not None and len(req.after) == 2 else None
+    clauses, params = _who(req.host, req.agent, after)
+    if after is not None:
+        assert req.after is not None
+        params += list(req.after)
 
     def run(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
         return cur.execute(
             f"SELECT {_ROW} FROM snapshots {clauses}"
             " QUALIFY row_number() OVER (PARTITION BY host, agent ORDER BY seq DESC) = 1"
-            " ORDER BY host, agent LIMIT ?", [*params, req.limit],
+            " ORDER BY host, agent LIMIT ?", [*params, req.limit + 1],
         ).fetchall()
 
-    return SnapshotList(items=[_row(r) for r in await ctx.read(run)])
+    rows = await ctx.read(run)
+    items = [_row(r) for r in rows[: req.limit]]
+    more = len(rows) > req.limit
+    return SnapshotList(items=items, next_after=[items[-1].host, items[-1].agent] if more else None)
 
 
 async def _history(ctx: QueryContext, req: SnapshotHistoryQuery) -> SnapshotList:
@@ -208,14 +218,15 @@ async def _diffs(ctx: QueryContext, req: DiffsQuery) -> DiffList:
 
     def run(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
         return cur.execute(
-            "SELECT host, agent, seq, from_seq, to_seq, snapshot_ts, added, removed, changed FROM snapshot_diffs"
+            "SELECT host, agent, seq, from_seq, to_seq, snapshot_ts, added, removed, changed, truncated"
+            " FROM snapshot_diffs"
             f" {clauses} ORDER BY seq LIMIT ?", [*params, req.after_seq, req.limit + 1],
         ).fetchall()
 
     rows = await ctx.read(run)
     items = [
         DiffRow(host=r[0], agent=r[1], seq=r[2], from_seq=r[3], to_seq=r[4], snapshot_ts=r[5], added=_loads(r[6]),
-                removed=_loads(r[7]), changed=_loads(r[8]))
+                removed=_loads(r[7]), changed=_loads(r[8]), truncated=r[9])
         for r in rows[: req.limit]
     ]
     return DiffList(items=items, next_cursor=items[-1].seq if len(rows) > req.limit else None)

@@ -71,13 +71,18 @@ class SnapshotDiff(Event, tag="snapshot.diff", kw_only=True, frozen=True):
     added: dict[str, Any] = msgspec.field(default_factory=dict)
     removed: list[str] = msgspec.field(default_factory=list)
     changed: dict[str, Any] = msgspec.field(default_factory=dict)  # path -> {"from": old, "to": new}
+    # The diff was too large to publish (it can be larger than both snapshots: paths repeat
+    # their parents, `changed` holds both values): added/removed/changed are left empty and
+    # `paths` counts what they held; compare the snapshots themselves (`diff` on demand).
+    truncated: bool = False
+    paths: int | None = None
 
     def subject(self) -> str:
         return subjects.diff(self.host, self.agent)
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed)
+        return not (self.added or self.removed or self.changed or self.truncated)
 
 
 def pointer(parent: str, key: str) -> str:
@@ -128,6 +133,7 @@ class SnapshotRow(msgspec.Struct, kw_only=True):
 class SnapshotList(Answer, kw_only=True):
     items: list[SnapshotRow]
     next_cursor: int | None = None  # history: pass as before_seq for the next (older) page
+    next_after: list[str] | None = None  # latest: [host, agent], pass as `after` for the next page
 
 
 class SnapshotsLatestQuery(msgspec.Struct, kw_only=True):
@@ -135,6 +141,7 @@ class SnapshotsLatestQuery(msgspec.Struct, kw_only=True):
 
     host: str | None = None
     agent: str | None = None
+    after: list[str] | None = None  # [host, agent]: the page after this pair (the previous next_after)
     limit: Limit = 100
     min_seq: dict[str, int] | None = None
 
@@ -202,6 +209,7 @@ class DiffRow(msgspec.Struct, kw_only=True):
     added: dict[str, Any]
     removed: list[str]
     changed: dict[str, Any]
+    truncated: bool = False  # too large to publish: compare the snapshots (`diff`)
 
 
 class DiffList(Answer, kw_only=True):

@@ -39,7 +39,7 @@ class Reactors:
             asyncio.create_task(self._every("lease sweeper", self.sweep_leases)),
             asyncio.create_task(self._every("stale-runtime marker", self.mark_stale)),
         ]
-        self.differ = SnapshotDiffer(await self.fleet.nats())
+        self.differ = SnapshotDiffer(await self.fleet.nats(), max_event_bytes=self.settings.max_event_bytes)
         self._tasks.append(asyncio.create_task(self._every("snapshot differ", self.diff_snapshots)))
 
     async def sweep_leases(self) -> None:

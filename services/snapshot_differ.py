@@ -14,23 +14,31 @@ previous diff's `to_seq`. Every snapshot gets its own diff when one differ runs,
 when the snapshots of one subject reach the differs one at a time; if two differs
 take two snapshots of the same subject at once, the later snapshot's diff may come
 first and then covers both (the earlier one gets none: the chain never goes back).
+With several differs and a backlog that is common, not rare.
+
 A diff whose base has aged out of the stream has `from_seq` null and everything in
-`added`. A rebuild of the views never runs the differ: diffs are facts in FLEET_DIFFS.
+`added`. A diff larger than `max_event_bytes` (the projector's limit) is published
+`truncated`: its paths left out, counted in `paths`. The differ diffs exactly the
+snapshots the projector folds (same size, decode, subject and ts rules). An error on
+one snapshot hands the rest of its batch back (`nak` with a delay), so they come back
+in order; after MAX_DELIVER failed deliveries a snapshot is given up and logged.
+A rebuild of the views never runs the differ: diffs are facts in FLEET_DIFFS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 import msgspec
-from fleetlog.schemas import encode_event, new_event_id, now_iso, subjects
+from fleetlog.schemas import encode_event, new_event_id, now_iso, parse_ts, subjects
 from fleetlog.schemas.snapshots import HostSnapshot, SnapshotDiff, diff_data
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from .guarded import BrokerRefused, Guarded, WrongLastSequence
+from .guarded import Guarded, WrongLastSequence
 
 __all__ = ["SnapshotDiffer"]
 
@@ -40,21 +48,28 @@ SNAPSHOTS = "FLEET_SNAPSHOTS"
 DIFFS = "FLEET_DIFFS"
 DURABLE = "fleetlog-snapshot-differ"
 MAX_RACES = 50
+MAX_DELIVER = 5  # deliveries of one snapshot that failed with an error before it is given up
+RETRY_DELAY_S = 1.0
+DEFAULT_MAX_EVENT_BYTES = 512 * 1024  # FleetSettings.max_event_bytes' default
 _snapshot = msgspec.json.Decoder(HostSnapshot)
 _diff = msgspec.json.Decoder(SnapshotDiff)
 
 
 class SnapshotDiffer:
-    def __init__(self, nc: Client, batch: int = 256, durable: str = DURABLE) -> None:
+    def __init__(self, nc: Client, batch: int = 256, durable: str = DURABLE,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.nc = nc
         self.batch = batch
         self.durable = durable
+        self.max_event_bytes = max_event_bytes  # the projector's limit: a larger diff would be a reject
         self.guarded = Guarded(nc)
         self._sub: Any = None
         self.published = 0  # diffs this differ published
+        self.truncated = 0  # ... of which too large to carry their paths
         self.covered = 0  # snapshots another differ (or an earlier delivery) had already diffed
-        self.skipped = 0  # messages that are not a valid snapshot (the projector rejects them)
-        self.failed = 0  # diffs JetStream refused (e.g. larger than max_payload)
+        self.skipped = 0  # messages the projector rejects too (not a valid snapshot): no diff
+        self.retried = 0  # deliveries handed back after an error (redelivered in order after RETRY_DELAY_S)
+        self.failed = 0  # snapshots given up after MAX_DELIVER failed deliveries
 
     async def start(self) -> None:
         js = self.nc.jetstream()
@@ -66,30 +81,61 @@ class SnapshotDiffer:
                                             config=config)
 
     async def run_once(self, timeout: float = 1.0) -> int:
-        """Fetch up to one batch, diff each snapshot in order, ack it. Returns the messages handled."""
+        """Fetch up to one batch, diff each snapshot in order, ack it. Returns the messages handled.
+
+        An error on one message (broker away, a timeout) hands it and the rest of the batch
+        back with one delay (`nak`), so they are redelivered in order and each snapshot still
+        gets its own diff; after MAX_DELIVER deliveries a snapshot is given up (`term`, logged):
+        the next snapshot's diff then covers it."""
         if self._sub is None:
             await self.start()
         try:
             msgs = await self._sub.fetch(self.batch, timeout=timeout)
         except (TimeoutError, NatsTimeout):
             return 0
-        for msg in msgs:
-            await self.handle(msg.metadata.sequence.stream, msg.subject, msg.data)
+        for i, msg in enumerate(msgs):
+            try:
+                await self.handle(msg.metadata.sequence.stream, msg.subject, msg.data)
+            except Exception as exc:
+                await self._hand_back(msgs[i:], exc)
+                return i
             await msg.ack()
         return len(msgs)
+
+    async def _hand_back(self, msgs: list[Any], exc: Exception) -> None:
+        first = msgs[0]
+        if first.metadata.num_delivered >= MAX_DELIVER:
+            self.failed += 1
+            log.error("snapshot differ: gave up on %s seq %d after %d deliveries: %s", first.subject,
+                      first.metadata.sequence.stream, first.metadata.num_delivered, exc)
+            await first.term()
+            msgs = msgs[1:]
+        else:
+            log.warning("snapshot differ: %s; retrying %d snapshots in %.0f s", exc, len(msgs), RETRY_DELAY_S)
+        self.retried += len(msgs)
+        for msg in msgs:
+            with contextlib.suppress(Exception):  # unacked messages come back after ack_wait anyway
+                await msg.nak(delay=RETRY_DELAY_S)
 
     async def run(self) -> None:
         while True:
             await self.run_once()
 
-    async def handle(self, seq: int, subject: str, data: bytes) -> SnapshotDiff | None:
-        """The diff for the snapshot at `seq`, published; None if it was covered or is not a snapshot."""
+    def _valid(self, subject: str, data: bytes) -> HostSnapshot | None:
+        """The snapshot, if the projector folds it (the same rules: size, decode, subject, ts)."""
+        if len(data) > self.max_event_bytes:
+            return None
         try:
             snap = _snapshot.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-            self.skipped += 1
+            parse_ts(snap.ts)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError):
             return None
-        if snap.subject() != subject:
+        return snap if snap.subject() == subject else None
+
+    async def handle(self, seq: int, subject: str, data: bytes) -> SnapshotDiff | None:
+        """The diff for the snapshot at `seq`, published; None if it was covered or is not a snapshot."""
+        snap = self._valid(subject, data)
+        if snap is None:
             self.skipped += 1
             return None
         diff_subject = subjects.diff(snap.host, snap.agent)
@@ -108,24 +154,26 @@ class SnapshotDiffer:
                         return None
                     base_seq = previous.to_seq
             base = await self._base(base_seq)
-            added, removed, changed = diff_data(base.data if base is not None else None, snap.data)
-            event = SnapshotDiff(
-                id=new_event_id(), ts=now_iso(), host=snap.host, agent=snap.agent,
-                from_seq=base_seq if base is not None else None, to_seq=seq, snapshot_ts=snap.ts,
-                added=added, removed=removed, changed=changed,
-            )
+            event = self._diff(snap, seq, base_seq if base is not None else None, base)
             try:
                 await self.guarded.publish(diff_subject, encode_event(event), msg_id=event.id,
                                            expected_last_seq=expected)
             except WrongLastSequence:
                 continue  # another differ wrote this subject meanwhile: re-read
-            except BrokerRefused as exc:
-                self.failed += 1
-                log.warning("snapshot differ: no diff for %s seq %d: %s", subject, seq, exc)
-                return None
             self.published += 1
+            self.truncated += event.truncated
             return event
         raise RuntimeError(f"snapshot differ: lost {MAX_RACES} races in a row on {diff_subject}")
+
+    def _diff(self, snap: HostSnapshot, seq: int, base_seq: int | None, base: HostSnapshot | None) -> SnapshotDiff:
+        added, removed, changed = diff_data(base.data if base is not None else None, snap.data)
+        event = SnapshotDiff(id=new_event_id(), ts=now_iso(), host=snap.host, agent=snap.agent, from_seq=base_seq,
+                             to_seq=seq, snapshot_ts=snap.ts, added=added, removed=removed, changed=changed)
+        if len(encode_event(event)) <= self.max_event_bytes:
+            return event
+        return SnapshotDiff(id=event.id, ts=event.ts, host=snap.host, agent=snap.agent, from_seq=base_seq,
+                            to_seq=seq, snapshot_ts=snap.ts, truncated=True,
+                            paths=len(added) + len(removed) + len(changed))
 
     async def _base(self, seq: int | None) -> HostSnapshot | None:
         if seq is None:

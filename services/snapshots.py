@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from fleetlog.schemas import new_event_id, now_iso, subjects
+from fleetlog.schemas import new_event_id, now_iso, parse_ts, subjects
 from fleetlog.schemas.snapshots import (
     DiffList,
     DiffsQuery,
@@ -73,8 +73,14 @@ class SnapshotsAPI:
 
         `data` must be a JSON object (a dict with string keys, JSON-encodable values);
         it is encoded at the call, so changing it afterwards changes nothing. Never
-        blocks; raises FleetValidationError (naming the field) for bad input only."""
+        blocks; raises FleetValidationError (naming the field) for bad input only. `ts`
+        (default now) is an ISO-8601 time, stored as given; no offset means UTC."""
         agent = _identity("agent", agent)
+        if ts is not None:
+            try:
+                parse_ts(ts)
+            except (TypeError, ValueError) as exc:
+                raise FleetValidationError("ts", f"must be an ISO-8601 time: {exc}") from None
         host = _identity("host", self.hostname if host is None else host)
         if not isinstance(data, Mapping):
             raise FleetValidationError("data", f"must be a JSON object (a dict), got {type(data).__name__}")
@@ -94,10 +100,12 @@ class SnapshotsAPI:
                 raise FleetValidationError("data", exc.rule) from None
             raise
 
-    async def latest(self, host: str | None = None, agent: str | None = None, limit: int = 100, *,
-                     min_seq: MinSeq = None) -> SnapshotList:
-        """The newest snapshot of every (host, agent), ordered by host then agent."""
-        req = SnapshotsLatestQuery(host=host, agent=agent, limit=_limit(limit), min_seq=_token(min_seq))
+    async def latest(self, host: str | None = None, agent: str | None = None, limit: int = 100,
+                     after: list[str] | tuple[str, str] | None = None, *, min_seq: MinSeq = None) -> SnapshotList:
+        """The newest snapshot of every (host, agent), ordered by host then agent; `next_after`
+        pages on (as `after`)."""
+        req = SnapshotsLatestQuery(host=host, agent=agent, after=list(after) if after else None,
+                                   limit=_limit(limit), min_seq=_token(min_seq))
         return await self._fleet.request("fleetlog.snapshots.latest", req, SnapshotList)
 
     async def history(self, host: str, agent: str, limit: int = 10, before_seq: int | None = None, *,
@@ -131,7 +139,8 @@ class SnapshotsAPI:
                     changes_only: bool = True) -> AsyncIterator[tuple[int, SnapshotDiff]]:
         """Diffs as the differ publishes them: (FLEET_DIFFS seq, diff), in stream order.
 
-        From now on by default; from `after_seq` + 1 to replay history first. An ordered
+        From the first iteration on by default (the subscription starts when the loop does);
+        from `after_seq` + 1 to replay history first (`after_seq=0`: everything kept). An ordered
         consumer straight on FLEET_DIFFS (no query service involved): it survives
         reconnects and never skips. Messages that do not decode are skipped (the
         projector records them as rejects)."""
@@ -143,7 +152,8 @@ class SnapshotsAPI:
         if after_seq is None:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
         else:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=max(0, int(after_seq)) + 1)
         sub = await js.subscribe(subject, stream=DIFFS, ordered_consumer=True, config=config)
         try:
             async for msg in sub.messages:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from typing import Any
 
 import nats
+import pytest
 from fleetlog.schemas import subjects
 from fleetlog.schemas.snapshots import SnapshotDiff
+from fleetlog.services.errors import FleetUnavailable
 from fleetlog.services.reactors import Reactors
 from fleetlog.services.server import Server
 from fleetlog.services.snapshot_differ import SnapshotDiffer
@@ -159,3 +162,72 @@ async def test_watch_follows_the_reactor_live(fleet: Fleet, server: Server) -> N
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await reactors.stop()
+
+
+async def test_a_diff_too_large_is_published_truncated_and_blocks_nothing(fleet: Fleet, server: Server) -> None:
+    """Paths repeat their parents and `changed` holds both values, so a diff can be far larger
+    than its snapshots: here ~37 KB snapshots give a ~650 KB diff, over the projector's limit."""
+    wide = {"k" * 200: {f"leaf{i}": i for i in range(3000)}}
+    fleet.snapshots.take("a", wide, host="big")
+    fleet.snapshots.take("a", {"small": 1}, host="big")
+    await fleet.flush()
+    differ = SnapshotDiffer(server.nc, max_event_bytes=fleet.settings.max_event_bytes)
+    await _drain(differ)
+    assert (differ.published, differ.truncated, differ.failed) == (2, 2, 0)  # both diffs name 3000+ paths
+    diffs = await fleet.snapshots.diffs(host="big", min_seq={"FLEET_DIFFS": await _diff_stream_seq(fleet)})
+    assert [(d.truncated, d.added) for d in diffs.items] == [(True, {}), (True, {})]
+    assert (await fleet.snapshots.diffs(host="big", changes_only=True)).items  # truncated is a change
+    fleet.snapshots.take("a", {"small": 2}, host="big")
+    await fleet.flush()
+    await _drain(differ)
+    last = (await fleet.snapshots.diffs(host="big", min_seq={"FLEET_DIFFS": await _diff_stream_seq(fleet)})).items
+    assert last[-1].changed == {"/small": {"from": 1, "to": 2}} and not last[-1].truncated
+
+
+async def test_an_error_hands_the_batch_back_in_order(fleet: Fleet, server: Server,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One failed publish (the broker away for a moment): the snapshot and the rest of its batch
+    come back in order after the retry delay, and each still gets its own diff."""
+    for v in range(4):
+        fleet.snapshots.take("a", {"v": v}, host="flaky")
+    await fleet.flush()
+    differ = SnapshotDiffer(server.nc)
+    real = differ.guarded.publish
+    calls = 0
+
+    async def once_unavailable(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise FleetUnavailable("broker away for a moment")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(differ.guarded, "publish", once_unavailable)
+    assert await differ.run_once(timeout=0.5) == 1  # the first diffed, then the error
+    assert differ.retried == 3
+    for _ in range(50):
+        if differ.published == 4:
+            break
+        await differ.run_once(timeout=0.5)
+    await differ.stop()
+    assert (differ.published, differ.covered, differ.failed) == (4, 0, 0)
+    diffs = await fleet.snapshots.diffs(host="flaky", min_seq={"FLEET_DIFFS": await _diff_stream_seq(fleet)})
+    assert [d.changed for d in diffs.items[1:]] == [{"/v": {"from": v, "to": v + 1}} for v in range(3)]
+
+
+async def test_the_differ_skips_what_the_projector_rejects(fleet: Fleet, server: Server) -> None:
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        await nc.jetstream().publish(subjects.snapshot("h", "a"), b'{"type":"snapshot.taken","id":"0197a1b2-c3d4-7e5f'
+                                                                b'-8071-8293a4b5c6d7","ts":"yesterday-ish","host":"h",'
+                                                                b'"agent":"a","data":{}}')
+    finally:
+        await nc.close()
+    fleet.snapshots.take("a", {"v": 1}, host="h")
+    await fleet.flush()
+    differ = SnapshotDiffer(server.nc)
+    await _drain(differ)
+    assert (differ.published, differ.skipped) == (1, 1)
+    diffs = await fleet.snapshots.diffs(min_seq={"FLEET_DIFFS": await _diff_stream_seq(fleet)})
+    (only,) = diffs.items
+    assert only.from_seq is None and only.added == {"/v": 1}

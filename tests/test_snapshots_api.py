@@ -134,3 +134,24 @@ async def test_garbage_on_the_wire_is_rejected_and_the_view_rebuilds_equal(fleet
     await rebuild_and_wait(fleet, "snapshots")
     running = server.projector.live("snapshots")
     assert server.store.table_digest(running.gen.schema, ("snapshots", "snapshot_diffs")) == live
+
+
+async def test_take_checks_ts_and_latest_pages(fleet: Fleet) -> None:
+    with pytest.raises(FleetValidationError) as info:
+        fleet.snapshots.take("a", {}, host="h", ts="yesterday-ish")
+    assert info.value.field == "ts"
+    r = fleet.snapshots.take("a", {}, host="h", ts="2026-11-22T10:00:00")
+    for host in ("h1", "h2", "h3"):
+        fleet.snapshots.take("b", {"x": 1}, host=host)
+    token = await fleet.flush()
+    got = await fleet.snapshots.get("h", "a", min_seq=token)
+    assert got is not None and got.ts == "2026-11-22T10:00:00" and got.id == r.id  # stored exactly as given
+    pairs: list[tuple[str, str]] = []
+    after = None
+    while True:
+        page = await fleet.snapshots.latest(limit=3, after=after)
+        pairs += [(i.host, i.agent) for i in page.items]
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert pairs == [("h", "a"), ("h1", "b"), ("h2", "b"), ("h3", "b")]
