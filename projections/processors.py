@@ -134,7 +134,7 @@ class ProcessorsProjection(Projection):
             Endpoint("files", ProcFilesQuery, _files, "a processor's files by hash, filtered, paged"),
             Endpoint("seen", ProcSeenQuery, _seen, "the status of each of up to 10,000 file hashes"),
             Endpoint("run", ProcRunQuery, _run, "one run (empty when none)"),
-            Endpoint("runs", ProcRunsQuery, _runs, "a processor's runs, newest first"),
+            Endpoint("runs", ProcRunsQuery, _runs, "a processor's runs, most recently updated first"),
             Endpoint("lock", ProcLockQuery, _lock, "a processor's lock"),
             Endpoint("summary", ProcSummaryQuery, _summary, "every processor: file counts, last run, lock"),
         )
@@ -239,7 +239,7 @@ async def _files(ctx: QueryContext, req: ProcFilesQuery) -> ProcFileList:
 
 
 async def _seen(ctx: QueryContext, req: ProcSeenQuery) -> ProcSeen:
-    hashes = list(dict.fromkeys(req.file_hashes))[:10_000]
+    hashes = list(dict.fromkeys(req.file_hashes))
 
     def run(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
         if not hashes:

@@ -173,7 +173,7 @@ class ProcFileList(Answer, kw_only=True):
 
 class ProcSeenQuery(msgspec.Struct, kw_only=True):
     processor: str
-    file_hashes: list[str]
+    file_hashes: Annotated[list[str], msgspec.Meta(max_length=10_000)]  # the client sends chunks
     min_seq: dict[str, int] | None = None
 
 
@@ -188,6 +188,8 @@ class ProcRunQuery(msgspec.Struct, kw_only=True):
 
 
 class ProcRunsQuery(msgspec.Struct, kw_only=True):
+    """Runs, most recently updated first (a run moves up when it finishes)."""
+
     processor: str
     limit: Limit = 20
     before_seq: int | None = None
@@ -214,7 +216,7 @@ class ProcSummary(msgspec.Struct, kw_only=True):
     processor: str
     files: dict[str, int]  # status -> count
     runs: int
-    last_run: ProcRun | None
+    last_run: ProcRun | None  # the most recently updated run
     lock_holder: str | None  # who holds the lock now (None: free)
 
 

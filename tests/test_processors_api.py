@@ -172,3 +172,75 @@ async def test_garbage_on_a_file_subject_live_as_after_a_rebuild(fleet: Fleet, s
     await rebuild_and_wait(fleet, "processors")
     running = server.projector.live("processors")
     assert server.store.table_digest(running.gen.schema, ("proc_files", "proc_runs", "proc_locks")) == live
+
+
+async def test_one_holder_name_in_two_processes_still_excludes(fleet: Fleet) -> None:
+    other = await Fleet.connect(settings=fleet.settings, name="other-process")
+    try:
+        mine = await fleet.processors.acquire("cron", "cron@host", lease_s=30)
+        assert mine is not None
+        assert await other.processors.acquire("cron", "cron@host", lease_s=30) is None
+        with pytest.raises(ProcessorLockBusy):
+            async with other.processors.locked("cron", holder="cron@host"):
+                pass
+        assert (await fleet.processors.lock("cron", min_seq={"FLEET_PROCESSORS": mine.seq})).holder == "cron@host"
+        assert await fleet.processors.release(mine)  # the busy `locked` above released nothing of ours
+    finally:
+        await other.close()
+
+
+async def test_run_records_start_and_finish_once_under_races_with_a_lock(fleet: Fleet) -> None:
+    lock = await fleet.processors.acquire("batch", lease_s=30)
+    assert lock is not None
+    starts = await asyncio.gather(*(fleet.processors.start_run("batch", "r", files_total=n, lock=lock)
+                                    for n in (1, 2, 3)))
+    assert len({(r.seq, r.files_total) for r in starts}) == 1  # one record; the others got it back
+    results = await asyncio.gather(
+        fleet.processors.finish_run("batch", "r", "completed", lock=lock),
+        fleet.processors.finish_run("batch", "r", "failed", lock=lock),
+        fleet.processors.finish_run("batch", "r", "cancelled"),
+        return_exceptions=True,
+    )
+    done = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, ValueError)]
+    assert len(done) == 1 and len(refused) == 2, results
+    view = await fleet.processors.run("batch", "r", min_seq={"FLEET_PROCESSORS": done[0].seq})
+    assert view is not None and view.status == done[0].status
+
+
+async def test_garbage_on_a_run_subject_is_no_run(fleet: Fleet) -> None:
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        await nc.jetstream().publish(subjects.proc_run("p", "r"), b"not a run")
+    finally:
+        await nc.close()
+    assert await fleet.processors.finish_run("p", "r", "failed") is None
+    run = await fleet.processors.start_run("p", "r", files_total=2)
+    assert run.files_total == 2 and run.status == "running"
+
+
+async def test_seen_takes_any_number_of_hashes(fleet: Fleet) -> None:
+    hashes = [f"{i:064x}" for i in range(5_001)]
+    for h in (hashes[0], hashes[2_500], hashes[-1]):
+        fleet.processors.mark("big", f"/{h}", "done", file_hash=h)
+    token = await fleet.flush()
+    todo = await fleet.processors.unprocessed("big", hashes, min_seq=token)
+    assert len(todo) == 4_998 and hashes[-1] not in todo and hashes[1] in todo
+
+
+async def test_locked_survives_a_failing_renewal_and_keeps_the_body_error(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(lock: object, lease_s: float = 60) -> bool:
+        raise ConnectionError("connection closed")
+
+    monkeypatch.setattr(fleet.processors, "renew", broken)
+    with pytest.raises(KeyError):
+        async with fleet.processors.locked("fragile", lease_s=3, renew_every_s=0.1) as lock:
+            await asyncio.sleep(0.3)  # a few renewals fail
+            raise KeyError("the body's own error")
+    state = await fleet.processors.lock("fragile", min_seq={"FLEET_PROCESSORS": lock.seq})  # the release
+    assert state.state == "released"  # released although every renewal failed
+    with pytest.raises(FleetValidationError):
+        async with fleet.processors.locked("fragile", lease_s=1, renew_every_s=2):
+            pass
