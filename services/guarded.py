@@ -23,7 +23,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from .errors import FleetError, FleetUnavailable
 
-__all__ = ["BrokerRefused", "Guarded", "StoredMsg", "WrongLastSequence"]
+__all__ = ["BatchItem", "BrokerRefused", "Guarded", "StoredMsg", "WrongLastSequence"]
 
 WRONG_LAST_SEQUENCE = 10071
 
@@ -105,6 +105,42 @@ class Guarded:
                 raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
             raise BrokerRefused(f"JetStream refused the publish to {subject}: {ack.error.get('description')}")
         return ack.stream, ack.seq, ack.duplicate
+
+    async def publish_batch(self, items: list[BatchItem], batch_id: str) -> tuple[str, int]:
+        """All or nothing, each item guarded on its own subject (see `_publish_batch`)."""
+        return await _publish_batch(self, items, batch_id)
+
+
+class BatchItem(NamedTuple):
+    subject: str
+    payload: bytes
+    msg_id: str
+    expected_last_seq: int  # the subject's last seq this message requires (0: the subject is empty)
+
+
+async def _publish_batch(g: Guarded, items: list[BatchItem], batch_id: str) -> tuple[str, int]:
+    """Store `items` all or nothing (JetStream atomic batch; the stream needs `allow_atomic`).
+
+    Each message carries its own expected last subject sequence; if any fails, nothing is
+    stored and WrongLastSequence is raised (JetStream does not say which one). The staged
+    messages go out without a reply: a missing one fails the commit, whose ack counts
+    them, so none can vanish silently. Returns (stream, seq of the last message)."""
+    n = len(items)
+    for i, item in enumerate(items, 1):
+        headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), "Nats-Msg-Id": item.msg_id,
+                   "Nats-Expected-Last-Subject-Sequence": str(item.expected_last_seq)}
+        if i < n:
+            await g.nc.publish(item.subject, item.payload, headers=headers)
+            continue
+        headers["Nats-Batch-Commit"] = "1"
+        msg = await g._request(item.subject, item.payload, headers)
+        ack = _ack_decoder.decode(msg.data)
+        if ack.error is not None:
+            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
+            raise BrokerRefused(f"JetStream refused the batch ending on {item.subject}: {ack.error.get('description')}")
+        return ack.stream, ack.seq
+    raise ValueError("an empty batch")
 
 
 def _stored(msg: Any) -> StoredMsg | None:

@@ -7,8 +7,9 @@
   (start once, finish once).
 * **The lock** (`processor_lock.LockSide`): at most one holder per processor, decided
   by JetStream; the `acquired` message's stream seq is the fencing token.
-  `mark_locked` is fenced by JetStream itself (guarded on the lock subject); run
-  records written with a lock check the lock just before their own guarded write.
+  `mark_locked` is fenced by JetStream (guarded on the lock subject); a run record
+  written with a lock goes in one atomic batch with the lock's re-assertion, each
+  guarded on its own subject.
   A holder that lost its lock gets `ProcessorLockLost` and nothing is stored.
 """
 
@@ -26,6 +27,7 @@ from fleetlog.schemas.processors import (
     DONE_STATUSES,
     RUN_STATUSES,
     ProcessorFileMarked,
+    ProcessorLockChanged,
     ProcessorRunRecorded,
     ProcFile,
     ProcFileList,
@@ -42,7 +44,7 @@ from fleetlog.schemas.processors import (
 )
 
 from .errors import FleetError, FleetValidationError
-from .guarded import Guarded, StoredMsg, WrongLastSequence
+from .guarded import BatchItem, Guarded, StoredMsg, WrongLastSequence
 from .processor_lock import LockSide, ProcessorLock, ProcessorLockBusy, ProcessorLockLost, _identity
 from .publisher import Receipt, Token
 
@@ -230,16 +232,39 @@ class ProcessorsAPI(LockSide):
 
     async def _run_write(self, g: Guarded, lock: ProcessorLock | None, event: ProcessorRunRecorded,
                          expected: int) -> int | None:
-        """Publish a run record guarded on its subject; None when that subject moved (re-read)."""
-        if lock is not None:
-            await self._check_lock(g, lock)
-        try:
-            _, seq, _ = await g.publish(event.subject(), encode_event(event), msg_id=event.id,
-                                        expected_last_seq=expected)
-        except WrongLastSequence:
-            return None
-        self._seen = max(self._seen, seq)
-        return seq
+        """Publish a run record guarded on its subject; None when that subject moved (re-read).
+
+        With `lock`: one atomic batch of the lock's re-assertion (guarded on the lock subject
+        where the holder left it) and the run record (guarded on the run subject). JetStream
+        stores both or neither, so the record lands only inside the holder's tenure."""
+        if lock is None:
+            try:
+                _, seq, _ = await g.publish(event.subject(), encode_event(event), msg_id=event.id,
+                                            expected_last_seq=expected)
+            except WrongLastSequence:
+                return None
+            self._seen = max(self._seen, seq)
+            return seq
+        while True:
+            if lock.lost or lock.lease_expires_at <= self.clock():
+                lock.lost = True
+                raise ProcessorLockLost(f"the lock of {lock.processor!r} is no longer held by {lock.holder!r}")
+            held = ProcessorLockChanged(id=new_event_id(), ts=now_iso(), processor=lock.processor,
+                                        holder=lock.holder, state="renewed",
+                                        lease_expires_at=lock.lease_expires_at, fence=lock.fence)
+            items = [BatchItem(held.subject(), encode_event(held), held.id, lock.seq),
+                     BatchItem(event.subject(), encode_event(event), event.id, expected)]
+            try:
+                _, seq = await g.publish_batch(items, batch_id=event.id)
+            except WrongLastSequence:
+                await self._check_lock(g, lock)  # ProcessorLockLost unless the lock moved by our own hand
+                run_now = await g.last(STREAM, event.subject())
+                if (run_now.seq if run_now is not None else 0) != expected:
+                    return None  # the run subject moved: the caller re-reads
+                continue
+            lock.seq = seq - 1  # the re-assertion is the lock subject's last message now
+            self._seen = max(self._seen, seq)
+            return seq
 
     async def run(self, processor: str, run_id: str, *, min_seq: Token | Receipt | None = None) -> ProcRun | None:
         req = ProcRunQuery(processor=processor, run_id=run_id, min_seq=self._token(min_seq))

@@ -33,6 +33,7 @@ def stream_config(spec: StreamSpec, settings: FleetSettings, replicas: int = 1) 
         duplicate_window=spec.duplicate_window_s if not max_age else min(spec.duplicate_window_s, max_age),
         num_replicas=replicas,
         allow_direct=True,  # guarded commands read the last message per subject with direct get
+        allow_atomic=spec.allow_atomic or None,
     )
 
 
@@ -53,6 +54,7 @@ async def ensure_streams(nc: Client, settings: FleetSettings, replicas: int = 1)
             or have.max_msgs_per_subject != wanted.max_msgs_per_subject
             or abs((have.max_age or 0) - (wanted.max_age or 0)) > 1e-6
             or not have.allow_direct
+            or bool(have.allow_atomic) != bool(wanted.allow_atomic)
         ):
             wanted.num_replicas = have.num_replicas
             await jsm.update_stream(wanted)

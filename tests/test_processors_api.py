@@ -244,3 +244,30 @@ async def test_locked_survives_a_failing_renewal_and_keeps_the_body_error(
     with pytest.raises(FleetValidationError):
         async with fleet.processors.locked("fragile", lease_s=1, renew_every_s=2):
             pass
+
+
+async def test_a_run_record_of_an_overtaken_holder_is_never_stored(fleet: Fleet) -> None:
+    """The run record and the lock's re-assertion go in one atomic batch: once another holder
+    took over, the old holder's finish is refused by JetStream even though its own clock
+    still says the lease holds (no check-then-write window)."""
+    other = await Fleet.connect(settings=fleet.settings, name="taker")
+    try:
+        old = await fleet.processors.acquire("etl", "old", lease_s=30)
+        assert old is not None
+        run = await fleet.processors.start_run("etl", "r", lock=old)
+        assert old.seq == run.seq - 1  # the re-assertion went with it
+        await fleet.processors.mark_locked(old, "/f", "done")  # guarded on the re-asserted seq
+        now = fleet.processors.clock()
+        other.processors.clock = lambda: now + 31
+        new = await other.processors.acquire("etl", "new", lease_s=30)
+        assert new is not None and new.fence > old.fence
+        with pytest.raises(ProcessorLockLost):
+            await fleet.processors.finish_run("etl", "r", "completed", lock=old)
+        view = await fleet.processors.run("etl", "r", min_seq={"FLEET_PROCESSORS": new.seq})
+        assert view is not None and view.status == "running"
+        done = await other.processors.finish_run("etl", "r", "failed", lock=new)
+        assert done is not None and done.status == "failed"
+        state = await fleet.processors.lock("etl", min_seq={"FLEET_PROCESSORS": done.seq})
+        assert (state.holder, state.fence) == ("new", new.fence)
+    finally:
+        await other.close()
