@@ -79,7 +79,11 @@ class Guarded:
 
     async def first(self, stream: str, subject: str) -> StoredMsg | None:
         """The first message still stored on `subject`, or None."""
-        body = msgspec.json.encode({"seq": 0, "next_by_subj": subject})
+        return await self.next(stream, subject, 0)
+
+    async def next(self, stream: str, subject: str, seq: int) -> StoredMsg | None:
+        """The first message stored on `subject` at or after `seq`, or None."""
+        body = msgspec.json.encode({"seq": seq, "next_by_subj": subject})
         msg = await self._request(f"$JS.API.DIRECT.GET.{stream}", body)
         return _stored(msg)
 

@@ -10,11 +10,11 @@ the race (or redelivers after a crash between publish and ack) re-reads, sees th
 snapshot already covered, and only acks.
 
 So the diffs of one (host, agent) form a chain: each diff's `from_seq` is the
-previous diff's `to_seq`. Every snapshot gets its own diff when one differ runs, or
-when the snapshots of one subject reach the differs one at a time; if two differs
-take two snapshots of the same subject at once, the later snapshot's diff may come
-first and then covers both (the earlier one gets none: the chain never goes back).
-With several differs and a backlog that is common, not rare.
+previous diff's `to_seq`, and every snapshot gets its own diff whatever order the
+snapshots reach the differs in: a differ handed snapshot S walks the subject from
+the chain's end up to S (direct get `next_by_subj`), diffing each snapshot in turn.
+So a crashed differ's unacked batch, or two differs holding snapshots of one
+subject, cost at most some "covered" redeliveries, never a missing diff.
 
 A diff whose base has aged out of the stream has `from_seq` null and everything in
 `added`. A diff larger than `max_event_bytes` (the projector's limit) is published
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -50,6 +51,7 @@ DURABLE = "fleetlog-snapshot-differ"
 MAX_RACES = 50
 MAX_DELIVER = 5  # deliveries of one snapshot that failed with an error before it is given up
 RETRY_DELAY_S = 1.0
+ACK_WAIT_S = 30.0  # a crashed differ's unacked snapshots come back after this long
 DEFAULT_MAX_EVENT_BYTES = 512 * 1024  # FleetSettings.max_event_bytes' default
 _snapshot = msgspec.json.Decoder(HostSnapshot)
 _diff = msgspec.json.Decoder(SnapshotDiff)
@@ -67,6 +69,7 @@ class SnapshotDiffer:
         self.published = 0  # diffs this differ published
         self.truncated = 0  # ... of which too large to carry their paths
         self.covered = 0  # snapshots another differ (or an earlier delivery) had already diffed
+        self.caught_up = 0  # diffs published for earlier snapshots on the way (included in published)
         self.skipped = 0  # messages the projector rejects too (not a valid snapshot): no diff
         self.retried = 0  # deliveries handed back after an error (redelivered in order after RETRY_DELAY_S)
         self.failed = 0  # snapshots given up after MAX_DELIVER failed deliveries
@@ -75,10 +78,10 @@ class SnapshotDiffer:
         js = self.nc.jetstream()
         config = ConsumerConfig(
             durable_name=self.durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30, max_ack_pending=4 * self.batch,
+            ack_wait=ACK_WAIT_S, max_ack_pending=4 * self.batch, filter_subject="fleet.snapshot.*.*",
         )
-        self._sub = await js.pull_subscribe("fleet.snapshot.*.*", durable=self.durable, stream=SNAPSHOTS,
-                                            config=config)
+        await js.add_consumer(SNAPSHOTS, config)  # creates it, or brings an existing one to this config
+        self._sub = await js.pull_subscribe_bind(self.durable, SNAPSHOTS)
 
     async def run_once(self, timeout: float = 1.0) -> int:
         """Fetch up to one batch, diff each snapshot in order, ack it. Returns the messages handled.
@@ -93,6 +96,7 @@ class SnapshotDiffer:
             msgs = await self._sub.fetch(self.batch, timeout=timeout)
         except (TimeoutError, NatsTimeout):
             return 0
+        started = time.monotonic()
         for i, msg in enumerate(msgs):
             try:
                 await self.handle(msg.metadata.sequence.stream, msg.subject, msg.data)
@@ -100,6 +104,10 @@ class SnapshotDiffer:
                 await self._hand_back(msgs[i:], exc)
                 return i
             await msg.ack()
+            if time.monotonic() - started > ACK_WAIT_S / 3:  # a slow batch: keep the rest ours
+                for rest in msgs[i + 1:]:
+                    await rest.in_progress()
+                started = time.monotonic()
         return len(msgs)
 
     async def _hand_back(self, msgs: list[Any], exc: Exception) -> None:
@@ -133,13 +141,20 @@ class SnapshotDiffer:
         return snap if snap.subject() == subject else None
 
     async def handle(self, seq: int, subject: str, data: bytes) -> SnapshotDiff | None:
-        """The diff for the snapshot at `seq`, published; None if it was covered or is not a snapshot."""
-        snap = self._valid(subject, data)
-        if snap is None:
+        """Bring the subject's diff chain up to the snapshot at `seq`; returns its diff if this
+        call published it, None if it was covered already or is not a snapshot.
+
+        The chain is walked in stream order from the last diff's `to_seq`: every valid
+        snapshot in between (delivered to another differ, or not yet redelivered after a
+        crash) gets its own diff first, so the order messages arrive in never matters."""
+        target = self._valid(subject, data)
+        if target is None:
             self.skipped += 1
             return None
-        diff_subject = subjects.diff(snap.host, snap.agent)
-        for _ in range(MAX_RACES):
+        diff_subject = subjects.diff(target.host, target.agent)
+        published: SnapshotDiff | None = None
+        races = 0
+        while True:
             last = await self.guarded.last(DIFFS, diff_subject)
             expected, base_seq = 0, None
             if last is not None:
@@ -150,20 +165,43 @@ class SnapshotDiffer:
                     previous = None  # a foreign message on the diff subject: start a fresh chain
                 if previous is not None:
                     if previous.to_seq >= seq:
-                        self.covered += 1
-                        return None
+                        if published is None:
+                            self.covered += 1
+                        return published
                     base_seq = previous.to_seq
+            step = await self._next_snapshot(subject, base_seq, seq)
+            if step is None:  # nothing valid up to `seq` (cannot happen: `seq` itself is valid)
+                return published
+            step_seq, snap = step
             base = await self._base(base_seq)
-            event = self._diff(snap, seq, base_seq if base is not None else None, base)
+            event = self._diff(snap, step_seq, base_seq if base is not None else None, base)
             try:
                 await self.guarded.publish(diff_subject, encode_event(event), msg_id=event.id,
                                            expected_last_seq=expected)
             except WrongLastSequence:
-                continue  # another differ wrote this subject meanwhile: re-read
+                races += 1  # another differ extended the chain meanwhile: re-read
+                if races > MAX_RACES:
+                    raise RuntimeError(f"snapshot differ: lost {MAX_RACES} races on {diff_subject}") from None
+                continue
             self.published += 1
             self.truncated += event.truncated
-            return event
-        raise RuntimeError(f"snapshot differ: lost {MAX_RACES} races in a row on {diff_subject}")
+            if step_seq == seq:
+                published = event
+            else:
+                self.caught_up += 1
+
+    async def _next_snapshot(self, subject: str, after: int | None, upto: int) -> tuple[int, HostSnapshot] | None:
+        """The first valid snapshot on `subject` after `after` (None: from the start), up to `upto`."""
+        seq = 1 if after is None else after + 1
+        while seq <= upto:
+            msg = await self.guarded.next(SNAPSHOTS, subject, seq)
+            if msg is None or msg.seq > upto:
+                return None
+            snap = self._valid(subject, msg.data)
+            if snap is not None:
+                return msg.seq, snap
+            seq = msg.seq + 1  # garbage on the subject: no diff for it
+        return None
 
     def _diff(self, snap: HostSnapshot, seq: int, base_seq: int | None, base: HostSnapshot | None) -> SnapshotDiff:
         added, removed, changed = diff_data(base.data if base is not None else None, snap.data)
