@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["FleetError", "FleetUnavailable", "FleetValidationError", "QueryError", "StaleError", "StaleHolderError"]
+from typing import Any
+
+__all__ = ["FleetError", "FleetUnavailable", "FleetValidationError", "QueryError", "StaleError", "StaleHolderError",
+           "check_identity"]
 
 
 class FleetError(Exception):
@@ -36,3 +39,12 @@ class FleetUnavailable(FleetError, ConnectionError):
 
 class StaleHolderError(FleetError, PermissionError):
     """A write to a claimed run by someone who does not (or no longer) hold its claim."""
+
+
+def check_identity(field: str, value: Any) -> str:
+    """`value` if it can be an identity (a subject token: 1-256 characters), else FleetValidationError."""
+    if not isinstance(value, str) or not value:
+        raise FleetValidationError(field, f"must be a non-empty string, got {value!r}")
+    if len(value) > 256:
+        raise FleetValidationError(field, f"must be at most 256 characters, got {len(value)}")
+    return value

@@ -21,13 +21,13 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 from fleetlog.schemas import encode_event, new_event_id, now_iso, subjects
 from fleetlog.schemas.processors import ProcessorLockChanged, ProcLock, ProcLockQuery
 
-from .errors import FleetError, FleetValidationError
+from .errors import FleetError, FleetValidationError, check_identity
 from .guarded import Guarded, StoredMsg, WrongLastSequence
 from .publisher import Receipt, Token
 from .runs import session_token
@@ -63,14 +63,6 @@ class ProcessorLock:
     seq: int
     lease_expires_at: float
     lost: bool = False
-
-
-def _identity(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise FleetValidationError(field, f"must be a non-empty string, got {value!r}")
-    if len(value) > 256:
-        raise FleetValidationError(field, f"must be at most 256 characters, got {len(value)}")
-    return value
 
 
 def _lease(lease_s: float) -> float:
@@ -113,8 +105,8 @@ class LockSide:
     async def acquire(self, processor: str, holder: str | None = None, lease_s: float = 60) -> ProcessorLock | None:
         """Take the lock; None while anyone holds it — the same holder name included, so two
         processes sharing a name still exclude each other (a tenure is renewed with `renew`)."""
-        _identity("processor", processor)
-        holder = _identity("holder", self.new_holder() if holder is None else holder)
+        check_identity("processor", processor)
+        holder = check_identity("holder", self.new_holder() if holder is None else holder)
         lease = _lease(lease_s)
         g = await self._guarded()
         subject = subjects.proc_lock(processor)

@@ -43,9 +43,9 @@ from fleetlog.schemas.processors import (
     ProcSummaryQuery,
 )
 
-from .errors import FleetError, FleetValidationError
+from .errors import FleetError, FleetValidationError, check_identity
 from .guarded import BatchItem, Guarded, StoredMsg, WrongLastSequence
-from .processor_lock import LockSide, ProcessorLock, ProcessorLockBusy, ProcessorLockLost, _identity
+from .processor_lock import LockSide, ProcessorLock, ProcessorLockBusy, ProcessorLockLost
 from .publisher import Receipt, Token
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class ProcessorsAPI(LockSide):
     # -- files ---------------------------------------------------------------
     def _marker(self, processor: str, file_path: str, status: str, file_hash: str | None, size: int | None,
                 detail: Mapping[str, Any] | None, run_id: str | None) -> ProcessorFileMarked:
-        _identity("processor", processor)
+        check_identity("processor", processor)
         if not isinstance(file_path, str):
             raise FleetValidationError("file_path", f"must be a string, got {type(file_path).__name__}")
         if not isinstance(status, str) or not status:
@@ -123,7 +123,7 @@ class ProcessorsAPI(LockSide):
             raise FleetValidationError("detail", f"must be a dict, got {type(detail).__name__}")
         return ProcessorFileMarked(
             id=new_event_id(), ts=now_iso(), processor=processor, file_path=file_path,
-            file_hash=_identity("file_hash", path_hash(file_path) if file_hash is None else file_hash),
+            file_hash=check_identity("file_hash", path_hash(file_path) if file_hash is None else file_hash),
             status=status, size=size, detail=dict(detail or {}), run_id=run_id,
         )
 
@@ -178,8 +178,8 @@ class ProcessorsAPI(LockSide):
         holder's when it is made: a check of the lock subject just before the publish, which
         itself is guarded on the run subject (JetStream takes one expected sequence per
         message; the run's own guard is what keeps "start once" under races)."""
-        _identity("processor", processor)
-        run_id = _identity("run_id", new_event_id() if run_id is None else run_id)
+        check_identity("processor", processor)
+        run_id = check_identity("run_id", new_event_id() if run_id is None else run_id)
         _count("files_total", files_total)
         g = await self._guarded()
         subject = subjects.proc_run(processor, run_id)

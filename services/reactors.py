@@ -30,6 +30,7 @@ class Reactors:
         self._tasks: list[asyncio.Task[None]] = []
         self.fleet: Fleet | None = None
         self.differ: SnapshotDiffer | None = None
+        self._stopping = asyncio.Event()
         self.swept = 0
         self.marked = 0
 
@@ -62,21 +63,33 @@ class Reactors:
 
     async def _every(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         interval = self.settings.reactor_interval_s
-        while True:
+        # The flag as well as the cancellation: Python 3.11's wait_for (inside nats-py) can
+        # swallow a cancellation that lands as its inner future completes, and the loop
+        # would then run on and hold `stop` forever.
+        while not self._stopping.is_set():
             try:
                 await fn()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a reactor never dies: it tries again next tick
                 log.warning("%s: %s", name, exc)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
 
     async def stop(self) -> None:
+        self._stopping.set()
+        pending = set(self._tasks)
+        for _ in range(3):  # cancel again if a cancellation was swallowed (see _every)
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=5.0)
+            if not pending:
+                break
+        for task in pending:
+            log.warning("reactor task %s did not stop", task.get_name())
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("reactor task %s ended with %r", task.get_name(), task.exception())
         if self.differ is not None:
             await self.differ.stop()
         if self.fleet is not None:

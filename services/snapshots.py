@@ -31,7 +31,7 @@ from fleetlog.schemas.snapshots import (
 )
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from .errors import FleetValidationError
+from .errors import FleetValidationError, check_identity
 from .publisher import Receipt, Token
 
 if TYPE_CHECKING:
@@ -51,14 +51,6 @@ def _token(min_seq: MinSeq) -> dict[str, int] | None:
     return dict(min_seq) if min_seq else None
 
 
-def _identity(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise FleetValidationError(field, f"must be a non-empty string, got {value!r}")
-    if len(value) > 256:
-        raise FleetValidationError(field, f"must be at most 256 characters, got {len(value)}")
-    return value
-
-
 def _limit(value: int, high: int = 500) -> int:
     return max(1, min(high, int(value)))
 
@@ -75,13 +67,13 @@ class SnapshotsAPI:
         it is encoded at the call, so changing it afterwards changes nothing. Never
         blocks; raises FleetValidationError (naming the field) for bad input only. `ts`
         (default now) is an ISO-8601 time, stored as given; no offset means UTC."""
-        agent = _identity("agent", agent)
+        agent = check_identity("agent", agent)
         if ts is not None:
             try:
                 parse_ts(ts)
             except (TypeError, ValueError) as exc:
                 raise FleetValidationError("ts", f"must be an ISO-8601 time: {exc}") from None
-        host = _identity("host", self.hostname if host is None else host)
+        host = check_identity("host", self.hostname if host is None else host)
         if not isinstance(data, Mapping):
             raise FleetValidationError("data", f"must be a JSON object (a dict), got {type(data).__name__}")
         bad = next((k for k in data if not isinstance(k, str)), None)
