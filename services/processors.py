@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["ProcessorLock", "ProcessorLockBusy", "ProcessorLockLost", "ProcessorsAPI", "hash_file", "path_hash"]
 
 STREAM = "FLEET_PROCESSORS"
-SEEN_CHUNK = 2_000  # hashes per `seen` request: 2,000 × 256 characters stays well under max_payload
+SEEN_MAX = 10_000  # hashes per `seen` request (the endpoint's limit) ...
+SEEN_BYTES = 640 * 1024  # ... and their encoded size, under NATS's default 1 MB max_payload
 MAX_RACES = 100
 _run_decoder = msgspec.json.Decoder(ProcessorRunRecorded)
 
@@ -154,13 +155,22 @@ class ProcessorsAPI(LockSide):
 
     async def seen(self, processor: str, file_hashes: list[str], *,
                    min_seq: Token | Receipt | None = None) -> dict[str, str]:
-        """file_hash -> status for each hash that has a marker (any number of hashes: sent in chunks)."""
+        """file_hash -> status for each hash that has a marker (any number of hashes: sent in as few
+        requests as fit NATS's max payload)."""
         hashes = list(dict.fromkeys(file_hashes))
         token = self._token(min_seq)
         out: dict[str, str] = {}
-        for i in range(0, len(hashes), SEEN_CHUNK):
-            req = ProcSeenQuery(processor=processor, file_hashes=hashes[i:i + SEEN_CHUNK], min_seq=token)
+        start = 0
+        while start < len(hashes):
+            # As many as fit a request (hashes of 64 hex characters: all 10,000 in one).
+            end, size = start, 0
+            while end < len(hashes) and end - start < SEEN_MAX and size + len(hashes[end]) + 3 <= SEEN_BYTES:
+                size += len(hashes[end]) + 3
+                end += 1
+            end = max(end, start + 1)
+            req = ProcSeenQuery(processor=processor, file_hashes=hashes[start:end], min_seq=token)
             out.update((await self._fleet.request("fleetlog.processors.seen", req, ProcSeen)).statuses)
+            start = end
         return out
 
     async def unprocessed(self, processor: str, file_hashes: list[str], *,

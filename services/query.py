@@ -177,6 +177,9 @@ class QueryService:
         await svc.add_endpoint(name="rejects", subject="fleetlog.rejects", handler=self._spawn(self._rejects))
         await svc.add_endpoint(name="rebuild", subject="fleetlog.rebuild", handler=self._spawn(self._rebuild))
         await svc.add_endpoint(name="sql", subject="fleetlog.sql", handler=self._spawn(self._sql))
+        # The broker has every endpoint's subscription before start() returns: a request sent
+        # right after (a test, a bench) must not get "no responders".
+        await self.nc.flush()
 
     async def stop(self) -> None:
         if self._service is not None:

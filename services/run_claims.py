@@ -89,7 +89,7 @@ class Claimer:
         self._salt = 0  # orders the other stripes after the own one (CandidatesQuery.stripe)
         self._busy: dict[int, float] = {}  # stripe -> when a rival was last met there
         # run_id -> the latest lifecycle sequence this client wrote or was told of by JetStream:
-        # a proposal older than that is stale and skipped without a round trip.
+        # a proposal older than that is stale: the run is re-read rather than trusted.
         self._known: dict[str, int] = {}
         self._my_claims: set[str] = set()  # token hashes of this client's claims (bounded)
 
@@ -139,14 +139,17 @@ class Claimer:
                     return None
             pick = _pick(cache.items, spread=self._stripe is not None)
             known = self._known.get(pick.run_id, 0)
+            state_now: RunState | None = None
+            seq_now = pick.state_seq
             if known > pick.state_seq:
-                # Its lifecycle moved since it was proposed (our own claim, or a race we lost):
-                # the next proposals wait until the view has folded that far.
+                # Its lifecycle moved since it was proposed (our own claim or cancel request, or a
+                # race we lost): the next proposals wait until the view has folded that far, and
+                # this one is re-read below, not skipped: it may still be the best claimable run
+                # (skipping it claimed a younger run first: a priority inversion the model test found).
                 self.counters.stale_candidates += 1
                 need_seq = max(need_seq, known)
-                continue
-            state_now: RunState | None = _state(pick.state)  # decoded only now: most lists are not used up
-            seq_now = pick.state_seq
+            else:
+                state_now = _state(pick.state)  # decoded only now: most lists are not used up
             for _attempt in range(MAX_ROUNDS):
                 if state_now is None:  # re-read it: it may still be the best claimable run
                     fresh = await api._read(g, pick.run_id)

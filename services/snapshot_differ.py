@@ -51,6 +51,7 @@ DURABLE = "fleetlog-snapshot-differ"
 MAX_RACES = 50
 MAX_DELIVER = 5  # deliveries of one snapshot that failed with an error before it is given up
 RETRY_DELAY_S = 1.0
+RECENT_MAX = 10_000  # subjects whose last snapshot is kept in memory
 ACK_WAIT_S = 30.0  # a crashed differ's unacked snapshots come back after this long
 DEFAULT_MAX_EVENT_BYTES = 512 * 1024  # FleetSettings.max_event_bytes' default
 _snapshot = msgspec.json.Decoder(HostSnapshot)
@@ -70,6 +71,9 @@ class SnapshotDiffer:
         self.truncated = 0  # ... of which too large to carry their paths
         self.covered = 0  # snapshots another differ (or an earlier delivery) had already diffed
         self.caught_up = 0  # diffs published for earlier snapshots on the way (included in published)
+        # diff subject -> (seq, snapshot) of the last snapshot this differ diffed: the base of
+        # the subject's next diff, so the common case needs no direct get for it
+        self._recent: dict[str, tuple[int, HostSnapshot]] = {}
         self.skipped = 0  # messages the projector rejects too (not a valid snapshot): no diff
         self.retried = 0  # deliveries handed back after an error (redelivered in order after RETRY_DELAY_S)
         self.failed = 0  # snapshots given up after MAX_DELIVER failed deliveries
@@ -152,7 +156,6 @@ class SnapshotDiffer:
             self.skipped += 1
             return None
         diff_subject = subjects.diff(target.host, target.agent)
-        published: SnapshotDiff | None = None
         races = 0
         while True:
             last = await self.guarded.last(DIFFS, diff_subject)
@@ -165,15 +168,15 @@ class SnapshotDiffer:
                     previous = None  # a foreign message on the diff subject: start a fresh chain
                 if previous is not None:
                     if previous.to_seq >= seq:
-                        if published is None:
-                            self.covered += 1
-                        return published
+                        self.covered += 1
+                        return None
                     base_seq = previous.to_seq
             step = await self._next_snapshot(subject, base_seq, seq)
             if step is None:  # nothing valid up to `seq` (cannot happen: `seq` itself is valid)
-                return published
+                return None
             step_seq, snap = step
-            base = await self._base(base_seq)
+            cached = self._recent.get(diff_subject)
+            base = cached[1] if cached is not None and cached[0] == base_seq else await self._base(base_seq)
             event = self._diff(snap, step_seq, base_seq if base is not None else None, base)
             try:
                 await self.guarded.publish(diff_subject, encode_event(event), msg_id=event.id,
@@ -185,10 +188,12 @@ class SnapshotDiffer:
                 continue
             self.published += 1
             self.truncated += event.truncated
+            if len(self._recent) >= RECENT_MAX:
+                self._recent.clear()
+            self._recent[diff_subject] = (step_seq, snap)  # the next diff's base, without a get
             if step_seq == seq:
-                published = event
-            else:
-                self.caught_up += 1
+                return event
+            self.caught_up += 1
 
     async def _next_snapshot(self, subject: str, after: int | None, upto: int) -> tuple[int, HostSnapshot] | None:
         """The first valid snapshot on `subject` after `after` (None: from the start), up to `upto`."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
-from fleetlog.schemas import new_event_id, now_iso, parse_ts, subjects
+from fleetlog.schemas import encode_event, new_event_id, now_iso, parse_ts, subjects
 from fleetlog.schemas.snapshots import (
     DiffList,
     DiffsQuery,
@@ -42,6 +42,7 @@ __all__ = ["SnapshotsAPI"]
 SNAPSHOTS = "FLEET_SNAPSHOTS"
 DIFFS = "FLEET_DIFFS"
 _diff = msgspec.json.Decoder(SnapshotDiff)
+_encode = msgspec.json.Encoder().encode
 MinSeq = Token | Receipt | None
 
 
@@ -73,24 +74,27 @@ class SnapshotsAPI:
                 parse_ts(ts)
             except (TypeError, ValueError) as exc:
                 raise FleetValidationError("ts", f"must be an ISO-8601 time: {exc}") from None
+            if len(ts) > 64:
+                raise FleetValidationError("ts", f"must be at most 64 characters, got {len(ts)}")
         host = check_identity("host", self.hostname if host is None else host)
         if not isinstance(data, Mapping):
             raise FleetValidationError("data", f"must be a JSON object (a dict), got {type(data).__name__}")
         bad = next((k for k in data if not isinstance(k, str)), None)
         if bad is not None:
             raise FleetValidationError("data", f"keys must be strings, got {bad!r}")
-        try:  # an encode-time copy: the caller may mutate `data` after the call
-            frozen = msgspec.json.decode(msgspec.json.encode(dict(data)))
-        except (TypeError, msgspec.EncodeError, ValueError) as exc:
+        try:  # encoded once, at the call: the caller may mutate `data` afterwards
+            raw = msgspec.Raw(_encode(data if type(data) is dict else dict(data)))
+        except (TypeError, msgspec.EncodeError, ValueError, OverflowError) as exc:
             raise FleetValidationError("data", f"must be JSON-encodable: {exc}") from None
         event = HostSnapshot(id=new_event_id(), ts=now_iso() if ts is None else ts, host=host, agent=agent,
-                             data=frozen)
-        try:
-            return self._fleet.emit(event)
-        except FleetValidationError as exc:
-            if exc.field == "event":  # the encoded size: only `data` can make it large
-                raise FleetValidationError("data", exc.rule) from None
-            raise
+                             data=cast(dict[str, Any], raw))
+        size = len(encode_event(event))  # a copy of `raw`, not a parse
+        limit = self._fleet.settings.max_event_bytes
+        if size > limit:
+            raise FleetValidationError("data", f"encoded size {size} bytes exceeds max_event_bytes {limit}")
+        # Every wire rule is checked above (identities, ts, a JSON object, the size): the sender
+        # encodes the event with `data` as the bytes encoded here, no second pass over them.
+        return self._fleet.emit_validated(event)
 
     async def latest(self, host: str | None = None, agent: str | None = None, limit: int = 100,
                      after: list[str] | tuple[str, str] | None = None, *, min_seq: MinSeq = None) -> SnapshotList:

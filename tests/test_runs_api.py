@@ -374,3 +374,16 @@ async def test_runtimes_register_heartbeat_list_and_stale(fleet: Fleet, server, 
     await fleet.runtimes.heartbeat("rt-1")
     token = await fleet.flush()
     assert (await fleet.runtimes.get("rt-1", min_seq=token)).status == "online"  # type: ignore[union-attr]
+
+
+async def test_a_cancel_request_keeps_the_run_next_in_line(fleet: Fleet) -> None:
+    """Found by the model test: after this client's cancel request on the oldest queued run,
+    its cached proposal for that run was stale and the claimer skipped it, claiming a younger
+    run first. A stale proposal is re-read, not skipped."""
+    for name in "abcd":
+        await fleet.runs.create(f"cx-{name}", "runner", status="queued", conversation_id="cx")
+    first = await fleet.runs.claim_next("rt", lease_s=1, conversation_id="cx")
+    assert first is not None and first.run.run_id == "cx-a"
+    await fleet.runs.request_cancel("cx-b")
+    second = await fleet.runs.claim_next("rt", lease_s=1, conversation_id="cx")
+    assert second is not None and second.run.run_id == "cx-b"
