@@ -129,6 +129,11 @@ async def _publish_batch(g: Guarded, items: list[BatchItem], batch_id: str) -> t
     stored and WrongLastSequence is raised (JetStream does not say which one). The staged
     messages go out without a reply: a missing one fails the commit, whose ack counts
     them, so none can vanish silently. Returns (stream, seq of the last message)."""
+    version = g.nc.connected_server_version
+    if (version.major, version.minor) < (2, 12):
+        # An older server ignores the batch headers and would store the messages one by one,
+        # each on its own guard: never fall back to that silently.
+        raise BrokerRefused(f"atomic batch publish needs nats-server 2.12 or later (connected to {version})")
     n = len(items)
     for i, item in enumerate(items, 1):
         headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), "Nats-Msg-Id": item.msg_id,

@@ -10,6 +10,7 @@ import nats
 import pytest
 from fleetlog.schemas import subjects
 from fleetlog.services.errors import FleetValidationError
+from fleetlog.services.guarded import BrokerRefused
 from fleetlog.services.processors import ProcessorLockBusy, ProcessorLockLost, hash_file, path_hash
 from fleetlog.services.server import Server
 
@@ -271,3 +272,19 @@ async def test_a_run_record_of_an_overtaken_holder_is_never_stored(fleet: Fleet)
         assert (state.holder, state.fence) == ("new", new.fence)
     finally:
         await other.close()
+
+
+async def test_a_locked_run_write_refuses_a_server_without_atomic_batches(fleet: Fleet) -> None:
+    """nats-server < 2.12 ignores the batch headers and would store the run record on its own
+    guard alone: the write is refused instead, and nothing is stored."""
+    lock = await fleet.processors.acquire("old-server", lease_s=30)
+    assert lock is not None
+    nc = await fleet.nats()
+    real = nc._current_server.server_version  # type: ignore[union-attr]
+    nc._current_server.server_version = "2.11.4"  # type: ignore[union-attr]  # what the server would say
+    try:
+        with pytest.raises(BrokerRefused, match=r"2\.12"):
+            await fleet.processors.start_run("old-server", "r", lock=lock)
+    finally:
+        nc._current_server.server_version = real  # type: ignore[union-attr]
+    assert await fleet.processors.run("old-server", "r", min_seq={"FLEET_PROCESSORS": lock.seq}) is None
