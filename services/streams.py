@@ -40,8 +40,14 @@ def stream_config(spec: StreamSpec, settings: FleetSettings, replicas: int = 1) 
 async def ensure_streams(nc: Client, settings: FleetSettings, replicas: int = 1) -> None:
     """Create missing streams; bring existing ones to the declared config."""
     jsm = nc.jetstream()
+    version = nc.connected_server_version
+    atomic_ok = (version.major, version.minor) >= (2, 12)  # older servers lack atomic batches
     for spec in STREAMS:
         wanted = stream_config(spec, settings, replicas)
+        if wanted.allow_atomic and not atomic_ok:
+            log.warning("%s: nats-server %s has no atomic batch publish (2.12+): processor run records "
+                        "written under a lock will be refused", spec.name, version)
+            wanted.allow_atomic = None
         try:
             info = await jsm.stream_info(spec.name)
         except NotFoundError:
