@@ -255,7 +255,7 @@ class ProcessorsAPI(LockSide):
                 return None
             self._seen = max(self._seen, seq)
             return seq
-        while True:
+        for _ in range(MAX_RACES):
             if lock.lost or lock.lease_expires_at <= self.clock():
                 lock.lost = True
                 raise ProcessorLockLost(f"the lock of {lock.processor!r} is no longer held by {lock.holder!r}")
@@ -275,6 +275,7 @@ class ProcessorsAPI(LockSide):
             lock.seq = seq - 1  # the re-assertion is the lock subject's last message now
             self._seen = max(self._seen, seq)
             return seq
+        raise FleetError(f"run write under a lock: lost {MAX_RACES} races on {event.subject()}")
 
     async def run(self, processor: str, run_id: str, *, min_seq: Token | Receipt | None = None) -> ProcRun | None:
         req = ProcRunQuery(processor=processor, run_id=run_id, min_seq=self._token(min_seq))

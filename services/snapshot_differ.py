@@ -156,22 +156,26 @@ class SnapshotDiffer:
             self.skipped += 1
             return None
         diff_subject = subjects.diff(target.host, target.agent)
-        races = 0
+        races, progress = 0, 0  # lost races since the chain last moved on
         while True:
             last = await self.guarded.last(DIFFS, diff_subject)
-            expected, base_seq = 0, None
+            expected, base_seq, walk_from = 0, None, None
             if last is not None:
                 expected = last.seq
                 try:
                     previous = _diff.decode(last.data)
                 except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-                    previous = None  # a foreign message on the diff subject: start a fresh chain
+                    # A foreign message on the diff subject: a fresh chain starts at this
+                    # snapshot (walking from seq 1 would diff all the stored history again).
+                    previous, walk_from = None, seq - 1
                 if previous is not None:
                     if previous.to_seq >= seq:
                         self.covered += 1
                         return None
-                    base_seq = previous.to_seq
-            step = await self._next_snapshot(subject, base_seq, seq)
+                    base_seq = walk_from = previous.to_seq
+                    if previous.to_seq > progress:  # another differ moved the chain on: fine
+                        progress, races = previous.to_seq, 0
+            step = await self._next_snapshot(subject, walk_from, seq)
             if step is None:  # nothing valid up to `seq` (cannot happen: `seq` itself is valid)
                 return None
             step_seq, snap = step
@@ -182,7 +186,7 @@ class SnapshotDiffer:
                 await self.guarded.publish(diff_subject, encode_event(event), msg_id=event.id,
                                            expected_last_seq=expected)
             except WrongLastSequence:
-                races += 1  # another differ extended the chain meanwhile: re-read
+                races += 1  # the diff subject moved meanwhile: re-read
                 if races > MAX_RACES:
                     raise RuntimeError(f"snapshot differ: lost {MAX_RACES} races on {diff_subject}") from None
                 continue
@@ -196,7 +200,7 @@ class SnapshotDiffer:
             self.caught_up += 1
 
     async def _next_snapshot(self, subject: str, after: int | None, upto: int) -> tuple[int, HostSnapshot] | None:
-        """The first valid snapshot on `subject` after `after` (None: from the start), up to `upto`."""
+        """The first valid snapshot on `subject` after seq `after` (None: from the start), up to `upto`."""
         seq = 1 if after is None else after + 1
         while seq <= upto:
             msg = await self.guarded.next(SNAPSHOTS, subject, seq)

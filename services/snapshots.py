@@ -74,8 +74,8 @@ class SnapshotsAPI:
                 parse_ts(ts)
             except (TypeError, ValueError) as exc:
                 raise FleetValidationError("ts", f"must be an ISO-8601 time: {exc}") from None
-            if len(ts) > 64:
-                raise FleetValidationError("ts", f"must be at most 64 characters, got {len(ts)}")
+            if not 10 <= len(ts) <= 64:  # the contract's IsoTs (fromisoformat also takes "20240101")
+                raise FleetValidationError("ts", f"must be 10 to 64 characters, got {len(ts)}")
         host = check_identity("host", self.hostname if host is None else host)
         if not isinstance(data, Mapping):
             raise FleetValidationError("data", f"must be a JSON object (a dict), got {type(data).__name__}")

@@ -13,6 +13,7 @@ import pytest
 from fleetlog.schemas import subjects
 from fleetlog.schemas.snapshots import SnapshotDiff
 from fleetlog.services.errors import FleetUnavailable
+from fleetlog.services.guarded import Guarded
 from fleetlog.services.reactors import Reactors
 from fleetlog.services.server import Server
 from fleetlog.services.snapshot_differ import SnapshotDiffer
@@ -232,3 +233,45 @@ async def test_the_differ_skips_what_the_projector_rejects(fleet: Fleet, server:
     diffs = await fleet.snapshots.diffs(min_seq={"FLEET_DIFFS": await _diff_stream_seq(fleet)})
     (only,) = diffs.items
     assert only.from_seq is None and only.added == {"/v": 1}
+
+
+async def test_two_differs_walking_one_long_chain(fleet: Fleet, server: Server) -> None:
+    """Both handed the newest of 300 snapshots on one subject at once: both walk the chain,
+    every snapshot gets exactly one diff, and losing many races on the way is no error."""
+    for v in range(300):
+        fleet.snapshots.take("a", {"v": v}, host="long")
+    await fleet.flush()
+    g = Guarded(server.nc)
+    newest = await g.last("FLEET_SNAPSHOTS", subjects.snapshot("long", "a"))
+    assert newest is not None
+    nc2 = await nats.connect(fleet.settings.nats_url)
+    try:
+        one, two = SnapshotDiffer(server.nc), SnapshotDiffer(nc2)
+        await asyncio.gather(*(d.handle(newest.seq, newest.subject, newest.data) for d in (one, two)))
+    finally:
+        await nc2.close()
+    assert one.published + two.published == 300 and one.published and two.published
+    diffs = await fleet.snapshots.diffs(host="long", limit=500,
+                                        min_seq={"FLEET_DIFFS": await _diff_stream_seq(fleet)})
+    assert [d.to_seq for d in diffs.items] == sorted({d.to_seq for d in diffs.items}) and len(diffs.items) == 300
+
+
+async def test_a_foreign_message_on_a_diff_subject_starts_a_fresh_chain_here(fleet: Fleet, server: Server) -> None:
+    for v in range(3):
+        fleet.snapshots.take("a", {"v": v}, host="f")
+    await fleet.flush()
+    differ = SnapshotDiffer(server.nc)
+    await _drain(differ)
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        await nc.jetstream().publish(subjects.diff("f", "a"), b"not a diff")
+    finally:
+        await nc.close()
+    fleet.snapshots.take("a", {"v": 9}, host="f")
+    token = await fleet.flush()
+    differ = SnapshotDiffer(server.nc)
+    await _drain(differ)
+    assert differ.published == 1  # only the new snapshot: the history is not diffed again
+    diffs = await fleet.snapshots.diffs(host="f", min_seq={"FLEET_DIFFS": await _diff_stream_seq(fleet)})
+    last = diffs.items[-1]
+    assert (last.from_seq, last.to_seq, last.added) == (None, token["FLEET_SNAPSHOTS"], {"/v": 9})
