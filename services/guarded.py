@@ -126,9 +126,9 @@ async def _publish_batch(g: Guarded, items: list[BatchItem], batch_id: str) -> t
     """Store `items` all or nothing (JetStream atomic batch; the stream needs `allow_atomic`).
 
     Each message carries its own expected last subject sequence; if any fails, nothing is
-    stored and WrongLastSequence is raised (JetStream does not say which one). The staged
-    messages go out without a reply: a missing one fails the commit, whose ack counts
-    them, so none can vanish silently. Returns (stream, seq of the last message)."""
+    stored and WrongLastSequence is raised (JetStream does not say which one). Every
+    message is a request: the staged ones are answered empty, the commit with the ack of
+    the whole batch. Returns (stream, seq of the last message)."""
     version = g.nc.connected_server_version
     if (version.major, version.minor) < (2, 12):
         # An older server ignores the batch headers and would store the messages one by one,
@@ -138,17 +138,20 @@ async def _publish_batch(g: Guarded, items: list[BatchItem], batch_id: str) -> t
     for i, item in enumerate(items, 1):
         headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), "Nats-Msg-Id": item.msg_id,
                    "Nats-Expected-Last-Subject-Sequence": str(item.expected_last_seq)}
-        if i < n:
-            await g.nc.publish(item.subject, item.payload, headers=headers)
+        if i == n:
+            headers["Nats-Batch-Commit"] = "1"
+        # Every message is a request: a staged one is answered with an empty body or an error,
+        # so a refusal is seen here, never silently dropped (no core publish into the stream).
+        reply = await g._request(item.subject, item.payload, headers)
+        if i < n and not reply.data:
             continue
-        headers["Nats-Batch-Commit"] = "1"
-        msg = await g._request(item.subject, item.payload, headers)
-        ack = _ack_decoder.decode(msg.data)
+        ack = _ack_decoder.decode(reply.data)
         if ack.error is not None:
             if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
                 raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
-            raise BrokerRefused(f"JetStream refused the batch ending on {item.subject}: {ack.error.get('description')}")
-        return ack.stream, ack.seq
+            raise BrokerRefused(f"JetStream refused the batch on {item.subject}: {ack.error.get('description')}")
+        if i == n:
+            return ack.stream, ack.seq
     raise ValueError("an empty batch")
 
 
