@@ -58,7 +58,7 @@ class Reactors:
     async def diff_snapshots(self) -> None:
         """Diff every snapshot waiting (each fetch waits up to 1 s for new ones), then rest a tick."""
         assert self.differ is not None
-        while await self.differ.run_once(timeout=1.0):
+        while not self._stopping.is_set() and await self.differ.run_once(timeout=1.0):
             pass
 
     async def _every(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
