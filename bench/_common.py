@@ -23,8 +23,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fleetlog.services.broker import EmbeddedBroker, free_port
-from fleetlog.services.config import FleetSettings
+from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.node.broker import EmbeddedBroker, free_port
 
 ACTIONS = [f"action-{i:02d}" for i in range(20)]
 OUTCOMES = ["success", "precondition_fail", "send_error", "completion_timeout", "skipped_by_policy"]
@@ -125,7 +125,7 @@ def machine() -> dict[str, Any]:
 
 
 def _nats_server() -> str:
-    from fleetlog.services.broker import find_nats_server
+    from fleetlog.services.node.broker import find_nats_server
 
     return find_nats_server()
 
@@ -255,7 +255,7 @@ class CpuMonitor:
 def attempt_payloads(fac: AttemptFactory, start: int, count: int, n: int) -> list[tuple[str, str, bytes]]:
     """(event id, subject, payload) exactly as `fleet.attempts.record()` would publish them."""
     from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso
-    from fleetlog.services.panes import normalize_pane
+    from fleetlog.services.client.panes import normalize_pane
 
     out = []
     for i in range(start, start + count):

@@ -2,7 +2,7 @@
 
 No issue sets targets for these two families yet; this bench only measures. Each family gets
 its own private nats-server (temp dir, free port). The client publishes before any projector
-runs (as in bench_publish.py); then an in-process `Server` (fleetlog.services.server, with
+runs (as in bench_publish.py); then an in-process `Server` (fleetlog.services.node.server, with
 reactors=False as in tests/conftest.py) folds what was published and answers the queries.
 
 Snapshots:
@@ -131,7 +131,7 @@ def code_version() -> dict[str, Any]:
 
 def seen_chunk() -> int:
     """Hashes per `fleetlog.processors.seen` request: the client splits a larger `seen()` call."""
-    from fleetlog.services import processors
+    from fleetlog.services.client import processors
 
     return int(getattr(processors, "SEEN_CHUNK", 10_000))
 
@@ -264,8 +264,8 @@ def sql_alone(path: Path, projection: str, queries: list[tuple[str, str, list[li
 
 async def bench_snapshots(args: argparse.Namespace) -> dict[str, Any]:
     import nats
-    from fleetlog.services.server import Server
-    from fleetlog.services.snapshot_differ import SnapshotDiffer
+    from fleetlog.services.node.server import Server
+    from fleetlog.services.reactors.snapshot_differ import SnapshotDiffer
 
     variants = snapshot_variants(500)
     data_bytes = sum(len(json.dumps(v, separators=(",", ":"))) for v in variants) / len(variants)
@@ -422,8 +422,8 @@ async def bench_snapshots(args: argparse.Namespace) -> dict[str, Any]:
 async def bench_processors(args: argparse.Namespace) -> dict[str, Any]:
     from fleetlog.schemas import encode_event, new_event_id, now_iso, subjects
     from fleetlog.schemas.processors import ProcessorFileMarked
-    from fleetlog.services.guarded import Guarded
-    from fleetlog.services.server import Server
+    from fleetlog.services.backbone.guarded import Guarded
+    from fleetlog.services.node.server import Server
 
     rng = random.Random(3)
     files = []

@@ -34,7 +34,7 @@ from _common import (
     table,
     wait_service,
 )
-from fleetlog.services.errors import StaleError
+from fleetlog.services.backbone.errors import StaleError
 
 from fleetlog import Fleet
 

@@ -45,8 +45,8 @@ from _common import (
     stop_subprocess,
     table,
 )
-from fleetlog.services.server import Server
-from fleetlog.services.stream_reader import OrderedReader
+from fleetlog.services.node.server import Server
+from fleetlog.services.projector.stream_reader import OrderedReader
 
 from fleetlog import Fleet
 

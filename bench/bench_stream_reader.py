@@ -32,8 +32,8 @@ from pathlib import Path
 
 import msgspec
 import nats
-from fleetlog.services.broker import EmbeddedBroker, free_port
-from fleetlog.services.stream_reader import OrderedReader
+from fleetlog.services.node.broker import EmbeddedBroker, free_port
+from fleetlog.services.projector.stream_reader import OrderedReader
 from nats.aio.msg import Msg
 
 STREAM = "BENCH"

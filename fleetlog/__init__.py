@@ -6,16 +6,16 @@ publisher, projector, query service, CLI).
 """
 
 from fleetlog.schemas import CANONICAL_OUTCOMES
-from fleetlog.services.client import Fleet, FleetSync
-from fleetlog.services.config import FleetSettings
-from fleetlog.services.errors import (
+from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.backbone.errors import (
     FleetError,
     FleetUnavailable,
     FleetValidationError,
     QueryError,
     StaleError,
 )
-from fleetlog.services.publisher import Position, Receipt, Token
+from fleetlog.services.client.fleet import Fleet, FleetSync
+from fleetlog.services.writepath.publisher import Position, Receipt, Token
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""The stream table (DESIGN §2), declared once. `fleetlog.services.streams` ensures it."""
+"""The stream table (DESIGN §2), declared once. `fleetlog.services.backbone.streams` ensures it."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fleetlog.services.broker import EmbeddedBroker, free_port
-from fleetlog.services.server import Server
+from fleetlog.services.node.broker import EmbeddedBroker, free_port
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
 

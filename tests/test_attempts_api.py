@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 import nats
 import pytest
-from fleetlog.services.server import Server
-from fleetlog.services.streams import ensure_streams
+from fleetlog.services.backbone.streams import ensure_streams
+from fleetlog.services.node.server import Server
 
 from fleetlog import (
     CANONICAL_OUTCOMES,

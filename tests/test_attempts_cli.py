@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 from fleetlog.schemas import EVENT_TYPES
-from fleetlog.services.server import Server
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
 

@@ -12,9 +12,9 @@ import msgspec
 from fleetlog.projections import ATTEMPTS
 from fleetlog.schemas import subjects
 from fleetlog.schemas.snapshots import HostSnapshot, SnapshotDiff, diff_data
-from fleetlog.services.broker import EmbeddedBroker
-from fleetlog.services.guarded import Guarded
-from fleetlog.services.server import Server
+from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.node.broker import EmbeddedBroker
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
 

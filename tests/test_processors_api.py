@@ -9,10 +9,10 @@ from pathlib import Path
 import nats
 import pytest
 from fleetlog.schemas import subjects
-from fleetlog.services.errors import FleetValidationError
-from fleetlog.services.guarded import BrokerRefused
-from fleetlog.services.processors import ProcessorLockBusy, ProcessorLockLost, hash_file, path_hash
-from fleetlog.services.server import Server
+from fleetlog.services.backbone.errors import FleetValidationError
+from fleetlog.services.backbone.guarded import BrokerRefused
+from fleetlog.services.client.processors import ProcessorLockBusy, ProcessorLockLost, hash_file, path_hash
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
 

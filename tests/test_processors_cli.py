@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleetlog.services.processors import hash_file, path_hash
-from fleetlog.services.server import Server
+from fleetlog.services.client.processors import hash_file, path_hash
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 from fleetlog.schemas import AttemptRecorded, new_event_id, now_iso
-from fleetlog.services.broker import EmbeddedBroker, find_nats_server, free_port
-from fleetlog.services.server import Server
+from fleetlog.services.node.broker import EmbeddedBroker, find_nats_server, free_port
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings, FleetValidationError
 

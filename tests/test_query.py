@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from fleetlog.projections import ATTEMPTS
 from fleetlog.projections.attempts import _stats_rows, _where
-from fleetlog.services.server import Server
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings, StaleError
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import nats
 from fleetlog.schemas import AttemptRecorded, RunCreated, RunState, encode_event, new_event_id, now_iso
-from fleetlog.services.guarded import Guarded
-from fleetlog.services.server import Server
+from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import duckdb
 import nats
-from fleetlog.services.replica import fold_replica
-from fleetlog.services.server import Server
+from fleetlog.services.node.server import Server
+from fleetlog.services.query.replica import fold_replica
 
 from fleetlog import Fleet, FleetSettings
 
@@ -62,7 +62,7 @@ async def test_replica_equals_the_served_views_and_publishes_nothing(
     finally:
         con.close()
     served = server.store.table_digest(server.projector.live("attempts").gen.schema, ("attempts",))
-    from fleetlog.services.store import ViewStore
+    from fleetlog.services.projector.store import ViewStore
 
     store = ViewStore(path)
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleetlog.services.broker import EmbeddedBroker
-from fleetlog.services.server import Server
-from fleetlog.services.snapshot_differ import SnapshotDiffer
+from fleetlog.services.node.broker import EmbeddedBroker
+from fleetlog.services.node.server import Server
+from fleetlog.services.reactors.snapshot_differ import SnapshotDiffer
 
 from fleetlog import Fleet, FleetSettings
 

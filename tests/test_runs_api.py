@@ -8,7 +8,7 @@ import msgspec
 import pytest
 from fleetlog.schemas import encode_event, subjects
 from fleetlog.schemas.runs import Proposal, RunEventAppended
-from fleetlog.services.errors import StaleHolderError
+from fleetlog.services.backbone.errors import StaleHolderError
 
 from fleetlog import Fleet
 

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from fleetlog.schemas.runs import Claim, RunEventPage, RunEventView, RunPage, RunStats, RunView
 from fleetlog.schemas.runtimes import RuntimeList, RuntimeView
-from fleetlog.services.server import Server
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
 

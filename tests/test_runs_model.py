@@ -16,8 +16,8 @@ from typing import Any
 
 import hypothesis.strategies as st
 import pytest
-from fleetlog.services.errors import StaleHolderError
-from fleetlog.services.server import Server
+from fleetlog.services.backbone.errors import StaleHolderError
+from fleetlog.services.node.server import Server
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 

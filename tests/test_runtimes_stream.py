@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nats
 from fleetlog.schemas import subjects
-from fleetlog.services.server import Server
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
 

@@ -8,8 +8,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from fleetlog.services.broker import EmbeddedBroker, free_port
-from fleetlog.services.errors import FleetUnavailable
+from fleetlog.services.backbone.errors import FleetUnavailable
+from fleetlog.services.node.broker import EmbeddedBroker, free_port
 
 from fleetlog import Fleet, FleetSettings
 

@@ -9,8 +9,8 @@ import nats
 import pytest
 from fleetlog.schemas import subjects
 from fleetlog.schemas.snapshots import diff_data
-from fleetlog.services.errors import FleetValidationError
-from fleetlog.services.server import Server
+from fleetlog.services.backbone.errors import FleetValidationError
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
 

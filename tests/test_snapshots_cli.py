@@ -8,8 +8,8 @@ import socket
 from pathlib import Path
 
 import msgspec
-from fleetlog.services.server import Server
-from fleetlog.services.snapshot_differ import SnapshotDiffer
+from fleetlog.services.node.server import Server
+from fleetlog.services.reactors.snapshot_differ import SnapshotDiffer
 
 from fleetlog import Fleet
 

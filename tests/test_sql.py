@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fleetlog.services.errors import FleetValidationError, QueryError
-from fleetlog.services.server import Server
-from fleetlog.services.sql import check_select
+from fleetlog.services.backbone.errors import FleetValidationError, QueryError
+from fleetlog.services.node.server import Server
+from fleetlog.services.query.sql import check_select
 
 from fleetlog import Fleet
 

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
-from fleetlog.services.state import StateDeletion, StatePolicyError, StateWrite
+from fleetlog.services.client.state import StateDeletion, StatePolicyError, StateWrite
 
 from fleetlog import Fleet, FleetSettings, FleetSync, FleetValidationError
 

@@ -11,7 +11,7 @@ import msgspec
 import nats
 from fleetlog.schemas import decode_event, new_event_id, now_iso
 from fleetlog.schemas.state import StateContext, StateSet, scope_key_for
-from fleetlog.services.server import Server
+from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
 
@@ -168,7 +168,7 @@ async def test_projection_rechecks_rules_on_raw_publishes(fleet: Fleet, settings
 
 async def test_writes_need_the_broker(tmp_path: Any) -> None:
     """State writes are awaited, not spooled: with no broker they fail clearly instead of pretending."""
-    from fleetlog.services.broker import free_port
+    from fleetlog.services.node.broker import free_port
 
     from fleetlog import FleetUnavailable
 

@@ -18,8 +18,8 @@ from typing import TypeVar
 
 import nats
 import pytest
-from fleetlog.services.broker import EmbeddedBroker, find_nats_server, free_port
-from fleetlog.services.stream_reader import OrderedReader, StreamReaderError, StreamRecord
+from fleetlog.services.node.broker import EmbeddedBroker, find_nats_server, free_port
+from fleetlog.services.projector.stream_reader import OrderedReader, StreamReaderError, StreamRecord
 from nats.js import JetStreamContext
 
 STREAM = "EVENTS"

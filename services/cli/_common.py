@@ -10,9 +10,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 import msgspec
-from fleetlog.services.client import Fleet
-from fleetlog.services.config import FleetSettings
-from fleetlog.services.errors import FleetError
+from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.backbone.errors import FleetError
+from fleetlog.services.client.fleet import Fleet
 from rich.console import Console
 
 __all__ = ["console", "json_option", "nats_option", "print_json", "run_client", "settings_from"]

@@ -8,8 +8,8 @@ from typing import Any
 import click
 from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
-from fleetlog.services.client import Fleet
-from fleetlog.services.guarded import Guarded
+from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client

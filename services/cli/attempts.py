@@ -7,7 +7,7 @@ import sys
 
 import click
 from fleetlog.schemas.attempts import AttemptPage, AttemptStats, AttemptSummary, PurgeResult
-from fleetlog.services.client import Fleet
+from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
 from ._common import console, err_console, json_option, nats_option, print_json, run_client

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from fleetlog.services.client import Fleet
-from fleetlog.services.processors import ProcessorLock, hash_file, path_hash
+from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.client.processors import ProcessorLock, hash_file, path_hash
 from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 import duckdb
-from fleetlog.services.replica import export_views, fold_replica
+from fleetlog.services.query.replica import export_views, fold_replica
 
 from ._common import console, err_console, json_option, nats_option, print_json, settings_from
 

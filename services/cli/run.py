@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 import duckdb
-from fleetlog.services.broker import BrokerError
-from fleetlog.services.server import run_serve, run_up
+from fleetlog.services.node.broker import BrokerError
+from fleetlog.services.node.server import run_serve, run_up
 
 from ._common import err_console, settings_from
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 import msgspec
 from fleetlog.schemas import RUN_STATUSES
-from fleetlog.services.client import Fleet
+from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 import msgspec
-from fleetlog.services.client import Fleet
-from fleetlog.services.collector import collect, host_facts
+from fleetlog.services.client.collector import collect, host_facts
+from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client
@@ -57,7 +57,7 @@ def collect_cmd(agent: str, host: str | None, every_s: float, count: int | None,
     """Snapshot this host's facts (system, CPU, memory, disk, Python) periodically."""
 
     async def go(fleet: Fleet) -> dict[str, Any]:
-        receipts = await collect(fleet, agent, host=host, every_s=every_s, count=count, disk_path=disk_path)
+        receipts = await collect(fleet.snapshots, agent, host=host, every_s=every_s, count=count, disk_path=disk_path)
         out = await _seq_token(fleet)
         return {"taken": len(receipts), **out}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 from fleetlog.schemas.answers import SqlAnswer
-from fleetlog.services.client import Fleet
+from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client

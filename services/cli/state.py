@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 from fleetlog.schemas.state import DEFAULT_STATE_SCOPES, StateBinding, StateContext, StatePolicy
-from fleetlog.services.client import Fleet
+from fleetlog.services.client.fleet import Fleet
 
 from ._common import console, err_console, json_option, nats_option, print_json, run_client
 

@@ -1,0 +1,163 @@
+"""Guarded commands (DESIGN §3.2): read the last message of a subject, publish with an expected sequence.
+
+JetStream decides: a publish carrying `Nats-Expected-Last-Subject-Sequence: N` is
+stored only if the subject's last message is still N (0 = the subject is empty),
+so of any number of concurrent writers exactly one wins and the others get
+`WrongLastSequence` (JetStream error 10071) and retry on fresh state. With
+`Nats-Expected-Last-Subject-Sequence-Subject` the check applies to another
+subject of the same stream: a run's result event is stored only while the run's
+lifecycle subject is where the writer saw it (a fence decided at write time).
+
+Reads use direct get (`allow_direct` streams): one request, answered by any
+replica, no consumer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgspec
+from fleetlog.services.backbone.errors import FleetError, FleetUnavailable
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+__all__ = ["BatchItem", "BrokerRefused", "Guarded", "StoredMsg", "WrongLastSequence"]
+
+WRONG_LAST_SEQUENCE = 10071
+
+
+class WrongLastSequence(FleetError):
+    """Another writer got there first: the subject moved past the expected sequence."""
+
+
+class BrokerRefused(FleetError):
+    """JetStream refused a guarded publish for a reason other than a lost race."""
+
+
+class StoredMsg(NamedTuple):
+    seq: int
+    subject: str
+    data: bytes
+
+
+class _Ack(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_Ack)
+
+
+class Guarded:
+    """Direct gets and expected-sequence publishes on one NATS connection."""
+
+    def __init__(self, nc: Client, timeout_s: float = 5.0) -> None:
+        self.nc = nc
+        self.timeout_s = timeout_s
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
+        try:
+            return await self.nc.request(subject, payload, timeout=self.timeout_s, headers=headers)
+        except NoRespondersError:
+            raise FleetUnavailable(f"JetStream did not answer {subject} (is the stream there?)") from None
+        except NatsTimeout:
+            raise FleetUnavailable(f"JetStream did not answer {subject} within {self.timeout_s}s") from None
+
+    async def last(self, stream: str, subject: str) -> StoredMsg | None:
+        """The last message stored on `subject` (wildcards allowed), or None."""
+        msg = await self._request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"")
+        return _stored(msg)
+
+    async def get(self, stream: str, seq: int) -> StoredMsg | None:
+        """The message stored at `seq`, or None if it is gone (deleted, aged out)."""
+        msg = await self._request(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode({"seq": seq}))
+        return _stored(msg)
+
+    async def first(self, stream: str, subject: str) -> StoredMsg | None:
+        """The first message still stored on `subject`, or None."""
+        return await self.next(stream, subject, 0)
+
+    async def next(self, stream: str, subject: str, seq: int) -> StoredMsg | None:
+        """The first message stored on `subject` at or after `seq`, or None."""
+        body = msgspec.json.encode({"seq": seq, "next_by_subj": subject})
+        msg = await self._request(f"$JS.API.DIRECT.GET.{stream}", body)
+        return _stored(msg)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str,
+        expected_last_seq: int | None,
+        expected_subject: str | None = None,
+    ) -> tuple[str, int, bool]:
+        """Acked publish; returns (stream, seq, duplicate). Raises WrongLastSequence when beaten."""
+        headers = {"Nats-Msg-Id": msg_id}
+        if expected_last_seq is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
+            if expected_subject is not None:
+                headers["Nats-Expected-Last-Subject-Sequence-Subject"] = expected_subject
+        msg = await self._request(subject, payload, headers)
+        ack = _ack_decoder.decode(msg.data)
+        if ack.error is not None:
+            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
+            raise BrokerRefused(f"JetStream refused the publish to {subject}: {ack.error.get('description')}")
+        return ack.stream, ack.seq, ack.duplicate
+
+    async def publish_batch(self, items: list[BatchItem], batch_id: str) -> tuple[str, int]:
+        """All or nothing, each item guarded on its own subject (see `_publish_batch`)."""
+        return await _publish_batch(self, items, batch_id)
+
+
+class BatchItem(NamedTuple):
+    subject: str
+    payload: bytes
+    msg_id: str
+    expected_last_seq: int  # the subject's last seq this message requires (0: the subject is empty)
+
+
+async def _publish_batch(g: Guarded, items: list[BatchItem], batch_id: str) -> tuple[str, int]:
+    """Store `items` all or nothing (JetStream atomic batch; the stream needs `allow_atomic`).
+
+    Each message carries its own expected last subject sequence; if any fails, nothing is
+    stored and WrongLastSequence is raised (JetStream does not say which one). Every
+    message is a request: the staged ones are answered empty, the commit with the ack of
+    the whole batch. Returns (stream, seq of the last message)."""
+    version = g.nc.connected_server_version
+    if (version.major, version.minor) < (2, 12):
+        # An older server ignores the batch headers and would store the messages one by one,
+        # each on its own guard: never fall back to that silently.
+        raise BrokerRefused(f"atomic batch publish needs nats-server 2.12 or later (connected to {version})")
+    n = len(items)
+    for i, item in enumerate(items, 1):
+        headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), "Nats-Msg-Id": item.msg_id,
+                   "Nats-Expected-Last-Subject-Sequence": str(item.expected_last_seq)}
+        if i == n:
+            headers["Nats-Batch-Commit"] = "1"
+        # Every message is a request: a staged one is answered with an empty body or an error,
+        # so a refusal is seen here, never silently dropped (no core publish into the stream).
+        reply = await g._request(item.subject, item.payload, headers)
+        if i < n and not reply.data:
+            continue
+        ack = _ack_decoder.decode(reply.data)
+        if ack.error is not None:
+            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
+            raise BrokerRefused(f"JetStream refused the batch on {item.subject}: {ack.error.get('description')}")
+        if i == n:
+            return ack.stream, ack.seq
+    raise ValueError("an empty batch")
+
+
+def _stored(msg: Any) -> StoredMsg | None:
+    headers = msg.headers or {}
+    if headers.get("Status") == "404" or "Nats-Sequence" not in headers:
+        if headers.get("Status") not in (None, "404"):
+            raise BrokerRefused(f"direct get failed: {headers.get('Status')} {headers.get('Description', '')}")
+        return None
+    return StoredMsg(int(headers["Nats-Sequence"]), headers.get("Nats-Subject", ""), bytes(msg.data))

@@ -1,0 +1,303 @@
+"""The fleetlog client: `Fleet` (asyncio) and `FleetSync` (plain threads).
+
+    fleet = await Fleet.connect()          # FLEETLOG_NATS_URL, else the local default
+    fleet.attempts.record(agent="alpha", action="probe", outcome="success", elapsed_s=1.5)
+    await fleet.flush()                    # everything enqueued is acked by JetStream
+    await fleet.attempts.query(agent="alpha", since="24h")
+
+Facts are fire-and-forget through the `Publisher`; queries are NATS requests to
+the query service. Connecting never fails because the broker is away: events
+spool locally and the client keeps trying (queries raise FleetUnavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import msgspec
+from fleetlog.schemas import Event, encode_event
+from fleetlog.schemas.answers import RejectsAnswer, RejectsQuery, SqlAnswer, SqlQuery, StatusAnswer, StatusQuery
+from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.backbone.errors import FleetUnavailable, FleetValidationError, QueryError, StaleError
+from fleetlog.services.backbone.link import Link
+from fleetlog.services.backbone.streams import ensure_streams
+from fleetlog.services.client.attempts import AttemptsAPI, AttemptsSyncAPI
+from fleetlog.services.client.processors import ProcessorsAPI
+from fleetlog.services.client.runs import RunsAPI
+from fleetlog.services.client.runtimes import RuntimesAPI
+from fleetlog.services.client.snapshots import SnapshotsAPI
+from fleetlog.services.client.state import StateAPI, StateSyncAPI
+from fleetlog.services.client.sync import SyncFacade
+from fleetlog.services.writepath.publisher import Publisher, PublisherStats, Receipt, Token
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+__all__ = ["Fleet", "FleetSync"]
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Fleet:
+    """One connection, one publisher, typed access to every family's API."""
+
+    def __init__(self, settings: FleetSettings, link: Link, publisher: Publisher) -> None:
+        self.settings = settings
+        self._link = link
+        self._publisher = publisher
+        self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+        self.attempts = AttemptsAPI(self)
+        self.runs = RunsAPI(self)
+        self.runtimes = RuntimesAPI(self)
+        self.state = StateAPI(self)
+        self.snapshots = SnapshotsAPI(self)
+        self.processors = ProcessorsAPI(self)
+
+    @classmethod
+    async def connect(
+        cls, nats_url: str | None = None, *, settings: FleetSettings | None = None, name: str = "fleetlog-client",
+        ensure: bool = True, **overrides: Any,
+    ) -> Fleet:
+        if settings is None:
+            settings = FleetSettings(**overrides) if nats_url is None else FleetSettings(nats_url=nats_url, **overrides)
+        elif nats_url is not None:
+            settings = settings.model_copy(update={"nats_url": nats_url})
+        link = Link(settings.servers(), name)
+        if ensure:
+            async def _ensure(nc: Any) -> None:
+                try:
+                    await ensure_streams(nc, settings)
+                except Exception as exc:
+                    import logging
+
+                    logging.getLogger("fleetlog.client").warning("could not ensure streams: %s", exc)
+
+            link.on_connect(_ensure)
+        publisher = Publisher(
+            link,
+            settings.resolved_spool_dir(),
+            max_inflight=settings.publish_max_inflight,
+            queue_max=settings.publish_queue_max,
+            ack_timeout_s=settings.publish_ack_timeout_s,
+            spool_max_bytes=settings.spool_max_bytes,
+        )
+        await publisher.start()
+        await link.start()
+        return cls(settings, link, publisher)
+
+    # -- writing ----------------------------------------------------------------
+    def emit(self, event: Event) -> Receipt:
+        """Validate, then enqueue an event of any family. Never blocks; raises only for bad input."""
+        payload = _validated_payload(event, self.settings.max_event_bytes)
+        return self._publisher.submit(event.id, event.subject(), payload)
+
+    def emit_validated(self, event: Event, subject: str | None = None) -> Receipt:
+        """Enqueue an event whose fields a family API has already checked against every wire
+        rule (types, lengths, JSON-encodable values, encoded size within max_event_bytes).
+
+        The hot path of typed APIs such as `attempts.record()`: no encode and no validating
+        re-decode at the call; the sender encodes. Anything not checked that way goes
+        through `emit()`. Values the caller could still change after the call must already
+        be in the event as `msgspec.Raw` JSON (an encode-time snapshot). `subject`, when
+        given, must be `event.subject()` (a caller may have it cached).
+        """
+        return self._publisher.submit_event(event, event.subject() if subject is None else subject)
+
+    async def flush(self, timeout: float | None = 30.0) -> Token:
+        """Wait until everything enqueued is acked; returns the consistency token {stream: seq}."""
+        return await self._publisher.flush(timeout)
+
+    def publisher_stats(self) -> PublisherStats:
+        return self._publisher.stats()
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    # -- reading ----------------------------------------------------------------
+    async def nats(self, timeout: float = 2.0) -> Client:
+        """The live NATS connection (waits up to `timeout` for a reconnect), else FleetUnavailable."""
+        nc = self._link.nc
+        if nc is None or not nc.is_connected:
+            if not await self._link.wait_connected(timeout):
+                raise FleetUnavailable(f"not connected to NATS at {self.settings.nats_url}")
+            nc = self._link.nc
+            assert nc is not None
+        return nc
+
+    async def request(
+        self, subject: str, body: msgspec.Struct, reply_type: type[S], timeout: float = 10.0
+    ) -> S:
+        """One query-service request; errors come back as typed exceptions."""
+        nc = await self.nats(min(timeout, 2.0))
+        try:
+            msg = await nc.request(subject, _encode(body), timeout=timeout)
+        except NoRespondersError:
+            raise FleetUnavailable(
+                f"no fleetlog query service answers {subject} (is `fleetlog up` or `fleetlog serve` running?)"
+            ) from None
+        except NatsTimeout:
+            raise FleetUnavailable(f"the query service did not answer {subject} within {timeout}s") from None
+        headers = msg.headers or {}
+        code = headers.get("Nats-Service-Error-Code")
+        if code:
+            try:
+                message = msgspec.json.decode(msg.data)["error"]["message"]
+            except Exception:
+                message = headers.get("Nats-Service-Error", "error")
+            if code == "stale":
+                raise StaleError(message)
+            if code == "400":
+                raise FleetValidationError("request", message)
+            raise QueryError(code, message)
+        decoder = self._decoders.get(reply_type)
+        if decoder is None:
+            decoder = self._decoders[reply_type] = msgspec.json.Decoder(reply_type)
+        result: S = decoder.decode(msg.data)
+        return result
+
+    async def status(self, timeout: float = 10.0) -> StatusAnswer:
+        return await self.request("fleetlog.status", StatusQuery(), StatusAnswer, timeout)
+
+    async def sql(
+        self, sql: str, max_rows: int | None = None, min_seq: dict[str, int] | None = None, timeout: float = 30.0
+    ) -> SqlAnswer:
+        """One read-only SELECT over the live views (`fleetlog sql`); see services/query/sql.py for
+        what it may read. A statement that is not one such SELECT raises FleetValidationError."""
+        return await self.request("fleetlog.sql", SqlQuery(sql=sql, max_rows=max_rows, min_seq=min_seq), SqlAnswer,
+                                  timeout)
+
+    async def rejects(
+        self, projection: str | None = None, limit: int = 50, min_seq: dict[str, int] | None = None
+    ) -> RejectsAnswer:
+        """Newest rejects first; `min_seq` waits until the projection(s) folded that far."""
+        query = RejectsQuery(projection=projection, limit=limit, min_seq=min_seq)
+        return await self.request("fleetlog.rejects", query, RejectsAnswer)
+
+    async def rebuild(self, projection: str) -> dict[str, Any]:
+        class _Req(msgspec.Struct):
+            projection: str
+
+        reply = await self.request("fleetlog.rebuild", _Req(projection), dict[str, Any])
+        return reply
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drain what is queued (within timeout; the rest stays spooled on disk) and disconnect."""
+        await self._publisher.close(timeout)
+        await self._link.close()
+
+    async def __aenter__(self) -> Fleet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+_type_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def _validated_payload(event: Event, max_bytes: int) -> bytes:
+    """Encode, then decode with the event's own type: the wire rules, checked at the call."""
+    try:
+        payload = encode_event(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FleetValidationError(_unencodable_field(event), f"value is not JSON-serializable: {exc}") from None
+    if len(payload) > max_bytes:
+        raise FleetValidationError(
+            "event", f"encoded size {len(payload)} bytes exceeds max_event_bytes {max_bytes}"
+        )
+    cls = type(event)
+    decoder = _type_decoders.get(cls)
+    if decoder is None:
+        decoder = _type_decoders[cls] = msgspec.json.Decoder(cls)
+    try:
+        decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        field, rule = _split_validation(str(exc))
+        raise FleetValidationError(field, rule) from None
+    return payload
+
+
+def _unencodable_field(event: Event) -> str:
+    """Slow path after a failed encode: which field holds the value JSON cannot carry."""
+    for name in event.__struct_fields__:
+        try:
+            msgspec.json.encode(getattr(event, name))
+        except (TypeError, ValueError, OverflowError):
+            return name
+    return type(event).__name__
+
+
+def _split_validation(message: str) -> tuple[str, str]:
+    """msgspec says "Expected `str` of length >= 1 - at `$.agent`": field agent, rule the rest."""
+    if " - at `$." in message:
+        rule, _, where = message.rpartition(" - at `$.")
+        return where.rstrip("`"), rule
+    return "event", message
+
+
+class FleetSync:
+    """`Fleet` for agents that are plain threads or processes: an event loop in a daemon thread.
+
+    `record()` stays a microsecond call from any thread; queries block the caller.
+    """
+
+    def __init__(self, fleet: Fleet, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        self._fleet = fleet
+        self._loop = loop
+        self._thread = thread
+        self.attempts = AttemptsSyncAPI(fleet.attempts, self._run)
+        self.runs = SyncFacade(fleet.runs, self._run)
+        self.runtimes = SyncFacade(fleet.runtimes, self._run)
+        self.state = StateSyncAPI(fleet.state, self._run)
+        self.snapshots = SyncFacade(fleet.snapshots, self._run)
+        self.processors = SyncFacade(fleet.processors, self._run)
+
+    @classmethod
+    def connect(cls, nats_url: str | None = None, **kwargs: Any) -> FleetSync:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="fleetlog-loop", daemon=True)
+        thread.start()
+        fut: Future[Fleet] = asyncio.run_coroutine_threadsafe(Fleet.connect(nats_url, **kwargs), loop)
+        try:
+            fleet = fut.result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            raise
+        return cls(fleet, loop, thread)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def emit(self, event: Event) -> Receipt:
+        return self._fleet.emit(event)
+
+    def flush(self, timeout: float | None = 30.0) -> Token:
+        return self._run(self._fleet.flush(timeout))
+
+    def status(self) -> StatusAnswer:
+        return self._run(self._fleet.status())
+
+    def publisher_stats(self) -> PublisherStats:
+        return self._fleet.publisher_stats()
+
+    def close(self, timeout: float = 10.0) -> None:
+        try:
+            self._run(self._fleet.close(timeout))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> FleetSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

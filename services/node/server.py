@@ -1,0 +1,141 @@
+"""Running fleetlog: `serve` (projector + query service against any NATS) and `up`
+(the same, on an embedded nats-server bound to loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fleetlog.projections import ALL, Projection
+from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.backbone.link import connect_once
+from fleetlog.services.backbone.streams import ensure_streams
+from fleetlog.services.node.broker import EmbeddedBroker
+from fleetlog.services.projector.runtime import Projector
+from fleetlog.services.projector.store import ViewStore
+from fleetlog.services.query.service import QueryService
+from fleetlog.services.reactors.supervisor import Reactors
+from nats.aio.client import Client
+
+__all__ = ["Server", "run_serve", "run_up"]
+
+log = logging.getLogger("fleetlog.server")
+
+
+@dataclass
+class Server:
+    """The services of one fleetlog process, started and stopped in order."""
+
+    settings: FleetSettings
+    projections: Sequence[Projection] = ALL
+
+    async def start(self) -> None:
+        s = self.settings
+        self.nc = await _connect_waiting(s)
+        await ensure_streams(self.nc, s)
+        self.store = ViewStore(s.views_path())
+        self.projector = Projector(
+            self.store, self.projections, s.servers(), nc=self.nc,
+            batch_max=s.batch_max, batch_wait_s=s.batch_wait_s, max_event_bytes=s.max_event_bytes,
+            retention_interval_s=s.retention_interval_s,
+        )
+        await self.projector.start()
+        self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s,
+                                  sql_max_rows=s.sql_max_rows, sql_timeout_s=s.sql_timeout_s)
+        await self.query.start()
+        self.reactors: Reactors | None = None
+        if s.reactors:
+            self.reactors = Reactors(s)
+            await self.reactors.start()
+        log.info("fleetlog serving %s, views in %s", s.nats_url, s.views_path())
+
+    async def stop(self) -> None:
+        """Stop the reactors and answering, let the projector commit its last batch, close the file."""
+        if self.reactors is not None:
+            with contextlib.suppress(Exception):
+                await self.reactors.stop()
+        with contextlib.suppress(Exception):
+            await self.query.stop()
+        await self.projector.stop()
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        self.store.close()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _connect_waiting(s: FleetSettings) -> Client:
+    """Connect, waiting for NATS if it is not there yet (nats-py retries the first connect
+    too): broker and services start in any order (compose, systemd). Says so in the log, and
+    gives up after `nats_wait_s` (None: waits until a server answers or a signal comes)."""
+    failures = 0
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        nonlocal failures
+        if connected:
+            log.debug("nats: %s", exc)  # later trouble: nats-py reconnects by itself
+            return
+        failures += 1
+        if failures == 1 or failures % 20 == 0:
+            log.warning("waiting for NATS at %s (%d attempts): %s", s.nats_url, failures, exc or type(exc).__name__)
+
+    connecting = connect_once(s.servers(), "fleetlog-server", timeout_s=5.0, error_cb=on_error)
+    try:
+        nc = await (connecting if s.nats_wait_s is None else asyncio.wait_for(connecting, s.nats_wait_s))
+    except TimeoutError:
+        raise TimeoutError(f"no NATS server answered within {s.nats_wait_s}s ({failures} attempts)") from None
+    connected = True
+    if failures:
+        log.info("NATS at %s answered after %d failed attempts", s.nats_url, failures)
+    return nc
+
+
+async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None) -> None:
+    server = Server(settings)
+    starting = asyncio.ensure_future(server.start())
+    signalled = asyncio.ensure_future(_until_signalled())
+    done, _ = await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if starting not in done:  # a signal while still waiting for NATS: stop waiting, nothing to stop
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    if starting.exception() is not None:
+        signalled.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await signalled
+        raise starting.exception()  # type: ignore[misc]
+    if ready is not None:
+        ready.set()
+    try:
+        await signalled
+    finally:
+        await server.stop()
+
+
+async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None) -> None:
+    broker = EmbeddedBroker(settings.data_dir / "broker", port=settings.port)
+    await broker.start()
+    if broker.reused:
+        log.info("reusing the NATS server already on %s", broker.url)
+    else:
+        log.info("started nats-server on %s (data in %s)", broker.url, broker.data_dir)
+    try:
+        await run_serve(settings.model_copy(update={"nats_url": broker.url}), ready)
+    finally:
+        await broker.stop()

@@ -1,0 +1,353 @@
+"""The projector runtime (DESIGN §4): any projection, exactly once, bulk only.
+
+Per generation and stream, an `OrderedReader` delivers the stream in order from
+checkpoint + 1. Each batch (by count or time) is decoded and validated, then
+folded and its checkpoint written in ONE DuckDB transaction: a crash at any
+point resumes exactly where the last commit left off, with no acks needed.
+Events that cannot be decoded or break a rule go to `_rejects` (same
+transaction) and to FLEET_REJECTS; nothing blocks the stream.
+
+The runtime knows nothing about any family: it only uses the `Projection`
+interface (name, version, streams, event types, DDL, validate, fold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fleetlog.projections import Projection
+from fleetlog.schemas import subjects
+from fleetlog.services.backbone.errors import StaleError
+from fleetlog.services.projector.fold import BatchFolder, Reject
+from fleetlog.services.projector.retention import keep_to_streams
+from fleetlog.services.projector.store import Generation, ViewStore
+from fleetlog.services.projector.stream_reader import OrderedReader
+from nats.aio.client import Client
+
+__all__ = ["Projector", "Reject", "StaleError"]
+
+log = logging.getLogger("fleetlog.projector")
+
+# Batch limits while a feed is more than `batch_max` behind (a replay or a backlog).
+CATCHUP_BATCH_EVENTS = 50_000
+CATCHUP_BATCH_BYTES = 12 * 1024 * 1024
+# Read ahead while a batch folds (with record overhead counted; see OrderedReader).
+READER_BUFFER_BYTES = 16 * 1024 * 1024
+
+@dataclass
+class _Feed:
+    """Progress of one generation on one stream (in memory; the durable copy is the checkpoint)."""
+
+    checkpoint: int
+    pending: int | None = None  # events after the checkpoint the broker reported, None = unknown
+    last_ts_ns: int = 0
+    caught_up: bool = False
+
+
+@dataclass
+class _Running:
+    projection: Projection
+    gen: Generation
+    feeds: dict[str, _Feed] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    folds: bool = True  # False for a live generation whose code version is gone
+
+
+class Projector:
+    def __init__(
+        self,
+        store: ViewStore,
+        projections: Sequence[Projection],
+        servers: list[str],
+        *,
+        nc: Client | None = None,
+        batch_max: int = 5000,
+        batch_wait_s: float = 0.02,
+        max_event_bytes: int = 512 * 1024,
+        idle_checkpoint_s: float = 1.0,
+        retention_interval_s: float = 60.0,
+        publish_rejects: bool = True,
+    ) -> None:
+        self.store = store
+        self.projections = {p.name: p for p in projections}
+        self.servers = servers
+        self.nc = nc  # for publishing rejects and reading stream info
+        self.batch_max = batch_max
+        self.catchup_batch_max = max(batch_max, CATCHUP_BATCH_EVENTS)
+        self.batch_wait_s = batch_wait_s
+        self.max_event_bytes = max_event_bytes
+        self.idle_checkpoint_s = idle_checkpoint_s
+        self.retention_interval_s = retention_interval_s
+        self.publish_rejects = publish_rejects  # False for a private replica: it publishes nothing
+        self.folder = BatchFolder(store, max_event_bytes)
+        # One thread does every write (they are serialised by the write lock anyway): DuckDB's
+        # allocator then keeps one thread cache warm instead of one per pool thread.
+        self._fold_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetlog-fold")
+        self._running: dict[tuple[str, int], _Running] = {}
+        self._write_lock = self.folder.write_lock
+        self._stopping = asyncio.Event()
+        self._advanced = asyncio.Event()
+        self._reject_queue: asyncio.Queue[tuple[str, Reject]] = asyncio.Queue(maxsize=100_000)
+        self._aux: list[asyncio.Task[None]] = []
+        self.folded_events = 0
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        for projection in self.projections.values():
+            gens = self.store.generations(projection.name)
+            live = next((g for g in gens if g.state == "live"), None)
+            building = [g for g in gens if g.state == "building"]
+            if live is None:
+                live = self.store.create_generation(projection, "live")
+            for g in building:
+                if g.version != projection.version:
+                    self.store.retire(g)  # built by code that is gone
+            building = [g for g in building if g.version == projection.version]
+            live_folds = live.version == projection.version
+            await self._launch(projection, live, folds=live_folds)
+            if not live_folds and not building:
+                log.warning(
+                    "projection %s: version %d -> %d, rebuilding beside the live view",
+                    projection.name, live.version, projection.version,
+                )
+                building = [self.store.create_generation(projection, "building")]
+            for g in building:
+                await self._launch(projection, g, folds=True)
+        if self.publish_rejects:
+            self._aux.append(asyncio.create_task(self._publish_rejects(), name="fleetlog-rejects"))
+        self._aux.append(asyncio.create_task(self._checkpoint_when_idle(), name="fleetlog-checkpoint"))
+        retention = keep_to_streams(self, self.retention_interval_s)
+        self._aux.append(asyncio.create_task(retention, name="fleetlog-retention"))
+
+    async def rebuild(self, name: str) -> Generation:
+        """Build a fresh generation of `name` from sequence 1 beside the live one."""
+        projection = self.projections[name]
+        for (pname, _), running in self._running.items():
+            if pname == name and running.gen.state == "building":
+                return running.gen
+        gen = self.store.create_generation(projection, "building")
+        await self._launch(projection, gen, folds=True)
+        return gen
+
+    async def stop(self) -> None:
+        """Stop reading; the batch being folded is committed first."""
+        self._stopping.set()
+        tasks = [t for r in self._running.values() for t in r.tasks]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in self._aux:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fold_thread.shutdown(wait=True)
+
+    async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:
+        running = _Running(projection, gen, folds=folds)
+        checkpoints = self.store.checkpoints(gen.schema)
+        for stream in projection.streams:
+            running.feeds[stream] = _Feed(checkpoint=checkpoints.get(stream, 0))
+        self._running[(projection.name, gen.generation)] = running
+        if folds:
+            for stream in projection.streams:
+                running.tasks.append(
+                    asyncio.create_task(self._consume(running, stream), name=f"fold-{gen.schema}-{stream}")
+                )
+
+    # -- the loop ------------------------------------------------------------
+    async def _consume(self, running: _Running, stream: str) -> None:
+        feed = running.feeds[stream]
+        reader = OrderedReader(
+            self.servers, stream, feed.checkpoint + 1, name=f"fleetlog-{running.gen.schema}",
+            max_buffer_bytes=READER_BUFFER_BYTES, keep_headers=False,
+        )
+        await reader.start()
+        await self._check_caught_up(running, stream)
+        try:
+            while not self._stopping.is_set():
+                # Far behind (a replay): bigger transactions, bounded by bytes. Each commit
+                # costs a WAL sync and ~8 statements, a few ms whatever its size.
+                behind = feed.pending is not None and feed.pending > self.batch_max
+                batch = await reader.next_columns(
+                    self.catchup_batch_max if behind else self.batch_max,
+                    self.batch_wait_s,
+                    CATCHUP_BATCH_BYTES if behind else None,
+                )
+                if running.gen.state == "retired":
+                    return
+                if batch is None:
+                    if running.gen.state == "building" and not feed.caught_up:
+                        await self._check_caught_up(running, stream)
+                    continue
+                rejects = await asyncio.get_running_loop().run_in_executor(
+                    self._fold_thread, self.folder.apply, running.projection, running.gen.schema, stream, batch
+                )
+                feed.checkpoint = batch.last_seq
+                feed.pending = batch.pending()
+                feed.last_ts_ns = batch.ts_ns()
+                feed.caught_up = feed.pending == 0
+                self.folded_events += len(batch)
+                self._advanced.set()
+                if rejects and running.gen.state == "live" and self.publish_rejects:
+                    for r in rejects:
+                        with contextlib.suppress(asyncio.QueueFull):
+                            self._reject_queue.put_nowait((running.projection.name, r))
+                if running.gen.state == "building" and feed.caught_up:
+                    await self._maybe_promote(running)
+                del batch, rejects  # not alive while the next batch is read and folded
+        finally:
+            await reader.close()
+
+    async def _check_caught_up(self, running: _Running, stream: str) -> None:
+        """An empty or fully folded stream never delivers a record; ask the broker instead."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        feed = running.feeds[stream]
+        try:
+            info = await self.nc.jetstream().stream_info(stream)
+        except Exception:
+            return
+        last_seq = info.state.last_seq
+        if info.state.messages == 0 and last_seq > feed.checkpoint:
+            # Everything up to last_seq left the stream unfolded (aged out before a rebuild,
+            # or purged): nothing will ever be delivered up to it, so the checkpoint moves
+            # there, or a min_seq token up to last_seq would wait in vain.
+            await asyncio.get_running_loop().run_in_executor(
+                self._fold_thread, self.folder.advance, running.gen.schema, stream, last_seq
+            )
+            feed.checkpoint = last_seq
+        if last_seq <= feed.checkpoint:
+            feed.caught_up = True
+            feed.pending = 0
+            if running.gen.state == "building":
+                await self._maybe_promote(running)
+
+    async def _maybe_promote(self, running: _Running) -> None:
+        if not all(f.caught_up for f in running.feeds.values()):
+            return
+        name = running.projection.name
+        old = next(
+            (r for (n, _), r in self._running.items() if n == name and r.gen.state == "live"), None
+        )
+        report = await asyncio.to_thread(self._compare, old, running)
+        await asyncio.to_thread(self.store.promote, running.gen, old.gen if old else None, report)
+        if old is not None:
+            for task in old.tasks:
+                task.cancel()
+            self._running.pop((name, old.gen.generation), None)
+        log.info("projection %s: generation %d is live (%s)", name, running.gen.generation, report)
+
+    def _compare(self, old: _Running | None, new: _Running) -> str:
+        """Compare the rebuilt tables with the live ones when both stand at the same checkpoints."""
+        if old is None:
+            return json.dumps({"compared": False, "why": "no live generation"})
+        with self._write_lock:
+            same_point = {s: f.checkpoint for s, f in old.feeds.items()} == {
+                s: f.checkpoint for s, f in new.feeds.items()
+            }
+            if not same_point or not old.folds:
+                return json.dumps({"compared": False, "why": "live generation is at other checkpoints"})
+            tables = new.projection.tables
+            a = self.store.table_digest(old.gen.schema, tables)
+            b = self.store.table_digest(new.gen.schema, tables)
+        return json.dumps({"compared": True, "equal": a == b, "live": a, "rebuilt": b})
+
+    # -- checkpoints -------------------------------------------------------------
+    async def _checkpoint_when_idle(self) -> None:
+        """Write the WAL into the file once no fold has committed for `idle_checkpoint_s`.
+
+        A restart then replays little WAL, and the automatic checkpoint (at
+        `checkpoint_threshold`, run by the commit that crosses it, which waits for it)
+        lands less often on a live fold.
+        """
+        done_at = 0.0
+        while True:
+            await asyncio.sleep(self.idle_checkpoint_s / 2)
+            last = self.folder.last_commit
+            if last <= done_at or time.monotonic() - last < self.idle_checkpoint_s:
+                continue
+            done_at = last
+            if self.store.wal_bytes() > 0:
+                await asyncio.get_running_loop().run_in_executor(self._fold_thread, self._checkpoint)
+
+    async def trim(self, projection: Projection, schema: str, stream: str, first_seq: int) -> int:
+        """Retention (services/projector/retention.py): drop rows whose messages aged out of `stream`."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._fold_thread, self.folder.trim, projection, schema, stream, first_seq
+        )
+
+    def _checkpoint(self) -> None:
+        with self._write_lock:
+            try:
+                self.store.checkpoint()
+            except Exception as exc:  # e.g. a long read still open; the next idle period retries
+                log.debug("idle checkpoint skipped: %s", exc)
+
+    # -- rejects stream ------------------------------------------------------
+    async def _publish_rejects(self) -> None:
+        """Side effect of live folding only: a rebuild never re-emits (dedup id per stream seq)."""
+        while True:
+            name, r = await self._reject_queue.get()
+            headers = {
+                "Nats-Msg-Id": f"reject.{name}.{r.stream}.{r.seq}",
+                "Fleetlog-Projection": name,
+                "Fleetlog-Stream": r.stream,
+                "Fleetlog-Seq": str(r.seq),
+                "Fleetlog-Subject": r.subject,
+                "Fleetlog-Reason": " ".join(r.reason.split())[:2000],
+            }
+            for attempt in range(20):
+                if self.nc is None:
+                    break
+                try:
+                    await self.nc.jetstream().publish(subjects.reject(name), r.data, headers=headers, timeout=5)
+                    break
+                except Exception as exc:
+                    log.debug("rejects publish failed (%s), retry %d", exc, attempt)
+                    await asyncio.sleep(min(0.1 * 2**attempt, 5))
+
+    # -- what queries need -----------------------------------------------------
+    def live(self, name: str) -> _Running:
+        for (pname, _), running in self._running.items():
+            if pname == name and running.gen.state == "live":
+                return running
+        raise KeyError(f"no live generation of projection {name!r}")
+
+    def running(self) -> list[_Running]:
+        return list(self._running.values())
+
+    def as_of(self, name: str) -> tuple[dict[str, int], dict[str, int]]:
+        running = self.live(name)
+        as_of = {s: f.checkpoint for s, f in running.feeds.items()}
+        lag = {s: (f.pending or 0) for s, f in running.feeds.items()}
+        return as_of, lag
+
+    async def wait_for(self, name: str, token: dict[str, int] | None, timeout_s: float) -> None:
+        """Read-your-writes: wait until the live generation folded every seq in `token`."""
+        if not token:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = self.live(name)
+            missing = {
+                s: seq for s, seq in token.items() if s in running.feeds and running.feeds[s].checkpoint < seq
+            }
+            if not missing:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                have = {s: running.feeds[s].checkpoint for s in missing}
+                raise StaleError(
+                    f"stale: view {name} has folded {have}, the request needs {missing}; "
+                    f"still behind after {timeout_s}s"
+                )
+            self._advanced.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), min(left, 0.05))
+

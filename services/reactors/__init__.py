@@ -1,0 +1,2 @@
+"""Reactors (DESIGN §6): workers that read facts and publish new ones as guarded
+commands (lease sweeper, stale-runtime marker, snapshot differ), safe to run many times."""

@@ -1,0 +1,96 @@
+"""Reactors (DESIGN §6): workers that publish new facts, safe to run more than once.
+
+Every effect is a guarded command: two sweepers racing over the same expired
+lease produce one `run.lease_expired` (the other loses on the expected sequence);
+a stale mark loses to a heartbeat that landed first; two snapshot differs never
+publish two diffs for one snapshot (services/reactors/snapshot_differ.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.reactors.snapshot_differ import SnapshotDiffer
+
+__all__ = ["Reactors"]
+
+log = logging.getLogger("fleetlog.reactors")
+
+
+class Reactors:
+    """The claim-lease sweeper, the stale-runtime marker and the snapshot differ, on their own connection."""
+
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+        self._tasks: list[asyncio.Task[None]] = []
+        self.fleet: Fleet | None = None
+        self.differ: SnapshotDiffer | None = None
+        self._stopping = asyncio.Event()
+        self.swept = 0
+        self.marked = 0
+
+    async def start(self) -> None:
+        self.fleet = await Fleet.connect(settings=self.settings, name="fleetlog-reactors", ensure=False)
+        self._tasks = [
+            asyncio.create_task(self._every("lease sweeper", self.sweep_leases)),
+            asyncio.create_task(self._every("stale-runtime marker", self.mark_stale)),
+        ]
+        self.differ = SnapshotDiffer(await self.fleet.nats(), max_event_bytes=self.settings.max_event_bytes)
+        self._tasks.append(asyncio.create_task(self._every("snapshot differ", self.diff_snapshots)))
+
+    async def sweep_leases(self) -> None:
+        assert self.fleet is not None
+        while True:
+            released = await self.fleet.runs.release_expired(limit=500)
+            self.swept += len(released)
+            if len(released) < 500:
+                return
+
+    async def mark_stale(self) -> None:
+        assert self.fleet is not None
+        self.marked += len(await self.fleet.runtimes.mark_stale())
+
+    async def diff_snapshots(self) -> None:
+        """Diff every snapshot waiting (each fetch waits up to 1 s for new ones), then rest a tick."""
+        assert self.differ is not None
+        while not self._stopping.is_set() and await self.differ.run_once(timeout=1.0):
+            pass
+
+    async def _every(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        interval = self.settings.reactor_interval_s
+        # The flag as well as the cancellation: Python 3.11's wait_for (inside nats-py) can
+        # swallow a cancellation that lands as its inner future completes, and the loop
+        # would then run on and hold `stop` forever.
+        while not self._stopping.is_set():
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a reactor never dies: it tries again next tick
+                log.warning("%s: %s", name, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        pending = set(self._tasks)
+        for _ in range(3):  # cancel again if a cancellation was swallowed (see _every)
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=5.0)
+            if not pending:
+                break
+        for task in pending:
+            log.warning("reactor task %s did not stop", task.get_name())
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("reactor task %s ended with %r", task.get_name(), task.exception())
+        if self.differ is not None:
+            await self.differ.stop()
+        if self.fleet is not None:
+            await self.fleet.close()

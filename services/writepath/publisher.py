@@ -1,0 +1,361 @@
+"""The fire-and-forget write path (DESIGN §3.1).
+
+`submit()` only enqueues and returns a `Receipt`: microseconds, never blocks,
+never raises for transport trouble, callable from any thread. A background
+sender publishes with JetStream acks (a reply inbox per publisher, at most
+`publish_max_inflight` unacked), `Nats-Msg-Id` = event id. Whatever cannot be
+acked (broker away, ack timeout, disconnect) goes to the local `Spool` and is
+re-published in order when the broker is back; while the spool holds anything,
+new events queue behind it so order is kept. `flush()` waits until everything
+is acked and returns the consistency token.
+
+Why not `js.publish_async`: measured here at ~14,500 msgs/s (a future, a
+semaphore and json.loads per message). The sender frames each run of queued
+events as HPUB commands written in one go on its own connection (`PubWire`),
+and acks are matched by the token in their reply subject. It is the same
+protocol: a publish with a reply subject into a stream, acked by JetStream.
+Core-NATS publish without an ack is never used.
+
+Events from typed APIs (`submit_event`) arrive as structs, already checked at
+the call; the sender encodes them (a run at a time, off the caller's path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+
+from fleetlog.schemas import Event
+from fleetlog.services.backbone.link import Link
+from fleetlog.services.writepath.publisher_spool import BURST, MAX_BROKER_REFUSALS, DrainChunk, SpoolSide
+from fleetlog.services.writepath.receipt import Position, PublisherStats, Receipt, Token
+from fleetlog.services.writepath.spool import Spool
+from fleetlog.services.writepath.wire import PubWire, decode_ack, frame_hpub
+
+__all__ = ["Position", "Publisher", "PublisherStats", "Receipt", "Token"]
+
+log = logging.getLogger("fleetlog.publisher")
+
+# A short run of events waits this long for more before it is sent (not on flush/close):
+# fewer, larger writes cost less on both sides and interrupt the caller less often.
+_LINGER_S = 0.002
+
+
+class Publisher(SpoolSide):
+    """Fire-and-forget publishing with acks, a disk spool and flush (module docstring)."""
+
+    def __init__(
+        self,
+        link: Link,
+        spool_root: Path,
+        *,
+        max_inflight: int = 8192,
+        queue_max: int = 200_000,
+        ack_timeout_s: float = 5.0,
+        spool_max_bytes: int = 1 << 30,
+    ) -> None:
+        self._max_inflight = max_inflight
+        self._queue_max = queue_max
+        self._ack_timeout_s = ack_timeout_s
+        self._spool = Spool(spool_root, spool_max_bytes)
+        self._queue: collections.deque[Receipt] = collections.deque()
+        # In flight, by reply token, oldest first (the reaper relies on that order).
+        self._pending: dict[bytes, tuple[Receipt, DrainChunk | None]] = {}
+        self._tokens = itertools.count()
+        self._stats = PublisherStats()
+        self._acked_max: Token = {}
+        # Broker refusals of spooled records, by event id (the spool file is append-only).
+        self._refusals: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._wake = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._idle = False
+        self._closing = False
+        self._flushing = 0
+        self._accepted_in_loop = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stats_lock = threading.Lock()
+        self._wire = PubWire(link.servers, f"{link.name}-publisher", self._on_ack, self._on_acks_done,
+                             self._fail_all_pending)
+        # The wire connects once the client's link is up (its streams are ensured by then).
+        link.on_connect(self._on_link_connect)
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        adopted = self._spool.adopt_orphans()
+        if adopted:
+            self._stats.spooled += adopted
+        self._tasks = [
+            asyncio.create_task(self._run(), name="fleetlog-publisher"),
+            asyncio.create_task(self._reap(), name="fleetlog-publisher-reaper"),
+        ]
+
+    async def _on_link_connect(self, _nc: object) -> None:
+        self._wire.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._wire.connected
+
+    # -- producer side (any thread) -----------------------------------------
+    def submit(self, event_id: str, subject: str, payload: bytes) -> Receipt:
+        """Enqueue an encoded, validated event."""
+        return self._enqueue(Receipt(event_id, subject, payload))
+
+    def submit_event(self, event: Event, subject: str) -> Receipt:
+        """Enqueue an event already checked against every wire rule; the sender encodes it."""
+        return self._enqueue(Receipt(event.id, subject, None, 0, event))
+
+    def _enqueue(self, receipt: Receipt) -> Receipt:
+        if threading.get_ident() == self._loop_thread:
+            self._accepted_in_loop += 1  # only this thread writes it: no lock needed
+        else:
+            with self._stats_lock:
+                self._stats.accepted += 1
+        if len(self._queue) >= self._queue_max:
+            # Memory is bounded: past the cap, events go straight to disk.
+            self._to_spool([receipt])
+        else:
+            self._queue.append(receipt)
+        if self._idle:
+            self._idle = False
+            self._poke()
+        return receipt
+
+    def _poke(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    # -- sender ------------------------------------------------------------
+    def _outstanding(self) -> int:
+        return len(self._queue) + len(self._pending) + self._spool.pending
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        wire = self._wire
+        while True:
+            if not wire.connected:
+                self._spill_queue()
+                await wire.wait_connected(0.25)
+                continue
+            if self._spool.pending:
+                self._spill_queue()  # keep order: new events wait behind the spool
+                if await self._drain_spool():
+                    backoff = 0.05
+                else:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                continue
+            if not self._queue:
+                if self._closing and not self._pending:
+                    return
+                self._idle = True
+                if self._queue:
+                    self._idle = False
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                self._idle = False
+                continue
+            if len(self._queue) < BURST and not self._closing and not self._flushing:
+                await asyncio.sleep(_LINGER_S)
+            if not await self._slots():
+                continue
+            n = min(len(self._queue), self._max_inflight - len(self._pending), BURST)
+            queue = self._queue
+            self._send([queue.popleft() for _ in range(n)], None)
+            await asyncio.sleep(0)  # let the acks and the caller in between bursts
+
+    async def _slots(self) -> bool:
+        """Wait (briefly) for room in flight and in the socket buffer; True if there is some."""
+        await self._wire.writable()
+        if len(self._pending) < self._max_inflight:
+            return True
+        self._slot_free.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._slot_free.wait(), 0.5)
+        return len(self._pending) < self._max_inflight
+
+    def _send(self, receipts: list[Receipt], chunk: DrainChunk | None) -> None:
+        """Frame every receipt as an acked HPUB and write them all at once (the wire is connected)."""
+        wire = self._wire
+        if not wire.connected:
+            for receipt in receipts:
+                self._failed(receipt, chunk, broker_refused=False)
+            return
+        inbox = wire.inbox
+        max_payload = wire.max_payload
+        pending = self._pending
+        tokens = self._tokens
+        deadline = time.monotonic() + self._ack_timeout_s
+        frames = []
+        for receipt in receipts:
+            try:
+                payload = receipt.encoded()
+            except (TypeError, ValueError, OverflowError) as exc:  # checked at the call: not expected
+                self._refused(receipt, chunk, f"could not be encoded: {exc}")
+                continue
+            if len(payload) > max_payload:
+                self._refused(receipt, chunk, f"{len(payload)} bytes exceed the server's max_payload {max_payload}")
+                continue
+            token = b"%x" % next(tokens)
+            receipt.deadline = deadline
+            pending[token] = (receipt, chunk)
+            frames.append(frame_hpub(receipt.subject.encode(), inbox + token, receipt.id.encode(), payload))
+        if frames:
+            wire.write(b"".join(frames))
+
+    def _refused(self, receipt: Receipt, chunk: DrainChunk | None, reason: str) -> None:
+        """Can never be published: set aside at once (a spooled one by the drain)."""
+        receipt.attempts = MAX_BROKER_REFUSALS - 1
+        self._failed(receipt, chunk, broker_refused=True, reason=reason)
+
+    def _on_ack(self, token: bytes, body: bytes, _headers: bytes | None) -> None:
+        entry = self._pending.pop(token, None)
+        if entry is None:
+            return  # late ack for something already timed out and spooled
+        receipt, chunk = entry
+        if not body:
+            # Status-only reply (503 no responders: the stream does not exist).
+            self._failed(receipt, chunk, broker_refused=False)
+            return
+        ack = decode_ack(body)
+        if ack.error is not None:
+            log.warning("JetStream refused %s: %s", receipt.subject, ack.error)
+            self._failed(receipt, chunk, broker_refused=True, reason=str(ack.error))
+            return
+        receipt.stream = ack.stream
+        receipt.seq = ack.seq
+        receipt.payload = None
+        stats = self._stats
+        stats.acked += 1
+        if ack.duplicate:
+            stats.duplicates += 1
+        if ack.seq > self._acked_max.get(ack.stream, 0):
+            self._acked_max[ack.stream] = ack.seq
+        if chunk is not None:
+            chunk.left -= 1
+            if chunk.left == 0:
+                chunk.done.set()
+
+    def _on_acks_done(self) -> None:
+        self._slot_free.set()
+        self._progress.set()
+
+    def _failed(
+        self, receipt: Receipt, chunk: DrainChunk | None, *, broker_refused: bool, reason: str = ""
+    ) -> None:
+        if chunk is not None:
+            # Spooled records stay in the spool; the drain retries them (and counts refusals).
+            chunk.failed = True
+            chunk.left -= 1
+            if broker_refused:
+                receipt.attempts += 1
+            if chunk.left == 0:
+                chunk.done.set()
+            return
+        if broker_refused:
+            receipt.attempts += 1
+            if receipt.attempts >= MAX_BROKER_REFUSALS:
+                self._dead_letter(receipt, reason)
+                return
+        self._to_spool([receipt])
+
+    def _fail_all_pending(self) -> None:
+        """Everything in flight is in doubt (connection lost): spool it. A late ack is ignored;
+        a copy that did land is deduplicated by Nats-Msg-Id and by the projections."""
+        entries = list(self._pending.values())
+        self._pending.clear()
+        for receipt, chunk in entries:
+            self._failed(receipt, chunk, broker_refused=False)
+        self._slot_free.set()
+        self._progress.set()
+
+    async def _reap(self) -> None:
+        """Ack timeouts: the oldest pending publishes are first in the dict."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            expired = []
+            for token, (receipt, _chunk) in self._pending.items():
+                if receipt.deadline > now:
+                    break
+                expired.append(token)
+            for token in expired:
+                entry = self._pending.pop(token, None)
+                if entry is not None:
+                    self._failed(entry[0], entry[1], broker_refused=False)
+            if expired:
+                self._slot_free.set()
+                self._progress.set()
+
+    # -- flush / close ---------------------------------------------------------
+    def acked_token(self) -> Token:
+        return dict(self._acked_max)
+
+    async def flush(self, timeout: float | None = 30.0) -> Token:
+        """Wait until every event submitted so far is acked (or set aside); return the token.
+
+        Raises TimeoutError (nothing is lost: the events stay queued or spooled).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._flushing += 1
+        try:
+            await self._flush_wait(deadline, timeout)
+        finally:
+            self._flushing -= 1
+        return self.acked_token()
+
+    async def _flush_wait(self, deadline: float | None, timeout: float | None) -> None:
+        self._poke()
+        while self._outstanding():
+            self._progress.clear()
+            wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError(
+                    f"flush: {self._outstanding()} events not yet acked after {timeout}s "
+                    f"({self._spool.pending} spooled on disk, kept for later)"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), wait)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drain within timeout; whatever is left stays in the spool for the next publisher."""
+        with contextlib.suppress(TimeoutError):
+            await self.flush(timeout)
+        self._closing = True
+        self._poke()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._wire.close()  # what is still in flight is spooled as the connection ends
+        self._fail_all_pending()
+        self._spill_queue()
+        self._spool.close()
+
+    def stats(self) -> PublisherStats:
+        s = self._stats
+        return PublisherStats(
+            accepted=s.accepted + self._accepted_in_loop, acked=s.acked, duplicates=s.duplicates, spooled=s.spooled,
+            dropped_spool_full=self._spool.dropped,
+            dead_lettered=s.dead_lettered, queued=len(self._queue), inflight=len(self._pending),
+            spool_pending=self._spool.pending,
+        )
