@@ -182,18 +182,19 @@ async def test_a_following_replica_publishes_consistent_copies_others_read_while
 
         reading = asyncio.create_task(asyncio.to_thread(reader))
         try:
-            for burst in range(6):  # more events while the follower folds and copies
-                for i in range(15):
+            for burst in range(40):  # a steady trickle: the follower folds while it copies
+                for i in range(5):
                     fleet.attempts.record(agent="follow", action=f"b{burst}", outcome="success", elapsed_s=float(i))
-                token = await fleet.flush()
-                await asyncio.wait_for(progress_until(token["FLEET_ATTEMPTS"]), 120)
+                await asyncio.sleep(0.02)
+            token = await fleet.flush()
+            await asyncio.wait_for(progress_until(token["FLEET_ATTEMPTS"]), 120)
             assert held.execute("SELECT count(*) FROM attempts").fetchone() == (20,)  # its copy, unchanged
         finally:
             stop.set()
             await reading
             held.close()
         last = lines[-1]
-        assert _read_copy(path)[:2] == (110, 110) == (last["rows"]["attempts"],
+        assert _read_copy(path)[:2] == (220, 220) == (last["rows"]["attempts"],
                                                      last["streams"]["FLEET_ATTEMPTS"]["folded"])
         assert all(rows == seq for rows, seq, _ in seen), seen  # every copy read was consistent
         assert len({rows for rows, _, _ in seen}) > 1  # ... and the reader saw the rows grow
@@ -211,4 +212,4 @@ async def test_a_following_replica_publishes_consistent_copies_others_read_while
     # The working file goes on from where it stopped: a one-shot run folds nothing again.
     again = cli_json(await cli_runner(settings.nats_url, tmp_path)("replica", str(path), "--json"))
     assert again["streams"]["FLEET_ATTEMPTS"] == last["streams"]["FLEET_ATTEMPTS"]["folded"]
-    assert _read_copy(path)[:2] == (110, 110)
+    assert _read_copy(path)[:2] == (220, 220)

@@ -24,6 +24,7 @@ export (or a consumer) knows exactly where they stop.
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import shutil
@@ -80,7 +81,10 @@ async def fold_replica(
     projector = Projector(store, projections, settings.servers(), nc=nc, batch_max=settings.batch_max,
                           batch_wait_s=settings.batch_wait_s, max_event_bytes=settings.max_event_bytes,
                           publish_rejects=False, retention_interval_s=settings.retention_interval_s)
+    copying: list[asyncio.Future[ReplicaProgress]] = []
     try:
+        # The working file is ours now (DuckDB's lock): a copy left by a killed replica is garbage.
+        await asyncio.to_thread(_remove_stale_copies, path)
         js = nc.jetstream()
         streams = sorted({s for p in projections for s in p.streams})
         ends = await _last_seqs(js, streams)
@@ -93,7 +97,9 @@ async def fold_replica(
 
         async def publish(copies: int) -> ReplicaProgress:
             _publish_views(projector)  # a rebuild may have promoted a new generation
-            progress = await asyncio.to_thread(_publish_copy, store, projections, path, copies)
+            job = asyncio.ensure_future(asyncio.to_thread(_publish_copy, store, projections, path, copies))
+            copying[:] = [job]
+            progress = await asyncio.shield(job)
             lasts = await _last_seqs(js, streams)  # read after the copy: never below what it holds
             progress.streams = {s: (folded, lasts.get(s, 0)) for s, (folded, _) in progress.streams.items()}
             if on_progress is not None:
@@ -110,6 +116,8 @@ async def fold_replica(
                 progress = await publish(progress.copies + 1)
         return progress.position
     finally:
+        if copying:  # Ctrl-C during a copy: its thread cannot be cancelled, and it uses the store
+            await asyncio.wait(copying)
         await projector.stop()
         store.close()
         await nc.drain()
@@ -158,11 +166,16 @@ def _seed(path: Path, working: Path) -> None:
         shutil.copyfile(wal, Path(str(working) + ".wal"))
 
 
+def _remove_stale_copies(path: Path) -> None:
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.copy*"):
+        stale.unlink(missing_ok=True)
+
+
 def _publish_copy(store: ViewStore, projections: Sequence[Projection], path: Path, number: int) -> ReplicaProgress:
     """Copy the working file's views to a temporary file and move it onto `path` atomically."""
     started = time.monotonic()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.copy")
-    for stale in (tmp, Path(str(tmp) + ".wal")):
+    for stale in (tmp, Path(str(tmp) + ".wal")):  # a copy of this run that failed half-way
         stale.unlink(missing_ok=True)
     cur = store.cursor(None)
     try:
