@@ -13,12 +13,25 @@ import json
 import subprocess
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
-from fleetlog.services.cli._common import Exit
+from fleetlog.services.backbone.errors import (
+    FleetError,
+    FleetRefused,
+    FleetUnavailable,
+    FleetValidationError,
+    QueryError,
+    StaleError,
+    StaleHolderError,
+)
+from fleetlog.services.cli._common import Exit, exit_code_of
+from fleetlog.services.client.processor_lock import ProcessorLockLost
+from fleetlog.services.client.state import StatePolicyError
 from fleetlog.services.node.broker import EmbeddedBroker, free_port
 from fleetlog.services.node.server import Server
 from nats.aio.msg import Msg
+from nats.errors import NoServersError
 
 from fleetlog import Fleet, FleetSettings
 
@@ -186,6 +199,29 @@ async def test_snapshots_and_attempts_not_found(cli: CliRun, fleet: Fleet) -> No
         exited(res, Exit.NOT_FOUND, words)
     exited(await cli("snapshots", "take", "--agent", "", "--data", "{}"), Exit.USAGE, "agent")
     exited(await cli("snapshots", "take", "--agent", "cfg", "--host", "web-1", "--data", "{}"), Exit.OK)
+    exited(await cli("rebuild", "nope", "--no-wait"), Exit.NOT_FOUND, "unknown projection 'nope'")  # the service's 404
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (StaleError("behind"), Exit.STALE),  # a TimeoutError too: STALE wins
+    (FleetUnavailable("away"), Exit.UNAVAILABLE),
+    (TimeoutError("flush: 3 events not yet acked"), Exit.UNAVAILABLE),
+    (NoServersError(), Exit.UNAVAILABLE),
+    (QueryError("408", "statement ran too long"), Exit.UNAVAILABLE),
+    (QueryError("404", "unknown projection"), Exit.NOT_FOUND),
+    (QueryError("500", "boom"), Exit.ERROR),
+    (FleetRefused("Cannot transition terminal run"), Exit.REFUSED),  # a ValueError too: REFUSED wins
+    (StaleHolderError("stale claim"), Exit.REFUSED),
+    (ProcessorLockLost("moved on"), Exit.REFUSED),
+    (StatePolicyError("binding.state_policy.state_scopes", "not enabled"), Exit.REFUSED),
+    (StatePolicyError("scope", "Invalid scope: x"), Exit.USAGE),
+    (FleetValidationError("agent", "must be a non-empty string"), Exit.USAGE),
+    (ValueError("release: status must not be 'claimed'"), Exit.USAGE),
+    (msgspec.DecodeError("an answer that does not decode"), Exit.ERROR),  # a ValueError, but not bad input
+    (FleetError("lost 100 races"), Exit.ERROR),
+])
+def test_exit_code_of_maps_the_most_specific_class_first(exc: BaseException, code: Exit) -> None:
+    assert exit_code_of(exc) == code
 
 
 async def test_timeout_without_a_query_service(broker: EmbeddedBroker, tmp_path: Path,

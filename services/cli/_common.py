@@ -90,8 +90,8 @@ def exit_code_of(exc: BaseException) -> Exit:
         return state_rule_code(exc.field)
     if isinstance(exc, FleetValidationError):
         return Exit.USAGE
-    if isinstance(exc, QueryError):
-        return Exit.NOT_FOUND if exc.code == "404" else Exit.ERROR
+    if isinstance(exc, QueryError):  # the service's own codes: 404 unknown name, 408 its time limit
+        return {"404": Exit.NOT_FOUND, "408": Exit.UNAVAILABLE}.get(exc.code, Exit.ERROR)
     if isinstance(exc, (FleetUnavailable, TimeoutError, ConnectionError, *_NATS_AWAY)):
         return Exit.UNAVAILABLE
     if isinstance(exc, LookupError):
