@@ -59,7 +59,7 @@ class Exit(enum.IntEnum):
 class CliOptions:
     """The `fleetlog` group's global options, handed to every command through click's ctx.obj."""
 
-    timeout_s: float | None = None  # --timeout / FLEETLOG_TIMEOUT: bounds connect and each request
+    timeout_s: float | None = None  # --timeout / FLEETLOG_TIMEOUT: bounds connect, each request and each flush
 
 
 def fail(code: Exit, message: str) -> NoReturn:
