@@ -10,7 +10,7 @@ from fleetlog.schemas.attempts import AttemptPage, AttemptStats, AttemptSummary,
 from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
-from ._common import console, err_console, json_option, nats_option, print_json, run_client
+from ._common import Exit, console, err_console, fail, json_option, nats_option, print_json, run_client
 
 __all__ = ["attempts", "emit_attempt"]
 
@@ -74,7 +74,7 @@ def stats_cmd(agent: str | None, since: str | None, nats_url: str | None, as_jso
 @nats_option
 @json_option
 def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
-    """An agent's newest 100 attempts summarised."""
+    """An agent's newest 100 attempts summarised (exit 3: none recorded)."""
 
     async def go(fleet: Fleet) -> AttemptSummary:
         return await fleet.attempts.summarize(agent)
@@ -82,9 +82,9 @@ def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
     summary = run_client(nats_url, go)
     if as_json:
         print_json(summary)
-        return
     if not summary.last_action_name:
-        console.print(f"no attempts recorded for {agent!r}")
+        fail(Exit.NOT_FOUND, f"no attempts recorded for {agent!r}")
+    if as_json:
         return
     console.print(f"[bold]{agent}[/bold] last: {summary.last_action_name} → {summary.last_action_outcome} "
                   f"({summary.last_action_elapsed_s}s) at {summary.last_action_at}")
@@ -104,7 +104,7 @@ def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
 def purge_cmd(days: float, yes: bool, nats_url: str | None, as_json: bool) -> None:
     """Delete old attempts from the view (recorded as a fact, so rebuilds agree)."""
     if not yes and not click.confirm(f"Delete attempts older than {days} days from the view?"):
-        sys.exit(1)
+        fail(Exit.ERROR, "not purged: not confirmed (--yes skips the question)")
 
     async def go(fleet: Fleet) -> PurgeResult:
         return await fleet.attempts.purge(days)

@@ -6,14 +6,23 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import duckdb
 from fleetlog.services.query.replica import ReplicaProgress, export_views, fold_replica
 
-from ._common import console, err_console, json_option, nats_option, print_json, settings_from
+from ._common import Exit, console, exit_code_of, fail, json_option, nats_option, print_json, settings_from
 
 __all__ = ["export", "replica"]
+
+
+def _io_failed(path: Path, exc: duckdb.IOException) -> NoReturn:
+    """DuckDB's file lock held by another process is "lock busy" (4); other I/O errors are errors.
+    DuckDB says which only in its message ("Could not set lock on file ...")."""
+    if "lock" in str(exc).lower():
+        fail(Exit.REFUSED, f"{path} is in use by another process: {exc}")
+    fail(Exit.ERROR, f"{path}: {exc}")
 
 
 @click.command()
@@ -36,11 +45,9 @@ def replica(path: Path, follow: bool, every_s: float, nats_url: str | None, as_j
     except KeyboardInterrupt:
         return
     except duckdb.IOException as exc:
-        err_console.print(f"[red]error:[/red] {path} is in use by another process: {exc}")
-        raise SystemExit(1) from None
-    except (OSError, TimeoutError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise SystemExit(1) from None
+        _io_failed(path, exc)
+    except (OSError, TimeoutError) as exc:  # NATS away (5), a path we may not write (4), ...
+        fail(exit_code_of(exc), str(exc))
     result = {"path": str(path), "streams": position}
     print_json(result) if as_json else console.print(f"{path}: folded up to {position}")
 
@@ -72,9 +79,10 @@ def export(directory: Path, replica_path: Path | None, nats_url: str | None, as_
     settings = settings_from(nats_url)
     try:
         watermark = asyncio.run(export_views(settings, directory, replica=replica_path))
-    except (OSError, TimeoutError, duckdb.IOException) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise SystemExit(1) from None
+    except duckdb.IOException as exc:
+        _io_failed(replica_path or directory, exc)
+    except (OSError, TimeoutError) as exc:
+        fail(exit_code_of(exc), str(exc))
     if as_json:
         print_json(watermark)
         return
