@@ -124,6 +124,13 @@ class Link:
     async def _connect_loop(self) -> None:
         delay = 0.1
         while not self._closed:
+            # nats-py's first connect retries inside itself and can swallow a cancellation while
+            # it does (closing or process end then waits on it): enter it only once a server
+            # accepts TCP; an absent broker is waited for here, where cancelling works.
+            if not await reachable(self.servers, 1.0):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
             try:
                 async with asyncio.timeout(5.0):  # not wait_for: see `within`
                     nc = await connect_once(

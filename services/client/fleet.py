@@ -142,6 +142,11 @@ class Fleet:
     def connected(self) -> bool:
         return self._link.connected
 
+    @property
+    def foreign_spools(self) -> list[str]:
+        """Orphaned spools found at connect that belong to another fleet (left, never drained here)."""
+        return list(self._publisher.foreign_spools)
+
     # -- reading ----------------------------------------------------------------
     async def nats(self, timeout: float = 2.0) -> Client:
         """The live NATS connection (waits up to `timeout` for a reconnect), else FleetUnavailable."""
