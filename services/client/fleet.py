@@ -350,13 +350,18 @@ class FleetSync:
         return self._fleet.publisher_stats()
 
     def close(self, timeout: float = 10.0) -> None:
+        """Flush within timeout (the rest stays spooled), disconnect, stop the loop thread."""
+        self._close(timeout, timeout + 10.0)
+
+    def _close(self, timeout: float, bound: float) -> None:
         if self._closed:
             return
         self._closed = True
         exitsafe.unregister_closer(self)
         try:
-            # Bounded: close() flushes within timeout, then disconnects (a few seconds at most).
-            self._run(self._fleet.close(timeout), timeout + 10.0)
+            # Bounded: the flush takes at most `timeout`, the rest (spooling, disconnecting) a few s;
+            # past `bound` the loop is stopped and the atexit spill takes what is left.
+            self._run(self._fleet.close(timeout), bound)
         finally:
             with contextlib.suppress(RuntimeError):  # the loop already stopped
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -364,7 +369,8 @@ class FleetSync:
 
     def _close_at_exit(self) -> None:
         if self._thread.is_alive():
-            self.close(self._fleet.settings.exit_flush_s)
+            flush_s = self._fleet.settings.exit_flush_s
+            self._close(flush_s, flush_s + 3.0)
         # Whatever close() could not settle is spooled by the atexit hook after this.
 
     def __enter__(self) -> FleetSync:
