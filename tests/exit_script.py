@@ -40,6 +40,11 @@ def block_until_signalled() -> None:
             return
 
 
+async def connect() -> Fleet:
+    fleet: Fleet = await Fleet.connect(settings=settings())
+    return fleet
+
+
 async def main(way: str) -> None:
     fleet = await Fleet.connect(settings=settings())
     record(fleet)
@@ -61,6 +66,9 @@ def run() -> None:
         loop = asyncio.new_event_loop()
         loop.run_until_complete(main(way))
         loop.close()
+    elif way == "after-loop":
+        # The loop that ran the client ended (asyncio.run returned); the script records on.
+        record(asyncio.run(connect()))
     elif way == "sync":
         fleet = FleetSync.connect(settings=settings())
         record(fleet)  # and the interpreter shuts down with the loop thread still running

@@ -91,6 +91,7 @@ async def assert_all_in_view(settings: FleetSettings, *agents: str) -> None:
         ("sigterm", signal.SIGTERM, 143),  # the supervisor stops it: our handler, not SIG_DFL's silent death
         ("sigint", signal.SIGINT, None),  # Ctrl-C (Python re-raises SIGINT: the code is the signal's)
         ("loop-closed", None, 0),  # the application's own loop closed without cancelling anything
+        ("after-loop", None, 0),  # recorded after the client's loop ended
         ("sync", None, 0),  # FleetSync: the interpreter shuts down with the loop thread running
     ],
 )

@@ -109,23 +109,30 @@ class SpoolSide:
         except asyncio.CancelledError:
             pass  # cancelled again: stop waiting, spool now
         finally:
-            self.spill_at_exit()
+            # The spool stays open (and this publisher registered): events recorded after the
+            # loop ended are spooled by the atexit hook.
+            self._spill_now()
 
     def spill_at_exit(self) -> int:
-        """Write the queue and the unacked in-flight events to the spool, synchronously (no loop
-        needed: atexit calls it after the loop is gone); release the spool for the next client.
-        In-flight events may have landed too: the copy is deduplicated (Nats-Msg-Id, event id)."""
+        """Spool what is not acked (`_spill_now`) and release the spool for the next client: the
+        atexit hook's last act (no loop needed: it may be long gone)."""
         if self._spilled_at_exit:
             return 0
         self._spilled_at_exit = True
         exitsafe.unregister(self)
+        n = self._spill_now()
+        self._spool.close()
+        return n
+
+    def _spill_now(self) -> int:
+        """Write the unacked in-flight events, then the queue, to the spool, synchronously.
+        In-flight events may have landed too: the copy is deduplicated (Nats-Msg-Id, event id)."""
         inflight = [receipt for receipt, chunk in self._pending.values() if chunk is None]  # chunks: on disk
         self._pending.clear()
         queued = []
         while self._queue:
             queued.append(self._queue.popleft())
         self._to_spool(inflight + queued)
-        self._spool.close()
         return len(inflight) + len(queued)
 
     def _to_spool(self, receipts: list[Receipt]) -> None:
