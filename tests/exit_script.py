@@ -72,6 +72,11 @@ def run() -> None:
     elif way == "sync":
         fleet = FleetSync.connect(settings=settings())
         record(fleet)  # and the interpreter shuts down with the loop thread still running
+    elif way == "sync-sigterm":
+        fleet = FleetSync.connect(settings=settings())
+        record(fleet)
+        print("ready", flush=True)
+        time.sleep(60)  # a plain-thread agent at work: SIGTERM ends it here (SystemExit in the main thread)
     else:
         asyncio.run(main(way))
 

@@ -93,6 +93,7 @@ async def assert_all_in_view(settings: FleetSettings, *agents: str) -> None:
         ("loop-closed", None, 0),  # the application's own loop closed without cancelling anything
         ("after-loop", None, 0),  # recorded after the client's loop ended
         ("sync", None, 0),  # FleetSync: the interpreter shuts down with the loop thread running
+        ("sync-sigterm", signal.SIGTERM, 143),  # FleetSync stopped by its supervisor
     ],
 )
 async def test_every_event_survives_the_end(settings: FleetSettings, server: Server, way: str,

@@ -151,7 +151,8 @@ class Publisher(SpoolSide):
                 self._stats.accepted += 1
         if self._durable:
             self._durable_receipts[receipt.id] = receipt
-            self._to_spool([receipt])  # on disk (the OS has it) before record() returns
+            if not self._to_spool([receipt]):  # on disk (the OS has it) before record() returns
+                self._durable_receipts.pop(receipt.id, None)  # dropped: spool full (counted, logged)
         elif len(self._queue) >= self._queue_max:
             # Memory is bounded: past the cap, events go straight to disk.
             self._to_spool([receipt])

@@ -135,7 +135,8 @@ class SpoolSide:
         self._to_spool(inflight + queued)
         return len(inflight) + len(queued)
 
-    def _to_spool(self, receipts: list[Receipt]) -> None:
+    def _to_spool(self, receipts: list[Receipt]) -> int:
+        """Append to the spool in order; how many were kept (the rest hit the byte cap)."""
         records = []
         for r in receipts:
             try:
@@ -145,6 +146,7 @@ class SpoolSide:
         kept = self._spool.append(records)
         with self._stats_lock:
             self._stats.spooled += kept
+        return kept
 
     def _spill_queue(self) -> None:
         if self._queue:
