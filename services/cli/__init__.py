@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ._common import CliOptions
 from .admin import rebuild, rejects, schemas, status
 from .attempts import attempts, emit_attempt
 from .processors import processors
@@ -21,8 +22,16 @@ __all__ = ["cli", "main"]
 
 @click.group()
 @click.version_option(package_name="fleetlog")
-def cli() -> None:
-    """fleetlog: the flight recorder and control ledger for fleets of AI agents."""
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              envvar="FLEETLOG_TIMEOUT", metavar="SECONDS",
+              help="bound connecting and each request (past it: exit 5) [env FLEETLOG_TIMEOUT]")
+@click.pass_context
+def cli(ctx: click.Context, timeout_s: float | None) -> None:
+    """fleetlog: the flight recorder and control ledger for fleets of AI agents.
+
+    Exit codes: 0 ok, 1 error, 2 bad input, 3 not found, 4 refused, 5 unavailable, 6 stale (docs/cli.md).
+    """
+    ctx.obj = CliOptions(timeout_s=timeout_s)
 
 
 @cli.group()

@@ -15,6 +15,8 @@ from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
 from ._common import (
+    Exit,
+    cli_options,
     console,
     err_console,
     exit_code_of,
@@ -88,7 +90,7 @@ def stats_cmd(agent: str | None, since: str | None, nats_url: str | None, as_jso
 @nats_option
 @json_option
 def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
-    """An agent's newest 100 attempts summarised."""
+    """An agent's newest 100 attempts summarised (exit 3: none recorded)."""
 
     async def go(fleet: Fleet) -> AttemptSummary:
         return await fleet.attempts.summarize(agent)
@@ -96,9 +98,9 @@ def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
     summary = run_client(nats_url, go)
     if as_json:
         print_json(summary)
-        return
     if not summary.last_action_name:
-        console.print(f"no attempts recorded for {agent!r}")
+        fail(Exit.NOT_FOUND, f"no attempts recorded for {agent!r}")
+    if as_json:
         return
     console.print(f"[bold]{agent}[/bold] last: {summary.last_action_name} → {summary.last_action_outcome} "
                   f"({summary.last_action_elapsed_s}s) at {summary.last_action_at}")
@@ -118,7 +120,7 @@ def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
 def purge_cmd(days: float, yes: bool, nats_url: str | None, as_json: bool) -> None:
     """Delete old attempts from the view (recorded as a fact, so rebuilds agree)."""
     if not yes and not click.confirm(f"Delete attempts older than {days} days from the view?"):
-        sys.exit(1)
+        fail(Exit.ERROR, "not purged: not confirmed (--yes skips the question)")
 
     async def go(fleet: Fleet) -> PurgeResult:
         return await fleet.attempts.purge(days)
@@ -150,12 +152,14 @@ def emit_attempt(agent: str, action: str, outcome: str, elapsed_s: float, ts: st
         err_console.print(f"[red]error:[/red] --extras: not valid JSON ({exc})")
         sys.exit(2)
     settings = settings_from(nats_url)
+    # --timeout bounds the wait to connect and for the ack; past it the event is spooled (exit 0).
+    wait_s = cli_options().timeout_s or settings.publish_ack_timeout_s
 
     async def main() -> dict[str, object]:
         # A broker that refuses connections is away: spool at once rather than wait to connect.
         up = await reachable(settings.servers())
         fleet = await Fleet.connect(settings=settings, name="fleetlog-cli", ensure=False,
-                                    connect_wait_s=2.0 if up else 0.0)
+                                    connect_wait_s=min(2.0, wait_s) if up else 0.0)
         try:
             receipt = fleet.attempts.record(agent=agent, action=action, outcome=outcome, elapsed_s=elapsed_s,
                                             ts=ts, extras=extras_obj, pane_before=pane_before,
@@ -163,7 +167,7 @@ def emit_attempt(agent: str, action: str, outcome: str, elapsed_s: float, ts: st
             token: dict[str, int] = {}
             if fleet.connected:
                 with contextlib.suppress(TimeoutError):  # not acked in time: spooled by close()
-                    token = await fleet.flush(settings.publish_ack_timeout_s)
+                    token = await fleet.flush(wait_s)
         finally:
             await fleet.close(0.0)  # whatever is not acked now goes to the spool
         pos = receipt.position
