@@ -13,6 +13,7 @@ from .run import serve, up
 from .runs import runs
 from .runtimes import runtimes
 from .snapshots import snapshots
+from .spool import spool
 from .sql import sql
 from .state import state
 
@@ -35,12 +36,12 @@ def cli(ctx: click.Context, timeout_s: float | None) -> None:
 
 @cli.group()
 def emit() -> None:
-    """Publish one event (and wait for its ack)."""
+    """Publish one event (wait for its ack; with the broker away it is spooled for later)."""
 
 
 emit.add_command(emit_attempt)
 for command in (up, serve, status, attempts, runs, runtimes, state, snapshots, processors, sql, replica, export,
-                schemas, rejects, rebuild):
+                schemas, rejects, rebuild, spool):
     cli.add_command(command)
 
 
