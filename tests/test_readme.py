@@ -79,12 +79,12 @@ async def test_a_tour_block_runs_as_written(lang: str, code: str, live_server: S
             await proc.wait()
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
 
-    async with await Fleet.connect(settings=settings) as fleet:
+    async with Fleet.connect(settings=settings) as fleet:
         # Nothing the block published was refused by a view.
         assert (await fleet.rejects()).items == []
         if "agent=\"beta\"" in code:  # FleetSync: ten records, the process ended right after them
             async def ten() -> bool:
-                return (await fleet.attempts.summarize("beta")).counts.get("success", 0) == 10
+                return (await fleet.attempts.summarize("beta")).counts.get("tick:success", 0) == 10
             await wait_until(ten, 30)
         if "processors.mark(" in code:
             async def marked() -> bool:
