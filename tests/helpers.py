@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from fleetlog.services.node.broker import die_with_parent
 
 from fleetlog import Fleet
 
@@ -28,7 +29,7 @@ def start_serve(nats_url: str, data_dir: Path, log_path: Path) -> subprocess.Pop
     log = open(log_path, "ab")
     env = {**os.environ, "FLEETLOG_BATCH_WAIT_S": "0.01"}
     return subprocess.Popen([*fleetlog_cmd(), "serve", "--nats", nats_url, "--data-dir", str(data_dir)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                            stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
 
 
 async def wait_until(predicate, timeout_s: float = 60.0, interval_s: float = 0.1):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fleetlog.schemas import AttemptRecorded, new_event_id, now_iso
-from fleetlog.services.node.broker import EmbeddedBroker, find_nats_server, free_port
+from fleetlog.services.node.broker import EmbeddedBroker, die_with_parent, find_nats_server, free_port
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings, FleetUnavailable, FleetValidationError
@@ -93,7 +93,8 @@ async def test_spool_of_a_killed_agent_is_adopted(broker: EmbeddedBroker, settin
             await asyncio.sleep(60)
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)  # noqa: ASYNC220
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,  # noqa: ASYNC220
+                            preexec_fn=die_with_parent())
     assert proc.stdout is not None
     line = await asyncio.to_thread(proc.stdout.readline)
     assert line.strip() == b"spooled"
@@ -283,7 +284,7 @@ async def test_publishing_to_a_tls_broker(tmp_path: Path, monkeypatch: pytest.Mo
     log = open(tmp_path / "nats.log", "wb")  # noqa: ASYNC230
     proc = subprocess.Popen([find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",  # noqa: ASYNC220
                              str(tmp_path / "js"), "--tls", "--tlscert", str(crt), "--tlskey", str(key)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     log.close()
     url = f"tls://127.0.0.1:{port}"
     try:
@@ -309,7 +310,7 @@ async def test_publishing_with_user_and_password_in_the_url(tmp_path: Path) -> N
     port = free_port()
     proc = subprocess.Popen([find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js",  # noqa: ASYNC220
                              "-sd", str(tmp_path / "js"), "--user", "agent", "--pass", "s3cret"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
     try:
         good = FleetSettings(nats_url=f"nats://agent:s3cret@127.0.0.1:{port}", data_dir=tmp_path / "d",
                              spool_dir=tmp_path / "spool")

@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 import nats
+from fleetlog.services.node.broker import die_with_parent
 from fleetlog.services.node.server import Server
 from fleetlog.services.query.replica import fold_replica
 
@@ -118,7 +119,8 @@ def _start_follower(path: Path, nats_url: str, data_dir: Path) -> subprocess.Pop
     env = {**os.environ, "FLEETLOG_DATA_DIR": str(data_dir), "FLEETLOG_BATCH_WAIT_S": "0.01",
            "FLEETLOG_BATCH_MAX": "7"}  # small batches: many commits between and during copies
     return subprocess.Popen([*fleetlog_cmd(), "replica", str(path), "--follow", "--every", "0.1", "--json",
-                             "--nats", nats_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--nats", nats_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=die_with_parent())
 
 
 def _wal_of(path: Path) -> Path | None:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from fleetlog.services.node.broker import die_with_parent
+
 from fleetlog import Fleet
 
 CLAIMERS = 8
@@ -29,7 +31,8 @@ async def test_eight_processes_claim_every_run_exactly_once(fleet: Fleet, settin
     script = Path(__file__).with_name("run_claimer.py")
     argv = [[sys.executable, str(script), settings.nats_url, f"rt-{n}", str(tmp_path / f"c{n}.json"),
              str(tmp_path / f"spool{n}"), str(start_at)] for n in range(CLAIMERS)]
-    procs = [subprocess.Popen(a) for a in argv]  # noqa: ASYNC220 - started here, waited for in threads
+    procs = [subprocess.Popen(a, preexec_fn=die_with_parent())  # noqa: ASYNC220 - waited for in threads
+             for a in argv]
     for p in procs:
         assert await asyncio.to_thread(p.wait, 240) == 0
     results = [json.loads((tmp_path / f"c{n}.json").read_text()) for n in range(CLAIMERS)]

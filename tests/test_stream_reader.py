@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import nats
 import pytest
-from fleetlog.services.node.broker import EmbeddedBroker, find_nats_server, free_port
+from fleetlog.services.node.broker import EmbeddedBroker, die_with_parent, find_nats_server, free_port
 from fleetlog.services.projector.stream_reader import OrderedReader, StreamReaderError, StreamRecord
 from nats.js import JetStreamContext
 
@@ -479,6 +479,7 @@ def _nats_with_args(tmp_path: Path, *args: str) -> Iterator[int]:
         [find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / f"js{port}"), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
     )
     try:
         for _ in range(200):

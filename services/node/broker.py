@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 # Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
@@ -31,7 +32,13 @@ def _die_with_parent(parent: int) -> None:
         if os.getppid() != parent:  # the parent died before the prctl: nobody would signal us
             os._exit(1)
 
-__all__ = ["BrokerError", "EmbeddedBroker", "find_nats_server", "free_port", "probe_nats"]
+
+def die_with_parent() -> Callable[[], None]:
+    """A Popen `preexec_fn`: the child gets SIGTERM when this process (the starting thread) dies."""
+    return functools.partial(_die_with_parent, os.getpid())
+
+
+__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "find_nats_server", "free_port", "probe_nats"]
 
 
 class BrokerError(RuntimeError):
@@ -116,7 +123,7 @@ class EmbeddedBroker:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the broker in order
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            preexec_fn=die_with_parent(),
         )
         log.close()
         deadline = asyncio.get_running_loop().time() + timeout_s
