@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fleetlog.schemas import RUN_STATUSES
-from fleetlog.schemas.runs import (
+from fleetlog.schemas.run_stats import (
     RunnerStats,
     RunnerStatsList,
     RunnerStatsQuery,

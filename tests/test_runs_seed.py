@@ -4,14 +4,19 @@ Real nats-server, real DuckDB."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
 import msgspec
 import pytest
 from fleetlog.schemas import new_event_id, subjects
 from fleetlog.schemas.runs import ClaimedRun, RunEventView, RunView
 from fleetlog.schemas.runtimes import RuntimeView
 from fleetlog.services.backbone.errors import FleetValidationError
+from fleetlog.services.node.server import Server
 
-from fleetlog import Fleet
+from fleetlog import Fleet, FleetSettings, FleetSync
 
 from .test_runs_api import Clock
 
@@ -193,3 +198,29 @@ async def test_events_stored_before_v2_are_upcast(fleet: Fleet) -> None:
     runtime = await fleet.runtimes.get("old-rt", min_seq={"FLEET_RUNTIMES": registered.seq})
     assert runtime is not None and runtime.capabilities == {"py": True, "gpu": True}
 
+
+
+async def test_the_operations_on_fleetsync(settings: FleetSettings, server: Server) -> None:
+    """FleetSync offers the same names, blocking (agents that are plain threads)."""
+
+    def work() -> tuple[Any, ...]:
+        fleet = FleetSync.connect(settings=settings)
+        try:
+            fleet.runs.create("s1", "runner", status="queued", queue_name="q")
+            claim = fleet.runs.claim_next("rt-s", queue_name="q", lease_s=60)
+            assert claim is not None
+            valid = fleet.runs.validate_active_claim("s1", claim.claim_token, runtime_id="rt-s")
+            cancelled = fleet.runs.request_cancel("s1", status_reason="stop")
+            now = time.time()
+            stats = fleet.runs.get_run_stats(now - 60, now + 60)
+            runners = fleet.runs.get_runner_stats(now - 60, now + 60)
+            fleet.runtimes.register("rt-s", heartbeat_deadline_s=10**6)
+            stale = fleet.runtimes.mark_stale_runtimes(now=now + 60, stale_after_seconds=0)
+            return valid, cancelled.status_reason, stats.claimed_count, [r.total_runs for r in runners], \
+                [r.runtime_id for r in stale], fleet.runs.get_runtime_stats().stale_count, \
+                msgspec.to_builtins(fleet.runs.reconcile())
+        finally:
+            fleet.close()
+
+    got = await asyncio.to_thread(work)
+    assert got == (True, "stop", 1, [1], ["rt-s"], 1, {"stale_count": 0, "released_claim_count": 0})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from fleetlog.schemas.runs import RunnerStats, RunStats, RuntimeStats
+from fleetlog.schemas.run_stats import RunnerStats, RunStats, RuntimeStats
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fleetlog.schemas import parse_ts
-from fleetlog.schemas.runs import (
+from fleetlog.schemas.run_stats import (
     RunnerStats,
     RunnerStatsList,
     RunnerStatsQuery,

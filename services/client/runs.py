@@ -32,11 +32,11 @@ from fleetlog.schemas import (
     now_iso,
     subjects,
 )
+from fleetlog.schemas.run_stats import Reconciled
 from fleetlog.schemas.runs import (
     Candidates,
     ClaimedRun,
     ExpiredQuery,
-    Reconciled,
     RunEventPage,
     RunEventsQuery,
     RunLifecycle,
