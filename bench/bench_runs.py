@@ -98,7 +98,7 @@ def _nats_process() -> Any:
 async def append_rate(fleet: Fleet, n: int) -> dict[str, Any]:
     await fleet.runs.create("append-bench", "runner", status="queued", priority=100)
     claim = await fleet.runs.claim_next("rt-append", lease_s=3600)
-    assert claim is not None and claim.run.run_id == "append-bench"
+    assert claim is not None and claim.run_id == "append-bench"
     t0 = time.perf_counter()
     for seq in range(n):
         fleet.runs.emit_event("append-bench", seq, "token", {"i": seq}, fence=claim.fence)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,15 +22,12 @@ from fleetlog.schemas.runs import (
     RunEventPage,
     RunEventsQuery,
     RunEventView,
-    RunnerStats,
     RunPage,
     RunsListQuery,
-    RunStats,
-    RunStatsQuery,
-    RuntimeRunStats,
     run_view,
 )
 
+from . import run_stats
 from ._base import Endpoint, QueryContext, execute_prepared
 
 if TYPE_CHECKING:
@@ -73,9 +69,9 @@ class _Where:
 
 async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Proposals:
     w = _Where()
-    w.add("(status = 'queued' OR (claimed_by IS NOT NULL AND lease_expires_at <= ?))", req.now)
+    w.add("(status = 'queued' OR (claimed_by_runtime_id IS NOT NULL AND claim_lease_expires_at <= ?))", req.now)
     w.add("(requested_runtime_id IS NULL OR requested_runtime_id = '' OR requested_runtime_id = ?)", req.runtime_id)
-    w.eq("queue", req.queue)
+    w.eq("queue_name", req.queue)
     if req.runner_ids:
         w.add(f"runner_id IN ({', '.join('?' * len(req.runner_ids))})", *req.runner_ids)
     w.eq("conversation_id", req.conversation_id)
@@ -83,7 +79,7 @@ async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Proposals:
     w.eq("workspace_id", req.workspace_id)
     w.thread(req.thread_id, req.strict_thread)
 
-    exact = "priority DESC, created_seq ASC"
+    exact = "priority DESC, id ASC"
     if req.stripe is None:
         sql = f"SELECT run_id, priority, state_seq, state, 0 FROM runs {w.sql()} ORDER BY {exact} LIMIT ?"
         params = [*w.params, req.limit]
@@ -95,9 +91,9 @@ async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Proposals:
         k, n, salt = req.stripe
         sql = (
             f"SELECT run_id, priority, state_seq, state, stripe FROM ("
-            f"  SELECT run_id, priority, state_seq, state, created_seq, (hash(run_id) % ?)::INTEGER AS stripe"
+            f"  SELECT run_id, priority, state_seq, state, id, (hash(run_id) % ?)::INTEGER AS stripe"
             f"  FROM runs {w.sql()} ORDER BY {exact} LIMIT ?"
-            f") ORDER BY priority DESC, stripe = ? DESC, hash(stripe, ?), created_seq ASC LIMIT ?"
+            f") ORDER BY priority DESC, stripe = ? DESC, hash(stripe, ?), id ASC LIMIT ?"
         )
         params = [n, *w.params, STRIPE_WINDOW, k, salt, req.limit]
 
@@ -112,8 +108,8 @@ async def _candidates(ctx: QueryContext, req: CandidatesQuery) -> Proposals:
 async def _expired(ctx: QueryContext, req: ExpiredQuery) -> Candidates:
     def run(cur: duckdb.DuckDBPyConnection) -> list[Candidate]:
         rows = cur.execute(
-            "SELECT state, state_seq FROM runs WHERE claimed_by IS NOT NULL AND lease_expires_at <= ?"
-            " ORDER BY lease_expires_at ASC, created_seq ASC LIMIT ?",
+            "SELECT state, state_seq FROM runs WHERE claimed_by_runtime_id IS NOT NULL AND claim_lease_expires_at <= ?"
+            " ORDER BY claim_lease_expires_at ASC, id ASC LIMIT ?",
             [req.now, req.limit],
         ).fetchall()
         return [Candidate(state=_state(s), state_seq=q) for s, q in rows]
@@ -136,15 +132,15 @@ async def _list(ctx: QueryContext, req: RunsListQuery) -> RunPage:
         page = _Where()
         page.clauses, page.params = list(w.clauses), list(w.params)
         if req.before_id is not None:
-            page.add("created_seq < coalesce((SELECT created_seq FROM runs WHERE run_id = ?), 0)", req.before_id)
+            page.add("id < ?", req.before_id)
         rows = cur.execute(
-            f"SELECT state FROM runs {page.sql()} ORDER BY created_seq DESC LIMIT ?", [*page.params, req.limit + 1]
+            f"SELECT state FROM runs {page.sql()} ORDER BY id DESC LIMIT ?", [*page.params, req.limit + 1]
         ).fetchall()
         items = [run_view(_state(r[0])) for r in rows[: req.limit]]
         more = len(rows) > req.limit
         return RunPage(
             items=items,
-            next_cursor=items[-1].run_id if more and items else None,
+            next_cursor=items[-1].id if more and items else None,
             has_more=more,
             total_count=int(total[0]) if total else 0,
         )
@@ -153,15 +149,15 @@ async def _list(ctx: QueryContext, req: RunsListQuery) -> RunPage:
     return page
 
 
-_EVENT_COLUMNS = "run_id, sequence, type, data, usage, source, artifact_refs, metadata, created_at, fence"
+_EVENT_COLUMNS = "id, run_id, sequence, type, data, usage, source, artifact_refs, metadata, created_at, fence"
 
 
 def event_view(row: Sequence[Any]) -> RunEventView:
-    run_id, sequence, type_, data, usage, source, refs, metadata, created_at, fence = row
+    id_, run_id, sequence, type_, data, usage, source, refs, metadata, created_at, fence = row
     return RunEventView(
-        run_id=run_id, sequence=sequence, type=type_, data=_loads(data),
-        usage=None if usage is None else _loads(usage), source=source, artifact_refs=_loads(refs),
-        metadata=_loads(metadata), created_at=created_at, fence=fence,
+        id=id_, run_id=run_id, sequence=sequence, type=type_, data=_loads(data),
+        usage=None if usage is None else _loads(usage), created_at=created_at, source=source,
+        artifact_refs=_loads(refs), metadata=_loads(metadata), fence=fence,
     )
 
 
@@ -199,70 +195,11 @@ async def _max_sequence(ctx: QueryContext, req: MaxSequenceQuery) -> MaxSequence
     return MaxSequence(sequence=await ctx.read(run))
 
 
-async def _stats(ctx: QueryContext, req: RunStatsQuery) -> RunStats:
-    until = req.until if req.until is not None else time.time()
-    w = _Where()
-    if req.since is not None:
-        w.add("created_at >= ?", int(req.since))
-    w.add("created_at <= ?", int(until))
-    w.eq("runner_id", req.runner_id)
-    where = w.sql()
-
-    def run(cur: duckdb.DuckDBPyConnection) -> RunStats:
-        by_status = dict(cur.execute(f"SELECT status, count(*) FROM runs {where} GROUP BY status", w.params).fetchall())
-        total = sum(by_status.values())
-        agg = cur.execute(
-            f"""SELECT count(d), avg(d), quantile_cont(d, [0.5, 0.95, 0.99]), avg(w), min(created_at)
-                FROM (SELECT finished_at - coalesce(started_at, last_claimed_at, created_at) AS d,
-                             coalesce(started_at, last_claimed_at) - created_at AS w, created_at
-                      FROM runs {where})""",
-            w.params,
-        ).fetchone()
-        assert agg is not None
-        finished, avg_duration, quantiles, avg_wait, first = agg
-        start = req.since if req.since is not None else first
-        hours = (until - start) / 3600 if start is not None else 0
-        runners = cur.execute(
-            f"""SELECT runner_id, sum(n), map_from_entries(list(struct_pack(k := status, v := n)))
-                FROM (SELECT runner_id, status, count(*) AS n FROM runs {where} GROUP BY runner_id, status)
-                GROUP BY runner_id ORDER BY runner_id""",
-            w.params,
-        ).fetchall()
-        runtimes = cur.execute(
-            """SELECT claimed_by, count(*), count(*) FILTER (status = 'claimed') FROM runs
-               WHERE claimed_by IS NOT NULL AND status IN ('claimed', 'running')
-               GROUP BY claimed_by ORDER BY claimed_by"""
-        ).fetchall()
-        q = quantiles or [None, None, None]
-        return RunStats(
-            since=None if req.since is None else int(req.since),
-            until=int(until),
-            total=total,
-            by_status=by_status,
-            finished=int(finished),
-            throughput_per_hour=round(finished / hours, 4) if hours > 0 else None,
-            avg_duration_s=None if avg_duration is None else float(avg_duration),
-            avg_queue_wait_s=None if avg_wait is None else float(avg_wait),
-            p50_duration_s=q[0], p95_duration_s=q[1], p99_duration_s=q[2],
-            runtimes=[RuntimeRunStats(runtime_id=r, active=int(a), claimed=int(c)) for r, a, c in runtimes],
-            runners=[
-                RunnerStats(
-                    runner_id=r, total=int(n), by_status={k: int(v) for k, v in statuses.items()},
-                    success_rate=round(statuses.get("completed", 0) / n, 4) if n else None,
-                )
-                for r, n, statuses in runners
-            ],
-        )
-
-    stats: RunStats = await ctx.read(run)
-    return stats
-
-
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("list", RunsListQuery, _list, "runs newest first, filtered, cursor-paged"),
     Endpoint("events", RunEventsQuery, _events, "a run's result events by sequence, cursor-paged"),
     Endpoint("candidates", CandidatesQuery, _candidates, "runs the view believes claimable (proposals)"),
     Endpoint("expired", ExpiredQuery, _expired, "claimed runs whose lease passed, oldest lease first"),
     Endpoint("max_sequence", MaxSequenceQuery, _max_sequence, "highest result-event sequence of a run"),
-    Endpoint("stats", RunStatsQuery, _stats, "run counts, success rates, durations and queue waits"),
+    *run_stats.ENDPOINTS,
 )

@@ -41,22 +41,35 @@ __all__ = ["PROJECTION", "RunsProjection"]
 _encode = msgspec.json.Encoder().encode
 _state_decoder = msgspec.json.Decoder(RunState)
 
-RUN_COLUMNS = (
-    "run_id", "status", "queue", "priority", "runner_id", "requested_runtime_id", "conversation_id", "thread_id",
-    "workspace_id", "bot_id", "claimed_by", "created_at", "started_at", "finished_at", "lease_expires_at",
-    "last_claimed_at", "cancel_requested_at", "fence", "state", "state_seq", "created_seq",
-)
+# Column -> RunState field: the columns carry the keys of the run views (and of the store
+# fleetlog replaces); `id` is the creation's stream sequence (RunState.created_seq).
+_STATE_COLUMNS = {
+    "id": "created_seq", "run_id": "run_id", "status": "status", "status_reason": "reason",
+    "queue_name": "queue", "priority": "priority", "runner_id": "runner_id",
+    "requested_runtime_id": "requested_runtime_id", "conversation_id": "conversation_id",
+    "thread_id": "thread_id", "workspace_id": "workspace_id", "bot_id": "bot_id", "agent_id": "agent_id",
+    "binding_id": "binding_id", "claimed_by_runtime_id": "claimed_by", "created_at": "created_at",
+    "started_at": "started_at", "finished_at": "finished_at", "updated_at": "updated_at",
+    "claim_lease_expires_at": "lease_expires_at", "last_claimed_at": "last_claimed_at",
+    "cancel_requested_at": "cancel_requested_at", "fence": "fence",
+}
+RUN_COLUMNS = (*_STATE_COLUMNS, "state", "state_seq")
+_INT_COLUMNS = frozenset({
+    "id", "priority", "created_at", "started_at", "finished_at", "updated_at", "last_claimed_at",
+    "cancel_requested_at", "fence",
+})
 
 
 class _Current(NamedTuple):
-    state: RunState
+    state: RunState  # created_seq always filled in
     state_seq: int
-    created_seq: int
 
 
 class RunsProjection(Projection):
     name: ClassVar[str] = "runs"
-    version: ClassVar[int] = 1
+    # 2: the store's keys as columns (id, status_reason, queue_name, claimed_by_runtime_id,
+    # claim_lease_expires_at, updated_at, agent_id, binding_id); run_events.id = stream sequence
+    version: ClassVar[int] = 2
     streams: ClassVar[tuple[str, ...]] = ("FLEET_RUNS",)
     event_types: ClassVar[tuple[type[Event], ...]] = (
         RunCreated, RunClaimed, RunRenewed, RunReleased, RunLeaseExpired, RunFinalized, RunCancelRequested,
@@ -67,9 +80,11 @@ class RunsProjection(Projection):
     def ddl(self) -> Sequence[str]:
         return (
             """CREATE TABLE IF NOT EXISTS runs (
+                id BIGINT NOT NULL,           -- stream sequence of the creation: creation order
                 run_id VARCHAR NOT NULL,
                 status VARCHAR NOT NULL,
-                queue VARCHAR,
+                status_reason VARCHAR,
+                queue_name VARCHAR,
                 priority BIGINT NOT NULL,
                 runner_id VARCHAR NOT NULL,
                 requested_runtime_id VARCHAR,
@@ -77,17 +92,19 @@ class RunsProjection(Projection):
                 thread_id VARCHAR,
                 workspace_id VARCHAR,
                 bot_id VARCHAR,
-                claimed_by VARCHAR,
+                agent_id VARCHAR,
+                binding_id VARCHAR,
+                claimed_by_runtime_id VARCHAR,
                 created_at BIGINT NOT NULL,
                 started_at BIGINT,
                 finished_at BIGINT,
-                lease_expires_at DOUBLE,
+                updated_at BIGINT NOT NULL,
+                claim_lease_expires_at DOUBLE,  -- exact (the views round it up)
                 last_claimed_at BIGINT,
                 cancel_requested_at BIGINT,
                 fence BIGINT,
-                state JSON NOT NULL,          -- the whole RunState (fence filled in)
-                state_seq BIGINT NOT NULL,    -- stream sequence of the last lifecycle message
-                created_seq BIGINT NOT NULL   -- stream sequence of the first: creation order
+                state JSON NOT NULL,          -- the whole RunState (created_seq and fence filled in)
+                state_seq BIGINT NOT NULL     -- stream sequence of the last lifecycle message
             )""",
             """CREATE TABLE IF NOT EXISTS run_events (
                 run_id VARCHAR NOT NULL,
@@ -100,8 +117,8 @@ class RunsProjection(Projection):
                 metadata JSON NOT NULL,
                 created_at BIGINT NOT NULL,
                 fence BIGINT,
-                seq BIGINT NOT NULL,
-                id UUID NOT NULL
+                id BIGINT NOT NULL,           -- the event's stream sequence
+                event_uuid UUID NOT NULL
             )""",
         )
 
@@ -121,9 +138,11 @@ class RunsProjection(Projection):
             if isinstance(event, RunLifecycle):
                 run_id = event.state.run_id
                 prev = current.get(run_id)
-                current[run_id] = _Current(
-                    state_at(event, stored.seq), stored.seq, prev.created_seq if prev else stored.seq
-                )
+                state = state_at(event, stored.seq)
+                if state.created_seq is None:  # a pre-v2 event: carry the creation's sequence forward
+                    created = prev.state.created_seq if prev is not None else None
+                    state = msgspec.structs.replace(state, created_seq=created if created is not None else stored.seq)
+                current[run_id] = _Current(state, stored.seq)
                 changed.add(run_id)
                 continue
             assert isinstance(event, RunEventAppended)
@@ -158,14 +177,14 @@ def _load_runs(con: duckdb.DuckDBPyConnection, run_ids: set[str]) -> dict[str, _
     con.register("_fleetlog_ids", pa.table({"run_id": pa.array(sorted(run_ids), pa.string())}))
     try:
         rows = con.execute(
-            "SELECT r.state, r.state_seq, r.created_seq FROM runs r SEMI JOIN _fleetlog_ids i USING (run_id)"
+            "SELECT r.state, r.state_seq FROM runs r SEMI JOIN _fleetlog_ids i USING (run_id)"
         ).fetchall()
     finally:
         con.unregister("_fleetlog_ids")
     out: dict[str, _Current] = {}
-    for state_json, state_seq, created_seq in rows:
+    for state_json, state_seq in rows:
         state = _state_decoder.decode(state_json)
-        out[state.run_id] = _Current(state, state_seq, created_seq)
+        out[state.run_id] = _Current(state, state_seq)
     return out
 
 
@@ -197,12 +216,11 @@ def _write_runs(con: duckdb.DuckDBPyConnection, rows: list[_Current]) -> None:
     states = [c.state for c in rows]
     text, i64, f64 = pa.string(), pa.int64(), pa.float64()
     columns: dict[str, pa.Array] = {}
-    for name in RUN_COLUMNS[:18]:
-        kind = f64 if name == "lease_expires_at" else i64 if name in _INT_COLUMNS else text
-        columns[name] = _column([getattr(s, name) for s in states], kind)
+    for name, field in _STATE_COLUMNS.items():
+        kind = f64 if name == "claim_lease_expires_at" else i64 if name in _INT_COLUMNS else text
+        columns[name] = _column([getattr(s, field) for s in states], kind)
     columns["state"] = _column([_encode(s).decode() for s in states], text)
     columns["state_seq"] = _column([c.state_seq for c in rows], i64)
-    columns["created_seq"] = _column([c.created_seq for c in rows], i64)
     con.register("_fleetlog_runs", pa.table(columns))
     try:
         con.execute("DELETE FROM runs WHERE run_id IN (SELECT run_id FROM _fleetlog_runs)")
@@ -210,10 +228,6 @@ def _write_runs(con: duckdb.DuckDBPyConnection, rows: list[_Current]) -> None:
     finally:
         con.unregister("_fleetlog_runs")
 
-
-_INT_COLUMNS = frozenset(
-    {"priority", "created_at", "started_at", "finished_at", "last_claimed_at", "cancel_requested_at", "fence"}
-)
 
 
 def _write_events(con: duckdb.DuckDBPyConnection, accepted: list[StoredEvent]) -> None:
@@ -232,14 +246,14 @@ def _write_events(con: duckdb.DuckDBPyConnection, accepted: list[StoredEvent]) -
         "metadata": _column([_encode(e.metadata).decode() for e in events], text),
         "created_at": _column([int(s.at.timestamp()) for s in accepted], i64),
         "fence": _column([e.fence for e in events], i64),
-        "seq": _column([s.seq for s in accepted], i64),
-        "id": _column([e.id for e in events], text),
+        "id": _column([s.seq for s in accepted], i64),
+        "event_uuid": _column([e.id for e in events], text),
     })
     con.register("_fleetlog_events", table)
     try:
         con.execute(
             "INSERT INTO run_events SELECT run_id, sequence, type, data, usage, source, artifact_refs, metadata,"
-            " created_at, fence, seq, CAST(id AS UUID) FROM _fleetlog_events"
+            " created_at, fence, id, CAST(event_uuid AS UUID) FROM _fleetlog_events"
         )
     finally:
         con.unregister("_fleetlog_events")

@@ -15,6 +15,7 @@ the runtime's latest on the wire (the stale marker's guard).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +32,8 @@ from fleetlog.schemas import (
     subjects,
 )
 from fleetlog.schemas.runtimes import (
+    RuntimeCounts,
+    RuntimeCountsQuery,
     RuntimeGetQuery,
     RuntimeList,
     RuntimesListQuery,
@@ -38,6 +41,7 @@ from fleetlog.schemas.runtimes import (
     StaleQuery,
     StaleRuntime,
     StaleRuntimes,
+    capabilities_of,
 )
 
 from ._base import Endpoint, FoldReject, Projection, QueryContext, StoredEvent
@@ -50,15 +54,17 @@ __all__ = ["PROJECTION", "RuntimesProjection"]
 _encode = msgspec.json.Encoder().encode
 
 COLUMNS = (
-    "runtime_id", "display_name", "endpoint", "version", "capabilities", "labels", "metadata", "status",
-    "status_reason", "heartbeat_deadline_s", "registered_at", "last_heartbeat_at", "active_runs", "last_seq",
+    "id", "runtime_id", "display_name", "endpoint", "version", "capabilities", "labels", "metadata", "status",
+    "status_reason", "heartbeat_deadline_s", "created_at", "last_heartbeat_at", "updated_at", "active_runs",
+    "last_seq",
 )
 
 
 class RuntimesProjection(Projection):
     name: ClassVar[str] = "runtimes"
-    # 2: last_seq (any message of the runtime) guards the stale marker; 3: runtime_messages (`forget`)
-    version: ClassVar[int] = 3
+    # 2: last_seq (any message of the runtime) guards the stale marker; 3: runtime_messages (`forget`);
+    # 4: the store's keys (id, created_at, updated_at; capabilities a JSON object)
+    version: ClassVar[int] = 4
     streams: ClassVar[tuple[str, ...]] = ("FLEET_RUNTIMES",)
     event_types: ClassVar[tuple[type[Event], ...]] = (RuntimeRegistered, RuntimeHeartbeat, RuntimeStatusChanged)
     tables: ClassVar[tuple[str, ...]] = ("runtimes", "runtime_messages")
@@ -66,6 +72,7 @@ class RuntimesProjection(Projection):
     def ddl(self) -> Sequence[str]:
         return (
             """CREATE TABLE IF NOT EXISTS runtimes (
+                id BIGINT NOT NULL,           -- stream sequence of its first registration
                 runtime_id VARCHAR NOT NULL,
                 display_name VARCHAR,
                 endpoint VARCHAR,
@@ -76,8 +83,9 @@ class RuntimesProjection(Projection):
                 status VARCHAR NOT NULL,
                 status_reason VARCHAR,
                 heartbeat_deadline_s DOUBLE NOT NULL,
-                registered_at BIGINT NOT NULL,
+                created_at BIGINT NOT NULL,   -- its first registration
                 last_heartbeat_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,   -- its latest message
                 active_runs BIGINT,
                 last_seq BIGINT NOT NULL   -- stream sequence of its latest message: guards the stale marker
             )""",
@@ -146,6 +154,7 @@ class RuntimesProjection(Projection):
             Endpoint("list", RuntimesListQuery, _list, "runtimes by status and labels"),
             Endpoint("get", RuntimeGetQuery, _get, "one runtime"),
             Endpoint("stale", StaleQuery, _stale, "runtimes whose heartbeat deadline passed (proposals)"),
+            Endpoint("counts", RuntimeCountsQuery, _counts, "runtime counts and heartbeat ages"),
         )
 
 
@@ -165,12 +174,17 @@ def _apply(rows: dict[str, dict[str, Any]], stored: StoredEvent) -> str | None:
     e = stored.event
     at = int(stored.at.timestamp())
     if isinstance(e, RuntimeRegistered):
+        # A re-registration carries the first one's sequence and time; one stored before v2
+        # does not, and the row it replaces (if any) still knows them.
+        prev = rows.get(e.runtime_id)
+        first_seq = e.first_seq if e.first_seq is not None else prev["id"] if prev else stored.seq
+        first_at = e.first_registered_at if e.first_registered_at is not None else prev["created_at"] if prev else at
         rows[e.runtime_id] = {
-            "runtime_id": e.runtime_id, "display_name": e.display_name, "endpoint": e.endpoint,
-            "version": e.version, "capabilities": list(e.capabilities), "labels": dict(e.labels),
+            "id": first_seq, "runtime_id": e.runtime_id, "display_name": e.display_name, "endpoint": e.endpoint,
+            "version": e.version, "capabilities": capabilities_of(e.capabilities), "labels": dict(e.labels),
             "metadata": dict(e.metadata), "status": "online", "status_reason": None,
-            "heartbeat_deadline_s": e.heartbeat_deadline_s, "registered_at": at, "last_heartbeat_at": at,
-            "active_runs": None, "last_seq": stored.seq,
+            "heartbeat_deadline_s": e.heartbeat_deadline_s, "created_at": first_at, "last_heartbeat_at": at,
+            "updated_at": at, "active_runs": None, "last_seq": stored.seq,
         }
         return None
     assert isinstance(e, RuntimeHeartbeat | RuntimeStatusChanged)
@@ -182,6 +196,7 @@ def _apply(rows: dict[str, dict[str, Any]], stored: StoredEvent) -> str | None:
                    last_heartbeat_at=at, active_runs=e.active_runs)
     else:
         row.update(status=e.status, status_reason=e.reason)
+    row["updated_at"] = at
     row["last_seq"] = stored.seq
     return None
 
@@ -224,14 +239,15 @@ def _load(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, dict[str,
         rows = con.execute(f"SELECT {_SELECT} FROM runtimes SEMI JOIN _fleetlog_ids USING (runtime_id)").fetchall()
     finally:
         con.unregister("_fleetlog_ids")
-    return {r[0]: _row(r) for r in rows}
+    return {row["runtime_id"]: row for row in map(_row, rows)}
 
 
 def _write(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    kinds = {"heartbeat_deadline_s": pa.float64(), "registered_at": pa.int64(), "last_heartbeat_at": pa.int64(),
-             "active_runs": pa.int64(), "last_seq": pa.int64()}
+    kinds = {"id": pa.int64(), "heartbeat_deadline_s": pa.float64(), "created_at": pa.int64(),
+             "last_heartbeat_at": pa.int64(), "updated_at": pa.int64(), "active_runs": pa.int64(),
+             "last_seq": pa.int64()}
     table = pa.table({
         c: pa.array(
             [_encode(r[c]).decode() if c in _JSON_COLUMNS else r[c] for r in rows], kinds.get(c, pa.string())
@@ -249,6 +265,7 @@ def _write(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
 def _to_view(values: Sequence[Any]) -> RuntimeView:
     row = _row(values)
     row.pop("last_seq")
+    row["heartbeat_deadline_at"] = math.ceil(row["last_heartbeat_at"] + row["heartbeat_deadline_s"])
     return msgspec.convert(row, RuntimeView)
 
 
@@ -265,7 +282,7 @@ async def _list(ctx: QueryContext, req: RuntimesListQuery) -> RuntimeList:
 
     def run(cur: duckdb.DuckDBPyConnection) -> RuntimeList:
         total = cur.execute(f"SELECT count(*) FROM runtimes {where}", params).fetchone()
-        rows = cur.execute(f"SELECT {_SELECT} FROM runtimes {where} ORDER BY runtime_id LIMIT ?",
+        rows = cur.execute(f"SELECT {_SELECT} FROM runtimes {where} ORDER BY id LIMIT ?",
                            [*params, req.limit]).fetchall()
         return RuntimeList(items=[_to_view(r) for r in rows], total=int(total[0]) if total else 0)
 
@@ -283,16 +300,44 @@ async def _get(ctx: QueryContext, req: RuntimeGetQuery) -> RuntimeList:
 
 
 async def _stale(ctx: QueryContext, req: StaleQuery) -> StaleRuntimes:
+    # The store's rule: the deadline passed, or (given stale_after_seconds) the last heartbeat
+    # is older than that; rows already in stale_status are left alone.
+    older = "OR last_heartbeat_at < ?" if req.stale_after_seconds is not None else ""
+    params: list[Any] = [req.stale_status, req.now]
+    if req.stale_after_seconds is not None:
+        params.append(req.now - req.stale_after_seconds)
+
     def run(cur: duckdb.DuckDBPyConnection) -> list[StaleRuntime]:
         rows = cur.execute(
-            """SELECT runtime_id, last_heartbeat_at, last_seq FROM runtimes
-               WHERE status NOT IN ('stale', 'offline') AND last_heartbeat_at + heartbeat_deadline_s < ?
-               ORDER BY last_heartbeat_at LIMIT 500""",
-            [req.now],
+            f"""SELECT {_SELECT} FROM runtimes
+                WHERE status <> ? AND (last_heartbeat_at + heartbeat_deadline_s < ? {older})
+                ORDER BY last_heartbeat_at, id LIMIT 500""",
+            params,
         ).fetchall()
-        return [StaleRuntime(runtime_id=r, last_heartbeat_at=t, last_seq=q) for r, t, q in rows]
+        return [StaleRuntime(runtime=_to_view(r), last_seq=r[-1]) for r in rows]
 
     return StaleRuntimes(items=await ctx.read(run))
+
+
+async def _counts(ctx: QueryContext, req: RuntimeCountsQuery) -> RuntimeCounts:
+    def run(cur: duckdb.DuckDBPyConnection) -> RuntimeCounts:
+        row = cur.execute(
+            """SELECT count(*), count(*) FILTER (status = 'online'), count(*) FILTER (status = 'stale'),
+                      avg(? - last_heartbeat_at) FILTER (? - last_heartbeat_at >= 0),
+                      max(? - last_heartbeat_at) FILTER (? - last_heartbeat_at >= 0)
+               FROM runtimes""",
+            [req.now] * 4,
+        ).fetchone()
+        assert row is not None
+        total, online, stale, avg_age, max_age = row
+        return RuntimeCounts(
+            total_count=int(total), online_count=int(online), stale_count=int(stale),
+            avg_heartbeat_age_seconds=None if avg_age is None else round(float(avg_age), 2),
+            max_heartbeat_age_seconds=None if max_age is None else round(float(max_age), 2),
+        )
+
+    counts: RuntimeCounts = await ctx.read(run)
+    return counts
 
 
 PROJECTION = RuntimesProjection()

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal
 import msgspec
 
 from . import subjects
-from ._base import Event, Identity, Text
+from ._base import Event, Identity, Text, parse_ts
 from .answers import Answer
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "Candidate",
     "Candidates",
     "CandidatesQuery",
-    "Claim",
+    "ClaimedRun",
     "ExpiredQuery",
     "MaxSequence",
     "MaxSequenceQuery",
@@ -43,14 +43,11 @@ __all__ = [
     "RunReleased",
     "RunRenewed",
     "RunState",
-    "RunStats",
-    "RunStatsQuery",
     "RunStatus",
     "RunView",
-    "RunnerStats",
     "RunsGetQuery",
     "RunsListQuery",
-    "RuntimeRunStats",
+    "claimed_run",
     "run_view",
     "state_at",
 ]
@@ -67,6 +64,10 @@ class RunState(msgspec.Struct, kw_only=True, frozen=True):
     run_id: Identity
     runner_id: str
     status: RunStatus
+    # The stream sequence of the run's creation event: the run's integer `id`. Like `fence`, a
+    # creation cannot know its own sequence, so it is stored as None and every reader fills it
+    # in (`state_at`); later lifecycle events carry it forward.
+    created_seq: int | None = None
     queue: str | None = None
     priority: int = 0
     requested_runtime_id: str | None = None
@@ -83,6 +84,7 @@ class RunState(msgspec.Struct, kw_only=True, frozen=True):
     created_at: int
     started_at: int | None = None
     finished_at: int | None = None
+    updated_at: int | None = None  # None only in events stored before v2: the event's time then
     claimed_by: str | None = None
     # sha256 of the claim token: the token itself only ever goes to the claimer.
     claim_token_sha256: str | None = None
@@ -93,7 +95,9 @@ class RunState(msgspec.Struct, kw_only=True, frozen=True):
     cancel_requested_at: int | None = None
     reason: str | None = None
     usage: dict[str, Any] | None = None
-    cost: float | None = None
+    # A JSON object, as the store this replaces kept it; a number only in events stored before
+    # v2 (the view shows it as {"amount": n}).
+    cost: dict[str, Any] | float | None = None
 
 
 class RunLifecycle(Event, kw_only=True, frozen=True):
@@ -108,10 +112,18 @@ class RunLifecycle(Event, kw_only=True, frozen=True):
 
 
 def state_at(event: RunLifecycle, seq: int) -> RunState:
-    """The run as of a lifecycle message stored at `seq`: a claim's fence is its own stream sequence."""
+    """The run as of a lifecycle message stored at `seq`: a creation's `created_seq` and a
+    claim's `fence` are their own stream sequences; an event stored before v2 (no
+    `updated_at`) was updated when it was stored."""
+    state = event.state
+    changes: dict[str, Any] = {}
+    if isinstance(event, RunCreated) and state.created_seq is None:
+        changes["created_seq"] = seq
     if isinstance(event, RunClaimed):
-        return msgspec.structs.replace(event.state, fence=seq)
-    return event.state
+        changes["fence"] = seq
+    if state.updated_at is None:
+        changes["updated_at"] = int(parse_ts(event.ts).timestamp())
+    return msgspec.structs.replace(state, **changes) if changes else state
 
 
 class RunCreated(RunLifecycle, tag="run.created", kw_only=True, frozen=True):
@@ -166,66 +178,98 @@ class RunEventAppended(Event, tag="run.event", kw_only=True, frozen=True):
 
 
 class RunView(msgspec.Struct, kw_only=True):
-    """A run as every read shows it: times in epoch seconds, never the claim token."""
+    """A run as every read shows it, with the keys of the ledger store fleetlog replaces:
+    times in epoch seconds (int) or None, never the claim token. fleetlog adds `fence` (the
+    claim's fencing token) and `authorization` beside them."""
 
+    id: int  # the stream sequence of the run's creation: orders runs by creation
     run_id: str
+    event_id: str | None
+    agent_id: str | None
+    binding_id: str | None
     runner_id: str
-    status: str
-    queue: str | None
-    priority: int
-    requested_runtime_id: str | None
     conversation_id: str | None
     thread_id: str | None
     workspace_id: str | None
     bot_id: str | None
-    agent_id: str | None
-    binding_id: str | None
-    event_id: str | None
-    deadline_at: int | None
-    authorization: dict[str, Any] | None
-    metadata: dict[str, Any]
+    status: str
+    status_reason: str | None
+    queue_name: str | None
+    priority: int
+    requested_runtime_id: str | None
+    claimed_by_runtime_id: str | None
+    claim_lease_expires_at: int | None  # rounded up
+    dispatch_attempts: int
+    last_claimed_at: int | None
     created_at: int
     started_at: int | None
     finished_at: int | None
-    claimed_by: str | None
-    fence: int | None
-    lease_expires_at: int | None
-    dispatch_attempts: int
-    last_claimed_at: int | None
+    updated_at: int
+    deadline_at: int | None
     cancel_requested_at: int | None
-    reason: str | None
     usage: dict[str, Any] | None
-    cost: float | None
+    cost: dict[str, Any] | None
+    metadata: dict[str, Any]
+    fence: int | None
+    authorization: dict[str, Any] | None
 
     @property
     def cancel_requested(self) -> bool:
         return self.cancel_requested_at is not None
 
 
-def run_view(state: RunState) -> RunView:
-    fields = {f: getattr(state, f) for f in RunView.__struct_fields__ if f != "lease_expires_at"}
-    lease = state.lease_expires_at
-    return RunView(**fields, lease_expires_at=None if lease is None else math.ceil(lease))
+class ClaimedRun(RunView, kw_only=True):
+    """What `claim_next` returns to the claimer alone: the run with its secret `claim_token`
+    (and `fence`, the fencing token)."""
 
-
-class Claim(msgspec.Struct, kw_only=True):
-    """What `claim_next` returns to the claimer alone: the run, the secret token, the fencing token."""
-
-    run: RunView
     claim_token: str
-    fence: int
+
+
+def _view_fields(state: RunState, created_seq: int | None) -> dict[str, Any]:
+    lease = state.lease_expires_at
+    cost = state.cost
+    seq = state.created_seq if state.created_seq is not None else created_seq
+    return {
+        "id": seq if seq is not None else 0,
+        "run_id": state.run_id, "event_id": state.event_id, "agent_id": state.agent_id,
+        "binding_id": state.binding_id, "runner_id": state.runner_id, "conversation_id": state.conversation_id,
+        "thread_id": state.thread_id, "workspace_id": state.workspace_id, "bot_id": state.bot_id,
+        "status": state.status, "status_reason": state.reason, "queue_name": state.queue,
+        "priority": state.priority, "requested_runtime_id": state.requested_runtime_id,
+        "claimed_by_runtime_id": state.claimed_by,
+        "claim_lease_expires_at": None if lease is None else math.ceil(lease),
+        "dispatch_attempts": state.dispatch_attempts, "last_claimed_at": state.last_claimed_at,
+        "created_at": state.created_at, "started_at": state.started_at, "finished_at": state.finished_at,
+        "updated_at": state.updated_at if state.updated_at is not None else state.created_at,
+        "deadline_at": state.deadline_at, "cancel_requested_at": state.cancel_requested_at,
+        "usage": state.usage,
+        "cost": {"amount": cost} if isinstance(cost, int | float) else cost,  # a pre-v2 number
+        "metadata": state.metadata, "fence": state.fence, "authorization": state.authorization,
+    }
+
+
+def run_view(state: RunState, created_seq: int | None = None) -> RunView:
+    """The view of a run; `created_seq` stands in for a pre-v2 state's missing `created_seq`."""
+    return RunView(**_view_fields(state, created_seq))
+
+
+def claimed_run(state: RunState, claim_token: str) -> ClaimedRun:
+    return ClaimedRun(**_view_fields(state, None), claim_token=claim_token)
 
 
 class RunEventView(msgspec.Struct, kw_only=True):
+    """A result event with the store's keys; `id` is its stream sequence. fleetlog adds `fence`."""
+
+    id: int
     run_id: str
     sequence: int
     type: str
     data: dict[str, Any]
     usage: dict[str, Any] | None
+    created_at: int
     source: str
     artifact_refs: list[Any]
     metadata: dict[str, Any]
-    created_at: int
     fence: int | None
 
 
@@ -246,14 +290,14 @@ class RunsListQuery(msgspec.Struct, kw_only=True):
     workspace_id: str | None = None
     thread_id: str | None = None
     strict_thread: bool = False
-    before_id: str | None = None
+    before_id: int | None = None  # a run's `id`: the page holds older runs only
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
     min_seq: dict[str, int] | None = None
 
 
 class RunPage(Answer, kw_only=True):
     items: list[RunView]
-    next_cursor: str | None
+    next_cursor: int | None  # the last item's `id` when there is more: pass it as before_id
     has_more: bool
     total_count: int
 
@@ -263,7 +307,7 @@ class RunEventsQuery(msgspec.Struct, kw_only=True):
     before_sequence: int | None = None
     after_sequence: int | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
-    direction: Literal["forward", "backward"] = "forward"
+    direction: Literal["forward", "backward"] = "forward"  # the client maps anything else to forward
     min_seq: dict[str, int] | None = None
 
 
@@ -335,39 +379,3 @@ class MaxSequenceQuery(msgspec.Struct, kw_only=True):
 
 class MaxSequence(Answer, kw_only=True):
     sequence: int | None
-
-
-class RuntimeRunStats(msgspec.Struct, kw_only=True):
-    runtime_id: str
-    active: int  # running + claimed
-    claimed: int
-
-
-class RunnerStats(msgspec.Struct, kw_only=True):
-    runner_id: str
-    total: int
-    by_status: dict[str, int]
-    success_rate: float | None
-
-
-class RunStatsQuery(msgspec.Struct, kw_only=True):
-    since: float | None = None  # epoch seconds; None = all time
-    until: float | None = None
-    runner_id: str | None = None
-    min_seq: dict[str, int] | None = None
-
-
-class RunStats(Answer, kw_only=True):
-    since: int | None
-    until: int
-    total: int
-    by_status: dict[str, int]
-    finished: int
-    throughput_per_hour: float | None
-    avg_duration_s: float | None
-    avg_queue_wait_s: float | None
-    p50_duration_s: float | None
-    p95_duration_s: float | None
-    p99_duration_s: float | None
-    runtimes: list[RuntimeRunStats]
-    runners: list[RunnerStats]

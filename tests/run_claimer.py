@@ -26,7 +26,7 @@ async def main(url: str, runtime_id: str, out: Path, spool: Path, start_at: floa
             claim = await fleet.runs.claim_next(runtime_id, lease_s=600)
             if claim is None:
                 break
-            claims.append((claim.run.run_id, claim.fence, claim.run.priority, time.perf_counter() - c0))
+            claims.append((claim.run_id, claim.fence, claim.priority, time.perf_counter() - c0))
         elapsed = time.perf_counter() - t0
     finally:
         await fleet.close()

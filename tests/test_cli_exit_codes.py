@@ -57,7 +57,7 @@ async def test_runs_not_found_refused_and_ok(cli: CliRun, fleet: Fleet) -> None:
     await fleet.runs.create("r1", "runner-a", status="queued")
     await fleet.runs.create("r2", "runner-a", status="queued")
     claim = await fleet.runs.claim_next("rt-1", lease_s=300)
-    assert claim is not None and claim.run.run_id == "r1"
+    assert claim is not None and claim.run_id == "r1"
     token, fence = claim.claim_token, claim.fence
 
     ghost = await asyncio.gather(
@@ -80,9 +80,9 @@ async def test_runs_not_found_refused_and_ok(cli: CliRun, fleet: Fleet) -> None:
     )
     exited(refused[0], Exit.REFUSED, "not renewed")
     exited(refused[1], Exit.REFUSED, "not released")
-    exited(refused[2], Exit.REFUSED, "only the holder")
-    exited(refused[3], Exit.REFUSED, "stale claim")
-    exited(refused[4], Exit.REFUSED, "stale claim")
+    exited(refused[2], Exit.REFUSED, "active claim ownership")
+    exited(refused[3], Exit.REFUSED, "claim ownership is not active")
+    exited(refused[4], Exit.REFUSED, "claim ownership is not active")
 
     ok = await asyncio.gather(
         cli("runs", "show", "r1", "--json"), cli("runs", "renew", "r1", "--token", token, "--json"),
@@ -101,7 +101,8 @@ async def test_runs_not_found_refused_and_ok(cli: CliRun, fleet: Fleet) -> None:
     fleet.runs.clock = lambda: 4_000_000_000.0
     assert [r.run_id for r in await fleet.runs.release_expired()] == ["r1"]
     exited(await cli("runs", "renew", "r1", "--token", token), Exit.REFUSED, "not renewed")
-    exited(await cli("runs", "finalize", "r1", "completed", "--token", token), Exit.REFUSED, "stale claim")
+    exited(await cli("runs", "finalize", "r1", "completed", "--token", token), Exit.REFUSED,
+           "claim ownership is not active")
 
     done = await cli("runs", "finalize", "r2", "failed", "--json")
     assert json.loads(exited(done, Exit.OK).stdout)["status"] == "failed"

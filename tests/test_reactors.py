@@ -33,7 +33,7 @@ async def test_two_servers_reactors_sweep_and_mark_once(settings: FleetSettings,
         await wait_until(all_requeued, timeout_s=30)
         for i in range(5):
             run = await fleet.runs.get(f"r{i}")
-            assert run is not None and run.reason == "claim lease expired" and run.claimed_by is None
+            assert run is not None and run.status_reason == "claim lease expired" and run.claimed_by_runtime_id is None
 
         async def stale() -> bool:
             rt = await fleet.runtimes.get("quiet")

@@ -48,8 +48,8 @@ async def test_create_is_idempotent_and_sets_started_at(fleet: Fleet, clock: Clo
     assert run.status == "running" and run.started_at == run.created_at == int(clock.now)
     again = await fleet.runs.create("r1", "runner-b", status="queued", metadata={"k": 2})
     assert again == run  # unchanged
-    queued = await fleet.runs.create("r2", "runner-a", status="queued", queue="q")
-    assert queued.started_at is None and queued.queue == "q"
+    queued = await fleet.runs.create("r2", "runner-a", status="queued", queue_name="q")
+    assert queued.started_at is None and queued.queue_name == "q"
     assert (await fleet.runs.get("r1")) == run
 
 
@@ -61,15 +61,15 @@ async def test_claim_order_token_and_fence(fleet: Fleet, clock: Clock) -> None:
     await fleet.runs.create("high-new", "r", status="queued", priority=5)
     await fleet.runs.create("running", "r", status="running", priority=9)
     first = await fleet.runs.claim_next("rt-1", lease_s=0.2)
-    assert first is not None and first.run.run_id == "high-old"
-    assert first.run.status == "claimed" and first.run.claimed_by == "rt-1"
-    assert first.run.dispatch_attempts == 1 and first.run.last_claimed_at == int(clock.now)
-    assert first.run.lease_expires_at == int(clock.now) + 1  # max(int(0.2), 1)
-    assert first.fence == first.run.fence and first.fence > 0
+    assert first is not None and first.run_id == "high-old"
+    assert first.status == "claimed" and first.claimed_by_runtime_id == "rt-1"
+    assert first.dispatch_attempts == 1 and first.last_claimed_at == int(clock.now)
+    assert first.claim_lease_expires_at == int(clock.now) + 1  # max(int(0.2), 1)
+    assert first.fence == first.fence and first.fence > 0
     second = await fleet.runs.claim_next("rt-2")
     third = await fleet.runs.claim_next("rt-3")
     assert second is not None and third is not None
-    assert [second.run.run_id, third.run.run_id] == ["high-new", "low"]
+    assert [second.run_id, third.run_id] == ["high-new", "low"]
     assert await fleet.runs.claim_next("rt-4") is None
     # the token appears only in the claim result
     got = await fleet.runs.get("high-old")
@@ -121,16 +121,16 @@ async def test_striped_proposals_keep_priority_and_the_window(
 
 async def test_claim_filters_and_requested_runtime(fleet: Fleet, clock: Clock) -> None:
     await fleet.runs.create("for-b", "r1", status="queued", requested_runtime_id="rt-b")
-    await fleet.runs.create("threaded", "r2", status="queued", thread_id="t1", queue="q")
-    await fleet.runs.create("plain", "r3", status="queued", queue="q", bot_id="bot")
+    await fleet.runs.create("threaded", "r2", status="queued", thread_id="t1", queue_name="q")
+    await fleet.runs.create("plain", "r3", status="queued", queue_name="q", bot_id="bot")
     assert await fleet.runs.claim_next("rt-a", runner_ids=["r1"]) is None  # requested for rt-b
     claim = await fleet.runs.claim_next("rt-b", runner_ids=["r1", "r9"])
-    assert claim is not None and claim.run.run_id == "for-b"
-    assert await fleet.runs.claim_next("rt-a", queue="q", bot_id="other") is None
-    strict = await fleet.runs.claim_next("rt-a", queue="q", strict_thread=True)
-    assert strict is not None and strict.run.run_id == "plain"  # strict, no thread: runs without a thread
+    assert claim is not None and claim.run_id == "for-b"
+    assert await fleet.runs.claim_next("rt-a", queue_name="q", bot_id="other") is None
+    strict = await fleet.runs.claim_next("rt-a", queue_name="q", strict_thread=True)
+    assert strict is not None and strict.run_id == "plain"  # strict, no thread: runs without a thread
     threaded = await fleet.runs.claim_next("rt-a", thread_id="t1")
-    assert threaded is not None and threaded.run.run_id == "threaded"
+    assert threaded is not None and threaded.run_id == "threaded"
 
 
 async def test_renew_release_rules(fleet: Fleet, clock: Clock) -> None:
@@ -141,12 +141,13 @@ async def test_renew_release_rules(fleet: Fleet, clock: Clock) -> None:
     assert await fleet.runs.renew("r", claim.claim_token, 30, runtime_id="rt-other") is None
     clock.now += 10
     renewed = await fleet.runs.renew("r", claim.claim_token, 60, runtime_id="rt-1")
-    assert renewed is not None and renewed.lease_expires_at == int(clock.now) + 60
+    assert renewed is not None and renewed.claim_lease_expires_at == int(clock.now) + 60
     assert not renewed.cancel_requested
-    released = await fleet.runs.release("r", claim.claim_token, status="failed", reason="gave up")
+    released = await fleet.runs.release("r", claim.claim_token, status="failed", status_reason="gave up")
     assert released is not None
-    assert released.status == "failed" and released.finished_at == int(clock.now) and released.claimed_by is None
-    assert released.reason == "gave up" and released.lease_expires_at is None
+    assert released.status == "failed" and released.finished_at == int(clock.now)
+    assert released.claimed_by_runtime_id is None
+    assert released.status_reason == "gave up" and released.claim_lease_expires_at is None
     assert await fleet.runs.release("r", claim.claim_token) is None  # no longer claimed
     assert await fleet.runs.renew("r", claim.claim_token, 30) is None
 
@@ -159,23 +160,23 @@ async def test_expired_lease_is_overtaken_and_old_holder_refused(fleet: Fleet, c
     clock.now += 6
     assert await fleet.runs.renew("r", old.claim_token, 30) is None  # expired
     new = await fleet.runs.claim_next("rt-new", lease_s=30)
-    assert new is not None and new.run.run_id == "r"
+    assert new is not None and new.run_id == "r"
     assert new.fence > old.fence and new.claim_token != old.claim_token
-    assert new.run.dispatch_attempts == 2
+    assert new.dispatch_attempts == 2
     assert await fleet.runs.renew("r", old.claim_token, 30) is None
     assert await fleet.runs.release("r", old.claim_token) is None
-    with pytest.raises(StaleHolderError, match="stale claim"):
+    with pytest.raises(StaleHolderError, match="claim ownership is not active"):
         await fleet.runs.append_event("r", 1, "message", claim_token=old.claim_token)
-    with pytest.raises(StaleHolderError, match="stale claim"):
+    with pytest.raises(StaleHolderError, match="claim ownership is not active"):
         await fleet.runs.append_event("r", 1, "message", fence=old.fence)
-    with pytest.raises(StaleHolderError, match="stale claim"):
+    with pytest.raises(StaleHolderError, match="claim ownership is not active"):
         await fleet.runs.finalize("r", "completed", claim_token=old.claim_token)
-    with pytest.raises(StaleHolderError, match="only the holder"):
+    with pytest.raises(StaleHolderError, match="active claim ownership"):
         await fleet.runs.finalize("r", "completed")
     ok = await fleet.runs.append_event("r", 1, "message", {"text": "hi"}, fence=new.fence)
     assert ok is not None and ok.fence == new.fence
     done = await fleet.runs.finalize("r", "completed", claim_token=new.claim_token)
-    assert done is not None and done.status == "completed" and done.claimed_by is None
+    assert done is not None and done.status == "completed" and done.claimed_by_runtime_id is None
 
 
 async def test_stale_fire_and_forget_event_lands_in_rejects(fleet: Fleet, clock: Clock) -> None:
@@ -209,8 +210,8 @@ async def test_release_expired_and_two_sweepers(fleet: Fleet, settings, clock: C
     assert ids == ["r0", "r1", "r2"]  # each exactly once between the two sweepers
     for run_id in ids:
         run = await fleet.runs.get(run_id)
-        assert run is not None and run.status == "queued" and run.reason == "claim lease expired"
-        assert run.claimed_by is None
+        assert run is not None and run.status == "queued" and run.status_reason == "claim lease expired"
+        assert run.claimed_by_runtime_id is None
     assert (await fleet.runs.get("r3")).status == "claimed"  # type: ignore[union-attr]
     assert await fleet.runs.release_expired(limit=0) == []  # clamped to 1, nothing left
 
@@ -263,12 +264,13 @@ async def test_audit_events_allocate_distinct_sequences(fleet: Fleet, clock: Clo
 async def test_finalize_rules(fleet: Fleet, clock: Clock) -> None:
     assert await fleet.runs.finalize("ghost", "completed") is None
     await fleet.runs.create("r", "runner", metadata={"a": 1, "b": 1})
-    done = await fleet.runs.finalize("r", "completed", reason="ok", usage={"t": 1}, cost=0.5, metadata={"b": 2})
+    done = await fleet.runs.finalize("r", "completed", status_reason="ok", usage={"t": 1}, cost={"usd": 0.5},
+                                     metadata={"b": 2})
     assert done is not None and done.finished_at == int(clock.now) and done.metadata == {"a": 1, "b": 2}
     clock.now += 100
     again = await fleet.runs.finalize("r", "completed", metadata={"c": 3})
     assert again is not None and again.finished_at == done.finished_at  # set once
-    assert again.metadata == {"a": 1, "b": 2, "c": 3} and again.reason == "ok"  # reason kept when not given
+    assert again.metadata == {"a": 1, "b": 2, "c": 3} and again.status_reason == "ok"  # kept when not given
     with pytest.raises(ValueError, match="Cannot transition terminal run"):
         await fleet.runs.finalize("r", "failed")
 
@@ -288,7 +290,7 @@ async def test_request_cancel_reaches_the_holder(fleet: Fleet, clock: Clock) -> 
 
     watcher = asyncio.create_task(watch())
     await asyncio.sleep(0.2)
-    cancelled = await fleet.runs.request_cancel("r", reason="operator")
+    cancelled = await fleet.runs.request_cancel("r", status_reason="operator")
     assert cancelled is not None and cancelled.status == "claimed" and cancelled.cancel_requested_at == int(clock.now)
     await asyncio.wait_for(watcher, 10)
     assert seen[-1] is True
@@ -296,7 +298,7 @@ async def test_request_cancel_reaches_the_holder(fleet: Fleet, clock: Clock) -> 
     assert renewed is not None and renewed.cancel_requested
     events = await fleet.runs.events("r")
     audit = [e for e in events.items if e.type == "admin.run_cancel"]
-    assert len(audit) == 1 and audit[0].source == "host" and audit[0].data == {"reason": "operator"}
+    assert len(audit) == 1 and audit[0].source == "host" and audit[0].data == {"status_reason": "operator"}
 
 
 async def test_list_filters_cursor_and_total(fleet: Fleet, clock: Clock) -> None:
@@ -305,10 +307,10 @@ async def test_list_filters_cursor_and_total(fleet: Fleet, clock: Clock) -> None
                                 conversation_id="c1" if i < 5 else "c2", thread_id="t" if i == 0 else None)
     page = await fleet.runs.list(conversation_id="c1", limit=2)
     assert [r.run_id for r in page.items] == ["r4", "r3"] and page.has_more and page.total_count == 5
-    assert page.next_cursor == "r3"
+    assert page.next_cursor == page.items[1].id and page.items[0].id > page.items[1].id  # ids order by creation
     page2 = await fleet.runs.list(conversation_id="c1", limit=2, before_id=page.next_cursor)
     assert [r.run_id for r in page2.items] == ["r2", "r1"] and page2.total_count == 5
-    last = await fleet.runs.list(conversation_id="c1", limit=2, before_id="r1")
+    last = await fleet.runs.list(conversation_id="c1", limit=2, before_id=page2.items[1].id)
     assert [r.run_id for r in last.items] == ["r0"] and not last.has_more and last.next_cursor is None
     assert (await fleet.runs.list(runner_id="runner-a")).total_count == 3
     assert [r.run_id for r in (await fleet.runs.list(conversation_id="c1", strict_thread=True)).items] == [
@@ -317,37 +319,9 @@ async def test_list_filters_cursor_and_total(fleet: Fleet, clock: Clock) -> None
     assert len((await fleet.runs.list(limit=0)).items) == 1  # clamped to 1
 
 
-async def test_stats(fleet: Fleet, clock: Clock) -> None:
-    t0 = clock.now
-    durations = [10, 20, 30, 40, 100]
-    for i, d in enumerate(durations):
-        await fleet.runs.create(f"ok{i}", "runner-a", status="queued")
-        clock.now += 5
-        claim = await fleet.runs.claim_next("rt-1", lease_s=1000)
-        assert claim is not None
-        await fleet.runs.finalize(claim.run.run_id, "running", claim_token=claim.claim_token)
-        clock.now += d
-        await fleet.runs.finalize(claim.run.run_id, "completed", claim_token=claim.claim_token)
-    await fleet.runs.create("bad", "runner-a", status="running")
-    await fleet.runs.finalize("bad", "failed")
-    await fleet.runs.create("held", "runner-b", status="queued")
-    assert await fleet.runs.claim_next("rt-2", lease_s=1000) is not None
-    stats = await fleet.runs.stats(since=t0 - 1, until=clock.now + 1)
-    assert stats.total == 7 and stats.by_status == {"completed": 5, "failed": 1, "claimed": 1}
-    # durations 0 (bad), 10, 20, 30, 40, 100: interpolated median 25
-    assert stats.p50_duration_s == 25.0 and stats.avg_duration_s == pytest.approx((200 + 0) / 6)
-    assert stats.p99_duration_s is not None and 90 < stats.p99_duration_s <= 100
-    assert stats.avg_queue_wait_s == pytest.approx((5 * 5 + 0 + 0) / 7)  # bad and held waited 0 s
-    by_runner = {r.runner_id: r for r in stats.runners}
-    assert by_runner["runner-a"].success_rate == round(5 / 6, 4) and by_runner["runner-a"].total == 6
-    assert by_runner["runner-b"].success_rate == 0.0
-    assert [(r.runtime_id, r.active, r.claimed) for r in stats.runtimes] == [("rt-2", 1, 1)]
-    assert stats.throughput_per_hour is not None and stats.throughput_per_hour > 0
-
-
 async def test_runtimes_register_heartbeat_list_and_stale(fleet: Fleet, server, clock: Clock) -> None:  # type: ignore[no-untyped-def]
     assert await fleet.runtimes.heartbeat("ghost") is None
-    reg = await fleet.runtimes.register("rt-1", display_name="one", capabilities=["py"], labels={"zone": "a"},
+    reg = await fleet.runtimes.register("rt-1", display_name="one", capabilities={"py": True}, labels={"zone": "a"},
                                         metadata={"a": 1}, heartbeat_deadline_s=5)
     assert reg.status == "online"
     await fleet.runtimes.register("rt-2", labels={"zone": "b"}, metadata={"x": 1})
@@ -356,7 +330,7 @@ async def test_runtimes_register_heartbeat_list_and_stale(fleet: Fleet, server, 
     await fleet.runtimes.heartbeat("rt-1", metadata={"c": 3})
     token = await fleet.flush()
     got = await fleet.runtimes.get("rt-1", min_seq=token)
-    assert got is not None and got.metadata == {"a": 1, "b": 2, "c": 3} and got.capabilities == ["py"]
+    assert got is not None and got.metadata == {"a": 1, "b": 2, "c": 3} and got.capabilities == {"py": True}
     zone_a = await fleet.runtimes.list(labels={"zone": "a"}, min_seq=token)
     assert [r.runtime_id for r in zone_a.items] == ["rt-1"] and zone_a.total == 1
     everything = await fleet.runtimes.list(limit=1, min_seq=token)
@@ -366,9 +340,9 @@ async def test_runtimes_register_heartbeat_list_and_stale(fleet: Fleet, server, 
     assert (await fleet.runtimes.get("rt-1")).metadata == {"fresh": True}  # type: ignore[union-attr]
     # the marker: deadline passed -> stale; a heartbeat brings it back
     clock.now = 10**10
-    marked = await fleet.runtimes.mark_stale()
-    assert sorted(marked) == ["rt-1", "rt-2"]
-    assert await fleet.runtimes.mark_stale() == []  # already stale: nothing to do
+    marked = await fleet.runtimes.mark_stale_runtimes()
+    assert sorted((r.runtime_id, r.status) for r in marked) == [("rt-1", "stale"), ("rt-2", "stale")]
+    assert await fleet.runtimes.mark_stale_runtimes() == []  # already stale: nothing to do
     stale = await fleet.runtimes.list(statuses=["stale"])
     assert stale.total == 2 and stale.items[0].status_reason == "heartbeat deadline passed"
     await fleet.runtimes.heartbeat("rt-1")
@@ -383,7 +357,7 @@ async def test_a_cancel_request_keeps_the_run_next_in_line(fleet: Fleet) -> None
     for name in "abcd":
         await fleet.runs.create(f"cx-{name}", "runner", status="queued", conversation_id="cx")
     first = await fleet.runs.claim_next("rt", lease_s=1, conversation_id="cx")
-    assert first is not None and first.run.run_id == "cx-a"
+    assert first is not None and first.run_id == "cx-a"
     await fleet.runs.request_cancel("cx-b")
     second = await fleet.runs.claim_next("rt", lease_s=1, conversation_id="cx")
-    assert second is not None and second.run.run_id == "cx-b"
+    assert second is not None and second.run_id == "cx-b"

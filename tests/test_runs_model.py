@@ -105,7 +105,7 @@ class RunLedgerMachine(RuleBasedStateMachine):
         if not expected:
             assert claim is None
             return
-        assert claim is not None and claim.run.run_id == self.rid(expected[0])
+        assert claim is not None and claim.run_id == self.rid(expected[0])
         m = self.model[expected[0]]
         if m.token is not None:
             m.stale_tokens.append((m.token, m.fence or 0))
@@ -168,6 +168,7 @@ class RunLedgerMachine(RuleBasedStateMachine):
             assert m is not None
             self._unclaim(m)
             self._set_status(m, status)
+            m.reason = None  # release replaces status_reason: none given clears it
 
     @rule(dt=st.sampled_from([0.5, 1, 4, 40]))
     def advance(self, dt: float) -> None:
@@ -228,15 +229,14 @@ class RunLedgerMachine(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(RUN_IDS))
     def cancel(self, name: str) -> None:
-        view = self.fleet.runs.request_cancel(self.rid(name), reason="stop")
+        view = self.fleet.runs.request_cancel(self.rid(name), status_reason="stop")
         m = self.model.get(name)
         if m is None:
             assert view is None
             return
-        if m.cancel_at is None:
-            m.cancel_at = int(self.now)
-        seq = max(m.events, default=-1) + 1
-        m.events[seq] = ("admin.run_cancel", {"reason": "stop"}, "host")
+        m.cancel_at, m.reason = int(self.now), "stop"  # every request stamps the time anew
+        seq = max(m.events, default=0) + 1  # the store's max + 1 (1 for a run without events)
+        m.events[seq] = ("admin.run_cancel", {"status_reason": "stop"}, "host")
         assert view is not None and view.cancel_requested_at == m.cancel_at
 
     # -- the view equals the model ------------------------------------------------
@@ -255,10 +255,10 @@ class RunLedgerMachine(RuleBasedStateMachine):
         for name, m in self.model.items():
             v = views[self.rid(name)]
             lease = None if m.lease_until is None else math.ceil(m.lease_until)
-            got = (v.status, v.priority, v.claimed_by, v.dispatch_attempts, v.lease_expires_at, v.started_at,
-                   v.finished_at, v.cancel_requested_at)
+            got = (v.status, v.priority, v.claimed_by_runtime_id, v.dispatch_attempts, v.claim_lease_expires_at,
+                   v.started_at, v.finished_at, v.cancel_requested_at, v.status_reason)
             assert got == (m.status, m.priority, m.holder, m.attempts, lease, m.started_at, m.finished_at,
-                           m.cancel_at), name
+                           m.cancel_at, m.reason), name
             if m.token is not None:
                 assert v.fence == m.fence
             events = self.fleet.runs.events(self.rid(name), limit=100).items

@@ -61,4 +61,4 @@ async def test_eight_processes_claim_every_run_exactly_once(fleet: Fleet, settin
     claimed = await fleet.runs.list(statuses=["claimed"], min_seq={"FLEET_RUNS": max(fences)}, limit=100)
     assert claimed.total_count == RUNS
     owner = {c[0]: c[3] for c in claims}
-    assert all(owner[r.run_id] == r.claimed_by for r in claimed.items)
+    assert all(owner[r.run_id] == r.claimed_by_runtime_id for r in claimed.items)

@@ -39,4 +39,5 @@ async def test_garbage_on_a_heartbeat_subject_live_as_after_a_rebuild(fleet: Fle
     running = server.projector.live("runtimes")
     assert server.store.table_digest(running.gen.schema, ("runtimes", "runtime_messages")) == live
     fleet.runtimes.clock = lambda: t0 + 3600
-    assert sorted(await fleet.runtimes.mark_stale()) == ["rt-g", "rt-ok"]  # not stuck on the garbage
+    marked = await fleet.runtimes.mark_stale_runtimes()
+    assert sorted(r.runtime_id for r in marked) == ["rt-g", "rt-ok"]  # not stuck on the garbage

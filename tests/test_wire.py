@@ -168,7 +168,7 @@ async def test_a_bare_nats_client_publishes_every_family_from_the_export_alone(
          "context": context, "value": {"n": 1}},
         {"type": "run.created", "state": _run_state("wire run.1")},
         {"type": "run.event", "run_id": "wire run.1", "sequence": 0, "event_type": "log", "data": {"line": "hi"}},
-        {"type": "runtime.registered", "runtime_id": "rt.1", "capabilities": ["x"]},
+        {"type": "runtime.registered", "runtime_id": "rt.1", "capabilities": {"x": 1}},
         {"type": "runtime.heartbeat", "runtime_id": "rt.1", "status": "online", "active_runs": 1},
         {"type": "proc.file", "processor": "ingest.v1", "file_path": "/d/a b.txt", "file_hash": "h.1",
          "status": "done"},
@@ -212,7 +212,7 @@ async def test_a_bare_nats_client_publishes_every_family_from_the_export_alone(
     run_events = await fleet.runs.events("wire run.1", min_seq=runs_seq)
     assert [(e.sequence, e.type, e.data) for e in run_events.items] == [(0, "log", {"line": "hi"})]
     runtime = await fleet.runtimes.get("rt.1", min_seq={"FLEET_RUNTIMES": token["FLEET_RUNTIMES"]})
-    assert runtime is not None and (runtime.capabilities, runtime.active_runs) == (["x"], 1)
+    assert runtime is not None and (runtime.capabilities, runtime.active_runs) == ({"x": 1}, 1)
     proc_seq = {"FLEET_PROCESSORS": token["FLEET_PROCESSORS"]}
     marker = await fleet.processors.file("ingest.v1", "h.1", min_seq=proc_seq)
     assert marker is not None and marker.status == "done"

@@ -1,4 +1,5 @@
-"""`fleetlog runs create|claim|renew|release|finalize|cancel|append|show|list|events|stats|sweep`."""
+"""`fleetlog runs create|claim|renew|release|finalize|cancel|append|show|list|events|stats|runner-stats|
+runtime-stats|sweep|reconcile`."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def runs() -> None:
 @click.argument("run_id")
 @click.option("--runner", "runner_id", required=True)
 @click.option("--status", type=_status, default="running", show_default=True)
-@click.option("--queue")
+@click.option("--queue", "queue_name")
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--requested-runtime", "requested_runtime_id")
 @click.option("--conversation", "conversation_id")
@@ -83,7 +84,7 @@ def create_cmd(run_id: str, nats_url: str | None, as_json: bool, **fields: Any) 
 
 def _claim_filters(fn: Any) -> Any:
     for option in reversed((
-        click.option("--queue"),
+        click.option("--queue", "queue_name"),
         click.option("--runner", "runner_ids", multiple=True, help="eligible runner ids (repeatable)"),
         click.option("--conversation", "conversation_id"),
         click.option("--bot", "bot_id"),
@@ -103,7 +104,7 @@ def _claim_filters(fn: Any) -> Any:
 @json_option
 def claim_cmd(runtime_id: str, lease_s: float, runner_ids: tuple[str, ...], nats_url: str | None, as_json: bool,
               **filters: Any) -> None:
-    """Claim the best eligible run; prints the claim token and fencing token (exit 3: nothing eligible)."""
+    """Claim the best eligible run; prints it with its claim_token and fence (exit 3: nothing eligible)."""
     claim = run_client(
         nats_url, lambda f: f.runs.claim_next(runtime_id, lease_s=lease_s, runner_ids=list(runner_ids), **filters)
     )
@@ -131,16 +132,18 @@ def renew_cmd(run_id: str, claim_token: str, lease_s: float, runtime_id: str | N
 @click.argument("run_id")
 @click.option("--token", "claim_token", required=True)
 @click.option("--status", type=_status, default="queued", show_default=True)
-@click.option("--reason")
+@click.option("--reason", "status_reason")
 @click.option("--runtime", "runtime_id")
 @nats_option
 @json_option
-def release_cmd(run_id: str, claim_token: str, status: str, reason: str | None, runtime_id: str | None,
+def release_cmd(run_id: str, claim_token: str, status: str, status_reason: str | None, runtime_id: str | None,
                 nats_url: str | None, as_json: bool) -> None:
     """Give a claim up (exit 4: not held by this token, or the lease passed; 3: no such run)."""
 
     async def go(fleet: Fleet) -> tuple[RunView | None, bool]:
-        return await _or_exists(fleet, run_id, fleet.runs.release(run_id, claim_token, status, reason, runtime_id))
+        return await _or_exists(
+            fleet, run_id, fleet.runs.release(run_id, claim_token, status, status_reason, runtime_id)
+        )
 
     _held(*run_client(nats_url, go), as_json, run_id, "released")
 
@@ -148,9 +151,9 @@ def release_cmd(run_id: str, claim_token: str, status: str, reason: str | None, 
 @runs.command("finalize")
 @click.argument("run_id")
 @click.argument("status", type=_status)
-@click.option("--reason")
+@click.option("--reason", "status_reason")
 @click.option("--usage", callback=json_value("usage"), help="JSON object")
-@click.option("--cost", type=float)
+@click.option("--cost", callback=json_value("cost"), help="JSON object")
 @click.option("--metadata", callback=json_value("metadata"), help="JSON object (shallow-merged)")
 @click.option("--token", "claim_token", help="the holder's claim token (while the run is claimed)")
 @click.option("--fence", type=int, help="the holder's fencing token (instead of --token)")
@@ -166,12 +169,14 @@ def finalize_cmd(run_id: str, status: str, nats_url: str | None, as_json: bool, 
 
 @runs.command("cancel")
 @click.argument("run_id")
-@click.option("--reason")
+@click.option("--reason", "status_reason", help="the run's status_reason (kept when not given)")
 @nats_option
 @json_option
-def cancel_cmd(run_id: str, reason: str | None, nats_url: str | None, as_json: bool) -> None:
-    """Ask the holder to stop (sets cancel_requested_at; records admin.run_cancel). Exit 3: no such run."""
-    show(run_client(nats_url, lambda f: f.runs.request_cancel(run_id, reason)), as_json, f"no such run: {run_id}")
+def cancel_cmd(run_id: str, status_reason: str | None, nats_url: str | None, as_json: bool) -> None:
+    """Ask the holder to stop: sets cancel_requested_at and status_reason, keeps the status,
+    appends an admin.run_cancel event. Exit 3: no such run."""
+    show(run_client(nats_url, lambda f: f.runs.request_cancel(run_id, status_reason)), as_json,
+         f"no such run: {run_id}")
 
 
 @runs.command("append")
@@ -211,7 +216,7 @@ def show_cmd(run_id: str, nats_url: str | None, as_json: bool) -> None:
 @click.option("--workspace", "workspace_id")
 @click.option("--thread", "thread_id")
 @click.option("--strict-thread", is_flag=True)
-@click.option("--before", "before_id", help="cursor: the next_cursor of the previous page")
+@click.option("--before", "before_id", type=int, help="cursor: the next_cursor (a run id) of the previous page")
 @click.option("--limit", type=int, default=50, show_default=True)
 @nats_option
 @json_option
@@ -225,10 +230,10 @@ def list_cmd(statuses: tuple[str, ...], nats_url: str | None, as_json: bool, **k
     if as_json:
         print_json(page)
         return
-    table = Table("run_id", "status", "runner", "priority", "claimed_by", "fence", "created_at")
+    table = Table("id", "run_id", "status", "runner", "priority", "claimed_by_runtime_id", "fence", "created_at")
     for r in page.items:
-        table.add_row(r.run_id, r.status, r.runner_id, str(r.priority), r.claimed_by or "", str(r.fence or ""),
-                      str(r.created_at))
+        table.add_row(str(r.id), r.run_id, r.status, r.runner_id, str(r.priority), r.claimed_by_runtime_id or "",
+                      str(r.fence or ""), str(r.created_at))
     console.print(table)
     more = f" · next: --before {page.next_cursor}" if page.has_more else ""
     console.print(f"[dim]{len(page.items)} of {page.total_count}{more}[/dim]")
@@ -263,23 +268,59 @@ def events_cmd(run_id: str, backward: bool, nats_url: str | None, as_json: bool,
         fail(Exit.NOT_FOUND, f"no such run: {run_id}")
 
 
+def _when(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value  # a datetime or relative age: the library parses it (or names the field)
+
+
+def _window(fn: Any) -> Any:
+    for option in reversed((
+        click.option("--since", "start_time", default="24h", show_default=True,
+                     help="window start: epoch seconds, ISO-8601 or relative (24h, 7d)"),
+        click.option("--until", "end_time", default="0s", show_default=True, help="window end (0s: now)"),
+    )):
+        fn = option(fn)
+    return fn
+
+
 @runs.command("stats")
-@click.option("--since", help="epoch seconds, ISO-8601 or relative: 24h, 7d")
-@click.option("--until")
+@_window
 @click.option("--runner", "runner_id")
 @nats_option
 @json_option
-def stats_cmd(since: str | None, until: str | None, runner_id: str | None, nats_url: str | None,
-              as_json: bool) -> None:
-    """Counts, success rates, throughput, durations (p50/p95/p99) and queue waits."""
+def stats_cmd(start_time: str, end_time: str, runner_id: str | None, nats_url: str | None, as_json: bool) -> None:
+    """Runs created in the window (inclusive): counts per status, throughput per hour, success and
+    failure rates, average/p50/p95/p99 durations, average queue wait."""
+    show(run_client(nats_url, lambda f: f.runs.get_run_stats(_when(start_time), _when(end_time), runner_id)),
+         as_json)
 
-    def when(value: str | None) -> float | str | None:
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return value
 
-    show(run_client(nats_url, lambda f: f.runs.stats(when(since), when(until), runner_id)), as_json)
+@runs.command("runner-stats")
+@_window
+@click.option("--limit", type=int, default=20, show_default=True, help="clamped to 1..100")
+@nats_option
+@json_option
+def runner_stats_cmd(start_time: str, end_time: str, limit: int, nats_url: str | None, as_json: bool) -> None:
+    """Per runner, runs created in the window: total, active, completed, failed, success rate (most runs first)."""
+    rows = run_client(nats_url, lambda f: f.runs.get_runner_stats(_when(start_time), _when(end_time), limit))
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("runner_id", "total_runs", "active_runs", "completed_runs", "failed_runs", "success_rate")
+    for r in rows:
+        table.add_row(r.runner_id, str(r.total_runs), str(r.active_runs), str(r.completed_runs), str(r.failed_runs),
+                      "" if r.success_rate is None else str(r.success_rate))
+    console.print(table)
+
+
+@runs.command("runtime-stats")
+@nats_option
+@json_option
+def runtime_stats_cmd(nats_url: str | None, as_json: bool) -> None:
+    """Runtimes (total, online, stale), heartbeat ages, runs running or claimed now."""
+    show(run_client(nats_url, lambda f: f.runs.get_runtime_stats()), as_json)
 
 
 @runs.command("sweep")
@@ -293,3 +334,12 @@ def sweep_cmd(limit: int, nats_url: str | None, as_json: bool) -> None:
         print_json(released)
         return
     console.print(f"released {len(released)}: {', '.join(r.run_id for r in released)}")
+
+
+@runs.command("reconcile")
+@nats_option
+@json_option
+def reconcile_cmd(nats_url: str | None, as_json: bool) -> None:
+    """Mark silent runtimes stale, then release expired claims (what the reactors do): prints
+    stale_count and released_claim_count."""
+    show(run_client(nats_url, lambda f: f.runs.reconcile()), as_json)

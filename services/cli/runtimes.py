@@ -34,18 +34,16 @@ def runtimes() -> None:
 @click.option("--name", "display_name")
 @click.option("--endpoint")
 @click.option("--version")
-@click.option("--capability", "capabilities", multiple=True, help="repeatable")
+@click.option("--capabilities", callback=json_value("capabilities"), help="JSON object")
 @click.option("--label", "labels", multiple=True, callback=_labels, help="KEY=VALUE, repeatable")
 @click.option("--metadata", callback=json_value("metadata"), help="JSON object")
 @click.option("--deadline", "heartbeat_deadline_s", type=float, default=60, show_default=True,
               help="seconds without a heartbeat before the runtime is marked stale")
 @nats_option
 @json_option
-def register_cmd(runtime_id: str, capabilities: tuple[str, ...], nats_url: str | None, as_json: bool,
-                 **kw: Any) -> None:
+def register_cmd(runtime_id: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
     """Register (upsert) a runtime: status online; capabilities, labels and metadata replaced."""
-    show(run_client(nats_url, lambda f: f.runtimes.register(runtime_id, capabilities=list(capabilities), **kw)),
-         as_json)
+    show(run_client(nats_url, lambda f: f.runtimes.register(runtime_id, **kw)), as_json)
 
 
 @runtimes.command("heartbeat")
@@ -74,14 +72,14 @@ def heartbeat_cmd(runtime_id: str, nats_url: str | None, as_json: bool, **kw: An
 @json_option
 def list_cmd(statuses: tuple[str, ...], labels: dict[str, str] | None, limit: int, nats_url: str | None,
              as_json: bool) -> None:
-    """Runtimes by id."""
+    """Runtimes in registration order (`id`)."""
     answer = run_client(nats_url, lambda f: f.runtimes.list(list(statuses) or None, labels, limit))
     if as_json:
         print_json(answer)
         return
-    table = Table("runtime_id", "status", "display_name", "last_heartbeat_at", "labels")
+    table = Table("id", "runtime_id", "status", "display_name", "last_heartbeat_at", "labels")
     for r in answer.items:
-        table.add_row(r.runtime_id, r.status, r.display_name or "", str(r.last_heartbeat_at),
+        table.add_row(str(r.id), r.runtime_id, r.status, r.display_name or "", str(r.last_heartbeat_at),
                       ", ".join(f"{k}={v}" for k, v in r.labels.items()))
     console.print(table)
     console.print(f"[dim]{len(answer.items)} of {answer.total}[/dim]")

@@ -59,8 +59,8 @@ class Fleet:
         self._publisher = publisher
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
         self.attempts = AttemptsAPI(self)
-        self.runs = RunsAPI(self)
         self.runtimes = RuntimesAPI(self)
+        self.runs = RunsAPI(self, runtimes=self.runtimes)
         self.state = StateAPI(self)
         self.snapshots = SnapshotsAPI(self)
         self.processors = ProcessorsAPI(self)

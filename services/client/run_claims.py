@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import msgspec
 from fleetlog.schemas import RunCancelRequested, RunClaimed, RunState
-from fleetlog.schemas.runs import CandidatesQuery, Claim, Proposal, Proposals, RunLifecycle, run_view
+from fleetlog.schemas.runs import CandidatesQuery, ClaimedRun, Proposal, Proposals, RunLifecycle, claimed_run
 from fleetlog.services.backbone.errors import StaleError
 from fleetlog.services.backbone.guarded import Guarded, WrongLastSequence
 from fleetlog.services.client import run_rules as rules
@@ -133,7 +133,7 @@ class Claimer:
         self._stripe = random.choice(free) if free else random.randrange(STRIPES)
         self._salt = random.randrange(2**31)
 
-    async def claim_next(self, runtime_id: str, flt: rules.ClaimFilter, lease_s: float) -> Claim | None:
+    async def claim_next(self, runtime_id: str, flt: rules.ClaimFilter, lease_s: float) -> ClaimedRun | None:
         """Claim the best eligible run (priority desc, then creation order), or None if there is none."""
         api = self._api
         key = (runtime_id, flt)
@@ -190,8 +190,7 @@ class Claimer:
                     state_now = None
                     continue
                 self.counters.claims += 1
-                return Claim(run=run_view(msgspec.structs.replace(state, fence=fence)), claim_token=token,
-                             fence=fence)
+                return claimed_run(msgspec.structs.replace(state, fence=fence), token)
         raise TimeoutError(f"claim_next: rivals took every proposal in {MAX_ROUNDS} rounds (heavy contention)")
 
     async def _fetch(self, key: tuple[Any, ...], flt: rules.ClaimFilter, need_seq: int) -> _ProposalCache:

@@ -128,7 +128,8 @@ class ResultEvents:
     async def append_audit_event(
         self, run_id: str, type: str, data: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
     ) -> RunEventView | None:
-        """A host event at sequence max + 1; concurrent appends never share a sequence. None if no such run."""
+        """A host event at sequence max + 1 (1 for a run without events, as in the store); concurrent
+        appends never share a sequence. None if no such run."""
         g = await self._guarded()
         if await self._read(g, run_id) is None:
             return None
@@ -141,7 +142,7 @@ class ResultEvents:
                 "fleetlog.runs.max_sequence", MaxSequenceQuery(run_id=run_id, min_seq=token), MaxSequence
             )
             hint = max(hint, answer.sequence if answer.sequence is not None else -1)
-        sequence = hint + 1
+        sequence = max(hint, 0) + 1
         for _ in range(MAX_RETRIES * 16):
             event = self._event(run_id, sequence, type, data, None, "host", None, metadata, None)
             try:
@@ -161,7 +162,7 @@ def type_name(value: Any) -> str:
 def _event_view(msg: StoredMsg) -> RunEventView:
     e = _run_event.decode(msg.data)
     return RunEventView(
-        run_id=e.run_id, sequence=e.sequence, type=e.event_type, data=e.data, usage=e.usage, source=e.source,
-        artifact_refs=e.artifact_refs, metadata=e.metadata, created_at=int(parse_ts(e.ts).timestamp()),
-        fence=e.fence,
+        id=msg.seq, run_id=e.run_id, sequence=e.sequence, type=e.event_type, data=e.data, usage=e.usage,
+        created_at=int(parse_ts(e.ts).timestamp()), source=e.source, artifact_refs=e.artifact_refs,
+        metadata=e.metadata, fence=e.fence,
     )

@@ -17,7 +17,9 @@ from fleetlog.schemas import RUN_STATUSES, TERMINAL_RUN_STATUSES, RunState
 from fleetlog.services.backbone.errors import FleetRefused, StaleHolderError
 
 __all__ = [
+    "EXPIRED_REASON",
     "ClaimFilter",
+    "active",
     "check_holder",
     "check_status",
     "claim",
@@ -58,6 +60,7 @@ def new_run(run_id: str, runner_id: str, status: str, now: float, **fields: Any)
         runner_id=runner_id,
         status=status,  # type: ignore[arg-type]  # checked by check_status
         created_at=created,
+        updated_at=created,
         started_at=created if status == "running" else None,
         finished_at=created if status in TERMINAL_RUN_STATUSES else None,
         **fields,
@@ -120,6 +123,7 @@ def claim(state: RunState, runtime_id: str, lease_s: float, now: float, token: s
         lease_expires_at=now + lease_seconds(lease_s),
         dispatch_attempts=state.dispatch_attempts + 1,
         last_claimed_at=int(now),
+        updated_at=int(now),
     )
 
 
@@ -138,7 +142,7 @@ def renew(
 ) -> RunState | None:
     if not _holds(state, claim_token, None, runtime_id) or not lease_live(state, now):
         return None
-    return replace(state, lease_expires_at=now + lease_seconds(lease_s))
+    return replace(state, lease_expires_at=now + lease_seconds(lease_s), updated_at=int(now))
 
 
 def _unclaimed(state: RunState) -> RunState:
@@ -150,24 +154,33 @@ def _with_status(state: RunState, status: str, now: float) -> RunState:
     finished = state.finished_at
     if status in TERMINAL_RUN_STATUSES and finished is None:
         finished = int(now)
-    return replace(state, status=status, started_at=started, finished_at=finished)
+    return replace(state, status=status, started_at=started, finished_at=finished, updated_at=int(now))
+
+
+def active(state: RunState, claim_token: str, now: float, runtime_id: str | None = None) -> bool:
+    """The renew rule: this token (and runtime, if given) holds the run and its lease is live."""
+    return _holds(state, claim_token, None, runtime_id) and lease_live(state, now)
 
 
 def release(
-    state: RunState, claim_token: str, status: str, reason: str | None, now: float, runtime_id: str | None = None
+    state: RunState, claim_token: str, status: str, status_reason: str | None, now: float,
+    runtime_id: str | None = None,
 ) -> RunState | None:
+    """The claim given up; `status_reason` replaces the run's (None clears it), as in the store."""
     if status == "claimed":
         raise ValueError("release: status must not be 'claimed' (release gives the claim up)")
-    if not _holds(state, claim_token, None, runtime_id) or not lease_live(state, now):
+    if not active(state, claim_token, now, runtime_id):
         return None
-    out = _with_status(_unclaimed(state), status, now)
-    return out if reason is None else replace(out, reason=reason)
+    return replace(_with_status(_unclaimed(state), status, now), reason=status_reason)
+
+
+EXPIRED_REASON = "claim lease expired"
 
 
 def expire(state: RunState, now: float) -> RunState | None:
     if not held(state) or lease_live(state, now):
         return None
-    return replace(_unclaimed(state), status="queued", reason="claim lease expired")
+    return replace(_unclaimed(state), status="queued", reason=EXPIRED_REASON, updated_at=int(now))
 
 
 def check_holder(
@@ -177,8 +190,9 @@ def check_holder(
     if claim_token is None and fence is None:
         if held(state):
             raise StaleHolderError(
-                f"cannot {action} run {state.run_id!r}: it is claimed by {state.claimed_by!r} "
-                f"(fence {state.fence}); only the holder may {action} (pass claim_token or fence)"
+                f"cannot {action} run {state.run_id!r}: it requires active claim ownership; the run is "
+                f"claimed by {state.claimed_by!r} under fence {state.fence} (pass the runtime id and its "
+                f"claim_token, or fence)"
             )
         return
     if not _holds(state, claim_token, fence, runtime_id):
@@ -187,16 +201,18 @@ def check_holder(
             if held(state)
             else f"no longer claimed (status {state.status!r})"
         )
-        raise StaleHolderError(f"cannot {action} run {state.run_id!r}: stale claim; the run is {where}")
+        raise StaleHolderError(
+            f"cannot {action} run {state.run_id!r}: claim ownership is not active (a stale claim); the run is {where}"
+        )
 
 
 def finalize(
     state: RunState,
     status: str,
     now: float,
-    reason: str | None = None,
+    status_reason: str | None = None,
     usage: dict[str, Any] | None = None,
-    cost: float | None = None,
+    cost: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> RunState:
     if status == "claimed":
@@ -208,8 +224,8 @@ def finalize(
         out = _unclaimed(out)
     out = _with_status(out, status, now)
     changes: dict[str, Any] = {}
-    if reason is not None:
-        changes["reason"] = reason
+    if status_reason is not None:
+        changes["reason"] = status_reason
     if usage is not None:
         changes["usage"] = usage
     if cost is not None:
@@ -219,10 +235,12 @@ def finalize(
     return replace(out, **changes) if changes else out
 
 
-def request_cancel(state: RunState, now: float) -> RunState:
-    if state.cancel_requested_at is not None:
-        return state
-    return replace(state, cancel_requested_at=int(now))
+def request_cancel(state: RunState, now: float, status_reason: str | None = None) -> RunState:
+    """Every request stamps cancel_requested_at anew; status unchanged; a reason replaces the
+    run's status_reason, None keeps it (the store's rule)."""
+    return replace(
+        state, cancel_requested_at=int(now), updated_at=int(now), reason=status_reason or state.reason
+    )
 
 
 def runner_filter(runner_ids: Collection[str] | None) -> frozenset[str]:

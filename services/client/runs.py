@@ -1,7 +1,7 @@
 """The run ledger's client API: `fleet.runs.*`.
 
 Commands (create, claim_next, renew, release, release_expired, finalize,
-request_cancel, append_event) are guarded: read the run's last lifecycle message
+request_cancel, append_event, reconcile) are guarded: read the run's last lifecycle message
 (direct get), apply `run_rules`, publish with the expected last subject sequence.
 JetStream lets exactly one concurrent writer win; the others re-read and retry,
 or move on to the next candidate. The view only proposes claim candidates.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -31,20 +30,18 @@ from fleetlog.schemas import (
     encode_event,
     new_event_id,
     now_iso,
-    parse_ts,
     subjects,
 )
+from fleetlog.schemas.run_stats import Reconciled
 from fleetlog.schemas.runs import (
     Candidates,
-    Claim,
+    ClaimedRun,
     ExpiredQuery,
     RunEventPage,
     RunEventsQuery,
     RunLifecycle,
     RunPage,
     RunsListQuery,
-    RunStats,
-    RunStatsQuery,
     RunView,
     run_view,
     state_at,
@@ -54,8 +51,8 @@ from fleetlog.services.backbone.guarded import Guarded, StoredMsg, WrongLastSequ
 from fleetlog.services.client import run_rules as rules
 from fleetlog.services.client.run_claims import ClaimCounters, Claimer
 from fleetlog.services.client.run_events import ResultEvents, _dict, _text
+from fleetlog.services.client.run_stats import RunStatsReads, RuntimeRegistry
 from fleetlog.services.client.seam import session_token
-from fleetlog.services.client.timeparse import parse_since
 from fleetlog.services.writepath.publisher import Receipt, Token
 
 if TYPE_CHECKING:
@@ -81,12 +78,17 @@ def _clamp(value: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, int(value)))
 
 
-class RunsAPI(ResultEvents):
-    def __init__(self, fleet: FleetClient, clock: Callable[[], float] = time.time) -> None:
+class RunsAPI(ResultEvents, RunStatsReads):
+    def __init__(
+        self, fleet: FleetClient, clock: Callable[[], float] = time.time, runtimes: RuntimeRegistry | None = None
+    ) -> None:
         self._fleet = fleet
         self.clock = clock  # injectable: tests drive lease expiry without sleeping
         self._seen = 0  # highest FLEET_RUNS sequence this client wrote: reads wait for it
         self._claimer = Claimer(self)
+        # The client's runtimes API (`fleet.runtimes`): runtime stats and `reconcile` read and
+        # mark runtimes with its clock and its session token.
+        self._runtimes = runtimes
 
     # -- plumbing ------------------------------------------------------------------
     async def _guarded(self) -> Guarded:
@@ -103,6 +105,14 @@ class RunsAPI(ResultEvents):
         if msg is None:
             return None
         return _state_of(msg), msg.seq
+
+    async def _view(self, g: Guarded, state: RunState) -> RunView:
+        """A run's view; a run whose lifecycle began before v2 carries no `created_seq`: its
+        first lifecycle message's sequence is its `id` (one more direct get)."""
+        if state.created_seq is not None:
+            return run_view(state)
+        first = await g.first(STREAM, subjects.run_state(state.run_id))
+        return run_view(state, first.seq if first is not None else None)
 
     async def _write(
         self, g: Guarded, cls: type[RunLifecycle], state: RunState, expected: int, *,
@@ -121,7 +131,7 @@ class RunsAPI(ResultEvents):
 
     # -- commands ------------------------------------------------------------------
     async def create(
-        self, run_id: str, runner_id: str, status: str = "running", *, queue: str | None = None,
+        self, run_id: str, runner_id: str, status: str = "running", *, queue_name: str | None = None,
         priority: int = 0, requested_runtime_id: str | None = None, conversation_id: str | None = None,
         thread_id: str | None = None, workspace_id: str | None = None, bot_id: str | None = None,
         agent_id: str | None = None, binding_id: str | None = None, event_id: str | None = None,
@@ -135,7 +145,7 @@ class RunsAPI(ResultEvents):
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise FleetValidationError("priority", f"must be an integer, got {priority!r}")
         state = rules.new_run(
-            run_id, runner_id, status, self.clock(), queue=queue, priority=priority,
+            run_id, runner_id, status, self.clock(), queue=queue_name, priority=priority,
             requested_runtime_id=requested_runtime_id, conversation_id=conversation_id, thread_id=thread_id,
             workspace_id=workspace_id, bot_id=bot_id, agent_id=agent_id, binding_id=binding_id,
             event_id=event_id, deadline_at=deadline_at, authorization=authorization,
@@ -145,31 +155,32 @@ class RunsAPI(ResultEvents):
         current = await self._read(g, run_id)
         if current is None:
             try:
-                await self._write(g, RunCreated, state, 0)
-                return run_view(state)
+                seq = await self._write(g, RunCreated, state, 0)
+                return run_view(msgspec.structs.replace(state, created_seq=seq))
             except WrongLastSequence:
                 current = await self._read(g, run_id)  # created concurrently: theirs stands
         assert current is not None
         self._note(current[1])
-        return run_view(current[0])
+        return await self._view(g, current[0])
 
     async def get(self, run_id: str) -> RunView | None:
         """The run as its last lifecycle message says (read from the stream: always fresh)."""
-        current = await self._read(await self._guarded(), _text("run_id", run_id))
-        return None if current is None else run_view(current[0])
+        g = await self._guarded()
+        current = await self._read(g, _text("run_id", run_id))
+        return None if current is None else await self._view(g, current[0])
 
     async def claim_next(
-        self, runtime_id: str, queue: str | None = None, lease_s: float = 60, *,
+        self, runtime_id: str, queue_name: str | None = None, lease_s: float = 60, *,
         runner_ids: _Strs = None, conversation_id: str | None = None, bot_id: str | None = None,
         workspace_id: str | None = None, thread_id: str | None = None, strict_thread: bool = False,
-    ) -> Claim | None:
+    ) -> ClaimedRun | None:
         """Claim the best eligible run (priority desc, then creation order), or None if there is none.
 
-        The result alone carries the claim token; its `fence` (the claim's stream sequence)
+        The result alone carries the `claim_token`; its `fence` (the claim's stream sequence)
         grows with every claim of the run.
         """
         _text("runtime_id", runtime_id)
-        flt = rules.ClaimFilter(queue, rules.runner_filter(runner_ids), conversation_id, bot_id, workspace_id,
+        flt = rules.ClaimFilter(queue_name, rules.runner_filter(runner_ids), conversation_id, bot_id, workspace_id,
                                 thread_id, strict_thread)
         return await self._claimer.claim_next(runtime_id, flt, lease_s)
 
@@ -190,7 +201,7 @@ class RunsAPI(ResultEvents):
                 await self._write(g, cls, state, current[1], runtime_id=runtime_id, reason=reason)
             except WrongLastSequence:
                 continue  # another writer got there first: read again
-            return run_view(state)
+            return await self._view(g, state)
         raise TimeoutError(f"{cls.__struct_config__.tag} {run_id!r}: lost {MAX_RETRIES} races in a row")
 
     async def renew(
@@ -206,16 +217,22 @@ class RunsAPI(ResultEvents):
         )
 
     async def release(
-        self, run_id: str, claim_token: str, status: str = "queued", reason: str | None = None,
+        self, run_id: str, claim_token: str, status: str = "queued", status_reason: str | None = None,
         runtime_id: str | None = None,
     ) -> RunView | None:
         """Give the claim up (default back to queued); None unless held by this token with a live lease."""
         rules.check_status(status)
         return await self._command(
             run_id, RunReleased,
-            lambda s: rules.release(s, claim_token, status, reason, self.clock(), runtime_id),
-            runtime_id=runtime_id, reason=reason,
+            lambda s: rules.release(s, claim_token, status, status_reason, self.clock(), runtime_id),
+            runtime_id=runtime_id, reason=status_reason,
         )
+
+    async def validate_active_claim(self, run_id: str, claim_token: str, runtime_id: str | None = None) -> bool:
+        """Whether this token (and runtime, if given) holds the run under a live lease: the renew rule.
+        Read from the stream (always fresh); False for an unknown run."""
+        current = await self._read(await self._guarded(), _text("run_id", run_id))
+        return current is not None and rules.active(current[0], claim_token, self.clock(), runtime_id)
 
     async def release_expired(self, limit: int = 100) -> _Views:
         """Put claims whose lease passed back to queued (oldest lease first); safe to run concurrently."""
@@ -231,43 +248,64 @@ class RunsAPI(ResultEvents):
             if state is None:
                 continue
             try:
-                await self._write(g, RunLeaseExpired, state, cand.state_seq, reason="claim lease expired")
+                await self._write(g, RunLeaseExpired, state, cand.state_seq, reason=rules.EXPIRED_REASON)
             except WrongLastSequence:
                 continue  # renewed, released or expired by another sweeper meanwhile
             released.append(run_view(state))
         return released
 
+    async def reconcile(self) -> Reconciled:
+        """Mark silent runtimes stale, then release expired claims (what the reactors do each tick)."""
+        stale = await self._registry().mark_stale_runtimes()
+        released = 0
+        while True:  # every expired lease, 500 at a time
+            batch = await self.release_expired(limit=500)
+            released += len(batch)
+            if len(batch) < 500:
+                break
+        return Reconciled(stale_count=len(stale), released_claim_count=released)
+
     async def finalize(
-        self, run_id: str, status: str, reason: str | None = None, usage: dict[str, Any] | None = None,
-        cost: float | None = None, metadata: dict[str, Any] | None = None, *,
+        self, run_id: str, status: str, status_reason: str | None = None, usage: dict[str, Any] | None = None,
+        cost: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None, *,
         claim_token: str | None = None, fence: int | None = None, runtime_id: str | None = None,
     ) -> RunView | None:
-        """Set the run's status; terminal statuses set finished_at once and clear the claim."""
+        """Set the run's status; terminal statuses set finished_at once and clear the claim.
+
+        `usage` and `cost` are JSON objects (replaced when given); `metadata` is merged.
+        """
         rules.check_status(status)
+        for name, value in (("usage", usage), ("cost", cost), ("metadata", metadata)):
+            if value is not None:
+                _dict(name, value)
 
         def change(state: RunState) -> RunState:
             rules.check_holder(state, claim_token, fence, runtime_id, "finalize")
-            return rules.finalize(state, status, self.clock(), reason, usage, cost, metadata)
+            return rules.finalize(state, status, self.clock(), status_reason, usage, cost, metadata)
 
-        return await self._command(run_id, RunFinalized, change, runtime_id=runtime_id, reason=reason)
+        return await self._command(run_id, RunFinalized, change, runtime_id=runtime_id, reason=status_reason)
 
-    async def request_cancel(self, run_id: str, reason: str | None = None) -> RunView | None:
-        """Ask the holder to stop: sets cancel_requested_at and records `admin.run_cancel`."""
+    async def request_cancel(self, run_id: str, status_reason: str | None = None) -> RunView | None:
+        """Ask the holder to stop: stamps cancel_requested_at, keeps the status, sets status_reason
+        (None keeps the old one) and appends an `admin.run_cancel` host event after the others."""
         view = await self._command(
-            run_id, RunCancelRequested, lambda s: rules.request_cancel(s, self.clock()), reason=reason
+            run_id, RunCancelRequested, lambda s: rules.request_cancel(s, self.clock(), status_reason),
+            reason=status_reason,
         )
         if view is not None:
-            await self.append_audit_event(run_id, "admin.run_cancel", {"reason": reason})
+            await self.append_audit_event(run_id, "admin.run_cancel", {"status_reason": status_reason})
         return view
 
     # -- reads of the view -----------------------------------------------------------
     async def list(
         self, conversation_id: str | None = None, statuses: _Strs = None, runner_id: str | None = None,
         bot_id: str | None = None, workspace_id: str | None = None, thread_id: str | None = None,
-        strict_thread: bool = False, before_id: str | None = None, limit: int = 50, *,
+        strict_thread: bool = False, before_id: int | None = None, limit: int = 50, *,
         min_seq: Token | Receipt | None = None,
     ) -> RunPage:
-        """Runs newest first: items, next_cursor (pass as before_id), has_more, total_count."""
+        """Runs newest first (by `id`): items, next_cursor (pass as before_id), has_more, total_count."""
+        if before_id is not None and (isinstance(before_id, bool) or not isinstance(before_id, int)):
+            raise FleetValidationError("before_id", f"must be a run's integer id, got {before_id!r}")
         for s in statuses or ():
             rules.check_status(s, "statuses")
         req = RunsListQuery(
@@ -282,27 +320,14 @@ class RunsAPI(ResultEvents):
         self, run_id: str, before_sequence: int | None = None, after_sequence: int | None = None, limit: int = 50,
         direction: str = "forward", *, min_seq: Token | Receipt | None = None,
     ) -> RunEventPage:
-        """A run's result events; bounds exclusive; forward (ascending) or backward."""
-        if direction not in ("forward", "backward"):
-            raise FleetValidationError("direction", f"must be 'forward' or 'backward', got {direction!r}")
+        """A run's result events; bounds exclusive; backward is newest first, anything else forward."""
+        direction = "backward" if direction == "backward" else "forward"  # the store's rule: never an error
         req = RunEventsQuery(
             run_id=_text("run_id", run_id), before_sequence=before_sequence, after_sequence=after_sequence,
             limit=_clamp(limit, 1, 100), direction=direction,  # type: ignore[arg-type]
             min_seq=self._token(min_seq),
         )
         return await self._fleet.request("fleetlog.runs.events", req, RunEventPage)
-
-    async def stats(
-        self, since: float | str | datetime | None = None, until: float | str | datetime | None = None,
-        runner_id: str | None = None, *, min_seq: Token | Receipt | None = None,
-    ) -> RunStats:
-        """Counts per status, success rates per runner, throughput, durations (avg, p50/p95/p99), queue wait.
-
-        `since`/`until`: epoch seconds, a datetime, ISO-8601 text, or relative (`24h`, `7d`).
-        """
-        req = RunStatsQuery(since=_epoch_or_none("since", since), until=_epoch_or_none("until", until),
-                            runner_id=runner_id, min_seq=self._token(min_seq))
-        return await self._fleet.request("fleetlog.runs.stats", req, RunStats)
 
     async def watch(self, run_id: str) -> AsyncIterator[RunView]:
         """The run now, then every change as it is stored (e.g. a holder learns of a cancel at once)."""
@@ -317,17 +342,6 @@ class RunsAPI(ResultEvents):
                 yield run_view(_state_of(StoredMsg(msg.metadata.sequence.stream, msg.subject, msg.data)))
         finally:
             await sub.unsubscribe()
-
-
-def _epoch_or_none(field: str, value: float | str | datetime | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    text = parse_since(value)  # type: ignore[arg-type]
-    if text is None:
-        raise FleetValidationError(field, f"must be epoch seconds, a datetime, ISO-8601 or relative, got {value!r}")
-    return parse_ts(text).timestamp()
 
 
 def _state_of(msg: StoredMsg) -> RunState:

@@ -2,7 +2,7 @@
 
 Registration is an acked publish; heartbeats are fire-and-forget facts that carry
 the runtime's whole merged metadata (the stream keeps only the latest per runtime).
-The stale marker (`mark_stale`, run by the reactor) publishes guarded by the sequence
+The stale marker (`mark_stale_runtimes`, run by the reactor) publishes guarded by the sequence
 of the runtime's latest message on any of its subjects (a wildcard guard), so a
 heartbeat that lands first always wins and two markers never both mark it.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -32,6 +33,7 @@ from fleetlog.schemas.runtimes import (
     RuntimeView,
     StaleQuery,
     StaleRuntimes,
+    capabilities_of,
 )
 from fleetlog.services.backbone.errors import FleetValidationError
 from fleetlog.services.backbone.guarded import Guarded, WrongLastSequence
@@ -47,7 +49,7 @@ STREAM = "FLEET_RUNTIMES"
 _registration = msgspec.json.Decoder(RuntimeRegistered)
 _heartbeat = msgspec.json.Decoder(RuntimeHeartbeat)
 _Strs = list[str] | None
-_Ids = list[str]  # inside RuntimesAPI the name `list` is the list() method
+_Views = list[RuntimeView]  # inside RuntimesAPI the name `list` is the list() method
 
 
 def _epoch(ts: str) -> int:
@@ -68,31 +70,36 @@ class RuntimesAPI:
 
     async def register(
         self, runtime_id: str, display_name: str | None = None, endpoint: str | None = None,
-        version: str | None = None, capabilities: _Strs = None, labels: dict[str, str] | None = None,
+        version: str | None = None, capabilities: dict[str, Any] | None = None, labels: dict[str, str] | None = None,
         metadata: dict[str, Any] | None = None, heartbeat_deadline_s: float = 60,
     ) -> RuntimeView:
-        """Upsert: status online; capabilities, labels and metadata are replaced."""
+        """Upsert: status online; capabilities (a JSON object), labels and metadata are replaced;
+        `id` and `created_at` stay those of the first registration."""
         if not isinstance(runtime_id, str) or not runtime_id:
             raise FleetValidationError("runtime_id", f"must be a non-empty string, got {runtime_id!r}")
         if isinstance(heartbeat_deadline_s, bool) or not isinstance(heartbeat_deadline_s, int | float) \
                 or not math.isfinite(heartbeat_deadline_s) or heartbeat_deadline_s <= 0:
             raise FleetValidationError("heartbeat_deadline_s", f"must be a number > 0, got {heartbeat_deadline_s!r}")
         _check_shapes(capabilities, labels, metadata)
+        g = Guarded(await self._fleet.nats())
+        prev_msg = await g.last(STREAM, subjects.runtime(runtime_id, "registration"))
+        first_seq: int | None = None
+        first_at: int | None = None
+        if prev_msg is not None:  # a re-registration: the stream keeps only this one, so carry them
+            prev = _registration.decode(prev_msg.data)
+            first_seq = prev.first_seq if prev.first_seq is not None else prev_msg.seq
+            first_at = prev.first_registered_at if prev.first_registered_at is not None else _epoch(prev.ts)
         event = RuntimeRegistered(
             id=new_event_id(), ts=now_iso(), runtime_id=runtime_id, display_name=display_name, endpoint=endpoint,
-            version=version, capabilities=list(capabilities or []), labels=dict(labels or {}),
+            version=version, capabilities=dict(capabilities or {}), labels=dict(labels or {}),
             metadata=dict(metadata or {}), heartbeat_deadline_s=float(heartbeat_deadline_s),
+            first_seq=first_seq, first_registered_at=first_at,
         )
-        g = Guarded(await self._fleet.nats())
         _, seq, _ = await g.publish(event.subject(), encode_event(event), msg_id=event.id, expected_last_seq=None)
         self._seen = max(self._seen, seq)
         at = _epoch(event.ts)
-        return RuntimeView(
-            runtime_id=runtime_id, display_name=display_name, endpoint=endpoint, version=version,
-            capabilities=event.capabilities, labels=event.labels, metadata=event.metadata, status="online",
-            status_reason=None, heartbeat_deadline_s=event.heartbeat_deadline_s, registered_at=at,
-            last_heartbeat_at=at, active_runs=None,
-        )
+        return _view(event, seq, status="online", metadata=event.metadata, last_heartbeat_at=at, updated_at=at,
+                     active_runs=None)
 
     async def heartbeat(
         self, runtime_id: str, status: str = "online", metadata: dict[str, Any] | None = None,
@@ -122,12 +129,9 @@ class RuntimesAPI:
                                  metadata=merged, active_runs=active_runs)
         receipt = self._fleet.emit(event)
         self.last_heartbeat = receipt
-        return RuntimeView(
-            runtime_id=runtime_id, display_name=reg.display_name, endpoint=reg.endpoint, version=reg.version,
-            capabilities=reg.capabilities, labels=reg.labels, metadata=merged, status=status, status_reason=None,
-            heartbeat_deadline_s=reg.heartbeat_deadline_s, registered_at=_epoch(reg.ts),
-            last_heartbeat_at=_epoch(event.ts), active_runs=active_runs,
-        )
+        at = _epoch(event.ts)
+        return _view(reg, reg_msg.seq, status=status, metadata=merged, last_heartbeat_at=at, updated_at=at,
+                     active_runs=active_runs)
 
     async def get(self, runtime_id: str, *, min_seq: Token | Receipt | None = None) -> RuntimeView | None:
         answer = await self._fleet.request(
@@ -145,33 +149,65 @@ class RuntimesAPI:
                                 limit=max(1, min(500, int(limit))), min_seq=self._token(min_seq))
         return await self._fleet.request("fleetlog.runtimes.list", req, RuntimeList)
 
-    async def mark_stale(self, reason: str = "heartbeat deadline passed") -> _Ids:
-        """Mark runtimes whose heartbeat deadline passed as stale; returns the ids this call marked."""
-        answer = await self._fleet.request(
-            "fleetlog.runtimes.stale", StaleQuery(now=self.clock(), min_seq=self._token(None)), StaleRuntimes
-        )
+    async def mark_stale_runtimes(
+        self, now: float | datetime | None = None, stale_status: str = "stale",
+        stale_after_seconds: float | None = None,
+    ) -> _Views:
+        """Mark runtimes `stale_status` when their heartbeat deadline passed before `now` (default:
+        the clock), or, given `stale_after_seconds` (negative counts as 0), when their last
+        heartbeat is older than that. Rows already `stale_status` are skipped. Returns the rows
+        this call changed; a heartbeat that lands first, or another marker, wins the runtime."""
+        if not isinstance(stale_status, str) or not stale_status:
+            raise FleetValidationError("stale_status", f"must be a non-empty string, got {stale_status!r}")
+        after: float | None = None
+        if stale_after_seconds is not None:
+            if isinstance(stale_after_seconds, bool) or not isinstance(stale_after_seconds, int | float) \
+                    or not math.isfinite(stale_after_seconds):
+                raise FleetValidationError("stale_after_seconds", f"must be a number, got {stale_after_seconds!r}")
+            after = max(float(stale_after_seconds), 0.0)
+        at = self.clock() if now is None else now.timestamp() if isinstance(now, datetime) else float(now)
+        req = StaleQuery(now=at, stale_status=stale_status, stale_after_seconds=after, min_seq=self._token(None))
+        answer = await self._fleet.request("fleetlog.runtimes.stale", req, StaleRuntimes)
         g = Guarded(await self._fleet.nats())
-        marked: _Ids = []
+        marked: _Views = []
         for item in answer.items:
-            event = RuntimeStatusChanged(id=new_event_id(), ts=now_iso(), runtime_id=item.runtime_id,
-                                         status="stale", reason=reason)
+            runtime = item.runtime
+            event = RuntimeStatusChanged(id=new_event_id(), ts=now_iso(), runtime_id=runtime.runtime_id,
+                                         status=stale_status, reason="heartbeat deadline passed")
             try:
                 _, seq, _ = await g.publish(
                     event.subject(), encode_event(event), msg_id=event.id, expected_last_seq=item.last_seq,
-                    expected_subject=subjects.runtime(item.runtime_id, "*"),
+                    expected_subject=subjects.runtime(runtime.runtime_id, "*"),
                 )
             except WrongLastSequence:
                 continue  # a heartbeat (or another marker) landed meanwhile
             self._seen = max(self._seen, seq)
-            marked.append(item.runtime_id)
+            marked.append(msgspec.structs.replace(
+                runtime, status=stale_status, status_reason=event.reason, updated_at=_epoch(event.ts)
+            ))
         return marked
 
 
+def _view(
+    reg: RuntimeRegistered, reg_seq: int, *, status: str, metadata: dict[str, Any], last_heartbeat_at: int,
+    updated_at: int, active_runs: int | None,
+) -> RuntimeView:
+    """The view a registration (stored at `reg_seq`) and the latest change give, as the fold gives it."""
+    return RuntimeView(
+        id=reg.first_seq if reg.first_seq is not None else reg_seq, runtime_id=reg.runtime_id, status=status,
+        display_name=reg.display_name, endpoint=reg.endpoint, version=reg.version,
+        capabilities=capabilities_of(reg.capabilities), labels=reg.labels, metadata=metadata,
+        last_heartbeat_at=last_heartbeat_at,
+        heartbeat_deadline_at=math.ceil(last_heartbeat_at + reg.heartbeat_deadline_s),
+        created_at=reg.first_registered_at if reg.first_registered_at is not None else _epoch(reg.ts),
+        updated_at=updated_at, status_reason=None, heartbeat_deadline_s=reg.heartbeat_deadline_s,
+        active_runs=active_runs,
+    )
+
+
 def _check_shapes(capabilities: Any, labels: Any, metadata: Any) -> None:
-    if capabilities is not None and (
-        not isinstance(capabilities, list | tuple) or not all(isinstance(c, str) for c in capabilities)
-    ):
-        raise FleetValidationError("capabilities", "must be a list of strings")
+    if capabilities is not None and not isinstance(capabilities, dict):
+        raise FleetValidationError("capabilities", f"must be a dict (a JSON object), got {type(capabilities).__name__}")
     if labels is not None and (
         not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
     ):

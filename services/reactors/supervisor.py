@@ -54,7 +54,7 @@ class Reactors:
 
     async def mark_stale(self) -> None:
         assert self.fleet is not None
-        self.marked += len(await self.fleet.runtimes.mark_stale())
+        self.marked += len(await self.fleet.runtimes.mark_stale_runtimes())
 
     async def diff_snapshots(self) -> None:
         """Diff every snapshot waiting (each fetch waits up to 1 s for new ones), then rest a tick."""
