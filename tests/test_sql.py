@@ -66,8 +66,8 @@ async def test_sql_over_the_live_views_api_and_cli(fleet: Fleet, server: Server,
     cli = cli_runner(fleet.settings.nats_url, tmp_path)
     out = cli_json(await cli("sql", "SELECT agent, count(*) AS n FROM attempts GROUP BY 1 ORDER BY 1", "--json"))
     assert out["columns"] == ["agent", "n"] and out["rows"] == [["sql-a", 4], ["sql-b", 3]]
-    assert set(out) == {"columns", "rows", "truncated", "as_of", "lag"}
+    assert set(out) == {"columns", "rows", "truncated", "truncated_by", "as_of", "lag", "lag_s"}
     text = await cli("sql", "SELECT agent FROM attempts ORDER BY agent LIMIT 1")
     assert text.returncode == 0 and "sql-a" in text.stdout and "1 rows" in text.stdout
     refused = await cli("sql", "DELETE FROM attempts")
-    assert refused.returncode == 1 and "must be a SELECT" in refused.stderr
+    assert refused.returncode == 2 and "must be a SELECT" in refused.stderr  # Exit.USAGE
