@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import click
@@ -10,6 +11,7 @@ from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
 from fleetlog.services.backbone.guarded import Guarded
 from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.client.rejects import RawReject, reject_raw
 from rich.table import Table
 
 from ._common import console, json_option, nats_option, print_json, run_client
@@ -41,6 +43,9 @@ def status(nats_url: str | None, as_json: bool) -> None:
                       _kv(p.lag_seconds), _kv(p.rows), str(p.rejects))
     console.print(views)
     console.print(f"rejects: {answer.rejects_total}")
+    if answer.node_state != "serving":
+        where = ", ".join(f"{c.stream} {c.folded}/{c.target}" for c in answer.catch_up)
+        console.print(f"node {answer.node}: {answer.node_state} (not answering queries yet): {where}")
 
 
 def _kv(d: dict[str, Any]) -> str:
@@ -80,8 +85,42 @@ def rejects(ctx: click.Context, projection: str | None, limit: int, nats_url: st
         return
     table = Table("projection", "stream", "seq", "subject", "reason", "data")
     for r in answer.items:
-        table.add_row(r.projection, r.stream, str(r.seq), r.subject, r.reason, r.data[:60])
+        more = f" … ({r.data_bytes} bytes: rejects show {r.seq} --raw)" if r.data_truncated or len(r.data) > 60 else ""
+        table.add_row(r.projection, r.stream, str(r.seq), r.subject, r.reason, r.data[:60] + more)
     console.print(table)
+    if answer.has_more:
+        console.print("[dim]more rejects than fit in one reply: ask for fewer (--limit)[/dim]")
+
+
+@rejects.command("show")
+@click.argument("seq", type=int)
+@click.option("--stream", default=None, help="the stream SEQ is in (needed if several have a reject there)")
+@click.option("--projection", default=None)
+@click.option("--raw", is_flag=True, help="write the exact bytes to stdout, nothing else")
+@nats_option
+@json_option
+def show(seq: int, stream: str | None, projection: str | None, raw: bool, nats_url: str | None,
+         as_json: bool) -> None:
+    """One reject by its stream SEQ: the reason, and the whole payload from JetStream."""
+
+    async def go(fleet: Fleet) -> RawReject:
+        return await reject_raw(fleet, seq, stream, projection)
+
+    got = run_client(nats_url, go)
+    if raw:
+        sys.stdout.buffer.write(got.data)
+        sys.stdout.buffer.flush()
+        return
+    r = got.row
+    if as_json:
+        print_json({"projection": r.projection, "stream": r.stream, "seq": r.seq, "subject": r.subject,
+                    "reason": r.reason, "rejected_at": r.rejected_at, "data_bytes": len(got.data),
+                    "source": got.source, "data": got.data.decode("utf-8", "replace")})
+        return
+    console.print(f"{r.projection}: {r.stream} seq {r.seq} on {r.subject}, rejected {r.rejected_at}")
+    console.print(f"reason: {r.reason}")
+    console.print(f"{len(got.data)} bytes (from {got.source}); the first 2000:", markup=False)
+    console.print(got.data[:2000].decode("utf-8", "replace"), markup=False, highlight=False)
 
 
 @rejects.command("redrive")

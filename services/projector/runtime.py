@@ -152,7 +152,7 @@ class Projector:
     async def stop(self) -> None:
         """Stop reading; the batch being folded is committed first."""
         self._stopping.set()
-        self._folding.set()  # a held fold wakes up to see it is stopping
+        self._folding.set()  # a held batch is folded and committed, then the loop ends
         tasks = [t for r in self._running.values() for t in r.tasks]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -185,9 +185,6 @@ class Projector:
         await self._check_caught_up(running, stream)
         try:
             while not self._stopping.is_set():
-                await self._folding.wait()
-                if self._stopping.is_set():
-                    break
                 # Far behind (a replay): bigger transactions, bounded by bytes. Each commit
                 # costs a WAL sync and ~8 statements, a few ms whatever its size.
                 behind = feed.pending is not None and feed.pending > self.batch_max
@@ -202,6 +199,7 @@ class Projector:
                     if running.gen.state == "building" and not feed.caught_up:
                         await self._check_caught_up(running, stream)
                     continue
+                await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
                 rejects = await asyncio.get_running_loop().run_in_executor(
                     self._fold_thread, self.folder.apply, running.projection, running.gen.schema, stream, batch
                 )
