@@ -177,7 +177,7 @@ class QueryService:
     async def join(self, progress: Callable[[list[CatchUp]], None] | None = None,
                    every_s: float = 2.0) -> None:
         """Wait until caught up (reporting progress), then join the query group."""
-        said = time.monotonic()
+        said = time.monotonic() - every_s  # the first report at once, if there is a way to go
         while True:
             done, where = self.catch_up()
             if done:
@@ -186,6 +186,7 @@ class QueryService:
                 said = time.monotonic()
                 progress(where)
             await asyncio.sleep(0.05)
+        log.info("caught up with the streams as of the start (%s): answering queries", self.targets)
         await self._add_query_endpoints()
         self.serving.set()
 
