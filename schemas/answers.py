@@ -6,8 +6,20 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Answer", "CatchUp", "ProjectionStatus", "RejectRow", "RejectsAnswer", "RejectsQuery", "SqlAnswer",
-           "SqlQuery", "StatusAnswer", "StatusQuery", "StreamStatus"]
+__all__ = [
+    "Answer",
+    "CatchUp",
+    "ProjectionStatus",
+    "RejectRow",
+    "RejectsAnswer",
+    "RejectsQuery",
+    "SqlAnswer",
+    "SqlQuery",
+    "StatusAnswer",
+    "StatusQuery",
+    "StreamStatus",
+    "node_status_subject",
+]
 
 
 class Answer(msgspec.Struct, kw_only=True):
@@ -18,6 +30,11 @@ class Answer(msgspec.Struct, kw_only=True):
     as_of: dict[str, int] = msgspec.field(default_factory=dict)
     lag: dict[str, int] = msgspec.field(default_factory=dict)
     lag_s: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+def node_status_subject(node: str) -> str:
+    """Where one node answers status, serving or catching up (`node` = its micro service id)."""
+    return f"fleetlog.node.{node}.status"
 
 
 class StatusQuery(msgspec.Struct, kw_only=True):

@@ -11,10 +11,10 @@ from typing import Any
 
 import nats
 import pytest
-from fleetlog.schemas.answers import StatusAnswer
+from fleetlog.schemas.answers import StatusAnswer, node_status_subject
 from fleetlog.services.backbone.errors import FleetValidationError, QueryError
+from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.node.server import Server
-from fleetlog.services.query.service import node_status_subject
 
 from fleetlog import Fleet, FleetSettings, StaleError
 
@@ -98,6 +98,9 @@ async def test_a_second_node_answers_only_once_caught_up(fleet: Fleet, server: S
             if i % 25 == 0:
                 await _counts_agree(fleet, 10)
         assert not second.query.serving.is_set()
+        every = await node_statuses(fleet, wait_s=60, expect=2)
+        assert [(a.node, a.node_state) for a in every] == [(server.query.node, "serving"),
+                                                          (second.query.node, "catching up")]
         assert "sql" not in {e["name"] for e in await _stats(nc, second.query.node)}
 
         second.projector.resume()

@@ -11,19 +11,24 @@ from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
 from fleetlog.services.backbone.guarded import Guarded
 from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.client.rejects import RawReject, reject_raw
 from rich.table import Table
 
-from ._common import console, json_option, nats_option, print_json, run_client
+from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client
 
 __all__ = ["rebuild", "rejects", "schemas", "status"]
 
 
 @click.command()
+@click.option("--nodes", is_flag=True, help="every node's own status (one may be catching up, out of the query group)")
 @nats_option
 @json_option
-def status(nats_url: str | None, as_json: bool) -> None:
+def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
     """Streams, projections, checkpoints, lag and rejects."""
+    if nodes:
+        _node_table(nats_url, as_json)
+        return
 
     async def go(fleet: Fleet) -> StatusAnswer:
         return await fleet.status()
@@ -44,8 +49,27 @@ def status(nats_url: str | None, as_json: bool) -> None:
     console.print(views)
     console.print(f"rejects: {answer.rejects_total}")
     if answer.node_state != "serving":
-        where = ", ".join(f"{c.stream} {c.folded}/{c.target}" for c in answer.catch_up)
-        console.print(f"node {answer.node}: {answer.node_state} (not answering queries yet): {where}")
+        console.print(f"node {answer.node}: {answer.node_state} (not answering queries yet): {_progress(answer)}")
+
+
+def _node_table(nats_url: str | None, as_json: bool) -> None:
+    async def go(fleet: Fleet) -> list[StatusAnswer]:
+        return await node_statuses(fleet)
+
+    answers = run_client(nats_url, go)
+    if as_json:
+        print_json(answers)
+        return
+    table = Table("node", "state", "as of", "lag", "lag s", "catch-up", title="nodes")
+    for a in answers:
+        table.add_row(a.node, a.node_state, _kv(a.as_of), _kv(a.lag), _kv(a.lag_s), _progress(a))
+    console.print(table)
+    if not answers:
+        fail(Exit.UNAVAILABLE, "no fleetlog node answered (is `fleetlog up` or `fleetlog serve` running?)")
+
+
+def _progress(answer: StatusAnswer) -> str:
+    return ", ".join(f"{c.stream} {c.folded}/{c.target}" for c in answer.catch_up)
 
 
 def _kv(d: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ import duckdb
 import msgspec
 from fleetlog.projections import Endpoint, Projection, QueryContext
 from fleetlog.schemas import Event, encode_event
-from fleetlog.schemas.answers import CatchUp
+from fleetlog.schemas.answers import CatchUp, node_status_subject
 from fleetlog.services.projector.runtime import Projector
 from fleetlog.services.query.builtins import Builtins
 from fleetlog.services.query.cursors import ReaderCursors, merge_as_of, read_at_snapshot
@@ -44,7 +44,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 from nats.micro.service import ServiceConfig
 
-__all__ = ["QUEUE_GROUP", "SERVICE_NAME", "STATUS_GROUP", "QueryService", "endpoint_subject", "node_status_subject"]
+__all__ = ["QUEUE_GROUP", "SERVICE_NAME", "STATUS_GROUP", "QueryService", "endpoint_subject"]
 
 log = logging.getLogger("fleetlog.query")
 
@@ -58,10 +58,6 @@ T = TypeVar("T")
 
 def endpoint_subject(projection: str, endpoint: str) -> str:
     return f"fleetlog.{projection}.{endpoint}"
-
-
-def node_status_subject(node: str) -> str:
-    return f"fleetlog.node.{node}.status"
 
 
 class _Context(QueryContext):
