@@ -59,7 +59,8 @@ class Host(Protocol):
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T: ...
 
-    async def stamp(self, answer: Any, as_of: dict[str, int], streams: Iterable[str], since_ns: int) -> None: ...
+    async def stamp(self, answer: Any, as_of: dict[str, int], streams: Iterable[str], since_ns: int,
+                    heads: asyncio.Future[dict[str, int | None]] | None = None) -> None: ...
 
     def catch_up(self) -> tuple[bool, list[CatchUp]]: ...
 
@@ -91,10 +92,12 @@ class Builtins:
             finally:
                 cur.close()
 
+        streams = {s for r in live for s in r.projection.streams}
+        heads = asyncio.ensure_future(q.heads.last_seqs(streams, arrived))  # looked up while the query runs
         as_of, (columns, rows, truncated) = await q.read(run)
         answer = SqlAnswer(columns=columns, rows=rows, truncated=truncated,
                            truncated_by="max_rows" if truncated else "")
-        await q.stamp(answer, as_of, as_of.keys(), arrived)
+        await q.stamp(answer, as_of, streams, arrived, heads)
         await req.respond(_fit_sql(answer, q.max_payload))
 
     # -- status ----------------------------------------------------------------

@@ -66,10 +66,13 @@ def read_at_snapshot(
     `schemas` as this transaction sees them, i.e. exactly what `fn` read."""
     cur.execute("BEGIN")
     try:
-        as_of: dict[str, int] = {}
-        for schema in schemas:
-            for stream, seq in execute_prepared(cur, _CHECKPOINTS, [schema]).fetchall():
-                as_of[stream] = min(as_of.get(stream, int(seq)), int(seq))
+        if len(schemas) == 1:
+            rows = execute_prepared(cur, _CHECKPOINTS, list(schemas)).fetchall()
+        else:  # one statement for all (each costs ~0.4 ms on this machine, whatever it reads)
+            marks = ", ".join("?" for _ in schemas)
+            rows = cur.execute(f"SELECT stream, min(seq) FROM main.fleetlog_checkpoints WHERE schema_name IN ({marks})"
+                               " GROUP BY stream", list(schemas)).fetchall()
+        as_of = {str(stream): int(seq) for stream, seq in rows}
         out = fn(cur)
     except BaseException:
         with contextlib.suppress(duckdb.Error):

@@ -4,7 +4,7 @@ The projector's own idea of what is pending comes from the last batch it folded,
 view that stopped folding (or had not started on a burst) said `lag: 0` while the
 writer's token was ahead. Here each answer asks the broker for the stream's last seq
 (`$JS.API.STREAM.INFO`), shared among answers: a request joins a lookup that was sent
-after it arrived, else sends its own, so the figure is never older than the request.
+after it arrived, else the next one, so the figure is never older than the request.
 `lag_s` is the age of the oldest event not folded (its broker timestamp), looked up only
 while behind and remembered per position, so a stuck view costs one lookup.
 """
@@ -39,16 +39,36 @@ class StreamHeads:
         self.nc = nc
         self.timeout_s = timeout_s
         self._inflight: dict[str, tuple[int, asyncio.Future[int | None]]] = {}
+        self._next: dict[str, asyncio.Future[int | None]] = {}
         self._born: dict[tuple[str, int], float] = {}  # (stream, seq) -> broker timestamp, s
 
     async def last_seq(self, stream: str, since_ns: int) -> int | None:
         """The stream's last seq from a lookup sent at or after `since_ns` (monotonic); None if
-        the broker did not say."""
-        got = self._inflight.get(stream)
-        if got is None or got[0] < since_ns:
-            got = (time.monotonic_ns(), asyncio.ensure_future(self._info(stream)))
-            self._inflight[stream] = got
-        return await asyncio.shield(got[1])
+        the broker did not say.
+
+        At most one lookup per stream is in flight: a request that arrived after the one in
+        flight was sent waits for the next, which leaves when it returns and serves every
+        request that arrived meanwhile (a burst costs one lookup per round trip, not one each).
+        """
+        current = self._inflight.get(stream)
+        if current is None or (current[1].done() and current[0] < since_ns):
+            current = self._send(stream)
+        elif current[0] < since_ns:
+            nxt = self._next.get(stream)
+            if nxt is None:
+                nxt = self._next[stream] = asyncio.ensure_future(self._after(stream, current[1]))
+            return await asyncio.shield(nxt)
+        return await asyncio.shield(current[1])
+
+    def _send(self, stream: str) -> tuple[int, asyncio.Future[int | None]]:
+        sent = self._inflight[stream] = (time.monotonic_ns(), asyncio.ensure_future(self._info(stream)))
+        return sent
+
+    async def _after(self, stream: str, running: asyncio.Future[int | None]) -> int | None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(running)
+        self._next.pop(stream, None)
+        return await self._send(stream)[1]
 
     async def last_seqs(self, streams: Iterable[str], since_ns: int) -> dict[str, int | None]:
         names = sorted(set(streams))
