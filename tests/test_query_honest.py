@@ -15,6 +15,7 @@ from fleetlog.schemas.answers import StatusAnswer, node_status_subject
 from fleetlog.services.backbone.errors import FleetValidationError, QueryError
 from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.node.server import Server
+from fleetlog.services.query.cursors import read_consistent
 
 from fleetlog import Fleet, FleetSettings, StaleError
 
@@ -143,3 +144,38 @@ async def test_srv_stats_count_every_error_and_the_real_time(fleet: Fleet, serve
     assert sql["last_error"].startswith("408")
     assert sql["processing_time"] >= 0.5e9  # the interrupted statement ran at least its time limit
     assert sql["average_processing_time"] == sql["processing_time"] // 4
+
+
+async def test_a_read_during_a_commit_is_read_again_in_one_transaction(fleet: Fleet, server: Server) -> None:
+    """`read_consistent`: as_of from the projector's committed checkpoints when no fold
+    committed during the read, else from the checkpoints table in the read's own transaction
+    (the read runs again) — the same figure either way."""
+    for i in range(3):
+        fleet.attempts.record(agent="seq", action="a", outcome="success", elapsed_s=float(i))
+    token = await fleet.flush()
+    await fleet.attempts.query(agent="seq", min_seq=token)
+    projector = server.projector
+    schema = projector.live("attempts").gen.schema
+    calls: list[int] = []
+
+    def count(cur: Any, commit_meanwhile: bool) -> int:
+        calls.append(1)
+        if commit_meanwhile and len(calls) == 1:
+            with projector.committed.committing():  # as if a fold committed while this read ran
+                pass
+        row = cur.execute("SELECT count(*) FROM attempts").fetchone()
+        return int(row[0])
+
+    def run(commit_meanwhile: bool) -> tuple[dict[str, int], int]:
+        cur = projector.store.cursor(schema)
+        try:
+            return read_consistent(cur, projector, [schema], lambda c: count(c, commit_meanwhile))
+        finally:
+            cur.close()
+
+    fast = await asyncio.to_thread(run, False)
+    assert len(calls) == 1
+    calls.clear()
+    again = await asyncio.to_thread(run, True)
+    assert len(calls) == 2  # read again, in a transaction with the checkpoints
+    assert fast == again == ({STREAM: token[STREAM]}, 3)

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from fleetlog.projections import Projection
 from fleetlog.schemas import subjects
 from fleetlog.services.backbone.errors import StaleError
+from fleetlog.services.projector.committed import Committed
 from fleetlog.services.projector.fold import BatchFolder, Reject
 from fleetlog.services.projector.retention import keep_to_streams
 from fleetlog.services.projector.store import Generation, ViewStore
-from fleetlog.services.projector.stream_reader import OrderedReader
+from fleetlog.services.projector.stream_reader import OrderedReader, StreamBatch
 from nats.aio.client import Client
 
 __all__ = ["Projector", "Reject", "StaleError"]
@@ -103,6 +104,7 @@ class Projector:
         self._reject_queue: asyncio.Queue[tuple[str, Reject]] = asyncio.Queue(maxsize=100_000)
         self._aux: list[asyncio.Task[None]] = []
         self.folded_events = 0
+        self.committed = Committed()  # which checkpoints a read saw, without a transaction
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -165,6 +167,7 @@ class Projector:
     async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:
         running = _Running(projection, gen, folds=folds)
         checkpoints = self.store.checkpoints(gen.schema)
+        self.committed.start(gen.schema, {s: checkpoints.get(s, 0) for s in projection.streams})
         for stream in projection.streams:
             running.feeds[stream] = _Feed(checkpoint=checkpoints.get(stream, 0))
         self._running[(projection.name, gen.generation)] = running
@@ -201,7 +204,7 @@ class Projector:
                     continue
                 await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
                 rejects = await asyncio.get_running_loop().run_in_executor(
-                    self._fold_thread, self.folder.apply, running.projection, running.gen.schema, stream, batch
+                    self._fold_thread, self._apply, running.projection, running.gen.schema, stream, batch
                 )
                 feed.checkpoint = batch.last_seq
                 feed.pending = batch.pending()
@@ -234,7 +237,7 @@ class Projector:
             # or purged): nothing will ever be delivered up to it, so the checkpoint moves
             # there, or a min_seq token up to last_seq would wait in vain.
             await asyncio.get_running_loop().run_in_executor(
-                self._fold_thread, self.folder.advance, running.gen.schema, stream, last_seq
+                self._fold_thread, self._advance, running.gen.schema, stream, last_seq
             )
             feed.checkpoint = last_seq
         if last_seq <= feed.checkpoint:
@@ -272,6 +275,18 @@ class Projector:
             a = self.store.table_digest(old.gen.schema, tables)
             b = self.store.table_digest(new.gen.schema, tables)
         return json.dumps({"compared": True, "equal": a == b, "live": a, "rebuilt": b})
+
+    def _apply(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
+        """`folder.apply` on the fold thread, inside the readers' seqlock."""
+        with self.committed.committing():
+            rejects = self.folder.apply(projection, schema, stream, batch)
+            self.committed.moved(schema, stream, batch.last_seq)
+            return rejects
+
+    def _advance(self, schema: str, stream: str, seq: int) -> None:
+        with self.committed.committing():
+            self.folder.advance(schema, stream, seq)
+            self.committed.moved(schema, stream, seq)
 
     # -- checkpoints -------------------------------------------------------------
     async def _checkpoint_when_idle(self) -> None:

@@ -24,7 +24,7 @@ from fleetlog.schemas.answers import (
 )
 from fleetlog.schemas.streams import STREAMS
 from fleetlog.services.projector.runtime import Projector
-from fleetlog.services.query.cursors import merge_as_of, read_at_snapshot
+from fleetlog.services.query.cursors import merge_as_of, read_consistent
 from fleetlog.services.query.dispatch import ReplyTooBig, fit_reply
 from fleetlog.services.query.heads import StreamHeads
 from fleetlog.services.query.sql import check_select, run_select
@@ -88,7 +88,8 @@ class Builtins:
             cur = store.cursor(None)
             try:
                 cur.execute(f"SET search_path = '{path}'")
-                return read_at_snapshot(cur, schemas, lambda c: run_select(c, query.sql, max_rows, q.sql_timeout_s))
+                return read_consistent(cur, projector, schemas,
+                                       lambda c: run_select(c, query.sql, max_rows, q.sql_timeout_s))
             finally:
                 cur.close()
 
@@ -191,7 +192,8 @@ class Builtins:
             def run(schema: str = schema, sql: str = sql) -> tuple[dict[str, int], list[Any]]:
                 cur = projector.store.cursor(schema)
                 try:
-                    return read_at_snapshot(cur, [schema], lambda c: c.execute(sql, [*params, query.limit]).fetchall())
+                    return read_consistent(cur, projector, [schema],
+                                           lambda c: c.execute(sql, [*params, query.limit]).fetchall())
                 finally:
                     cur.close()
 

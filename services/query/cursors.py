@@ -1,10 +1,12 @@
 """Reading the views for an answer: long-lived cursors, and reads that know exactly what they saw.
 
-A read runs in one DuckDB transaction that first reads the generation's checkpoints
-(written in the same transaction as the fold they describe), so the answer's `as_of` is
-the exact stream position its rows reflect: never less (the old in-memory stamp taken
-before the read let a fold land in between, and a count could exceed its `as_of`), never
-more.
+An answer's `as_of` is the exact stream position its rows reflect: never less (the old
+in-memory stamp taken before the read let a fold land in between, and a count could
+exceed its `as_of`), never more. `read_consistent` gets it for free when no fold commits
+during the read (the projector's seqlock, services/projector/committed.py); otherwise it reads again
+in one DuckDB transaction that first reads the generations' checkpoints (written in the
+same transaction as the fold they describe, `read_at_snapshot`). The transaction alone
+costs ~0.6 ms per read on this machine (three more statements), hence the fast path.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import TypeVar
 
 import duckdb
 from fleetlog.projections import execute_prepared
+from fleetlog.services.projector.runtime import Projector
 from fleetlog.services.projector.store import ViewStore
 
-__all__ = ["ReaderCursors", "merge_as_of", "read_at_snapshot"]
+__all__ = ["ReaderCursors", "merge_as_of", "read_at_snapshot", "read_consistent"]
 
 T = TypeVar("T")
 
@@ -57,6 +60,19 @@ class ReaderCursors:
         if cur is not None:
             with contextlib.suppress(Exception):
                 cur.close()
+
+
+def read_consistent(
+    cur: duckdb.DuckDBPyConnection, projector: Projector, schemas: Sequence[str],
+    fn: Callable[[duckdb.DuckDBPyConnection], T],
+) -> tuple[dict[str, int], T]:
+    """(as_of, fn(cur)) with as_of exactly what fn read, for the lowest cost available."""
+    before = projector.committed.view(schemas)
+    if before is not None:
+        out = fn(cur)
+        if projector.committed.commits == before[0]:  # no fold committed while fn read: it saw `before`
+            return before[1], out
+    return read_at_snapshot(cur, schemas, fn)
 
 
 def read_at_snapshot(

@@ -37,7 +37,7 @@ from fleetlog.schemas import Event, encode_event
 from fleetlog.schemas.answers import CatchUp, node_status_subject
 from fleetlog.services.projector.runtime import Projector
 from fleetlog.services.query.builtins import Builtins
-from fleetlog.services.query.cursors import ReaderCursors, merge_as_of, read_at_snapshot
+from fleetlog.services.query.cursors import ReaderCursors, merge_as_of, read_consistent
 from fleetlog.services.query.dispatch import Dispatcher, HonestService, fit_reply
 from fleetlog.services.query.heads import StreamHeads
 from nats.aio.client import Client
@@ -69,13 +69,14 @@ class _Context(QueryContext):
         self.as_of: dict[str, int] | None = None
 
     async def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-        schema = self._service.projector.live(self._projection.name).gen.schema
+        projector = self._service.projector
+        schema = projector.live(self._projection.name).gen.schema
         cursors = self._service.cursors
 
         def run() -> tuple[dict[str, int], Any]:
             cur = cursors.get(schema)
             try:
-                return read_at_snapshot(cur, [schema], fn)
+                return read_consistent(cur, projector, [schema], fn)
             except duckdb.Error:
                 cursors.drop(schema)  # its generation may be gone; a fresh cursor next time
                 raise
