@@ -82,14 +82,13 @@ class StreamHeads:
         except Exception:
             return None
 
-    async def lag(self, as_of: dict[str, int], heads: dict[str, int | None],
-                  fallback: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, float]]:
-        """(lag, lag_s) of an answer that saw `as_of`; a stream whose head is unknown falls
-        back to `fallback` (the projector's last known pending)."""
+    async def lag(self, as_of: dict[str, int], heads: dict[str, int | None]) -> tuple[dict[str, int], dict[str, float]]:
+        """(lag, lag_s) of an answer that saw `as_of`. A stream whose last seq the broker did not
+        give (within `timeout_s`; the request itself came through it) counts as caught up."""
         lag: dict[str, int] = {}
         for stream, seen in as_of.items():
             head = heads.get(stream)
-            lag[stream] = max(0, head - seen) if head is not None else (fallback or {}).get(stream, 0)
+            lag[stream] = max(0, head - seen) if head is not None else 0
         behind = [s for s, n in lag.items() if n]
         ages = await asyncio.gather(*(self.age(s, as_of[s]) for s in behind))
         lag_s = dict.fromkeys(as_of, 0.0)
