@@ -24,7 +24,7 @@ from fleetlog.schemas.answers import (
 )
 from fleetlog.schemas.streams import STREAMS
 from fleetlog.services.projector.runtime import Projector
-from fleetlog.services.query.cursors import merge_as_of, read_consistent
+from fleetlog.services.query.cursors import merge_as_of, read_at_snapshot, read_consistent
 from fleetlog.services.query.dispatch import ReplyTooBig, fit_reply
 from fleetlog.services.query.heads import StreamHeads
 from fleetlog.services.query.sql import check_select, run_select
@@ -88,8 +88,9 @@ class Builtins:
             cur = store.cursor(None)
             try:
                 cur.execute(f"SET search_path = '{path}'")
-                return read_consistent(cur, projector, schemas,
-                                       lambda c: run_select(c, query.sql, max_rows, q.sql_timeout_s))
+                # Straight into a transaction: an ad-hoc statement may run for seconds, likely
+                # across a fold's commit, and running it twice would double that.
+                return read_at_snapshot(cur, schemas, lambda c: run_select(c, query.sql, max_rows, q.sql_timeout_s))
             finally:
                 cur.close()
 
