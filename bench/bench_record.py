@@ -12,7 +12,17 @@ default ts = now), in two settings:
 
 Everything is flushed (acked by JetStream) at the end and checked.
 
-    python bench/bench_record.py [--n 200000] [--pane-bytes 2048]
+Then the durable write path (issue 9), async `Fleet`, in two more settings:
+
+  durable        `durable=True`: record() returns once the encoded event is written to
+                 the spool file (one write(2): survives SIGKILL); the sender publishes
+                 from the spool.
+  durable+fsync  the same and an fsync per record (survives power loss).
+
+For those, throughput is also given: calls per second of the record phase, and events
+per second until everything is acked.
+
+    python bench/bench_record.py [--n 200000] [--pane-bytes 2048] [--durable-n 50000] [--fsync-n 5000]
 """
 
 from __future__ import annotations
@@ -56,8 +66,11 @@ def _timer_overhead_ns() -> float:
     return (pc() - t0) / n / 2
 
 
-async def bench_async(url: str, work: Path, n: int, kwargs: list[dict], yield_every: int) -> tuple[list[float], dict]:
-    fleet = await Fleet.connect(settings=settings_for(url, work / "client-async"))
+async def bench_async(url: str, work: Path, n: int, kwargs: list[dict], yield_every: int,
+                      **settings: object) -> tuple[list[float], dict]:
+    durable = bool(settings.get("durable"))
+    name = "client-async" + ("-durable" if durable else "") + ("-fsync" if settings.get("durable_fsync") else "")
+    fleet = await Fleet.connect(settings=settings_for(url, work / name, **settings))
     record = fleet.attempts.record
     pc = time.perf_counter_ns
     lat = [0.0] * n
@@ -77,8 +90,9 @@ async def bench_async(url: str, work: Path, n: int, kwargs: list[dict], yield_ev
     stats = fleet.publisher_stats()
     gcs = sum(s["collections"] for s in gc.get_stats()) - sum(s["collections"] for s in gc0)
     await fleet.close()
-    assert stats.acked == n and stats.spooled == 0, stats
-    return lat, {"record_phase_s": t_rec, "to_flush_s": t_all, "gc_collections": gcs, "acked": stats.acked}
+    assert stats.acked == n and stats.spooled == (n if durable else 0) and stats.spool_pending == 0, stats
+    return lat, {"record_phase_s": t_rec, "to_flush_s": t_all, "gc_collections": gcs, "acked": stats.acked,
+                 "record_calls_per_s": round(n / t_rec), "acked_ev_per_s": round(n / t_all)}
 
 
 def bench_thread(url: str, work: Path, n: int, kwargs: list[dict]) -> tuple[list[float], dict]:
@@ -108,6 +122,8 @@ async def main() -> None:
     ap.add_argument("--pane-bytes", type=int, default=2048)
     ap.add_argument("--yield-every", type=int, default=100, help="async mode: yield to the loop every K calls")
     ap.add_argument("--warmup", type=int, default=2000)
+    ap.add_argument("--durable-n", type=int, default=50_000, help="calls in durable mode (0: skip)")
+    ap.add_argument("--fsync-n", type=int, default=5_000, help="calls in durable+fsync mode (0: skip)")
     args = ap.parse_args()
 
     fac = AttemptFactory(pane_bytes=args.pane_bytes)
@@ -135,11 +151,24 @@ async def main() -> None:
         results["thread"] = {**{k: round(v, 2) for k, v in pt.items()}, **extra_t,
                              "calls_over_20us": sum(1 for x in lat_t if x > 20)}
         rows.append(("thread FleetSync", pt))
+        for mode, n_mode, extra_settings in (
+            ("durable", args.durable_n, {"durable": True}),
+            ("durable_fsync", args.fsync_n, {"durable": True, "durable_fsync": True}),
+        ):
+            if not n_mode:
+                continue
+            mon = CpuMonitor().start()
+            lat_d, extra_d = await bench_async(b.url, work, n_mode, kwargs, args.yield_every, **extra_settings)
+            extra_d["cpu"] = mon.stop()
+            pd = percentiles(lat_d)
+            results[mode] = {**{k: round(v, 2) for k, v in pd.items()}, **extra_d, "n": n_mode}
+            rows.append((f"async {mode.replace('_', '+')} ({n_mode:,})", pd))
 
     print(f"record() latency, {args.n:,} calls, {args.pane_bytes} B pane (timer overhead {overhead:.0f} ns)")
     print(table(
         [(name, f"{p['p50']:.1f}", f"{p['p99']:.1f}", f"{p['p99.9']:.1f}", f"{p['max']:.0f}", f"{p['mean']:.1f}",
-          ("met" if p["p99"] < TARGET_P99_US else "MISSED") if not name.startswith("control") else "-")
+          ("met" if p["p99"] < TARGET_P99_US else "MISSED")
+          if not name.startswith(("control", "async durable")) else "-")
          for name, p in rows],
         ["mode", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "mean µs", "p99<20µs"],
     ))
@@ -147,6 +176,10 @@ async def main() -> None:
         r = results[mode]
         print(f"{mode}: record phase {r['record_phase_s']:.2f}s, to flush {r['to_flush_s']:.2f}s, "
               f"{r['calls_over_20us']} calls > 20 µs; cpu {r['cpu']}")
+    for mode in ("async", "durable", "durable_fsync"):
+        if mode in results:
+            r = results[mode]
+            print(f"{mode}: {r['record_calls_per_s']:,} record() calls/s, {r['acked_ev_per_s']:,} ev/s acked")
     results["target_p99_us"] = TARGET_P99_US
     results["met"] = all(results[m]["p99"] < TARGET_P99_US for m in ("async", "thread"))
     emit_json("record", results)

@@ -1,21 +1,26 @@
 """fleetlog: the flight recorder and control ledger for fleets of AI agents.
 
 The public client lives here; the layers live in `fleetlog.schemas` (the event
-contract), `fleetlog.projections` (the views) and `fleetlog.services` (broker,
-publisher, projector, query service, CLI).
+contract), `fleetlog.projections` (the views) and `fleetlog.services` (one package per
+layer: client, writepath, projector, query, reactors, node, cli; docs/architecture.md).
+Everything a user imports is re-exported here, so code never depends on where it lives.
 """
 
 from fleetlog.schemas import CANONICAL_OUTCOMES
 from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.errors import (
     FleetError,
+    FleetRefused,
     FleetUnavailable,
     FleetValidationError,
     QueryError,
     StaleError,
+    StaleHolderError,
 )
 from fleetlog.services.client.fleet import Fleet, FleetSync
-from fleetlog.services.writepath.publisher import Position, Receipt, Token
+from fleetlog.services.client.processor_lock import ProcessorLockBusy, ProcessorLockLost
+from fleetlog.services.client.state import StatePolicyError
+from fleetlog.services.writepath.receipt import Position, Receipt, Token
 
 __version__ = "0.1.0"
 
@@ -23,14 +28,19 @@ __all__ = [
     "CANONICAL_OUTCOMES",
     "Fleet",
     "FleetError",
+    "FleetRefused",
     "FleetSettings",
     "FleetSync",
     "FleetUnavailable",
     "FleetValidationError",
     "Position",
+    "ProcessorLockBusy",
+    "ProcessorLockLost",
     "QueryError",
     "Receipt",
     "StaleError",
+    "StaleHolderError",
+    "StatePolicyError",
     "Token",
     "__version__",
 ]

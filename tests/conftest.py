@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import faulthandler
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,22 @@ from fleetlog.services.node.broker import EmbeddedBroker, free_port
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
+
+# pytest-timeout (signal method) fails a test that runs past `timeout`; this backstop, armed
+# around each whole test (setup, call, teardown), catches what a signal cannot interrupt:
+# it prints every thread's stack and ends the run instead of letting it hang until CI's limit.
+BACKSTOP_EXTRA_S = 180
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    timeout = float(item.config.getini("timeout") or 0)
+    if timeout > 0:
+        faulthandler.dump_traceback_later(timeout + BACKSTOP_EXTRA_S, exit=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

@@ -252,7 +252,8 @@ async def test_summary_json_matches_api_and_human_output(cli: Run, fleet: Fleet)
     assert alpha["counts"] == {"probe:success": 2, "probe:send_error": 1, "send:success": 1, "old:success": 1}
     assert alpha["p95_elapsed_s_by_action"] == {"probe": 2.0, "send": 5.0, "old": 1.0}
 
-    ghost = ok_json(out_ghost)
+    assert out_ghost.returncode == 3 and "no attempts recorded for 'ghost'" in out_ghost.stderr
+    ghost = json.loads(out_ghost.stdout)  # --json still prints the (empty) summary
     assert set(ghost) == set(api)
     assert (ghost["last_action_at"], ghost["last_action_name"], ghost["last_action_outcome"],
             ghost["last_action_elapsed_s"], ghost["counts"], ghost["p95_elapsed_s_by_action"]) == (
@@ -265,7 +266,7 @@ async def test_summary_json_matches_api_and_human_output(cli: Run, fleet: Fleet)
 async def test_purge_json_and_confirmation(cli: Run, fleet: Fleet) -> None:
     token = await seed(fleet)  # one row 40 days old
     refused = await cli("attempts", "purge", "--days", "30", stdin="n\n")
-    assert refused.returncode != 0
+    assert refused.returncode == 1 and "not confirmed" in refused.stderr
     assert len((await fleet.attempts.query(min_seq=token)).items) == 7
 
     out = ok_json(await cli("attempts", "purge", "--days", "30", "--yes", "--json"))

@@ -3,6 +3,7 @@ fixture server (real nats-server, real DuckDB)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fleetlog.services.client.processors import hash_file, path_hash
@@ -29,19 +30,22 @@ async def test_processors_cli(fleet: Fleet, server: Server, tmp_path: Path) -> N
 
     one = cli_json(await run("processors", "file", "ingest", marked["file_hash"], "--json"))
     assert (one["status"], one["size"], one["detail"], one["run_id"]) == ("done", 4, {"rows": 1}, "r1")
-    assert cli_json(await run("processors", "file", "ingest", "nope", "--json")) is None
+    nope = await run("processors", "file", "ingest", "nope", "--json")
+    assert nope.returncode == 3 and json.loads(nope.stdout) is None and "no marker for nope" in nope.stderr
     files = cli_json(await run("processors", "files", "ingest", "--status", "failed", "--json"))
     assert [i["file_path"] for i in files["items"]] == ["/data/x.csv"] and files["total_count"] == 1
-    seen = cli_json(await run("processors", "seen", "ingest", marked["file_hash"], "unknown", "--json"))
-    assert seen == {marked["file_hash"]: "done"}
+    seen = await run("processors", "seen", "ingest", marked["file_hash"], "unknown", "--json")
+    assert seen.returncode == 3 and "unknown" in seen.stderr  # not every hash was seen
+    assert json.loads(seen.stdout) == {marked["file_hash"]: "done"}
 
     started = cli_json(await run("processors", "start", "ingest", "--run-id", "r1", "--total", "2", "--json"))
     assert (started["run_id"], started["status"], started["files_total"]) == ("r1", "running", 2)
     finished = cli_json(await run("processors", "finish", "ingest", "r1", "--ok", "1", "--failed", "1", "--json"))
     assert (finished["status"], finished["files_ok"], finished["files_failed"]) == ("completed", 1, 1)
     conflict = await run("processors", "finish", "ingest", "r1", "--status", "failed")
-    assert conflict.returncode == 1 and "already completed" in conflict.stderr
-    assert cli_json(await run("processors", "finish", "ingest", "nope", "--json")) is None
+    assert conflict.returncode == 4 and "already completed" in conflict.stderr
+    unknown = await run("processors", "finish", "ingest", "nope", "--json")
+    assert unknown.returncode == 3 and json.loads(unknown.stdout) is None
     shown = cli_json(await run("processors", "run", "ingest", "r1", "--json"))
     assert shown == finished
     runs = cli_json(await run("processors", "runs", "ingest", "--json"))
@@ -49,15 +53,15 @@ async def test_processors_cli(fleet: Fleet, server: Server, tmp_path: Path) -> N
 
     lock = cli_json(await run("processors", "acquire", "ingest", "--holder", "cli-1", "--lease", "60", "--json"))
     assert lock["holder"] == "cli-1" and lock["fence"] > 0
-    assert cli_json(await run("processors", "acquire", "ingest", "--holder", "cli-2", "--json")) is None
+    busy = await run("processors", "acquire", "ingest", "--holder", "cli-2", "--json")
+    assert busy.returncode == 4 and json.loads(busy.stdout) is None and "lock busy" in busy.stderr
     state = cli_json(await run("processors", "lock", "ingest", "--json"))
     assert (state["holder"], state["fence"], state["held"]) == ("cli-1", lock["fence"], True)
     listed = cli_json(await run("processors", "list", "--json"))
     (summary,) = listed["items"]
     assert (summary["files"], summary["runs"], summary["lock_holder"]) == ({"done": 1, "failed": 1}, 1, "cli-1")
-    wrong = cli_json(await run("processors", "release", "ingest", "--holder", "cli-2", "--fence", str(lock["fence"]),
-                               "--json"))
-    assert wrong == {"released": False}
+    wrong = await run("processors", "release", "ingest", "--holder", "cli-2", "--fence", str(lock["fence"]), "--json")
+    assert wrong.returncode == 4 and json.loads(wrong.stdout) == {"released": False}
     released = cli_json(await run("processors", "release", "ingest", "--holder", "cli-1", "--fence",
                                   str(lock["fence"]), "--json"))
     assert released == {"released": True}

@@ -19,7 +19,7 @@ from fleetlog.schemas import AttemptRecorded, new_event_id, now_iso
 from fleetlog.services.node.broker import EmbeddedBroker, find_nats_server, free_port
 from fleetlog.services.node.server import Server
 
-from fleetlog import Fleet, FleetSettings, FleetValidationError
+from fleetlog import Fleet, FleetSettings, FleetUnavailable, FleetValidationError
 
 from .helpers import wait_until
 
@@ -75,13 +75,14 @@ async def test_spool_cap_drops_and_counts(tmp_path: Path) -> None:
 
 async def test_spool_of_a_killed_agent_is_adopted(broker: EmbeddedBroker, settings: FleetSettings,
                                                   server: Server, tmp_path: Path) -> None:
-    """An agent SIGKILLed while its broker was away leaves a spool; the next client publishes it."""
-    dead_port = free_port()
+    """An agent SIGKILLed while its broker was away leaves a spool; the next client of that
+    broker (the same URL set: the spool was never stamped with a fleet) publishes it."""
+    await broker.stop()
     script = textwrap.dedent(f"""
         import asyncio, os, sys
         from fleetlog import Fleet, FleetSettings
         async def main():
-            s = FleetSettings(nats_url="nats://127.0.0.1:{dead_port}", spool_dir=r"{tmp_path / 'shared-spool'}",
+            s = FleetSettings(nats_url="{broker.url}", spool_dir=r"{tmp_path / 'shared-spool'}",
                               data_dir=r"{tmp_path / 'agent'}")
             fleet = await Fleet.connect(settings=s)
             for i in range(2000):
@@ -98,11 +99,18 @@ async def test_spool_of_a_killed_agent_is_adopted(broker: EmbeddedBroker, settin
     assert line.strip() == b"spooled"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    await broker.start()
 
     adopter = await Fleet.connect(settings=settings.model_copy(update={"spool_dir": tmp_path / "shared-spool"}))
     try:
         token = await adopter.flush(timeout=60)
         assert adopter.publisher_stats().spooled >= 2000
+        for _ in range(100):  # the server's query service re-subscribes after the broker's restart
+            try:
+                await adopter.status()
+                break
+            except FleetUnavailable:
+                await asyncio.sleep(0.2)
         summary = await adopter.attempts.summarize("orphan", limit=5000, min_seq=token)
         assert summary.counts == {"a:success": 2000}
     finally:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import nats
@@ -12,7 +18,7 @@ from fleetlog.services.query.replica import fold_replica
 
 from fleetlog import Fleet, FleetSettings
 
-from .helpers import cli_json, cli_runner, wait_until
+from .helpers import cli_json, cli_runner, fleetlog_cmd, wait_until
 
 
 async def test_replica_equals_the_served_views_and_publishes_nothing(
@@ -106,3 +112,104 @@ async def test_replica_catches_up_incrementally_and_export_writes_parquet(
         assert con.execute(f"SELECT count(*) FROM '{out_dir / 'attempts.parquet'}'").fetchone() == (15,)
     finally:
         con.close()
+
+
+def _start_follower(path: Path, nats_url: str, data_dir: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "FLEETLOG_DATA_DIR": str(data_dir), "FLEETLOG_BATCH_WAIT_S": "0.01",
+           "FLEETLOG_BATCH_MAX": "7"}  # small batches: many commits between and during copies
+    return subprocess.Popen([*fleetlog_cmd(), "replica", str(path), "--follow", "--every", "0.1", "--json",
+                             "--nats", nats_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wal_of(path: Path) -> Path | None:
+    wal = Path(str(path) + ".wal")
+    return wal if wal.exists() else None
+
+
+def _open_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    """A reader of its own. `duckdb.connect(path)` would share one database instance per path in
+    this process (DuckDB caches them), so a second open would see the first one's copy."""
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{path}' AS replica (READ_ONLY)")
+    con.execute("USE replica")
+    return con
+
+
+def _read_copy(path: Path) -> tuple[int, int, int]:
+    """(attempt rows, the copy's recorded FLEET_ATTEMPTS seq, copy number), read-only like any client."""
+    con = _open_read_only(path)
+    try:
+        rows = con.execute("SELECT count(*) FROM attempts").fetchone()
+        mark = con.execute("SELECT seq, copy FROM fleetlog_replica WHERE stream = 'FLEET_ATTEMPTS'").fetchone()
+    finally:
+        con.close()
+    assert rows is not None and mark is not None
+    return int(rows[0]), int(mark[0]), int(mark[1])
+
+
+async def test_a_following_replica_publishes_consistent_copies_others_read_while_it_runs(
+        fleet: Fleet, server: Server, settings: FleetSettings, tmp_path: Path) -> None:
+    """The attempts stream holds only attempts here, so a consistent copy has exactly as many
+    attempt rows as its recorded FLEET_ATTEMPTS seq: a copy taken in the middle of a batch
+    (rows without their checkpoint, or the other way round) would show a difference."""
+    for i in range(20):
+        fleet.attempts.record(agent="follow", action="a", outcome="success", elapsed_s=float(i))
+    first = await fleet.flush()
+    path = tmp_path / "followed.duckdb"
+    proc = _start_follower(path, settings.nats_url, tmp_path / "cli")
+    lines: list[dict[str, Any]] = []
+
+    async def progress_until(seq: int) -> dict[str, Any]:
+        while True:
+            line = await asyncio.to_thread(proc.stdout.readline)  # type: ignore[union-attr]
+            assert line, f"the follower ended: {proc.wait()} {proc.stderr.read()}"  # type: ignore[union-attr]
+            lines.append(json.loads(line))
+            if lines[-1]["streams"]["FLEET_ATTEMPTS"]["folded"] >= seq:
+                return lines[-1]
+
+    try:
+        caught_up = await asyncio.wait_for(progress_until(first["FLEET_ATTEMPTS"]), 120)
+        assert caught_up["rows"]["attempts"] == 20
+        assert caught_up["streams"]["FLEET_ATTEMPTS"] == {"folded": first["FLEET_ATTEMPTS"],
+                                                          "last": first["FLEET_ATTEMPTS"]}
+        held = _open_read_only(path)  # a reader that keeps its copy open
+        seen: list[tuple[int, int, int]] = []
+        stop = threading.Event()
+
+        def reader() -> None:  # another client, reading the file over and over while copies replace it
+            while not stop.is_set():
+                seen.append(_read_copy(path))
+
+        reading = asyncio.create_task(asyncio.to_thread(reader))
+        try:
+            for burst in range(40):  # a steady trickle: the follower folds while it copies
+                for i in range(5):
+                    fleet.attempts.record(agent="follow", action=f"b{burst}", outcome="success", elapsed_s=float(i))
+                await asyncio.sleep(0.02)
+            token = await fleet.flush()
+            await asyncio.wait_for(progress_until(token["FLEET_ATTEMPTS"]), 120)
+            assert held.execute("SELECT count(*) FROM attempts").fetchone() == (20,)  # its copy, unchanged
+        finally:
+            stop.set()
+            await reading
+            held.close()
+        last = lines[-1]
+        assert _read_copy(path)[:2] == (220, 220) == (last["rows"]["attempts"],
+                                                     last["streams"]["FLEET_ATTEMPTS"]["folded"])
+        assert all(rows == seq for rows, seq, _ in seen), seen  # every copy read was consistent
+        assert len({rows for rows, _, _ in seen}) > 1  # ... and the reader saw the rows grow
+        assert [c for _, _, c in seen] == sorted(c for _, _, c in seen)  # copies only move forward
+        assert [entry["copy"] for entry in lines] == list(range(1, len(lines) + 1))
+        assert _wal_of(path) is None  # a copy is one file
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(timeout=60) == 0, proc.stderr.read()  # type: ignore[union-attr]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # The working file goes on from where it stopped: a one-shot run folds nothing again.
+    again = cli_json(await cli_runner(settings.nats_url, tmp_path)("replica", str(path), "--json"))
+    assert again["streams"]["FLEET_ATTEMPTS"] == last["streams"]["FLEET_ATTEMPTS"]["folded"]
+    assert _read_copy(path)[:2] == (220, 220)

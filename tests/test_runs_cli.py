@@ -30,28 +30,30 @@ def keys(struct: type[msgspec.Struct]) -> set[str]:
 
 async def test_run_lifecycle_through_the_cli(cli: CliRun, fleet: Fleet) -> None:
     bad = await cli("runs", "create", "r1", "--runner", "x", "--status", "bogus")
-    assert bad.returncode != 0 and "bogus" in bad.stderr
+    assert bad.returncode == 2 and "bogus" in bad.stderr
     created = cli_json(await cli("runs", "create", "r1", "--runner", "runner-a", "--status", "queued",
                                  "--priority", "3", "--metadata", '{"k": 1}', "--json"))
     assert set(created) == keys(RunView) and created["status"] == "queued" and created["metadata"] == {"k": 1}
     bad_json = await cli("runs", "create", "r2", "--runner", "x", "--metadata", "{nope")
-    assert bad_json.returncode != 0 and "not valid JSON" in bad_json.stderr
+    assert bad_json.returncode == 2 and "not valid JSON" in bad_json.stderr
 
     claim = cli_json(await cli("runs", "claim", "--runtime", "rt-1", "--lease", "30", "--json"))
     assert set(claim) == keys(Claim) and claim["run"]["run_id"] == "r1" and claim["fence"] > 0
     token, fence = claim["claim_token"], claim["fence"]
-    assert cli_json(await cli("runs", "claim", "--runtime", "rt-2", "--json")) is None
+    nothing = await cli("runs", "claim", "--runtime", "rt-2", "--json")
+    assert nothing.returncode == 3 and json.loads(nothing.stdout) is None
     human = await cli("runs", "claim", "--runtime", "rt-2")
-    assert human.returncode == 0 and "nothing to claim" in human.stdout
+    assert human.returncode == 3 and "nothing to claim" in human.stderr and human.stdout == ""
 
     shown = cli_json(await cli("runs", "show", "r1", "--json"))
     assert shown["claimed_by"] == "rt-1" and token not in json.dumps(shown)
     renewed = cli_json(await cli("runs", "renew", "r1", "--token", token, "--lease", "60", "--json"))
     assert renewed["run_id"] == "r1" and renewed["cancel_requested_at"] is None
-    assert cli_json(await cli("runs", "renew", "r1", "--token", "wrong", "--json")) is None
+    wrong = await cli("runs", "renew", "r1", "--token", "wrong", "--json")
+    assert wrong.returncode == 4 and json.loads(wrong.stdout) is None and "not renewed" in wrong.stderr
 
     refused = await cli("runs", "append", "r1", "1", "message", "--data", '{"t": "x"}')
-    assert refused.returncode == 1 and "only the holder" in refused.stderr
+    assert refused.returncode == 4 and "only the holder" in refused.stderr
     event = cli_json(await cli("runs", "append", "r1", "1", "message", "--data", '{"t": "hi"}', "--fence",
                                str(fence), "--json"))
     assert set(event) == keys(RunEventView) and event["data"] == {"t": "hi"} and event["fence"] == fence
@@ -68,13 +70,14 @@ async def test_run_lifecycle_through_the_cli(cli: CliRun, fleet: Fleet) -> None:
     assert [e["sequence"] for e in backward["items"]] == [2] and backward["has_more"]
 
     stale = await cli("runs", "finalize", "r1", "completed", "--token", "stale-token")
-    assert stale.returncode == 1 and "stale claim" in stale.stderr
+    assert stale.returncode == 4 and "stale claim" in stale.stderr
     done = cli_json(await cli("runs", "finalize", "r1", "cancelled", "--token", token, "--reason", "asked",
                               "--json"))
     assert done["status"] == "cancelled" and done["finished_at"] is not None and done["claimed_by"] is None
     terminal = await cli("runs", "finalize", "r1", "completed")
-    assert terminal.returncode == 1 and "Cannot transition terminal run" in terminal.stderr
-    assert cli_json(await cli("runs", "finalize", "ghost", "completed", "--json")) is None
+    assert terminal.returncode == 4 and "Cannot transition terminal run" in terminal.stderr
+    ghost = await cli("runs", "finalize", "ghost", "completed", "--json")
+    assert ghost.returncode == 3 and json.loads(ghost.stdout) is None and "no such run" in ghost.stderr
 
 
 async def test_release_list_stats_sweep(cli: CliRun, fleet: Fleet) -> None:
@@ -116,11 +119,12 @@ async def test_runtimes_through_the_cli(cli: CliRun, fleet: Fleet) -> None:
                              "--deadline", "30", "--json"))
     assert set(reg) == keys(RuntimeView) and reg["capabilities"] == ["py", "gpu"] and reg["labels"] == {"zone": "a"}
     bad = await cli("runtimes", "register", "rt-2", "--label", "novalue")
-    assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     hb = cli_json(await cli("runtimes", "heartbeat", "rt-1", "--metadata", '{"b": 2}', "--active-runs", "2",
                             "--json"))
     assert hb["metadata"] == {"a": 1, "b": 2} and hb["active_runs"] == 2
-    assert cli_json(await cli("runtimes", "heartbeat", "ghost", "--json")) is None
+    ghost = await cli("runtimes", "heartbeat", "ghost", "--json")
+    assert ghost.returncode == 3 and json.loads(ghost.stdout) is None and "no such runtime" in ghost.stderr
     token = await fleet.flush()
     shown = await fleet.runtimes.get("rt-1", min_seq={"FLEET_RUNTIMES": 2, **token})
     assert shown is not None and shown.metadata == {"a": 1, "b": 2}

@@ -40,7 +40,9 @@ async def test_snapshots_cli(fleet: Fleet, server: Server, tmp_path: Path) -> No
     assert [i["seq"] for i in older["items"]] == [first["seq"]]
     shown = cli_json(await run("snapshots", "show", "web-1", "cfg", "--seq", str(first["seq"]), "--json"))
     assert shown["data"] == {"v": 1, "disk": {"free": 10}} and set(shown) == set(history["items"][0])
-    assert cli_json(await run("snapshots", "show", "web-1", "nobody", "--json")) is None
+    nobody = await run("snapshots", "show", "web-1", "nobody", "--json")
+    assert nobody.returncode == 3 and json.loads(nobody.stdout) is None
+    assert "no snapshot of web-1 / nobody" in nobody.stderr
     diff = cli_json(await run("snapshots", "diff", "web-1", "cfg", "--json"))
     assert (diff["from_seq"], diff["to_seq"], diff["changed"]) == (first["seq"], second["seq"],
                                                                    {"/v": {"from": 1, "to": 2}})
@@ -64,4 +66,4 @@ async def test_snapshots_cli(fleet: Fleet, server: Server, tmp_path: Path) -> No
     bad = await run("snapshots", "take", "--agent", "cfg", "--data", "[1, 2]")
     assert bad.returncode == 2 and "must be a JSON object" in bad.stderr
     empty = await run("snapshots", "take", "--agent", "", "--data", "{}")
-    assert empty.returncode == 1 and "agent" in empty.stderr
+    assert empty.returncode == 2 and "agent" in empty.stderr

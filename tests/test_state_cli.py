@@ -74,14 +74,15 @@ async def test_set_get_del_json_keys_match_the_api(cli: Run, fleet: Fleet) -> No
     deleted = ok_json(await cli("state", "del", "conversation", "mood", *ID, "--json"))
     api_del = await fleet.state.delete("conversation", "api-key", context=CTX, binding=BIND)
     assert set(deleted) == keys_of(api_del) and deleted["deleted"] is True
-    again = ok_json(await cli("state", "del", "conversation", "mood", *ID, "--json"))
-    assert again["deleted"] is False
+    again = await cli("state", "del", "conversation", "mood", *ID, "--json")
+    assert again.returncode == 3 and json.loads(again.stdout)["deleted"] is False and "was not set" in again.stderr
 
-    missing = ok_json(await cli("state", "get", "conversation", "mood", *ID, "--min-seq", str(deleted["seq"]),
-                                "--json"))
+    missing_proc = await cli("state", "get", "conversation", "mood", *ID, "--min-seq", str(deleted["seq"]), "--json")
+    assert missing_proc.returncode == 3, missing_proc.stderr
+    missing = json.loads(missing_proc.stdout)
     assert missing["found"] is False and missing["value"] is None
     gone = await cli("state", "get", "conversation", "mood", *ID)
-    assert gone.returncode == 1 and gone.stdout == "" and "not set" in gone.stderr
+    assert gone.returncode == 3 and gone.stdout == "" and "not set" in gone.stderr
 
 
 async def test_set_value_forms_and_alias(cli: Run, fleet: Fleet) -> None:
@@ -98,17 +99,17 @@ async def test_set_value_forms_and_alias(cli: Run, fleet: Fleet) -> None:
     assert got["key"] == "external.conversation_id" and got["value"] == "ext-9"
 
 
-async def test_policy_errors_exit_1_with_the_words(cli: Run) -> None:
-    cases = [
-        (["state", "set", "bogus", "k", "1", *ID, "--state-disabled"], "State is disabled by binding policy"),
-        (["state", "set", "bogus", "k", "1", *ID], "Invalid scope: bogus"),
-        (["state", "set", "subject", "k", "1", *ID], 'Scope "subject" not enabled by binding policy'),
-        (["state", "set", "subject", "k", "1", *ID, "--scopes", "subject"], 'Missing identity for scope "subject"'),
-        (["state", "get", "runner", "k", *ID], 'Scope "runner" not enabled by binding policy'),
+async def test_policy_errors_exit_4_bad_input_2_with_the_words(cli: Run) -> None:
+    cases = [  # the binding policy refusing: 4; what the call itself got wrong: 2
+        (["state", "set", "bogus", "k", "1", *ID, "--state-disabled"], 4, "State is disabled by binding policy"),
+        (["state", "set", "bogus", "k", "1", *ID], 2, "Invalid scope: bogus"),
+        (["state", "set", "subject", "k", "1", *ID], 4, 'Scope "subject" not enabled by binding policy'),
+        (["state", "set", "subject", "k", "1", *ID, "--scopes", "subject"], 2, 'Missing identity for scope "subject"'),
+        (["state", "get", "runner", "k", *ID], 4, 'Scope "runner" not enabled by binding policy'),
     ]
-    for args, words in cases:
+    for args, code, words in cases:
         proc = await cli(*args)
-        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert proc.returncode == code, (args, proc.stdout, proc.stderr)
         assert words in " ".join(proc.stderr.split()), (words, proc.stderr)
     big = json.dumps("x" * 262_143)  # through stdin: one argument may not exceed 128 KiB
     for args, words in (
@@ -117,7 +118,7 @@ async def test_policy_errors_exit_1_with_the_words(cli: Run) -> None:
         (["state", "set", "actor", "k", "-", "--raw", *ID], "Value size 262149 bytes exceeds limit"),
     ):
         proc = await cli(*args, stdin=big)
-        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert words in " ".join(proc.stderr.split()), (words, proc.stderr)
     no_runner = await cli("state", "get", "actor", "k", "--actor", "u")
     assert no_runner.returncode == 2 and "--runner" in no_runner.stderr

@@ -41,6 +41,18 @@ class FleetSettings(BaseSettings):
     spool_dir: Path | None = Field(None, description="default: <data_dir>/spool")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="disk cap of the local spool")
 
+    # process end (docs/architecture.md, "Write path 1": nothing recorded is lost when the process ends)
+    exit_flush_s: float = Field(
+        3.0, ge=0, description="at a process end without close(): how long to try to deliver before spooling the rest"
+    )
+    exit_on_sigterm: bool = Field(
+        True, description="turn SIGTERM into a normal exit (flush + spool) when the application set no handler"
+    )
+    durable: bool = Field(
+        False, description="record() returns only once the event is written to the spool file (survives SIGKILL)"
+    )
+    durable_fsync: bool = Field(False, description="with durable: fsync each record too (survives power loss)")
+
     # projector
     batch_max: int = Field(5000, ge=1, description="events per fold transaction")
     batch_wait_s: float = Field(0.02, gt=0, description="longest wait to fill a batch")

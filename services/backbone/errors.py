@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FleetError", "FleetUnavailable", "FleetValidationError", "QueryError", "StaleError", "StaleHolderError",
-           "check_identity"]
+__all__ = ["FleetError", "FleetRefused", "FleetUnavailable", "FleetValidationError", "QueryError", "StaleError",
+           "StaleHolderError", "check_identity"]
 
 
 class FleetError(Exception):
@@ -19,6 +19,12 @@ class FleetValidationError(FleetError, ValueError):
         super().__init__(f"{field}: {rule}")
         self.field = field
         self.rule = rule
+
+
+class FleetRefused(FleetError, ValueError):
+    """The rules refuse the change in the target's current state (a terminal run's status, a
+    finished processor run's): nothing was written. A ValueError, as these were before; its own
+    class so that callers (the CLI's exit codes) can tell a refusal from bad input."""
 
 
 class StaleError(FleetError, TimeoutError):

@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
 
-__all__ = ["Link", "connect_once"]
+__all__ = ["Link", "connect_once", "reachable", "within"]
 
 log = logging.getLogger("fleetlog.connection")
 
@@ -46,6 +47,41 @@ async def connect_once(
     )
 
 
+async def within(aw: Awaitable[object], timeout_s: float) -> bool:
+    """Await `aw` for at most timeout_s; True if it completed.
+
+    Not `asyncio.wait_for`: on Python 3.11 it loses a cancellation that arrives in the same
+    loop turn as its inner wait completes (bpo-42130). A `while True` loop around it then never
+    ends, and `asyncio.run()` hangs at shutdown waiting for the task it cancelled (issue 9: a
+    fire-and-forget `emit_event` just before the end of `main()` sets the publisher's wake event
+    exactly then). `asyncio.timeout` keeps the cancellation.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await aw
+    except TimeoutError:
+        return False
+    return True
+
+
+async def reachable(servers: list[str], timeout_s: float = 0.5) -> bool:
+    """Whether any server accepts a TCP connection within timeout_s: lets a one-shot command
+    (`fleetlog emit`) spool at once when the broker is away instead of waiting to connect."""
+    for raw in servers:
+        url = raw if "://" in raw else "nats://" + raw
+        parts = urlsplit(url)
+        try:
+            async with asyncio.timeout(timeout_s):
+                _reader, writer = await asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
+
+
 class Link:
     def __init__(self, servers: list[str], name: str) -> None:
         self.servers = servers
@@ -71,18 +107,14 @@ class Link:
     async def start(self, wait_s: float = 2.0) -> bool:
         """Try to connect within wait_s; keep trying in the background if that fails."""
         self._task = asyncio.create_task(self._connect_loop(), name=f"fleetlog-link-{self.name}")
-        try:
-            await asyncio.wait_for(self._up.wait(), wait_s)
-        except TimeoutError:
+        if not await within(self._up.wait(), wait_s):
             log.warning("NATS at %s not reachable yet; continuing offline and retrying", ",".join(self.servers))
         return self._up.is_set()
 
     async def wait_connected(self, timeout_s: float) -> bool:
         if self.connected:
             return True
-        try:
-            await asyncio.wait_for(self._up.wait(), timeout_s)
-        except TimeoutError:
+        if not await within(self._up.wait(), timeout_s):
             return False
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not self.connected and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
@@ -92,16 +124,21 @@ class Link:
     async def _connect_loop(self) -> None:
         delay = 0.1
         while not self._closed:
+            # nats-py's first connect retries inside itself and can swallow a cancellation while
+            # it does (closing or process end then waits on it): enter it only once a server
+            # accepts TCP; an absent broker is waited for here, where cancelling works.
+            if not await reachable(self.servers, 1.0):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
             try:
-                nc = await asyncio.wait_for(
-                    connect_once(
+                async with asyncio.timeout(5.0):  # not wait_for: see `within`
+                    nc = await connect_once(
                         self.servers,
                         self.name,
                         disconnected_cb=self._disconnected,
                         reconnected_cb=self._reconnected,
-                    ),
-                    timeout=5.0,
-                )
+                    )
             except Exception as exc:
                 log.debug("connect to %s failed: %s", self.servers, exc)
                 await asyncio.sleep(delay)

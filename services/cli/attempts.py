@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sys
 
 import click
 from fleetlog.schemas.attempts import AttemptPage, AttemptStats, AttemptSummary, PurgeResult
+from fleetlog.services.backbone.errors import FleetValidationError
+from fleetlog.services.backbone.link import reachable
 from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
-from ._common import console, err_console, json_option, nats_option, print_json, run_client
+from ._common import (
+    Exit,
+    cli_options,
+    console,
+    err_console,
+    exit_code_of,
+    fail,
+    json_option,
+    nats_option,
+    print_json,
+    run_client,
+    settings_from,
+)
 
 __all__ = ["attempts", "emit_attempt"]
 
@@ -74,7 +90,7 @@ def stats_cmd(agent: str | None, since: str | None, nats_url: str | None, as_jso
 @nats_option
 @json_option
 def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
-    """An agent's newest 100 attempts summarised."""
+    """An agent's newest 100 attempts summarised (exit 3: none recorded)."""
 
     async def go(fleet: Fleet) -> AttemptSummary:
         return await fleet.attempts.summarize(agent)
@@ -82,9 +98,9 @@ def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
     summary = run_client(nats_url, go)
     if as_json:
         print_json(summary)
-        return
     if not summary.last_action_name:
-        console.print(f"no attempts recorded for {agent!r}")
+        fail(Exit.NOT_FOUND, f"no attempts recorded for {agent!r}")
+    if as_json:
         return
     console.print(f"[bold]{agent}[/bold] last: {summary.last_action_name} → {summary.last_action_outcome} "
                   f"({summary.last_action_elapsed_s}s) at {summary.last_action_at}")
@@ -104,7 +120,7 @@ def summary_cmd(agent: str, nats_url: str | None, as_json: bool) -> None:
 def purge_cmd(days: float, yes: bool, nats_url: str | None, as_json: bool) -> None:
     """Delete old attempts from the view (recorded as a fact, so rebuilds agree)."""
     if not yes and not click.confirm(f"Delete attempts older than {days} days from the view?"):
-        sys.exit(1)
+        fail(Exit.ERROR, "not purged: not confirmed (--yes skips the question)")
 
     async def go(fleet: Fleet) -> PurgeResult:
         return await fleet.attempts.purge(days)
@@ -129,23 +145,43 @@ def purge_cmd(days: float, yes: bool, nats_url: str | None, as_json: bool) -> No
 @json_option
 def emit_attempt(agent: str, action: str, outcome: str, elapsed_s: float, ts: str | None, extras: str | None,
                  pane_before: str | None, pane_after: str | None, nats_url: str | None, as_json: bool) -> None:
-    """Record one attempt and wait for its ack."""
+    """Record one attempt and wait for its ack; with the broker away, spool it and return (exit 0)."""
     try:
         extras_obj = json.loads(extras) if extras else None
     except json.JSONDecodeError as exc:
         err_console.print(f"[red]error:[/red] --extras: not valid JSON ({exc})")
         sys.exit(2)
+    settings = settings_from(nats_url)
+    # --timeout bounds the wait to connect and for the ack; past it the event is spooled (exit 0).
+    wait_s = cli_options().timeout_s or settings.publish_ack_timeout_s
 
-    async def go(fleet: Fleet) -> dict[str, object]:
-        receipt = fleet.attempts.record(agent=agent, action=action, outcome=outcome, elapsed_s=elapsed_s, ts=ts,
-                                        extras=extras_obj, pane_before=pane_before, pane_after=pane_after)
-        token = await fleet.flush(30)
+    async def main() -> dict[str, object]:
+        # A broker that refuses connections is away: spool at once rather than wait to connect.
+        up = await reachable(settings.servers())
+        fleet = await Fleet.connect(settings=settings, name="fleetlog-cli", ensure=False,
+                                    connect_wait_s=min(2.0, wait_s) if up else 0.0)
+        try:
+            receipt = fleet.attempts.record(agent=agent, action=action, outcome=outcome, elapsed_s=elapsed_s,
+                                            ts=ts, extras=extras_obj, pane_before=pane_before,
+                                            pane_after=pane_after)
+            token: dict[str, int] = {}
+            if fleet.connected:
+                with contextlib.suppress(TimeoutError):  # not acked in time: spooled by close()
+                    token = await fleet.flush(wait_s)
+        finally:
+            await fleet.close(0.0)  # whatever is not acked now goes to the spool
         pos = receipt.position
         return {"id": receipt.id, "stream": pos.stream if pos else None, "seq": pos.seq if pos else None,
-                "token": token}
+                "token": token, "spooled": pos is None}
 
-    result = run_client(nats_url, go)
+    try:
+        result = asyncio.run(main())
+    except FleetValidationError as exc:
+        fail(exit_code_of(exc), str(exc))
     if as_json:
         print_json(result)
+    elif result["spooled"]:
+        console.print(f"spooled {result['id']} (the broker is away; the next fleetlog client or "
+                      f"`fleetlog spool drain` delivers it)")
     else:
         console.print(f"recorded {result['id']} at {result['stream']}#{result['seq']}")

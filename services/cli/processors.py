@@ -9,8 +9,8 @@ from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.processors import ProcessorLock, hash_file, path_hash
 from rich.table import Table
 
-from ._common import console, json_option, nats_option, print_json, run_client
-from .runs import json_value, show
+from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client, show
+from .runs import json_value
 
 __all__ = ["processors"]
 
@@ -76,8 +76,9 @@ def hash_cmd(file_path: str) -> None:
 @nats_option
 @json_option
 def file_cmd(processor: str, file_hash: str, nats_url: str | None, as_json: bool) -> None:
-    """One file's marker (null: none)."""
-    show(run_client(nats_url, lambda f: f.processors.file(processor, file_hash)), as_json, "no such file")
+    """One file's marker (exit 3: none)."""
+    show(run_client(nats_url, lambda f: f.processors.file(processor, file_hash)), as_json,
+         f"no marker for {file_hash} in {processor}")
 
 
 @processors.command("files")
@@ -110,8 +111,14 @@ def files_cmd(processor: str, statuses: tuple[str, ...], run_id: str | None, aft
 @nats_option
 @json_option
 def seen_cmd(processor: str, file_hashes: tuple[str, ...], nats_url: str | None, as_json: bool) -> None:
-    """The status of each given file hash (those with a marker)."""
-    show(run_client(nats_url, lambda f: f.processors.seen(processor, list(file_hashes))), as_json)
+    """The status of each given file hash (those with a marker; exit 3 when any has none)."""
+    statuses = run_client(nats_url, lambda f: f.processors.seen(processor, list(file_hashes)))
+    show(statuses, as_json)
+    unseen = [h for h in dict.fromkeys(file_hashes) if h not in statuses]
+    if unseen:
+        # Every known one is printed above; the exit code says "not all of them were seen".
+        fail(Exit.NOT_FOUND, f"no marker in {processor} for {len(unseen)} of {len(set(file_hashes))} hashes: "
+                             f"{', '.join(unseen[:10])}{' ...' if len(unseen) > 10 else ''}")
 
 
 @processors.command("start")
@@ -136,9 +143,9 @@ def start_cmd(processor: str, nats_url: str | None, as_json: bool, **kw: Any) ->
 @nats_option
 @json_option
 def finish_cmd(processor: str, run_id: str, status: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Finish a run (null: no such run)."""
+    """Finish a run (exit 3: no such run; 4: already finished with another status)."""
     show(run_client(nats_url, lambda f: f.processors.finish_run(processor, run_id, status, **kw)), as_json,
-         "no such run")
+         f"no such run of {processor}: {run_id}")
 
 
 @processors.command("run")
@@ -147,8 +154,9 @@ def finish_cmd(processor: str, run_id: str, status: str, nats_url: str | None, a
 @nats_option
 @json_option
 def run_cmd(processor: str, run_id: str, nats_url: str | None, as_json: bool) -> None:
-    """One run (null: none)."""
-    show(run_client(nats_url, lambda f: f.processors.run(processor, run_id)), as_json, "no such run")
+    """One run (exit 3: none)."""
+    show(run_client(nats_url, lambda f: f.processors.run(processor, run_id)), as_json,
+         f"no such run of {processor}: {run_id}")
 
 
 @processors.command("runs")
@@ -188,8 +196,9 @@ def lock_cmd(processor: str, nats_url: str | None, as_json: bool) -> None:
 @nats_option
 @json_option
 def acquire_cmd(processor: str, holder: str | None, lease_s: float, nats_url: str | None, as_json: bool) -> None:
-    """Take the lock (null: someone else holds it). Prints holder, fence and lease."""
-    show(run_client(nats_url, lambda f: f.processors.acquire(processor, holder, lease_s)), as_json, "lock busy")
+    """Take the lock (exit 4: someone else holds it). Prints holder, fence and lease."""
+    show(run_client(nats_url, lambda f: f.processors.acquire(processor, holder, lease_s)), as_json,
+         f"lock busy: the lock of {processor} is held by someone else", Exit.REFUSED)
 
 
 @processors.command("release")
@@ -199,10 +208,14 @@ def acquire_cmd(processor: str, holder: str | None, lease_s: float, nats_url: st
 @nats_option
 @json_option
 def release_cmd(processor: str, holder: str, fence: int, nats_url: str | None, as_json: bool) -> None:
-    """Give the lock up ({"released": false} when it was not this holder's tenure)."""
+    """Give the lock up (exit 4, {"released": false}: it was not this holder's tenure)."""
 
     async def go(fleet: Fleet) -> dict[str, bool]:
         lock = ProcessorLock(processor, holder, fence, 0, float("inf"))
         return {"released": await fleet.processors.release(lock)}
 
-    show(run_client(nats_url, go), as_json)
+    result = run_client(nats_url, go)
+    if as_json or result["released"]:
+        show(result, as_json)
+    if not result["released"]:
+        fail(Exit.REFUSED, f"not released: the lock of {processor} is not held by {holder} under fence {fence}")

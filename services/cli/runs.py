@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import click
-import msgspec
 from fleetlog.schemas import RUN_STATUSES
+from fleetlog.schemas.runs import RunEventPage, RunView
 from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
-from ._common import console, json_option, nats_option, print_json, run_client
+from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client, show
 
-__all__ = ["runs"]
+__all__ = ["json_value", "runs"]
 
 _status = click.Choice(RUN_STATUSES)
+T = TypeVar("T")
 
 
 def json_value(name: str) -> Any:
@@ -35,18 +37,19 @@ def json_value(name: str) -> Any:
     return parse
 
 
-def show(value: Any, as_json: bool, empty: str = "not found") -> None:
-    """One result: JSON with the API's keys, or `key: value` lines."""
-    if as_json:
-        print_json(value)
-        return
-    if value is None:
-        console.print(f"[yellow]{empty}[/yellow]")
-        return
-    for key, item in msgspec.to_builtins(value).items():
-        if key in ("as_of", "lag"):
-            continue
-        console.print(f"[bold]{key}[/bold]: {json.dumps(item) if isinstance(item, dict | list) else item}")
+async def _or_exists(fleet: Fleet, run_id: str, command: Awaitable[T]) -> tuple[T, bool]:
+    """A guarded command's result, and whether the run exists: renew and release return None both
+    for an unknown run and for a claim this token does not hold; the exit code tells them apart."""
+    result = await command
+    return result, result is not None or await fleet.runs.get(run_id) is not None
+
+
+def _held(view: RunView | None, exists: bool, as_json: bool, run_id: str, done: str) -> None:
+    if exists:
+        show(view, as_json, f"not {done}: run {run_id} is not held by this token (or its lease has passed)",
+             Exit.REFUSED)
+    else:
+        show(view, as_json, f"no such run: {run_id}")
 
 
 @click.group()
@@ -100,11 +103,11 @@ def _claim_filters(fn: Any) -> Any:
 @json_option
 def claim_cmd(runtime_id: str, lease_s: float, runner_ids: tuple[str, ...], nats_url: str | None, as_json: bool,
               **filters: Any) -> None:
-    """Claim the best eligible run; prints the claim token and fencing token (null: nothing eligible)."""
+    """Claim the best eligible run; prints the claim token and fencing token (exit 3: nothing eligible)."""
     claim = run_client(
         nats_url, lambda f: f.runs.claim_next(runtime_id, lease_s=lease_s, runner_ids=list(runner_ids), **filters)
     )
-    show(claim, as_json, "nothing to claim")
+    show(claim, as_json, "nothing to claim: no eligible run")
 
 
 @runs.command("renew")
@@ -116,9 +119,12 @@ def claim_cmd(runtime_id: str, lease_s: float, runner_ids: tuple[str, ...], nats
 @json_option
 def renew_cmd(run_id: str, claim_token: str, lease_s: float, runtime_id: str | None, nats_url: str | None,
               as_json: bool) -> None:
-    """Extend a held lease (null: not held by this token, or the lease passed)."""
-    show(run_client(nats_url, lambda f: f.runs.renew(run_id, claim_token, lease_s, runtime_id)), as_json,
-         "not renewed: not held by this token or the lease has passed")
+    """Extend a held lease (exit 4: not held by this token, or the lease passed; 3: no such run)."""
+
+    async def go(fleet: Fleet) -> tuple[RunView | None, bool]:
+        return await _or_exists(fleet, run_id, fleet.runs.renew(run_id, claim_token, lease_s, runtime_id))
+
+    _held(*run_client(nats_url, go), as_json, run_id, "renewed")
 
 
 @runs.command("release")
@@ -131,9 +137,12 @@ def renew_cmd(run_id: str, claim_token: str, lease_s: float, runtime_id: str | N
 @json_option
 def release_cmd(run_id: str, claim_token: str, status: str, reason: str | None, runtime_id: str | None,
                 nats_url: str | None, as_json: bool) -> None:
-    """Give a claim up (null: not held by this token, or the lease passed)."""
-    show(run_client(nats_url, lambda f: f.runs.release(run_id, claim_token, status, reason, runtime_id)), as_json,
-         "not released: not held by this token or the lease has passed")
+    """Give a claim up (exit 4: not held by this token, or the lease passed; 3: no such run)."""
+
+    async def go(fleet: Fleet) -> tuple[RunView | None, bool]:
+        return await _or_exists(fleet, run_id, fleet.runs.release(run_id, claim_token, status, reason, runtime_id))
+
+    _held(*run_client(nats_url, go), as_json, run_id, "released")
 
 
 @runs.command("finalize")
@@ -149,8 +158,10 @@ def release_cmd(run_id: str, claim_token: str, status: str, reason: str | None, 
 @nats_option
 @json_option
 def finalize_cmd(run_id: str, status: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Set a run's status; a terminal status sets finished_at once and clears the claim."""
-    show(run_client(nats_url, lambda f: f.runs.finalize(run_id, status, **kw)), as_json, "no such run")
+    """Set a run's status; a terminal status sets finished_at once and clears the claim.
+
+    Exit 3: no such run; 4: stale claim, the run is claimed by another, or it is already terminal."""
+    show(run_client(nats_url, lambda f: f.runs.finalize(run_id, status, **kw)), as_json, f"no such run: {run_id}")
 
 
 @runs.command("cancel")
@@ -159,8 +170,8 @@ def finalize_cmd(run_id: str, status: str, nats_url: str | None, as_json: bool, 
 @nats_option
 @json_option
 def cancel_cmd(run_id: str, reason: str | None, nats_url: str | None, as_json: bool) -> None:
-    """Ask the holder to stop (sets cancel_requested_at; records admin.run_cancel)."""
-    show(run_client(nats_url, lambda f: f.runs.request_cancel(run_id, reason)), as_json, "no such run")
+    """Ask the holder to stop (sets cancel_requested_at; records admin.run_cancel). Exit 3: no such run."""
+    show(run_client(nats_url, lambda f: f.runs.request_cancel(run_id, reason)), as_json, f"no such run: {run_id}")
 
 
 @runs.command("append")
@@ -176,8 +187,11 @@ def cancel_cmd(run_id: str, reason: str | None, nats_url: str | None, as_json: b
 @nats_option
 @json_option
 def append_cmd(run_id: str, sequence: int, type_: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Store a result event (idempotent on RUN_ID + SEQUENCE: a duplicate shows the stored one)."""
-    show(run_client(nats_url, lambda f: f.runs.append_event(run_id, sequence, type_, **kw)), as_json, "no such run")
+    """Store a result event (idempotent on RUN_ID + SEQUENCE: a duplicate shows the stored one).
+
+    Exit 3: no such run; 4: the run is claimed and this is not its holder (stale claim)."""
+    show(run_client(nats_url, lambda f: f.runs.append_event(run_id, sequence, type_, **kw)), as_json,
+         f"no such run: {run_id}")
 
 
 @runs.command("show")
@@ -185,8 +199,8 @@ def append_cmd(run_id: str, sequence: int, type_: str, nats_url: str | None, as_
 @nats_option
 @json_option
 def show_cmd(run_id: str, nats_url: str | None, as_json: bool) -> None:
-    """One run, as its last lifecycle message says."""
-    show(run_client(nats_url, lambda f: f.runs.get(run_id)), as_json, "no such run")
+    """One run, as its last lifecycle message says (exit 3: no such run)."""
+    show(run_client(nats_url, lambda f: f.runs.get(run_id)), as_json, f"no such run: {run_id}")
 
 
 @runs.command("list")
@@ -229,16 +243,24 @@ def list_cmd(statuses: tuple[str, ...], nats_url: str | None, as_json: bool, **k
 @nats_option
 @json_option
 def events_cmd(run_id: str, backward: bool, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """A run's result events by sequence (bounds exclusive)."""
+    """A run's result events by sequence (bounds exclusive; exit 3: no such run)."""
     direction = "backward" if backward else "forward"
-    page = run_client(nats_url, lambda f: f.runs.events(run_id, direction=direction, **kw))
+
+    async def go(fleet: Fleet) -> tuple[RunEventPage, bool]:
+        page = await fleet.runs.events(run_id, direction=direction, **kw)
+        # An empty page of an unknown run is "not found", not "no events": ask the stream.
+        return page, bool(page.items) or await fleet.runs.get(run_id) is not None
+
+    page, exists = run_client(nats_url, go)
     if as_json:
         print_json(page)
-        return
-    table = Table("sequence", "type", "source", "data", "created_at")
-    for e in page.items:
-        table.add_row(str(e.sequence), e.type, e.source, json.dumps(e.data), str(e.created_at))
-    console.print(table)
+    elif exists:
+        table = Table("sequence", "type", "source", "data", "created_at")
+        for e in page.items:
+            table.add_row(str(e.sequence), e.type, e.source, json.dumps(e.data), str(e.created_at))
+        console.print(table)
+    if not exists:
+        fail(Exit.NOT_FOUND, f"no such run: {run_id}")
 
 
 @runs.command("stats")

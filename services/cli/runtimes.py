@@ -8,8 +8,8 @@ import click
 from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
-from ._common import console, json_option, nats_option, print_json, run_client
-from .runs import json_value, show
+from ._common import console, json_option, nats_option, print_json, run_client, show
+from .runs import json_value
 
 __all__ = ["runtimes"]
 
@@ -56,14 +56,14 @@ def register_cmd(runtime_id: str, capabilities: tuple[str, ...], nats_url: str |
 @nats_option
 @json_option
 def heartbeat_cmd(runtime_id: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Send a heartbeat (null: the runtime is not registered)."""
+    """Send a heartbeat (exit 3: the runtime is not registered)."""
 
     async def go(fleet: Fleet) -> Any:
         view = await fleet.runtimes.heartbeat(runtime_id, **kw)
         await fleet.flush()  # a CLI process exits at once: wait for the ack
         return view
 
-    show(run_client(nats_url, go), as_json, "no such runtime")
+    show(run_client(nats_url, go), as_json, f"no such runtime: {runtime_id} (register it first)")
 
 
 @runtimes.command("list")
@@ -92,5 +92,5 @@ def list_cmd(statuses: tuple[str, ...], labels: dict[str, str] | None, limit: in
 @nats_option
 @json_option
 def show_cmd(runtime_id: str, nats_url: str | None, as_json: bool) -> None:
-    """One runtime."""
-    show(run_client(nats_url, lambda f: f.runtimes.get(runtime_id)), as_json, "no such runtime")
+    """One runtime (exit 3: no such runtime)."""
+    show(run_client(nats_url, lambda f: f.runtimes.get(runtime_id)), as_json, f"no such runtime: {runtime_id}")

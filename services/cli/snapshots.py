@@ -12,8 +12,8 @@ from fleetlog.services.client.collector import collect, host_facts
 from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
-from ._common import console, json_option, nats_option, print_json, run_client
-from .runs import json_value, show
+from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client, show
+from .runs import json_value
 
 __all__ = ["snapshots"]
 
@@ -105,14 +105,19 @@ def latest_cmd(host: str | None, agent: str | None, limit: int, nats_url: str | 
 @json_option
 def history_cmd(host: str, agent: str, limit: int, before_seq: int | None, nats_url: str | None,
                 as_json: bool) -> None:
-    """One (host, agent)'s snapshots, newest first."""
+    """One (host, agent)'s snapshots, newest first (exit 3: it has none)."""
     answer = run_client(nats_url, lambda f: f.snapshots.history(host, agent, limit, before_seq))
+    # A first page that is empty: the pair has no snapshot. A later page past the end is an
+    # answer (the cursor came from a page that had items).
+    missing = not answer.items and before_seq is None
     if as_json:
         print_json(answer)
-    else:
+    elif not missing:
         _items_table(answer.items, f"snapshots of {host} / {agent}")
         if answer.next_cursor is not None:
             console.print(f"more: --before {answer.next_cursor}")
+    if missing:
+        fail(Exit.NOT_FOUND, f"no snapshot of {host} / {agent}")
 
 
 @snapshots.command("show")
@@ -122,8 +127,9 @@ def history_cmd(host: str, agent: str, limit: int, before_seq: int | None, nats_
 @nats_option
 @json_option
 def show_cmd(host: str, agent: str, seq: int | None, nats_url: str | None, as_json: bool) -> None:
-    """One snapshot (null: none)."""
-    show(run_client(nats_url, lambda f: f.snapshots.get(host, agent, seq)), as_json, "no such snapshot")
+    """One snapshot (exit 3: none)."""
+    where = f"{host} / {agent}" + ("" if seq is None else f" at seq {seq}")
+    show(run_client(nats_url, lambda f: f.snapshots.get(host, agent, seq)), as_json, f"no snapshot of {where}")
 
 
 @snapshots.command("diff")
@@ -135,8 +141,13 @@ def show_cmd(host: str, agent: str, seq: int | None, nats_url: str | None, as_js
 @json_option
 def diff_cmd(host: str, agent: str, from_seq: int | None, to_seq: int | None, nats_url: str | None,
              as_json: bool) -> None:
-    """What changed between two stored snapshots, computed now."""
-    show(run_client(nats_url, lambda f: f.snapshots.diff(host, agent, from_seq, to_seq)), as_json)
+    """What changed between two stored snapshots, computed now (exit 3: no such snapshot)."""
+    answer = run_client(nats_url, lambda f: f.snapshots.diff(host, agent, from_seq, to_seq))
+    if as_json or answer.found:
+        show(answer, as_json)
+    if not answer.found:
+        seqs = ", ".join(f"{k} {v}" for k, v in (("--from", from_seq), ("--to", to_seq)) if v is not None)
+        fail(Exit.NOT_FOUND, f"no such snapshot of {host} / {agent}{f' ({seqs})' if seqs else ''}")
 
 
 @snapshots.command("diffs")

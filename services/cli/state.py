@@ -5,6 +5,10 @@ Every command takes the event context and the binding as options (`--runner`,
 `--json` prints exactly the keys of the API's answer: `set` → `StateWrite`,
 `get` → `fleet.state.entry()` (`found`, `value`, timestamps, `as_of`), `del` →
 `StateDeletion`, `list` → `StateList`, `snapshot` → `StateSnapshot`.
+
+Exit codes (docs/cli.md): `get` of a key that is not set and `del` of one that was not
+set exit 3 (with --json too: the answer says `found`/`deleted` false); the binding policy
+refusing a scope exits 4; a missing identity, an unknown scope or a bad value exit 2.
 """
 
 from __future__ import annotations
@@ -18,7 +22,17 @@ import click
 from fleetlog.schemas.state import DEFAULT_STATE_SCOPES, StateBinding, StateContext, StatePolicy
 from fleetlog.services.client.fleet import Fleet
 
-from ._common import console, err_console, json_option, nats_option, print_json, run_client
+from ._common import (
+    Exit,
+    console,
+    err_console,
+    fail,
+    json_option,
+    nats_option,
+    print_json,
+    run_client,
+    state_rule_code,
+)
 
 __all__ = ["state"]
 
@@ -52,8 +66,7 @@ def identity_options(fn: F) -> F:
 
 def _identity(kw: dict[str, Any]) -> tuple[StateContext, StateBinding]:
     if not kw.get("runner_id"):
-        err_console.print("[red]error:[/red] --runner is required (every scope key includes the runner id)")
-        sys.exit(2)
+        fail(Exit.USAGE, "--runner is required (every scope key includes the runner id)")
     context = StateContext(**{dest: kw.pop(dest) for _flag, dest, _h in _CONTEXT_OPTIONS})
     scopes = tuple(s.strip() for s in kw.pop("scopes").split(",") if s.strip())
     binding = StateBinding(
@@ -77,8 +90,7 @@ def _min_seq(values: tuple[str, ...]) -> dict[str, int] | None:
             else:
                 token["FLEET_STATE"] = int(text)
         except (ValueError, AttributeError, json.JSONDecodeError):
-            err_console.print(f"[red]error:[/red] --min-seq: {text!r} is not STREAM=SEQ, SEQ or a JSON token")
-            sys.exit(2)
+            fail(Exit.USAGE, f"--min-seq: {text!r} is not STREAM=SEQ, SEQ or a JSON token")
     return token or None
 
 
@@ -109,8 +121,7 @@ def set_cmd(scope: str, key: str, value: str, raw: bool, nats_url: str | None, a
         try:
             parsed = json.loads(text)
         except json.JSONDecodeError as exc:
-            err_console.print(f"[red]error:[/red] VALUE: not valid JSON ({exc}); use --raw to store it as a string")
-            sys.exit(2)
+            fail(Exit.USAGE, f"VALUE: not valid JSON ({exc}); use --raw to store it as a string")
 
     async def go(fleet: Fleet) -> Any:
         return await fleet.state.set(scope, key, parsed, context=context, binding=binding)
@@ -130,7 +141,7 @@ def set_cmd(scope: str, key: str, value: str, raw: bool, nats_url: str | None, a
 @nats_option
 @json_option
 def get_cmd(scope: str, key: str, min_seq: tuple[str, ...], nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Print KEY's value in SCOPE as JSON (exit 1 when missing; with --json, `found` says)."""
+    """Print KEY's value in SCOPE as JSON (exit 3 when it is not set; with --json, `found` says too)."""
     context, binding = _identity(kw)
     token = _min_seq(min_seq)
 
@@ -140,11 +151,10 @@ def get_cmd(scope: str, key: str, min_seq: tuple[str, ...], nats_url: str | None
     entry = run_client(nats_url, go)
     if as_json:
         print_json(entry)
-        return
+    elif entry.found:
+        click.echo(json.dumps(entry.value, ensure_ascii=False))
     if not entry.found:
-        err_console.print(f"{entry.key!r} is not set in {entry.scope_key}")
-        sys.exit(1)
-    click.echo(json.dumps(entry.value, ensure_ascii=False))
+        fail(Exit.NOT_FOUND, f"{entry.key!r} is not set in {entry.scope_key}")
 
 
 @state.command("del")
@@ -154,7 +164,7 @@ def get_cmd(scope: str, key: str, min_seq: tuple[str, ...], nats_url: str | None
 @nats_option
 @json_option
 def del_cmd(scope: str, key: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Delete KEY in SCOPE (a tombstone); says whether something was there."""
+    """Delete KEY in SCOPE (a tombstone); exit 3 when it was not set (nothing is written then)."""
     context, binding = _identity(kw)
 
     async def go(fleet: Fleet) -> Any:
@@ -165,8 +175,8 @@ def del_cmd(scope: str, key: str, nats_url: str | None, as_json: bool, **kw: Any
         print_json(result)
     elif result.deleted:
         click.echo(f"deleted {result.key} from {result.scope_key} at FLEET_STATE#{result.seq}")
-    else:
-        click.echo(f"{result.key} was not set in {result.scope_key}")
+    if not result.deleted:
+        fail(Exit.NOT_FOUND, f"{result.key!r} was not set in {result.scope_key}")
 
 
 @state.command("list")
@@ -183,8 +193,7 @@ def list_cmd(scope_key: str | None, scope: str | None, prefix: str | None, after
              min_seq: tuple[str, ...], nats_url: str | None, as_json: bool, **kw: Any) -> None:
     """Keys of one scope (SCOPE_KEY, or --scope with the identity options), ordered by key."""
     if (scope_key is None) == (scope is None):
-        err_console.print("[red]error:[/red] give either SCOPE_KEY or --scope (with the identity options)")
-        sys.exit(2)
+        fail(Exit.USAGE, "give either SCOPE_KEY or --scope (with the identity options)")
     identity = _identity(kw) if scope is not None else None
     token = _min_seq(min_seq)
 
@@ -240,5 +249,4 @@ def key_cmd(scope: str, **kw: Any) -> None:
     try:
         click.echo(check_scope(scope, binding.state_policy, context, binding_identity_of(binding)))
     except StateRuleViolation as exc:
-        err_console.print(f"[red]error:[/red] {exc.field}: {exc.rule}")
-        sys.exit(1)
+        fail(state_rule_code(exc.field), f"{exc.field}: {exc.rule}")

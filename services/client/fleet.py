@@ -1,9 +1,12 @@
 """The fleetlog client: `Fleet` (asyncio) and `FleetSync` (plain threads).
 
-    fleet = await Fleet.connect()          # FLEETLOG_NATS_URL, else the local default
-    fleet.attempts.record(agent="alpha", action="probe", outcome="success", elapsed_s=1.5)
-    await fleet.flush()                    # everything enqueued is acked by JetStream
-    await fleet.attempts.query(agent="alpha", since="24h")
+    async with Fleet.connect() as fleet:   # FLEETLOG_NATS_URL, else the local default
+        fleet.attempts.record(agent="alpha", action="probe", outcome="success", elapsed_s=1.5)
+        await fleet.flush()                # everything enqueued is acked by JetStream
+        await fleet.attempts.query(agent="alpha", since="24h")
+
+(`fleet = await Fleet.connect()` works too.) A process that ends without `close()` loses
+nothing recorded: see services/writepath/exitsafe.py.
 
 Facts are fire-and-forget through the `Publisher`; queries are NATS requests to
 the query service. Connecting never fails because the broker is away: events
@@ -13,8 +16,9 @@ spool locally and the client keeps trying (queries raise FleetUnavailable).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -32,6 +36,7 @@ from fleetlog.services.client.runtimes import RuntimesAPI
 from fleetlog.services.client.snapshots import SnapshotsAPI
 from fleetlog.services.client.state import StateAPI, StateSyncAPI
 from fleetlog.services.client.sync import SyncFacade
+from fleetlog.services.writepath import exitsafe
 from fleetlog.services.writepath.publisher import Publisher, PublisherStats, Receipt, Token
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
@@ -61,9 +66,20 @@ class Fleet:
         self.processors = ProcessorsAPI(self)
 
     @classmethod
-    async def connect(
+    def connect(
         cls, nats_url: str | None = None, *, settings: FleetSettings | None = None, name: str = "fleetlog-client",
-        ensure: bool = True, **overrides: Any,
+        ensure: bool = True, connect_wait_s: float = 2.0, **overrides: Any,
+    ) -> Connecting:
+        """`await Fleet.connect(...)` or `async with Fleet.connect(...) as fleet:` (closes at the end).
+
+        Never fails because the broker is away: waits up to connect_wait_s for it, then goes on
+        (events spool, the client keeps connecting in the background)."""
+        return Connecting(lambda: cls._open(nats_url, settings, name, ensure, connect_wait_s, overrides))
+
+    @classmethod
+    async def _open(
+        cls, nats_url: str | None, settings: FleetSettings | None, name: str, ensure: bool, connect_wait_s: float,
+        overrides: dict[str, Any],
     ) -> Fleet:
         if settings is None:
             settings = FleetSettings(**overrides) if nats_url is None else FleetSettings(nats_url=nats_url, **overrides)
@@ -87,9 +103,14 @@ class Fleet:
             queue_max=settings.publish_queue_max,
             ack_timeout_s=settings.publish_ack_timeout_s,
             spool_max_bytes=settings.spool_max_bytes,
+            exit_flush_s=settings.exit_flush_s,
+            durable=settings.durable,
+            fsync=settings.durable_fsync,
         )
+        if settings.exit_on_sigterm:
+            exitsafe.install_sigterm()  # only from the main thread, only over SIG_DFL
         await publisher.start()
-        await link.start()
+        await link.start(connect_wait_s)
         return cls(settings, link, publisher)
 
     # -- writing ----------------------------------------------------------------
@@ -120,6 +141,11 @@ class Fleet:
     @property
     def connected(self) -> bool:
         return self._link.connected
+
+    @property
+    def foreign_spools(self) -> list[str]:
+        """Orphaned spools found at connect that belong to another fleet (left, never drained here)."""
+        return list(self._publisher.foreign_spools)
 
     # -- reading ----------------------------------------------------------------
     async def nats(self, timeout: float = 2.0) -> Client:
@@ -200,6 +226,26 @@ class Fleet:
         await self.close()
 
 
+class Connecting:
+    """What `Fleet.connect()` returns: awaitable (the `Fleet`) and an async context manager
+    (the `Fleet`, closed on the way out)."""
+
+    def __init__(self, open_: Callable[[], Coroutine[Any, Any, Fleet]]) -> None:
+        self._open = open_  # the coroutine is made only when used: no "never awaited" warning
+        self._fleet: Fleet | None = None
+
+    def __await__(self) -> Generator[Any, None, Fleet]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Fleet:
+        self._fleet = await self._open()
+        return self._fleet
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._fleet is not None:
+            await self._fleet.close()
+
+
 _type_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
@@ -243,6 +289,11 @@ def _split_validation(message: str) -> tuple[str, str]:
     return "event", message
 
 
+async def _open_fleet(nats_url: str | None, kwargs: dict[str, Any]) -> Fleet:
+    fleet: Fleet = await Fleet.connect(nats_url, **kwargs)
+    return fleet
+
+
 class FleetSync:
     """`Fleet` for agents that are plain threads or processes: an event loop in a daemon thread.
 
@@ -253,6 +304,10 @@ class FleetSync:
         self._fleet = fleet
         self._loop = loop
         self._thread = thread
+        self._closed = False
+        # At interpreter shutdown the loop thread (a daemon) still runs while atexit does: close
+        # through it, bounded, unless the script did.
+        exitsafe.register_closer(self, self._close_at_exit)
         self.attempts = AttemptsSyncAPI(fleet.attempts, self._run)
         self.runs = SyncFacade(fleet.runs, self._run)
         self.runtimes = SyncFacade(fleet.runtimes, self._run)
@@ -265,7 +320,12 @@ class FleetSync:
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="fleetlog-loop", daemon=True)
         thread.start()
-        fut: Future[Fleet] = asyncio.run_coroutine_threadsafe(Fleet.connect(nats_url, **kwargs), loop)
+        settings = kwargs.get("settings")
+        if settings is None:
+            settings = FleetSettings(**{k: v for k, v in kwargs.items() if k in FleetSettings.model_fields})
+        if settings.exit_on_sigterm:
+            exitsafe.install_sigterm()  # here: the loop thread is not the main thread
+        fut: Future[Fleet] = asyncio.run_coroutine_threadsafe(_open_fleet(nats_url, kwargs), loop)
         try:
             fleet = fut.result()
         except BaseException:
@@ -290,11 +350,28 @@ class FleetSync:
         return self._fleet.publisher_stats()
 
     def close(self, timeout: float = 10.0) -> None:
+        """Flush within timeout (the rest stays spooled), disconnect, stop the loop thread."""
+        self._close(timeout, timeout + 10.0)
+
+    def _close(self, timeout: float, bound: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        exitsafe.unregister_closer(self)
         try:
-            self._run(self._fleet.close(timeout))
+            # Bounded: the flush takes at most `timeout`, the rest (spooling, disconnecting) a few s;
+            # past `bound` the loop is stopped and the atexit spill takes what is left.
+            self._run(self._fleet.close(timeout), bound)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            with contextlib.suppress(RuntimeError):  # the loop already stopped
+                self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+
+    def _close_at_exit(self) -> None:
+        if self._thread.is_alive():
+            flush_s = self._fleet.settings.exit_flush_s
+            self._close(flush_s, flush_s + 3.0)
+        # Whatever close() could not settle is spooled by the atexit hook after this.
 
     def __enter__(self) -> FleetSync:
         return self

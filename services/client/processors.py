@@ -42,7 +42,7 @@ from fleetlog.schemas.processors import (
     ProcSummaryList,
     ProcSummaryQuery,
 )
-from fleetlog.services.backbone.errors import FleetError, FleetValidationError, check_identity
+from fleetlog.services.backbone.errors import FleetError, FleetRefused, FleetValidationError, check_identity
 from fleetlog.services.backbone.guarded import BatchItem, Guarded, StoredMsg, WrongLastSequence
 from fleetlog.services.client.processor_lock import LockSide, ProcessorLock, ProcessorLockBusy, ProcessorLockLost
 from fleetlog.services.writepath.publisher import Receipt, Token
@@ -211,7 +211,7 @@ class ProcessorsAPI(LockSide):
                          files_ok: int | None = None, files_failed: int | None = None,
                          detail: Mapping[str, Any] | None = None, lock: ProcessorLock | None = None) -> ProcRun | None:
         """Finish a run once (None: unknown run). The same status again returns it unchanged;
-        another status after finishing raises ValueError. Counts left None keep the run's.
+        another status after finishing raises FleetRefused (a ValueError). Counts left None keep the run's.
         `lock` as for `start_run`."""
         _run_status(status)
         if status == "running":
@@ -226,7 +226,7 @@ class ProcessorsAPI(LockSide):
             if run.finished_at is not None:
                 if run.status == status:
                     return _run_view(run, last.seq)
-                raise ValueError(f"Cannot finish processor run {run_id!r}: already {run.status}")
+                raise FleetRefused(f"Cannot finish processor run {run_id!r}: already {run.status}")
             event = ProcessorRunRecorded(
                 id=new_event_id(), ts=now_iso(), processor=processor, run_id=run_id, status=status,
                 started_at=run.started_at, finished_at=int(self.clock()), files_total=run.files_total,

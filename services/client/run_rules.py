@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 from fleetlog.schemas import RUN_STATUSES, TERMINAL_RUN_STATUSES, RunState
-from fleetlog.services.backbone.errors import StaleHolderError
+from fleetlog.services.backbone.errors import FleetRefused, StaleHolderError
 
 __all__ = [
     "ClaimFilter",
@@ -202,7 +202,7 @@ def finalize(
     if status == "claimed":
         raise ValueError("finalize: status must not be 'claimed' (runs are claimed with claim_next)")
     if state.status in TERMINAL_RUN_STATUSES and status != state.status:
-        raise ValueError(f"Cannot transition terminal run {state.run_id!r} from {state.status!r} to {status!r}")
+        raise FleetRefused(f"Cannot transition terminal run {state.run_id!r} from {state.status!r} to {status!r}")
     out = state
     if status in TERMINAL_RUN_STATUSES or status == "queued":
         out = _unclaimed(out)

@@ -7,6 +7,9 @@ interpreter's scripts), else `PATH`. Tests use the same class on free ports.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
+import os
 import shutil
 import signal
 import socket
@@ -14,6 +17,19 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+# Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
+# os._exit (pytest-timeout), so no orphan nats-server outlives it. libc is loaded here, in
+# the parent: the child, between fork and exec, only makes the one prctl call.
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl: nobody would signal us
+            os._exit(1)
 
 __all__ = ["BrokerError", "EmbeddedBroker", "find_nats_server", "free_port", "probe_nats"]
 
@@ -100,6 +116,7 @@ class EmbeddedBroker:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the broker in order
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
         log.close()
         deadline = asyncio.get_running_loop().time() + timeout_s

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from fleetlog.projections import Projection
 from fleetlog.schemas import subjects
 from fleetlog.services.backbone.errors import StaleError
+from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.projector.committed import Committed
 from fleetlog.services.projector.fold import BatchFolder, Reject
 from fleetlog.services.projector.retention import keep_to_streams
@@ -158,10 +159,7 @@ class Projector:
         tasks = [t for r in self._running.values() for t in r.tasks]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        for task in self._aux:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._aux)  # cancels again if a cancellation is swallowed (backbone/tasks.py)
         self._fold_thread.shutdown(wait=True)
 
     async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:

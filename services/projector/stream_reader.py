@@ -39,6 +39,7 @@ from bisect import bisect_right
 from itertools import accumulate
 from typing import NamedTuple
 
+from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.projector.stream_consumer import SupervisorMixin
 from fleetlog.services.projector.stream_parse import InboundMixin
 from fleetlog.services.projector.stream_wire import StreamReaderError, _parse_servers, _split_ack, _wake
@@ -240,9 +241,7 @@ class OrderedReader(InboundMixin, SupervisorMixin):
                 )
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_tasks([task])  # cancels again if a cancellation is swallowed (backbone/tasks.py)
         await self._drop_connection()
         self._wakeup.set()
         self._closed = True

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.reactors.snapshot_differ import SnapshotDiffer
 
@@ -78,18 +79,7 @@ class Reactors:
 
     async def stop(self) -> None:
         self._stopping.set()
-        pending = set(self._tasks)
-        for _ in range(3):  # cancel again if a cancellation was swallowed (see _every)
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=5.0)
-            if not pending:
-                break
-        for task in pending:
-            log.warning("reactor task %s did not stop", task.get_name())
-        for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                log.warning("reactor task %s ended with %r", task.get_name(), task.exception())
+        await stop_tasks(self._tasks)  # cancels again if a cancellation is swallowed (backbone/tasks.py)
         if self.differ is not None:
             await self.differ.stop()
         if self.fleet is not None:

@@ -18,6 +18,11 @@ Core-NATS publish without an ack is never used.
 
 Events from typed APIs (`submit_event`) arrive as structs, already checked at
 the call; the sender encodes them (a run at a time, off the caller's path).
+
+Durable mode (`durable=True`): `submit()` writes the encoded event to the spool file before
+it returns (and fsyncs it with `fsync=True`); the sender publishes from the spool. A
+SIGKILL then loses nothing `submit()` returned for. How the other ways a process ends
+are caught: services/writepath/exitsafe.py.
 """
 
 from __future__ import annotations
@@ -32,11 +37,19 @@ import time
 from pathlib import Path
 
 from fleetlog.schemas import Event
-from fleetlog.services.backbone.link import Link
-from fleetlog.services.writepath.publisher_spool import BURST, MAX_BROKER_REFUSALS, DrainChunk, SpoolSide
+from fleetlog.services.backbone.link import Link, within
+from fleetlog.services.writepath import exitsafe
+from fleetlog.services.writepath.publisher_spool import (
+    BURST,
+    MAX_BROKER_REFUSALS,
+    DrainChunk,
+    SpoolSide,
+    fleet_identity,
+)
 from fleetlog.services.writepath.receipt import Position, PublisherStats, Receipt, Token
 from fleetlog.services.writepath.spool import Spool
 from fleetlog.services.writepath.wire import PubWire, decode_ack, frame_hpub
+from nats.aio.client import Client
 
 __all__ = ["Position", "Publisher", "PublisherStats", "Receipt", "Token"]
 
@@ -59,11 +72,20 @@ class Publisher(SpoolSide):
         queue_max: int = 200_000,
         ack_timeout_s: float = 5.0,
         spool_max_bytes: int = 1 << 30,
+        exit_flush_s: float = 3.0,
+        durable: bool = False,
+        fsync: bool = False,
     ) -> None:
         self._max_inflight = max_inflight
         self._queue_max = queue_max
         self._ack_timeout_s = ack_timeout_s
-        self._spool = Spool(spool_root, spool_max_bytes)
+        self._exit_flush_s = exit_flush_s
+        self._durable = durable
+        # Durable receipts by event id, to give them their position once the spool drain is acked.
+        self._durable_receipts: dict[str, Receipt] = {}
+        self._spool = Spool(spool_root, spool_max_bytes, link.servers, fsync=fsync)
+        self._spilled_at_exit = False
+        self.foreign_spools: list[str] = []
         self._queue: collections.deque[Receipt] = collections.deque()
         # In flight, by reply token, oldest first (the reaper relies on that order).
         self._pending: dict[bytes, tuple[Receipt, DrainChunk | None]] = {}
@@ -92,15 +114,20 @@ class Publisher(SpoolSide):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        adopted = self._spool.adopt_orphans()
-        if adopted:
-            self._stats.spooled += adopted
+        exitsafe.register(self)
         self._tasks = [
             asyncio.create_task(self._run(), name="fleetlog-publisher"),
             asyncio.create_task(self._reap(), name="fleetlog-publisher-reaper"),
         ]
 
-    async def _on_link_connect(self, _nc: object) -> None:
+    async def _on_link_connect(self, nc: Client) -> None:
+        # The spool now belongs to the fleet behind this broker; only then may the orphans of
+        # that fleet be adopted (never another fleet's: they would be drained into this one).
+        self._spool.stamp(await fleet_identity(nc))
+        adopted, self.foreign_spools = self._spool.adopt_orphans()
+        if adopted:
+            with self._stats_lock:
+                self._stats.spooled += adopted
         self._wire.start()
 
     @property
@@ -122,7 +149,11 @@ class Publisher(SpoolSide):
         else:
             with self._stats_lock:
                 self._stats.accepted += 1
-        if len(self._queue) >= self._queue_max:
+        if self._durable:
+            self._durable_receipts[receipt.id] = receipt
+            if not self._to_spool([receipt]):  # on disk (the OS has it) before record() returns
+                self._durable_receipts.pop(receipt.id, None)  # dropped: spool full (counted, logged)
+        elif len(self._queue) >= self._queue_max:
             # Memory is bounded: past the cap, events go straight to disk.
             self._to_spool([receipt])
         else:
@@ -139,13 +170,22 @@ class Publisher(SpoolSide):
         if threading.get_ident() == self._loop_thread:
             self._wake.set()
         else:
-            loop.call_soon_threadsafe(self._wake.set)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the atexit hook spools the queue
+                loop.call_soon_threadsafe(self._wake.set)
 
     # -- sender ------------------------------------------------------------
     def _outstanding(self) -> int:
         return len(self._queue) + len(self._pending) + self._spool.pending
 
     async def _run(self) -> None:
+        try:
+            await self._send_loop()
+        except asyncio.CancelledError:
+            if not self._closing:
+                await self._exit_flush()
+            raise
+
+    async def _send_loop(self) -> None:
         backoff = 0.05
         wire = self._wire
         while True:
@@ -169,8 +209,7 @@ class Publisher(SpoolSide):
                     self._idle = False
                     continue
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                await within(self._wake.wait(), 0.5)
                 self._idle = False
                 continue
             if len(self._queue) < BURST and not self._closing and not self._flushing:
@@ -188,8 +227,7 @@ class Publisher(SpoolSide):
         if len(self._pending) < self._max_inflight:
             return True
         self._slot_free.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._slot_free.wait(), 0.5)
+        await within(self._slot_free.wait(), 0.5)
         return len(self._pending) < self._max_inflight
 
     def _send(self, receipts: list[Receipt], chunk: DrainChunk | None) -> None:
@@ -332,8 +370,7 @@ class Publisher(SpoolSide):
                     f"flush: {self._outstanding()} events not yet acked after {timeout}s "
                     f"({self._spool.pending} spooled on disk, kept for later)"
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), wait)
+            await within(self._progress.wait(), wait)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Drain within timeout; whatever is left stays in the spool for the next publisher."""
@@ -349,6 +386,8 @@ class Publisher(SpoolSide):
         await self._wire.close()  # what is still in flight is spooled as the connection ends
         self._fail_all_pending()
         self._spill_queue()
+        self._spilled_at_exit = True
+        exitsafe.unregister(self)
         self._spool.close()
 
     def stats(self) -> PublisherStats:

@@ -1,6 +1,9 @@
 """The publisher's disk side: events that cannot be acked go to the `Spool`, and the spool
 is drained in order when the broker is back (DESIGN §3.1).
 
+`SpoolSide` also holds the publisher's last acts when the process ends without `close()`
+(a bounded flush when its task is cancelled, the synchronous spill at exit).
+
 `SpoolSide` is mixed into `Publisher` (services/writepath/publisher.py), which owns the queue, the
 in-flight table and the wire; this module holds what happens on disk: spilling, the
 ordered drain that commits only the acked prefix, and the dead letter for events the
@@ -13,12 +16,16 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 
+from fleetlog.schemas.streams import STREAMS
+from fleetlog.services.writepath import exitsafe
 from fleetlog.services.writepath.receipt import PublisherStats, Receipt
 from fleetlog.services.writepath.spool import Spool, SpoolRecord
 from fleetlog.services.writepath.wire import PubWire
+from nats.aio.client import Client
 
-__all__ = ["BURST", "MAX_BROKER_REFUSALS", "DrainChunk", "SpoolSide"]
+__all__ = ["BURST", "MAX_BROKER_REFUSALS", "DrainChunk", "SpoolSide", "fleet_identity"]
 
 log = logging.getLogger("fleetlog.publisher")
 
@@ -29,6 +36,23 @@ MAX_BROKER_REFUSALS = 10
 
 # At most this many events framed into one socket write.
 BURST = 512
+
+
+async def fleet_identity(nc: Client) -> str | None:
+    """The broker's fleet, as a spool records it: the creation time of its first stream.
+
+    Stable for as long as the fleet's streams exist, the same on every server of a cluster,
+    different for another broker (or one whose streams were deleted and made again: its
+    old spools are not its events). None when the stream is not there (not yet ensured).
+    """
+    name = STREAMS[0].name
+    try:
+        info = await nc.jetstream().stream_info(name)
+    except Exception as exc:  # any failure means: identity unknown
+        log.warning("could not read the fleet identity (%s info: %s): spools are keyed by URL only", name, exc)
+        return None
+    created = info.created
+    return None if created is None else f"{name}@{created.isoformat()}"
 
 
 class DrainChunk:
@@ -54,6 +78,9 @@ class SpoolSide:
     _progress: asyncio.Event
     _wire: PubWire
     _max_inflight: int
+    _durable_receipts: dict[str, Receipt]
+    _exit_flush_s: float
+    _spilled_at_exit: bool
 
     def _send(self, receipts: list[Receipt], chunk: DrainChunk | None) -> None:
         raise NotImplementedError  # Publisher._send
@@ -61,7 +88,55 @@ class SpoolSide:
     async def _slots(self) -> bool:
         raise NotImplementedError  # Publisher._slots
 
-    def _to_spool(self, receipts: list[Receipt]) -> None:
+    # -- the process ends without close() (services/writepath/exitsafe.py) --------
+    async def _exit_flush(self) -> None:
+        """Cancelled without close() (`asyncio.run()` ending, normally or not): deliver for up to
+        exit_flush_s, then spool what is left, synchronously, before the loop closes.
+
+        The wire's connection stays open until the loop closes (its task being cancelled does
+        not close the transport), so acks still arrive. With anything spooled, the queue goes
+        behind it, to disk: order first; the next client drains the spool."""
+        deadline = time.monotonic() + self._exit_flush_s
+        try:
+            while (self._queue or self._pending) and not self._spool.pending and self._wire.connected:
+                if time.monotonic() >= deadline:
+                    break
+                room = self._max_inflight - len(self._pending)
+                if self._queue and room > 0:
+                    queue = self._queue
+                    self._send([queue.popleft() for _ in range(min(len(queue), room, BURST))], None)
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:
+            pass  # cancelled again: stop waiting, spool now
+        finally:
+            # The spool stays open (and this publisher registered): events recorded after the
+            # loop ended are spooled by the atexit hook.
+            self._spill_now()
+
+    def spill_at_exit(self) -> int:
+        """Spool what is not acked (`_spill_now`) and release the spool for the next client: the
+        atexit hook's last act (no loop needed: it may be long gone)."""
+        if self._spilled_at_exit:
+            return 0
+        self._spilled_at_exit = True
+        exitsafe.unregister(self)
+        n = self._spill_now()
+        self._spool.close()
+        return n
+
+    def _spill_now(self) -> int:
+        """Write the unacked in-flight events, then the queue, to the spool, synchronously.
+        In-flight events may have landed too: the copy is deduplicated (Nats-Msg-Id, event id)."""
+        inflight = [receipt for receipt, chunk in self._pending.values() if chunk is None]  # chunks: on disk
+        self._pending.clear()
+        queued = []
+        while self._queue:
+            queued.append(self._queue.popleft())
+        self._to_spool(inflight + queued)
+        return len(inflight) + len(queued)
+
+    def _to_spool(self, receipts: list[Receipt]) -> int:
+        """Append to the spool in order; how many were kept (the rest hit the byte cap)."""
         records = []
         for r in receipts:
             try:
@@ -71,6 +146,7 @@ class SpoolSide:
         kept = self._spool.append(records)
         with self._stats_lock:
             self._stats.spooled += kept
+        return kept
 
     def _spill_queue(self) -> None:
         if self._queue:
@@ -119,6 +195,11 @@ class SpoolSide:
             nbytes += size
             last = (seg, off)
         if done:
+            if self._durable_receipts:
+                for receipt in receipts[:done]:
+                    own = self._durable_receipts.pop(receipt.id, None)
+                    if own is not None:  # the caller's receipt gets its position now
+                        own.stream, own.seq, own.payload = receipt.stream, receipt.seq, None
             self._spool.commit(last[0], last[1], done, nbytes)
             self._progress.set()
         return not chunk.failed

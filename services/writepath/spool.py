@@ -7,7 +7,14 @@ directory; a directory nobody holds belongs to a process that died, and the
 next publisher on the machine adopts its records (`adopt_orphans`).
 
 Records reach the OS with every append (`flush()`), so a SIGKILLed agent loses
-nothing; they are not fsynced, so a power cut can lose the last moments.
+nothing that reached the spool; they are fsynced only with `fsync=True` (durable mode's
+option), else a power cut can lose the last moments.
+
+A spool belongs to one fleet: `<instance>/fleet` names it (`{"fleet": id, "urls": [...]}`).
+The id is the broker's identity (`fleet_identity`), stamped once the publisher has
+connected; until then only the configured URL set is known. An adopter takes over only
+orphans of its own fleet, or unstamped ones spooled for the same URL set; any other
+orphan is left where it is (and reported by `fleetlog spool status`).
 When the spool reaches its byte cap, further records are dropped, counted
 (`dropped`) and logged: fleetlog never blocks or crashes an agent instead.
 """
@@ -28,7 +35,7 @@ from typing import BinaryIO, NamedTuple
 
 import msgspec
 
-__all__ = ["Spool", "SpoolRecord"]
+__all__ = ["Spool", "SpoolDir", "SpoolRecord", "survey"]
 
 log = logging.getLogger("fleetlog.spool")
 
@@ -47,13 +54,27 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(tuple[str, str, bytes, int]).decode
 
 
+class SpoolDir(NamedTuple):
+    """What `survey` finds in one instance directory."""
+
+    name: str
+    fleet: str | None
+    urls: list[str]
+    records: int
+    bytes: int
+    live: bool  # a running publisher holds it
+
+
 class Spool:
     """One publisher's spool directory. Thread-safe: agents' threads may spill into it."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, urls: list[str] | None = None, *, fsync: bool = False) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.fsync = fsync
         self.dropped = 0
+        self.urls = sorted(urls or [])
+        self.fleet: str | None = None
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         # Lock first, under a hidden name, then rename into view: an adopter scanning the
@@ -63,6 +84,7 @@ class Spool:
         hidden.mkdir()
         self._lock_file = open(hidden / "lock", "wb")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _write_owner(hidden, None, self.urls)
         self.dir = self.root / name
         hidden.rename(self.dir)
         self._write_seg = 0
@@ -106,6 +128,8 @@ class Spool:
             if chunks:
                 self._writer.write(b"".join(chunks))
                 self._writer.flush()
+                if self.fsync:
+                    os.fsync(self._writer.fileno())
                 self._write_off += size
                 self._pending_records += kept
                 self._pending_bytes += size
@@ -169,11 +193,31 @@ class Spool:
                 self._writer = open(self._seg_path(0), "ab")
 
     # -- orphans -----------------------------------------------------------
-    def adopt_orphans(self) -> int:
-        """Copy the records of spools whose process died into this one; returns the count."""
+    def stamp(self, fleet: str | None) -> None:
+        """This spool now belongs to `fleet` (the broker it connected to)."""
+        with self._lock:
+            self.fleet = fleet
+            _write_owner(self.dir, fleet, self.urls)
+
+    def _mine(self, other: Path) -> bool:
+        """Whether an orphan belongs to this spool's fleet (module docstring)."""
+        fleet, urls = _read_owner(other)
+        if fleet is not None:
+            return fleet == self.fleet
+        return urls is None or urls == self.urls  # urls None: written before spools were keyed
+
+    def adopt_orphans(self) -> tuple[int, list[str]]:
+        """Copy the records of this fleet's spools whose process died into this one.
+
+        Returns the count adopted and the names of orphans left because they belong to
+        another fleet (never drained into this one)."""
         adopted = 0
+        foreign: list[str] = []
         for other in sorted(self.root.iterdir()):
             if other == self.dir or not other.is_dir() or other.name.startswith("."):
+                continue
+            if not self._mine(other):
+                foreign.append(other.name)
                 continue
             lock_path = other / "lock"
             if not lock_path.exists():
@@ -195,7 +239,10 @@ class Spool:
                 shutil.rmtree(other, ignore_errors=True)
             finally:
                 fh.close()
-        return adopted
+        if foreign:
+            log.warning("left %d spool(s) of another fleet in %s: %s (see `fleetlog spool status`)",
+                        len(foreign), self.root, ", ".join(foreign))
+        return adopted, foreign
 
     def set_aside(self, msg_id: str, subject: str, payload: bytes, reason: str) -> None:
         """Record an event that will never be published in `<root>/dead-letter.jsonl`."""
@@ -234,3 +281,43 @@ def _read_dir(directory: Path) -> Iterator[SpoolRecord]:
                 break
             yield SpoolRecord(*_decode(data[pos + _LEN.size : pos + _LEN.size + size]))
             pos += _LEN.size + size
+
+
+def _write_owner(directory: Path, fleet: str | None, urls: list[str]) -> None:
+    tmp = directory / "fleet.tmp"
+    tmp.write_text(json.dumps({"fleet": fleet, "urls": urls}))
+    tmp.replace(directory / "fleet")  # atomic: an adopter never reads half a file
+
+
+def _read_owner(directory: Path) -> tuple[str | None, list[str] | None]:
+    try:
+        raw = json.loads((directory / "fleet").read_text())
+    except (OSError, ValueError):
+        return None, None
+    fleet = raw.get("fleet")
+    urls = raw.get("urls")
+    return (fleet if isinstance(fleet, str) else None), (sorted(urls) if isinstance(urls, list) else None)
+
+
+def survey(root: Path) -> list[SpoolDir]:
+    """Every instance directory under a spool root: whose fleet, how much is waiting, live or orphaned."""
+    out: list[SpoolDir] = []
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or not (d / "lock").exists():
+            continue
+        live = False
+        with open(d / "lock", "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                live = True
+        records = 0
+        nbytes = 0
+        for rec in _read_dir(d):  # a live spool's torn tail (a write under way) is skipped
+            records += 1
+            nbytes += len(rec.payload)
+        fleet, urls = _read_owner(d)
+        out.append(SpoolDir(d.name, fleet, urls or [], records, nbytes, live))
+    return out

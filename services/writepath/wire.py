@@ -29,6 +29,7 @@ from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import msgspec
+from fleetlog.services.backbone.link import within
 
 __all__ = ["Ack", "PubWire", "decode_ack", "frame_hpub"]
 
@@ -236,8 +237,7 @@ class PubWire:
             self._task = asyncio.create_task(self._run(), name=f"fleetlog-pubwire-{self._name}")
 
     async def wait_connected(self, timeout_s: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), timeout_s)
+        await within(self._up.wait(), timeout_s)
         return self.connected
 
     async def writable(self) -> None:
@@ -255,8 +255,7 @@ class PubWire:
         proto = self._proto
         if proto is not None and proto.transport is not None:
             proto.transport.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(proto.lost), 1.0)
+            await within(asyncio.shield(proto.lost), 1.0)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -333,8 +332,7 @@ class PubWire:
     async def _serve(self, proto: _Protocol) -> None:
         """Keep a live connection honest: PING every few seconds, drop it when PONGs stop."""
         while not proto.lost.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(proto.lost), _PING_EVERY_S)
+            await within(asyncio.shield(proto.lost), _PING_EVERY_S)
             if proto.lost.done() or proto.transport is None:
                 break
             if proto.pings_out >= _MAX_PINGS_OUT:

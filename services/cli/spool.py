@@ -1,0 +1,81 @@
+"""`fleetlog spool status|drain`: what waits in the local spool, and delivering it now.
+
+The spool holds events recorded while the broker was away or not yet acked when a process
+ended (docs/architecture.md, "Write path 1"). Any fleetlog client drains it when it connects;
+`drain` is that, on demand, for spools of the fleet behind --nats only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+from fleetlog.services.backbone.errors import FleetUnavailable
+from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.writepath.spool import survey
+from rich.table import Table
+
+from ._common import Exit, console, exit_code_of, fail, json_option, nats_option, print_json, settings_from
+
+__all__ = ["spool"]
+
+_spool_dir_option = click.option(
+    "--spool-dir", type=click.Path(path_type=Path), default=None,
+    help="the spool directory [env FLEETLOG_SPOOL_DIR; default <data_dir>/spool]",
+)
+
+
+@click.group()
+def spool() -> None:
+    """The local spool: events waiting to be delivered."""
+
+
+@spool.command("status")
+@_spool_dir_option
+@json_option
+def status_cmd(spool_dir: Path | None, as_json: bool) -> None:
+    """Each spool: for which fleet, how many events, whether a live process holds it."""
+    settings = settings_from(None, spool_dir=spool_dir)
+    root = settings.resolved_spool_dir()
+    dirs = survey(root)
+    if as_json:
+        print_json({"spool_dir": str(root), "spools": [d._asdict() for d in dirs]})
+        return
+    table = Table("spool", "fleet", "urls", "events", "bytes", "state")
+    for d in dirs:
+        table.add_row(d.name, d.fleet or "(not connected yet)", ",".join(d.urls), str(d.records), str(d.bytes),
+                      "live" if d.live else "orphaned")
+    console.print(table)
+    console.print(f"[dim]{root} · {sum(d.records for d in dirs)} events waiting[/dim]")
+
+
+@spool.command("drain")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to connect and deliver")
+@_spool_dir_option
+@nats_option
+@json_option
+def drain_cmd(timeout: float, spool_dir: Path | None, nats_url: str | None, as_json: bool) -> None:
+    """Deliver the orphaned spools of the fleet behind --nats, in order; another fleet's are left."""
+    settings = settings_from(nats_url, spool_dir=spool_dir)
+
+    async def main() -> tuple[int, int, list[str]]:
+        async with Fleet.connect(settings=settings, name="fleetlog-spool-drain", connect_wait_s=timeout) as fleet:
+            if not fleet.connected:
+                raise FleetUnavailable(f"NATS at {settings.nats_url} did not answer within {timeout}s")
+            await fleet.flush(timeout)
+            stats = fleet.publisher_stats()
+            return stats.acked, stats.dead_lettered, fleet.foreign_spools
+
+    try:
+        delivered, dead, foreign = asyncio.run(main())
+    except (FleetUnavailable, TimeoutError) as exc:
+        fail(exit_code_of(exc), f"{exc} (what is spooled stays spooled)")
+    if as_json:
+        print_json({"delivered": delivered, "dead_lettered": dead, "left_other_fleets": foreign})
+    else:
+        console.print(f"delivered {delivered} spooled events")
+        if foreign:
+            console.print(f"left spools of another fleet: {', '.join(foreign)}")
+    if dead:
+        fail(Exit.ERROR, f"{dead} events refused by the broker were set aside (dead-letter.jsonl)")
