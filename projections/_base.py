@@ -18,6 +18,8 @@ import abc
 import hashlib
 import math
 import re
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -107,6 +109,11 @@ class Endpoint:
     request: type[msgspec.Struct]
     handler: Callable[[QueryContext, Any], Awaitable[msgspec.Struct]]
     description: str = ""
+    # For a paged answer: `cut(answer, n)` = the answer with only the first n of its `items`,
+    # its cursor / has_more continuing right after them. The query service uses it when the
+    # encoded answer is over the connection's max_payload; without it, such an answer is an
+    # error naming the limit (ask for a smaller page).
+    cut: Callable[[Any, int], msgspec.Struct] | None = None
 
 
 class Projection(abc.ABC):
@@ -228,12 +235,24 @@ def execute_prepared(cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[
         return cur.execute(sql, list(params))
     name = f"fleetlog_{hashlib.sha1(sql.encode()).hexdigest()[:16]}"
     run = f"EXECUTE {name}({', '.join(str(lit) for lit in literals)})" if literals else f"EXECUTE {name}"
-    try:
-        return cur.execute(run)
-    except duckdb.Error:  # not prepared on this connection yet (or its plan went stale)
+    # Which statements this connection has prepared is remembered here rather than learnt
+    # from a failing EXECUTE: inside a transaction (the query service reads in one) a failed
+    # statement aborts it.
+    with _prepared_lock:
+        names = _prepared.setdefault(cur, set())
+    if name not in names:
         numbered = iter(range(1, len(params) + 1))
         cur.execute(f"PREPARE {name} AS " + re.sub(r"\?", lambda _m: f"${next(numbered)}", sql))
+        names.add(name)
+    try:
         return cur.execute(run)
+    except duckdb.Error:
+        names.discard(name)  # its plan may have gone stale: prepared afresh next time
+        raise
+
+
+_prepared: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, set[str]] = weakref.WeakKeyDictionary()
+_prepared_lock = threading.Lock()
 
 
 def _literal(value: Any) -> str | None:

@@ -520,7 +520,7 @@ async def test_purge_days_and_rebuild_yields_same_rows(fleet: Fleet) -> None:
 
     result = await fleet.attempts.purge(30)
     assert result.deleted == 4
-    assert set(msgspec.structs.asdict(result)) == {"deleted", "before", "as_of", "lag"}
+    assert set(msgspec.structs.asdict(result)) == {"deleted", "before", "as_of", "lag", "lag_s"}
     before = datetime.fromisoformat(result.before)
     assert abs((datetime.now(UTC) - timedelta(days=30) - before).total_seconds()) < 120
     assert_answer_meta(result, token)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
 from pathlib import Path
 
+import msgspec
 import nats
 from fleetlog.schemas import AttemptRecorded, RunCreated, RunState, encode_event, new_event_id, now_iso
 from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.client.rejects import reject_raw
 from fleetlog.services.node.server import Server
+from fleetlog.services.query.builtins import REJECT_PREVIEW_BYTES
 
 from fleetlog import Fleet
 
-from .helpers import cli_json, cli_runner, wait_until
+from .helpers import cli_json, cli_runner, fleetlog_cmd, wait_until
 
 
 def _valid(i: int) -> tuple[str, bytes]:
@@ -139,3 +145,70 @@ async def test_rejects_redrive_republishes_the_exact_bytes(fleet: Fleet, server:
     assert last is not None and last.seq > first.seq and last.data == payload
     again = await fleet.rejects("attempts", 10, min_seq={"FLEET_ATTEMPTS": last.seq})
     assert [r.seq for r in again.items] == [last.seq, first.seq]  # refused again, nothing lost
+
+
+async def _raw_cli(nats_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """`fleetlog ...` with stdout as bytes (cli_runner decodes text)."""
+    env = {**os.environ, "FLEETLOG_DATA_DIR": str(tmp_path / "cli-raw"), "NO_COLOR": "1"}
+    env.pop("FLEETLOG_NATS_URL", None)
+    cmd = [*fleetlog_cmd(), *args, "--nats", nats_url]
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, env=env, timeout=120)
+
+
+async def test_a_900kb_reject_is_answered_as_a_preview_and_shown_whole(fleet: Fleet, server: Server,
+                                                                       tmp_path: Path) -> None:
+    """One garbage message near the broker's max_payload: `rejects` (API and CLI, any limit)
+    answers with a preview and a marker; `rejects show SEQ --raw` writes the exact bytes."""
+    payload = b"\xff" + bytes(range(256)) * 3600  # 921,601 bytes, not UTF-8, not JSON
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        ack = await nc.jetstream().publish("fleet.attempt.big.probe", payload)
+        small = await nc.jetstream().publish("fleet.attempt.big.probe", b"{tiny")
+    finally:
+        await nc.close()
+    token = {"FLEET_ATTEMPTS": small.seq}
+    answer = await fleet.rejects("attempts", 10, min_seq=token)
+    by_seq = {r.seq: r for r in answer.items}
+    big = by_seq[ack.seq]
+    assert big.data_truncated and big.data_bytes == len(payload)
+    assert len(big.data.encode()) <= 3 * REJECT_PREVIEW_BYTES  # a preview (replacement chars are 3 bytes)
+    assert "oversize" in big.reason.lower() or "json" in big.reason.lower()
+    tiny = by_seq[small.seq]
+    assert not tiny.data_truncated and tiny.data == "{tiny" and tiny.data_bytes == 5
+    assert answer.as_of["FLEET_ATTEMPTS"] >= small.seq and not answer.has_more
+
+    cli = cli_runner(fleet.settings.nats_url, tmp_path)
+    listed = cli_json(await cli("rejects", "--limit", "1", "--json"))
+    assert [r["seq"] for r in listed["items"]] == [small.seq]
+    listed = cli_json(await cli("rejects", "--json"))
+    assert {r["seq"] for r in listed["items"]} == {ack.seq, small.seq}
+
+    raw = await _raw_cli(fleet.settings.nats_url, tmp_path, "rejects", "show", str(ack.seq), "--raw")
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == payload
+    shown = cli_json(await cli("rejects", "show", str(ack.seq), "--json"))
+    assert shown["data_bytes"] == len(payload) and shown["source"] == "FLEET_ATTEMPTS"
+    missing = await cli("rejects", "show", str(small.seq + 1000))
+    assert missing.returncode == 3 and "no reject at seq" in missing.stderr  # Exit.NOT_FOUND
+
+    got = await reject_raw(fleet, ack.seq)
+    assert got.data == payload and got.row.seq == ack.seq
+
+
+async def test_more_rejects_than_fit_a_reply_are_cut_with_has_more(fleet: Fleet, server: Server) -> None:
+    """600 rejects with 3 kB payloads: even as previews they do not fit one reply, so the
+    answer keeps the newest that fit and says there are more."""
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        js = nc.jetstream()
+        acks = await asyncio.gather(*(js.publish("fleet.attempt.many.probe", b"{" + b"x" * 3000 + str(i).encode())
+                                      for i in range(600)))
+        last = max(a.seq for a in acks)
+        max_payload = nc.max_payload
+    finally:
+        await nc.close()
+    answer = await fleet.rejects("attempts", 1000, min_seq={"FLEET_ATTEMPTS": last})
+    assert answer.has_more and 0 < len(answer.items) < 600
+    assert len(msgspec.json.encode(answer)) <= max_payload
+    assert answer.items[0].seq == last  # newest first: what was left off is the oldest
+    assert all(r.data_truncated and r.data_bytes > 3000 for r in answer.items)

@@ -29,7 +29,8 @@ async def test_snapshots_cli(fleet: Fleet, server: Server, tmp_path: Path) -> No
     token = {"FLEET_SNAPSHOTS": collected["seq"]}
     api_latest = await fleet.snapshots.latest(min_seq=token)
     latest = cli_json(await run("snapshots", "latest", "--json"))
-    assert latest == json.loads(msgspec.json.encode(api_latest)) | {"as_of": latest["as_of"], "lag": latest["lag"]}
+    assert latest == json.loads(msgspec.json.encode(api_latest)) | {"as_of": latest["as_of"], "lag": latest["lag"],
+                                                                   "lag_s": latest["lag_s"]}
     mine = next(i for i in latest["items"] if i["host"] == socket.gethostname())
     assert mine["agent"] == "collector" and mine["data"]["cpu"]["count"] >= 1 and "free_gb" in mine["data"]["disk"]
 

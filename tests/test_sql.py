@@ -66,8 +66,29 @@ async def test_sql_over_the_live_views_api_and_cli(fleet: Fleet, server: Server,
     cli = cli_runner(fleet.settings.nats_url, tmp_path)
     out = cli_json(await cli("sql", "SELECT agent, count(*) AS n FROM attempts GROUP BY 1 ORDER BY 1", "--json"))
     assert out["columns"] == ["agent", "n"] and out["rows"] == [["sql-a", 4], ["sql-b", 3]]
-    assert set(out) == {"columns", "rows", "truncated", "as_of", "lag"}
+    assert set(out) == {"columns", "rows", "truncated", "truncated_by", "as_of", "lag", "lag_s"}
     text = await cli("sql", "SELECT agent FROM attempts ORDER BY agent LIMIT 1")
     assert text.returncode == 0 and "sql-a" in text.stdout and "1 rows" in text.stdout
     refused = await cli("sql", "DELETE FROM attempts")
-    assert refused.returncode == 1 and "must be a SELECT" in refused.stderr
+    assert refused.returncode == 2 and "must be a SELECT" in refused.stderr  # Exit.USAGE
+
+
+async def test_sql_answers_fit_the_connections_max_payload(fleet: Fleet, server: Server, tmp_path: Path) -> None:
+    """Rows are cut from the end to fit a reply (`truncated_by: max_payload`); a single value
+    too big for any reply is a clear error naming the limit, never a MaxPayloadError."""
+    limit = (await fleet.nats()).max_payload
+    cut = await fleet.sql("SELECT i, repeat('x', 300000) AS blob FROM range(10) t(i) ORDER BY i")
+    assert cut.truncated and cut.truncated_by == "max_payload"
+    assert [r[0] for r in cut.rows] == [0, 1, 2]  # the first rows, in order: 3 x 300 kB fit in 1 MB
+    whole = await fleet.sql("SELECT * FROM range(20)", max_rows=5)
+    assert whole.truncated and whole.truncated_by == "max_rows"
+    with pytest.raises(QueryError, match=rf"column 'big' is 2000002 bytes.*max_payload of {limit} bytes") as info:
+        await fleet.sql("SELECT 1 AS small, repeat('y', 2000000) AS big")
+    assert info.value.code == "413"
+    assert (await fleet.sql("SELECT 42")).rows == [[42]]  # the service carries on
+
+    cli = cli_runner(fleet.settings.nats_url, tmp_path)
+    too_big = await cli("sql", "SELECT repeat('y', 2000000) AS big")
+    assert too_big.returncode == 2 and "max_payload" in too_big.stderr  # Exit.USAGE: change the statement
+    text = await cli("sql", "SELECT i, repeat('x', 300000) AS blob FROM range(10) t(i)")
+    assert text.returncode == 0 and "truncated to fit a reply" in text.stdout

@@ -43,7 +43,7 @@ async def test_set_get_entry_upsert_keeps_created_at(fleet: Fleet) -> None:
     assert entry.created_at == first.created_at  # kept
     assert entry.updated_at == second.updated_at and entry.updated_at >= first.updated_at  # refreshed
     assert set(msgspec.structs.asdict(entry)) == {"scope_key", "key", "found", "value", "created_at", "updated_at",
-                                                  "seq", "as_of", "lag"}
+                                                  "seq", "as_of", "lag", "lag_s"}
     assert entry.as_of[STREAM] >= second.seq and entry.lag[STREAM] >= 0
 
     # missing -> None; JSON null is stored and read back as None too, but `entry` tells them apart
@@ -154,7 +154,7 @@ async def test_list_order_plain_prefix_limit_and_paging(fleet: Fleet) -> None:
     sk = fleet.state.scope_key("actor", context=CTX, binding=BIND)
     page = await fleet.state.list(sk, min_seq=w)
     assert page.keys == sorted(keys) and page.has_more is False and page.scope_key == sk
-    assert set(msgspec.structs.asdict(page)) == {"scope_key", "keys", "has_more", "as_of", "lag"}
+    assert set(msgspec.structs.asdict(page)) == {"scope_key", "keys", "has_more", "as_of", "lag", "lag_s"}
     assert (await fleet.state.list(sk, prefix="a%")).keys == ["a%", "a%c"]  # % is literal
     assert (await fleet.state.list(sk, prefix="a_")).keys == ["a_", "a_b"]  # _ is literal
     assert (await fleet.state.list(sk, prefix="")).keys == sorted(keys)
@@ -185,7 +185,7 @@ async def test_snapshot_scopes_seed_and_disabled(fleet: Fleet) -> None:
     for scope in ("conversation", "actor", "subject", "runner"):
         w = await fleet.state.set(scope, "where", scope, context=CTX, binding=EVERY)
     snap = await fleet.state.snapshot(CTX, EVERY, min_seq=w)
-    assert set(msgspec.structs.asdict(snap)) == {"conversation", "actor", "subject", "runner", "as_of", "lag"}
+    assert set(msgspec.structs.asdict(snap)) == {"conversation", "actor", "subject", "runner", "as_of", "lag", "lag_s"}
     assert snap.conversation == {"where": "conversation", "external.conversation_id": "conv-1"}  # seeded
     assert (snap.actor, snap.subject, snap.runner) == ({"where": "actor"}, {"where": "subject"}, {"where": "runner"})
     # default policy: conversation + actor only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import click
@@ -10,18 +11,24 @@ from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
 from fleetlog.services.backbone.guarded import Guarded
 from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.client.nodes import node_statuses
+from fleetlog.services.client.rejects import RawReject, reject_raw
 from rich.table import Table
 
-from ._common import console, json_option, nats_option, print_json, run_client
+from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client
 
 __all__ = ["rebuild", "rejects", "schemas", "status"]
 
 
 @click.command()
+@click.option("--nodes", is_flag=True, help="every node's own status (one may be catching up, out of the query group)")
 @nats_option
 @json_option
-def status(nats_url: str | None, as_json: bool) -> None:
+def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
     """Streams, projections, checkpoints, lag and rejects."""
+    if nodes:
+        _node_table(nats_url, as_json)
+        return
 
     async def go(fleet: Fleet) -> StatusAnswer:
         return await fleet.status()
@@ -41,6 +48,28 @@ def status(nats_url: str | None, as_json: bool) -> None:
                       _kv(p.lag_seconds), _kv(p.rows), str(p.rejects))
     console.print(views)
     console.print(f"rejects: {answer.rejects_total}")
+    if answer.node_state != "serving":
+        console.print(f"node {answer.node}: {answer.node_state} (not answering queries yet): {_progress(answer)}")
+
+
+def _node_table(nats_url: str | None, as_json: bool) -> None:
+    async def go(fleet: Fleet) -> list[StatusAnswer]:
+        return await node_statuses(fleet)
+
+    answers = run_client(nats_url, go)
+    if as_json:
+        print_json(answers)
+        return
+    table = Table("node", "state", "as of", "lag", "lag s", "catch-up", title="nodes")
+    for a in answers:
+        table.add_row(a.node, a.node_state, _kv(a.as_of), _kv(a.lag), _kv(a.lag_s), _progress(a))
+    console.print(table)
+    if not answers:
+        fail(Exit.UNAVAILABLE, "no fleetlog node answered (is `fleetlog up` or `fleetlog serve` running?)")
+
+
+def _progress(answer: StatusAnswer) -> str:
+    return ", ".join(f"{c.stream} {c.folded}/{c.target}" for c in answer.catch_up)
 
 
 def _kv(d: dict[str, Any]) -> str:
@@ -80,8 +109,42 @@ def rejects(ctx: click.Context, projection: str | None, limit: int, nats_url: st
         return
     table = Table("projection", "stream", "seq", "subject", "reason", "data")
     for r in answer.items:
-        table.add_row(r.projection, r.stream, str(r.seq), r.subject, r.reason, r.data[:60])
+        more = f" … ({r.data_bytes} bytes: rejects show {r.seq} --raw)" if r.data_truncated or len(r.data) > 60 else ""
+        table.add_row(r.projection, r.stream, str(r.seq), r.subject, r.reason, r.data[:60] + more)
     console.print(table)
+    if answer.has_more:
+        console.print("[dim]more rejects than fit in one reply: ask for fewer (--limit)[/dim]")
+
+
+@rejects.command("show")
+@click.argument("seq", type=int)
+@click.option("--stream", default=None, help="the stream SEQ is in (needed if several have a reject there)")
+@click.option("--projection", default=None)
+@click.option("--raw", is_flag=True, help="write the exact bytes to stdout, nothing else")
+@nats_option
+@json_option
+def show(seq: int, stream: str | None, projection: str | None, raw: bool, nats_url: str | None,
+         as_json: bool) -> None:
+    """One reject by its stream SEQ: the reason, and the whole payload from JetStream."""
+
+    async def go(fleet: Fleet) -> RawReject:
+        return await reject_raw(fleet, seq, stream, projection)
+
+    got = run_client(nats_url, go)
+    if raw:
+        sys.stdout.buffer.write(got.data)
+        sys.stdout.buffer.flush()
+        return
+    r = got.row
+    if as_json:
+        print_json({"projection": r.projection, "stream": r.stream, "seq": r.seq, "subject": r.subject,
+                    "reason": r.reason, "rejected_at": r.rejected_at, "data_bytes": len(got.data),
+                    "source": got.source, "data": got.data.decode("utf-8", "replace")})
+        return
+    console.print(f"{r.projection}: {r.stream} seq {r.seq} on {r.subject}, rejected {r.rejected_at}")
+    console.print(f"reason: {r.reason}")
+    console.print(f"{len(got.data)} bytes (from {got.source}); the first 2000:", markup=False)
+    console.print(got.data[:2000].decode("utf-8", "replace"), markup=False, highlight=False)
 
 
 @rejects.command("redrive")

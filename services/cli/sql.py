@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from fleetlog.schemas.answers import SqlAnswer
+from fleetlog.services.backbone.errors import FleetValidationError, QueryError
 from fleetlog.services.client.fleet import Fleet
 from rich.table import Table
 
@@ -24,7 +25,12 @@ def sql(statement: str, max_rows: int | None, nats_url: str | None, as_json: boo
     """
 
     async def go(fleet: Fleet) -> SqlAnswer:
-        return await fleet.sql(statement, max_rows)
+        try:
+            return await fleet.sql(statement, max_rows)
+        except QueryError as exc:
+            if exc.code == "413":  # a value too big for any reply: the statement must change (Exit.USAGE)
+                raise FleetValidationError("sql", str(exc)) from None
+            raise
 
     answer = run_client(nats_url, go)
     if as_json:
@@ -34,5 +40,8 @@ def sql(statement: str, max_rows: int | None, nats_url: str | None, as_json: boo
     for row in answer.rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     console.print(table)
-    more = " (truncated: raise --max-rows)" if answer.truncated else ""
-    console.print(f"{len(answer.rows)} rows{more}; as of {answer.as_of}")
+    more = ""
+    if answer.truncated:  # cut by the row limit, or to fit the reply into the connection's max_payload
+        more = " (truncated to fit a reply: select fewer or smaller columns)" if answer.truncated_by == "max_payload" \
+            else " (truncated: raise --max-rows)"
+    console.print(f"{len(answer.rows)} rows{more}; as of {answer.as_of}, lag {answer.lag}")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fleetlog.projections import ALL, Projection
+from fleetlog.schemas.answers import CatchUp
 from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.link import connect_once
 from fleetlog.services.backbone.streams import ensure_streams
@@ -28,12 +29,19 @@ log = logging.getLogger("fleetlog.server")
 
 @dataclass
 class Server:
-    """The services of one fleetlog process, started and stopped in order."""
+    """The services of one fleetlog process, started and stopped in order.
+
+    A node answers queries only once its views have caught up with the streams as of its
+    start (services/query/service.py); `start()` waits for that (logging progress) unless
+    `wait=False`, after which `serving()` waits. `fold_paused` starts with the fold held
+    (`projector.resume()` lets it go): a view that is behind on purpose.
+    """
 
     settings: FleetSettings
     projections: Sequence[Projection] = ALL
+    fold_paused: bool = False
 
-    async def start(self) -> None:
+    async def start(self, *, wait: bool = True) -> None:
         s = self.settings
         self.nc = await _connect_waiting(s)
         await ensure_streams(self.nc, s)
@@ -41,29 +49,52 @@ class Server:
         self.projector = Projector(
             self.store, self.projections, s.servers(), nc=self.nc,
             batch_max=s.batch_max, batch_wait_s=s.batch_wait_s, max_event_bytes=s.max_event_bytes,
-            retention_interval_s=s.retention_interval_s,
+            retention_interval_s=s.retention_interval_s, paused=self.fold_paused,
         )
-        await self.projector.start()
         self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s,
                                   sql_max_rows=s.sql_max_rows, sql_timeout_s=s.sql_timeout_s)
-        await self.query.start()
         self.reactors: Reactors | None = None
-        if s.reactors:
-            self.reactors = Reactors(s)
-            await self.reactors.start()
+        await self.query.start()  # notes the streams' ends before the projector folds anything
+        await self.projector.start()
+        self._joining = asyncio.ensure_future(self._join())
+        if wait:
+            try:
+                await self.serving()
+            except BaseException:
+                await self.stop()  # a signal while catching up: nothing left running
+                raise
         log.info("fleetlog serving %s, views in %s", s.nats_url, s.views_path())
+
+    async def serving(self) -> None:
+        """Wait until this node answers queries (caught up, in the query group)."""
+        await asyncio.shield(self._joining)
+
+    async def _join(self) -> None:
+        await self.query.join(progress=_log_progress)
+        if self.settings.reactors:  # they ask the views: only once these are caught up
+            self.reactors = Reactors(self.settings)
+            await self.reactors.start()
 
     async def stop(self) -> None:
         """Stop the reactors and answering, let the projector commit its last batch, close the file."""
         if self.reactors is not None:
             with contextlib.suppress(Exception):
                 await self.reactors.stop()
+        self._joining.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._joining
         with contextlib.suppress(Exception):
             await self.query.stop()
         await self.projector.stop()
         with contextlib.suppress(Exception):
             await self.nc.drain()
         self.store.close()
+
+
+def _log_progress(where: list[CatchUp]) -> None:
+    left = [c for c in where if c.folded < c.target]
+    said = ", ".join(f"{c.stream} {c.folded}/{c.target} ({100 * c.folded // max(1, c.target)}%)" for c in left)
+    log.info("catching up (not answering queries yet): %s", said or "finishing")
 
 
 async def _until_signalled() -> None:

@@ -26,10 +26,11 @@ from fleetlog.projections import Projection
 from fleetlog.schemas import subjects
 from fleetlog.services.backbone.errors import StaleError
 from fleetlog.services.backbone.tasks import stop_tasks
+from fleetlog.services.projector.committed import Committed
 from fleetlog.services.projector.fold import BatchFolder, Reject
 from fleetlog.services.projector.retention import keep_to_streams
 from fleetlog.services.projector.store import Generation, ViewStore
-from fleetlog.services.projector.stream_reader import OrderedReader
+from fleetlog.services.projector.stream_reader import OrderedReader, StreamBatch
 from nats.aio.client import Client
 
 __all__ = ["Projector", "Reject", "StaleError"]
@@ -75,6 +76,7 @@ class Projector:
         idle_checkpoint_s: float = 1.0,
         retention_interval_s: float = 60.0,
         publish_rejects: bool = True,
+        paused: bool = False,
     ) -> None:
         self.store = store
         self.projections = {p.name: p for p in projections}
@@ -95,9 +97,15 @@ class Projector:
         self._write_lock = self.folder.write_lock
         self._stopping = asyncio.Event()
         self._advanced = asyncio.Event()
+        # Cleared while the fold is held (`pause`): a view that is behind on purpose (tests of
+        # lag and catch-up, an operator holding the file still).
+        self._folding = asyncio.Event()
+        if not paused:
+            self._folding.set()
         self._reject_queue: asyncio.Queue[tuple[str, Reject]] = asyncio.Queue(maxsize=100_000)
         self._aux: list[asyncio.Task[None]] = []
         self.folded_events = 0
+        self.committed = Committed()  # which checkpoints a read saw, without a transaction
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -137,9 +145,17 @@ class Projector:
         await self._launch(projection, gen, folds=True)
         return gen
 
+    def pause(self) -> None:
+        """Hold the fold after the batch in hand: views stay where they are until `resume`."""
+        self._folding.clear()
+
+    def resume(self) -> None:
+        self._folding.set()
+
     async def stop(self) -> None:
         """Stop reading; the batch being folded is committed first."""
         self._stopping.set()
+        self._folding.set()  # a held batch is folded and committed, then the loop ends
         tasks = [t for r in self._running.values() for t in r.tasks]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -149,6 +165,7 @@ class Projector:
     async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:
         running = _Running(projection, gen, folds=folds)
         checkpoints = self.store.checkpoints(gen.schema)
+        self.committed.start(gen.schema, {s: checkpoints.get(s, 0) for s in projection.streams})
         for stream in projection.streams:
             running.feeds[stream] = _Feed(checkpoint=checkpoints.get(stream, 0))
         self._running[(projection.name, gen.generation)] = running
@@ -183,8 +200,9 @@ class Projector:
                     if running.gen.state == "building" and not feed.caught_up:
                         await self._check_caught_up(running, stream)
                     continue
+                await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
                 rejects = await asyncio.get_running_loop().run_in_executor(
-                    self._fold_thread, self.folder.apply, running.projection, running.gen.schema, stream, batch
+                    self._fold_thread, self._apply, running.projection, running.gen.schema, stream, batch
                 )
                 feed.checkpoint = batch.last_seq
                 feed.pending = batch.pending()
@@ -217,7 +235,7 @@ class Projector:
             # or purged): nothing will ever be delivered up to it, so the checkpoint moves
             # there, or a min_seq token up to last_seq would wait in vain.
             await asyncio.get_running_loop().run_in_executor(
-                self._fold_thread, self.folder.advance, running.gen.schema, stream, last_seq
+                self._fold_thread, self._advance, running.gen.schema, stream, last_seq
             )
             feed.checkpoint = last_seq
         if last_seq <= feed.checkpoint:
@@ -255,6 +273,18 @@ class Projector:
             a = self.store.table_digest(old.gen.schema, tables)
             b = self.store.table_digest(new.gen.schema, tables)
         return json.dumps({"compared": True, "equal": a == b, "live": a, "rebuilt": b})
+
+    def _apply(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
+        """`folder.apply` on the fold thread, inside the readers' seqlock."""
+        with self.committed.committing():
+            rejects = self.folder.apply(projection, schema, stream, batch)
+            self.committed.moved(schema, stream, batch.last_seq)
+            return rejects
+
+    def _advance(self, schema: str, stream: str, seq: int) -> None:
+        with self.committed.committing():
+            self.folder.advance(schema, stream, seq)
+            self.committed.moved(schema, stream, seq)
 
     # -- checkpoints -------------------------------------------------------------
     async def _checkpoint_when_idle(self) -> None:
@@ -320,11 +350,10 @@ class Projector:
     def running(self) -> list[_Running]:
         return list(self._running.values())
 
-    def as_of(self, name: str) -> tuple[dict[str, int], dict[str, int]]:
-        running = self.live(name)
-        as_of = {s: f.checkpoint for s, f in running.feeds.items()}
-        lag = {s: (f.pending or 0) for s, f in running.feeds.items()}
-        return as_of, lag
+    def checkpoints(self, name: str) -> dict[str, int]:
+        """The live generation's folded seq per stream, in memory: it moves only after the fold
+        that reached it committed, so it is never ahead of what a read can see."""
+        return {s: f.checkpoint for s, f in self.live(name).feeds.items()}
 
     async def wait_for(self, name: str, token: dict[str, int] | None, timeout_s: float) -> None:
         """Read-your-writes: wait until the live generation folded every seq in `token`."""

@@ -1,0 +1,125 @@
+"""Lag, computed when an answer is made: the stream's last seq minus what the answer saw.
+
+The projector's own idea of what is pending comes from the last batch it folded, so a
+view that stopped folding (or had not started on a burst) said `lag: 0` while the
+writer's token was ahead. Here each answer asks the broker for the stream's last seq
+(`$JS.API.STREAM.INFO`), shared among answers: a request joins a lookup that was sent
+after it arrived, else the next one, so the figure is never older than the request.
+`lag_s` is the age of the oldest event not folded (its broker timestamp), looked up only
+while behind and remembered per position, so a stuck view costs one lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import msgspec
+from nats.aio.client import Client
+
+__all__ = ["StreamHeads"]
+
+
+class _State(msgspec.Struct):
+    last_seq: int = 0
+
+
+class _Info(msgspec.Struct):
+    state: _State = msgspec.field(default_factory=_State)
+
+
+_decode_info = msgspec.json.Decoder(_Info).decode
+
+
+class StreamHeads:
+    def __init__(self, nc: Client, timeout_s: float = 2.0) -> None:
+        self.nc = nc
+        self.timeout_s = timeout_s
+        self._inflight: dict[str, tuple[int, asyncio.Future[int | None]]] = {}
+        self._next: dict[str, asyncio.Future[int | None]] = {}
+        self._born: dict[tuple[str, int], float] = {}  # (stream, seq) -> broker timestamp, s
+
+    async def last_seq(self, stream: str, since_ns: int) -> int | None:
+        """The stream's last seq from a lookup sent at or after `since_ns` (monotonic); None if
+        the broker did not say.
+
+        At most one lookup per stream is in flight: a request that arrived after the one in
+        flight was sent waits for the next, which leaves when it returns and serves every
+        request that arrived meanwhile (a burst costs one lookup per round trip, not one each).
+        """
+        current = self._inflight.get(stream)
+        if current is None or (current[1].done() and current[0] < since_ns):
+            current = self._send(stream)
+        elif current[0] < since_ns:
+            nxt = self._next.get(stream)
+            if nxt is None:
+                nxt = self._next[stream] = asyncio.ensure_future(self._after(stream, current[1]))
+            return await asyncio.shield(nxt)
+        return await asyncio.shield(current[1])
+
+    def _send(self, stream: str) -> tuple[int, asyncio.Future[int | None]]:
+        sent = self._inflight[stream] = (time.monotonic_ns(), asyncio.ensure_future(self._info(stream)))
+        return sent
+
+    async def _after(self, stream: str, running: asyncio.Future[int | None]) -> int | None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(running)
+        self._next.pop(stream, None)
+        return await self._send(stream)[1]
+
+    async def last_seqs(self, streams: Iterable[str], since_ns: int) -> dict[str, int | None]:
+        names = sorted(set(streams))
+        found = await asyncio.gather(*(self.last_seq(s, since_ns) for s in names))
+        return dict(zip(names, found, strict=True))
+
+    async def _info(self, stream: str) -> int | None:
+        try:
+            msg = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=self.timeout_s)
+            return _decode_info(msg.data).state.last_seq
+        except Exception:
+            return None
+
+    async def lag(self, as_of: dict[str, int], heads: dict[str, int | None]) -> tuple[dict[str, int], dict[str, float]]:
+        """(lag, lag_s) of an answer that saw `as_of`. A stream whose last seq the broker did not
+        give (within `timeout_s`; the request itself came through it) counts as caught up."""
+        lag: dict[str, int] = {}
+        for stream, seen in as_of.items():
+            head = heads.get(stream)
+            lag[stream] = max(0, head - seen) if head is not None else 0
+        behind = [s for s, n in lag.items() if n]
+        ages = await asyncio.gather(*(self.age(s, as_of[s]) for s in behind))
+        lag_s = dict.fromkeys(as_of, 0.0)
+        lag_s.update(zip(behind, ages, strict=True))
+        return lag, lag_s
+
+    async def age(self, stream: str, folded: int) -> float:
+        """Seconds since the broker stored the first message after `folded` (0 if none)."""
+        key = (stream, folded + 1)
+        born = self._born.get(key)
+        if born is None:
+            born = await self._stored_at(stream, folded + 1)
+            if born is None:
+                return 0.0
+            if len(self._born) > 1024:
+                self._born.clear()
+            self._born[key] = born
+        return max(0.0, time.time() - born)
+
+    async def _stored_at(self, stream: str, seq: int) -> float | None:
+        body = msgspec.json.encode({"seq": seq, "next_by_subj": ">"})
+        with contextlib.suppress(Exception):
+            msg = await self.nc.request(f"$JS.API.DIRECT.GET.{stream}", body, timeout=self.timeout_s)
+            stamp = (msg.headers or {}).get("Nats-Time-Stamp")
+            if stamp:
+                return _parse_stamp(stamp)
+        return None
+
+
+def _parse_stamp(stamp: str) -> float:
+    """RFC 3339 with nanoseconds ("2026-12-05T07:31:09.123456789Z"): Python takes microseconds."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    at = datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp()
+    return at + (float(f"0.{frac}") if frac else 0.0)
