@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import AttemptFactory, CpuMonitor, broker, emit_json, percentiles, settings_for, table
-from fleetlog.services.client.fleet import FleetSync
+from fleetlog.services.client.sync import FleetSync
 
 from fleetlog import Fleet
 

@@ -17,9 +17,10 @@ from fleetlog.services.backbone.errors import (
     StaleError,
     StaleHolderError,
 )
-from fleetlog.services.client.fleet import Fleet, FleetSync
+from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.processor_lock import ProcessorLockBusy, ProcessorLockLost
 from fleetlog.services.client.state import StatePolicyError
+from fleetlog.services.client.sync import FleetSync
 from fleetlog.services.writepath.receipt import Position, Receipt, Token
 
 __version__ = "0.1.0"

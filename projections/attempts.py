@@ -176,7 +176,7 @@ class AttemptsProjection(Projection):
 
     def endpoints(self) -> Sequence[Endpoint]:
         return (
-            Endpoint("query", AttemptsQuery, _query, "attempts, newest first, filtered and paged"),
+            Endpoint("query", AttemptsQuery, _query, "attempts, newest first, filtered and paged", cut=_cut_page),
             Endpoint("stats", AttemptStatsQuery, _stats, "count, mean and p95 elapsed per (action, outcome)"),
             Endpoint("summary", AttemptSummaryQuery, _summary, "an agent's newest attempts summarised"),
             Endpoint("purge", AttemptsPurgeRequest, _purge, "delete attempts older than N days (a fact)"),
@@ -205,6 +205,11 @@ def _pane(text: str | None) -> dict[str, Any] | None:
     return None if text is None else _loads(text)
 
 
+def _cut_page(page: AttemptPage, n: int) -> AttemptPage:
+    """The first n rows of a page too big to send; the rest from offset + n."""
+    return msgspec.structs.replace(page, items=page.items[:n], has_more=True, next_offset=page.offset + n)
+
+
 async def _query(ctx: QueryContext, req: AttemptsQuery) -> AttemptPage:
     where, params = _where(req.agent, req.since, action=req.action, outcome=req.outcome)
 
@@ -222,7 +227,7 @@ async def _query(ctx: QueryContext, req: AttemptsQuery) -> AttemptPage:
             for r in rows
         ]
 
-    return AttemptPage(items=await ctx.read(run))
+    return AttemptPage(items=await ctx.read(run), offset=req.offset)
 
 
 async def _stats(ctx: QueryContext, req: AttemptStatsQuery) -> AttemptStats:

@@ -195,9 +195,19 @@ async def _max_sequence(ctx: QueryContext, req: MaxSequenceQuery) -> MaxSequence
     return MaxSequence(sequence=await ctx.read(run))
 
 
+
+# A page too big for the connection's max_payload is cut to its first n items (n >= 1), the
+# cursor continuing right after them (services/query/dispatch.py fit_reply).
+def _cut_runs(page: RunPage, n: int) -> RunPage:
+    return msgspec.structs.replace(page, items=page.items[:n], next_cursor=page.items[n - 1].id, has_more=True)
+
+
+def _cut_events(page: RunEventPage, n: int) -> RunEventPage:
+    return msgspec.structs.replace(page, items=page.items[:n], next_cursor=page.items[n - 1].sequence, has_more=True)
+
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("list", RunsListQuery, _list, "runs newest first, filtered, cursor-paged"),
-    Endpoint("events", RunEventsQuery, _events, "a run's result events by sequence, cursor-paged"),
+    Endpoint("list", RunsListQuery, _list, "runs newest first, filtered, cursor-paged", cut=_cut_runs),
+    Endpoint("events", RunEventsQuery, _events, "a run's result events by sequence, cursor-paged", cut=_cut_events),
     Endpoint("candidates", CandidatesQuery, _candidates, "runs the view believes claimable (proposals)"),
     Endpoint("expired", ExpiredQuery, _expired, "claimed runs whose lease passed, oldest lease first"),
     Endpoint("max_sequence", MaxSequenceQuery, _max_sequence, "highest result-event sequence of a run"),

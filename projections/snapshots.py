@@ -99,11 +99,13 @@ class SnapshotsProjection(Projection):
 
     def endpoints(self) -> Sequence[Endpoint]:
         return (
-            Endpoint("latest", SnapshotsLatestQuery, _latest, "the newest snapshot of every (host, agent)"),
-            Endpoint("history", SnapshotHistoryQuery, _history, "one (host, agent)'s snapshots, newest first"),
+            Endpoint("latest", SnapshotsLatestQuery, _latest, "the newest snapshot of every (host, agent)",
+                     cut=_cut_latest),
+            Endpoint("history", SnapshotHistoryQuery, _history, "one (host, agent)'s snapshots, newest first",
+                     cut=_cut_history),
             Endpoint("get", SnapshotGetQuery, _get, "one snapshot, by seq or the newest"),
             Endpoint("diff", SnapshotDiffQuery, _diff, "a diff between two stored snapshots, computed now"),
-            Endpoint("diffs", DiffsQuery, _diffs, "the diffs the differ published, oldest first"),
+            Endpoint("diffs", DiffsQuery, _diffs, "the diffs the differ published, oldest first", cut=_cut_diffs),
         )
 
 
@@ -248,3 +250,18 @@ def _who(host: str | None, agent: str | None, last: str | None = None) -> tuple[
 
 
 PROJECTION = SnapshotsProjection()
+
+
+# A page too big for the connection's max_payload is cut to its first n items (n >= 1), the
+# cursor continuing right after them (services/query/dispatch.py fit_reply).
+def _cut_latest(page: SnapshotList, n: int) -> SnapshotList:
+    last = page.items[n - 1]
+    return msgspec.structs.replace(page, items=page.items[:n], next_after=[last.host, last.agent])
+
+
+def _cut_history(page: SnapshotList, n: int) -> SnapshotList:
+    return msgspec.structs.replace(page, items=page.items[:n], next_cursor=page.items[n - 1].seq)
+
+
+def _cut_diffs(page: DiffList, n: int) -> DiffList:
+    return msgspec.structs.replace(page, items=page.items[:n], next_cursor=page.items[n - 1].seq)

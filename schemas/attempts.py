@@ -107,6 +107,11 @@ class AttemptRow(msgspec.Struct, kw_only=True):
 
 class AttemptPage(Answer, kw_only=True):
     items: list[AttemptRow]
+    offset: int = 0  # the request's offset: items[0] is the offset-th newest match
+    # Set when the page was cut to fit the connection's max_payload: ask again with
+    # offset=next_offset for the rest of the page asked for.
+    has_more: bool = False
+    next_offset: int | None = None
 
 
 class AttemptStatsQuery(msgspec.Struct, kw_only=True):

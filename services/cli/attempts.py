@@ -62,6 +62,9 @@ def query_cmd(agent: str | None, action: str | None, outcome: str | None, since:
         table.add_row(row.ts, row.agent, row.action, row.outcome, f"{row.elapsed_s:.3f}", row.id)
     console.print(table)
     console.print(f"[dim]{len(page.items)} rows · as of {page.as_of} · lag {page.lag}[/dim]")
+    if page.has_more:
+        console.print(f"[yellow]the page was cut to fit the connection's max payload: --offset {page.next_offset} "
+                      "for the rest[/yellow]")
 
 
 @attempts.command("stats")

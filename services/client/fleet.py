@@ -15,11 +15,7 @@ spool locally and the client keeps trying (queries raise FleetUnavailable).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 from collections.abc import Callable, Coroutine, Generator
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import msgspec
@@ -29,20 +25,21 @@ from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.errors import FleetUnavailable, FleetValidationError, QueryError, StaleError
 from fleetlog.services.backbone.link import Link
 from fleetlog.services.backbone.streams import ensure_streams
-from fleetlog.services.client.attempts import AttemptsAPI, AttemptsSyncAPI
+from fleetlog.services.client.attempts import AttemptsAPI
+from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.client.processors import ProcessorsAPI
+from fleetlog.services.client.rejects import RawReject, reject_raw
 from fleetlog.services.client.runs import RunsAPI
 from fleetlog.services.client.runtimes import RuntimesAPI
 from fleetlog.services.client.snapshots import SnapshotsAPI
-from fleetlog.services.client.state import StateAPI, StateSyncAPI
-from fleetlog.services.client.sync import SyncFacade
+from fleetlog.services.client.state import StateAPI
 from fleetlog.services.writepath import exitsafe
 from fleetlog.services.writepath.publisher import Publisher, PublisherStats, Receipt, Token
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-__all__ = ["Fleet", "FleetSync"]
+__all__ = ["Connecting", "Fleet"]
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -207,6 +204,14 @@ class Fleet:
         query = RejectsQuery(projection=projection, limit=limit, min_seq=min_seq)
         return await self.request("fleetlog.rejects", query, RejectsAnswer)
 
+    async def reject_raw(self, seq: int, stream: str | None = None, projection: str | None = None) -> RawReject:
+        """One reject's exact bytes (answers carry a preview only), from JetStream by sequence."""
+        return await reject_raw(self, seq, stream, projection)
+
+    async def nodes(self, wait_s: float = 1.0) -> list[StatusAnswer]:
+        """The status of every fleetlog node serving this broker (serving or catching up)."""
+        return await node_statuses(self, wait_s)
+
     async def rebuild(self, projection: str) -> dict[str, Any]:
         class _Req(msgspec.Struct):
             projection: str
@@ -287,94 +292,3 @@ def _split_validation(message: str) -> tuple[str, str]:
         rule, _, where = message.rpartition(" - at `$.")
         return where.rstrip("`"), rule
     return "event", message
-
-
-async def _open_fleet(nats_url: str | None, kwargs: dict[str, Any]) -> Fleet:
-    fleet: Fleet = await Fleet.connect(nats_url, **kwargs)
-    return fleet
-
-
-class FleetSync:
-    """`Fleet` for agents that are plain threads or processes: an event loop in a daemon thread.
-
-    `record()` stays a microsecond call from any thread; queries block the caller.
-    """
-
-    def __init__(self, fleet: Fleet, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-        self._fleet = fleet
-        self._loop = loop
-        self._thread = thread
-        self._closed = False
-        # At interpreter shutdown the loop thread (a daemon) still runs while atexit does: close
-        # through it, bounded, unless the script did.
-        exitsafe.register_closer(self, self._close_at_exit)
-        self.attempts = AttemptsSyncAPI(fleet.attempts, self._run)
-        self.runs = SyncFacade(fleet.runs, self._run)
-        self.runtimes = SyncFacade(fleet.runtimes, self._run)
-        self.state = StateSyncAPI(fleet.state, self._run)
-        self.snapshots = SyncFacade(fleet.snapshots, self._run)
-        self.processors = SyncFacade(fleet.processors, self._run)
-
-    @classmethod
-    def connect(cls, nats_url: str | None = None, **kwargs: Any) -> FleetSync:
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="fleetlog-loop", daemon=True)
-        thread.start()
-        settings = kwargs.get("settings")
-        if settings is None:
-            settings = FleetSettings(**{k: v for k, v in kwargs.items() if k in FleetSettings.model_fields})
-        if settings.exit_on_sigterm:
-            exitsafe.install_sigterm()  # here: the loop thread is not the main thread
-        fut: Future[Fleet] = asyncio.run_coroutine_threadsafe(_open_fleet(nats_url, kwargs), loop)
-        try:
-            fleet = fut.result()
-        except BaseException:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(5)
-            raise
-        return cls(fleet, loop, thread)
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def emit(self, event: Event) -> Receipt:
-        return self._fleet.emit(event)
-
-    def flush(self, timeout: float | None = 30.0) -> Token:
-        return self._run(self._fleet.flush(timeout))
-
-    def status(self) -> StatusAnswer:
-        return self._run(self._fleet.status())
-
-    def publisher_stats(self) -> PublisherStats:
-        return self._fleet.publisher_stats()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Flush within timeout (the rest stays spooled), disconnect, stop the loop thread."""
-        self._close(timeout, timeout + 10.0)
-
-    def _close(self, timeout: float, bound: float) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        exitsafe.unregister_closer(self)
-        try:
-            # Bounded: the flush takes at most `timeout`, the rest (spooling, disconnecting) a few s;
-            # past `bound` the loop is stopped and the atexit spill takes what is left.
-            self._run(self._fleet.close(timeout), bound)
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop already stopped
-                self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-
-    def _close_at_exit(self) -> None:
-        if self._thread.is_alive():
-            flush_s = self._fleet.settings.exit_flush_s
-            self._close(flush_s, flush_s + 3.0)
-        # Whatever close() could not settle is spooled by the atexit hook after this.
-
-    def __enter__(self) -> FleetSync:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
