@@ -186,8 +186,8 @@ def serve_cmd(session_dir: str, nats_url: str | None) -> None:
         serving = asyncio.create_task(fleet.processors.serve_runs(Path(session_dir), ready=ready))
         await asyncio.wait([serving, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
-            err_console.print(f"serving processors.run over {escape(session_dir)}: {', '.join(list_processor_names())}",
-                              highlight=False)
+            # one plain line (no wrapping): a supervisor or a test waits for it
+            click.echo(f"serving processors.run over {session_dir}: {', '.join(list_processor_names())}", err=True)
         await serving
 
     try:
