@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CpuMonitor, broker, emit_json, percentiles, settings_for, table, wait_service
+from fleetlog.services.client.processor_files import list_session_files, select_unprocessed
 
 from fleetlog import Fleet, ProcessorResult
 from fleetlog.processors import compute_file_hash, register
@@ -117,6 +118,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                                      "per_s": round(len(keys) / (time.perf_counter() - t0))}
 
                 out["scan_unchanged"] = await scans(fleet, root, args.scans, 0)
+                # the scan's parts: the rows (5 requests of 2,000 keys) and the filesystem (list + stat)
+                parts: dict[str, list[float]] = {"rows": [], "filesystem": []}
+                for _ in range(args.scans):
+                    t0 = time.perf_counter()
+                    rows = await fleet.processors.get_states_for_session_files("bench", keys)
+                    t1 = time.perf_counter()
+                    await asyncio.to_thread(select_unprocessed, await asyncio.to_thread(list_session_files, root), rows)
+                    parts["rows"].append(t1 - t0)
+                    parts["filesystem"].append(time.perf_counter() - t1)
+                out["scan_parts_ms"] = {k: ms(v) for k, v in parts.items()}
                 step = len(keys) // args.changed
                 changed = [root / keys[i * step] for i in range(args.changed)]
                 for path in changed:  # appended: mtime now
@@ -200,6 +211,8 @@ def report(r: dict[str, Any]) -> None:
     rows = [
         (f"bulk marks ({r['bulk_marks']['n']:,}, emit then one flush)", f"{r['bulk_marks']['per_s']:,}/s", "", ""),
         scan_row("none changed", r["scan_unchanged"]),
+        ("  its parts: rows (5 requests) / list + stat", f"p50 {r['scan_parts_ms']['rows']['p50']} / "
+         f"{r['scan_parts_ms']['filesystem']['p50']} ms", "", ""),
         scan_row(f"{r['changed']} appended", r["scan_100_appended"]),
         scan_row(f"{r['changed']} changed inside the 50 ms window", r["scan_100_in_window"]),
         (f"run(), a new processor over {r['sessions']:,}", f"{r['run_first']['s']} s",
