@@ -103,6 +103,8 @@ async def test_mark_refuses_bad_input(fleet: Fleet, kwargs: dict[str, object], f
     assert fleet.publisher_stats().accepted == 0
     with pytest.raises(FleetValidationError, match="names"):
         await fleet.processors.delete_for_processors("p")
+    with pytest.raises(FleetValidationError, match="session_files"):
+        await fleet.processors.get_states_for_session_files("p", "u/s.jsonl")
 
 
 def test_compute_file_hash_and_parse_jsonl(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -159,6 +159,8 @@ class ProcessorsAPI(LockSide):
     async def get_states_for_session_files(self, processor: str, session_files: Iterable[str], *,
                                            min_seq: Token | Receipt | None = None) -> dict[str, dict[str, Any]]:
         """{session_file: {username, processed_at, items_extracted, file_hash}} (files with no row absent)."""
+        if isinstance(session_files, str):
+            raise FleetValidationError("session_files", "must be a list of session files, not one string")
         rows = await self._rows(processor, list(session_files), min_seq)
         return {k: _state(r) for k, r in rows.items()}
 
