@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fleetlog.services.client.processor_files import compute_file_hash
+from fleetlog.services.node.broker import die_with_parent
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
@@ -93,7 +94,7 @@ async def test_processors_serve_answers_run_requests(fleet: Fleet, server: Serve
     env = {**os.environ, "FLEETLOG_DATA_DIR": str(tmp_path / "serve")}
     serve = await asyncio.create_subprocess_exec(
         *fleetlog_cmd(), "processors", "serve", "--sessions", str(sessions), "--nats", fleet.settings.nats_url,
-        env=env, stderr=asyncio.subprocess.PIPE)
+        env=env, stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent())  # dies with pytest
     try:
         assert serve.stderr is not None
         line = (await serve.stderr.readline()).decode()  # printed once the endpoint is subscribed
