@@ -1,7 +1,7 @@
-"""Host snapshots and processor bookkeeping: call costs, acked rates, the differ, queries, the lock.
+"""Host snapshots: call costs, acked rates, the differ, queries. (Processors: bench_processors.py.)
 
-No issue sets targets for these two families yet; this bench only measures. Each family gets
-its own private nats-server (temp dir, free port). The client publishes before any projector
+No issue sets targets for this family yet; this bench only measures. It gets its own
+private nats-server (temp dir, free port). The client publishes before any projector
 runs (as in bench_publish.py); then an in-process `Server` (fleetlog.services.node.server, with
 reactors=False as in tests/conftest.py) folds what was published and answers the queries.
 
@@ -22,21 +22,7 @@ Snapshots:
   through the query service, p50/p99 over --queries calls after the view caught up; then
   the same SQL straight on the view file (read-only, after the Server stopped).
 
-Processors:
-
-* `mark()` acked throughput: --markers markers (one processor, distinct file hashes, 90 %
-  done / 7 % failed / 3 % skipped) then `flush()`.
-* `seen()` with --seen-hashes hashes (half marked, half unknown) against that view, `min_seq` =
-  the flush token, --seen-calls calls; and its SQL alone, in the client's request chunks.
-* floors from the same client: an acked publish with an expected-sequence header
-  (`Guarded.publish`), a JetStream direct get of one subject (`Guarded.last`), and a
-  one-hash `seen()` (a query-service round trip).
-* lock cycles: `acquire()` + `release()` back to back from one client for --lock-seconds.
-* `mark_locked()` (fenced, awaited): --locked-n sequential writes, then as many again from
-  --concurrency tasks sharing the lock.
-
     python bench/bench_families.py [--take-calls 20000] [--take-n 20000] [--diff-alone-n 3000] [--diff-n 8000]
-                                   [--markers 50000] [--seen-calls 30] [--lock-seconds 5] [--locked-n 3000]
 """
 
 from __future__ import annotations
@@ -44,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hashlib
 import json
 import random
 import sys
@@ -127,13 +112,6 @@ def code_version() -> dict[str, Any]:
     dirty = [ln[3:] for ln in git("status", "--porcelain", "--", "services", "projections", "schemas",
                                    "fleetlog").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty_library_files": dirty}
-
-
-def seen_chunk() -> int:
-    """Hashes per `fleetlog.processors.seen` request: the client splits a larger `seen()` call."""
-    from fleetlog.services.client import processors
-
-    return int(getattr(processors, "SEEN_CHUNK", 10_000))
 
 
 def gc_collections() -> int:
@@ -416,200 +394,6 @@ async def bench_snapshots(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-# -- processors ----------------------------------------------------------------------------
-
-
-async def bench_processors(args: argparse.Namespace) -> dict[str, Any]:
-    from fleetlog.schemas import encode_event, new_event_id, now_iso, subjects
-    from fleetlog.schemas.processors import ProcessorFileMarked
-    from fleetlog.services.backbone.guarded import Guarded
-    from fleetlog.services.node.server import Server
-
-    rng = random.Random(3)
-    files = []
-    for i in range(args.markers):
-        path = f"/data/in/{i // 1000:03d}/file-{i:06d}.csv"
-        status = rng.choices(("done", "failed", "skipped"), (90, 7, 3))[0]
-        files.append((path, hashlib.sha256(path.encode()).hexdigest(), status))
-    out: dict[str, Any] = {"markers": args.markers}
-    async with broker(prefix="fleetlog-bench-proc-") as (b, work):
-        bpid = b.process.pid if b.process else None
-        settings = settings_for(b.url, work / "data", reactors=False)
-        fleet = await Fleet.connect(settings=settings)
-        await fleet.flush(10)
-        mark = fleet.processors.mark
-        for i in range(2000):  # warm-up, another processor
-            mark("warmup", f"/w/{i}", "done")
-            if i % 100 == 99:
-                await asyncio.sleep(0)
-        await fleet.flush(60)
-
-        # 1. mark() acked throughput
-        cpu = CpuPer(bpid).start()
-        mon = CpuMonitor().start()
-        t0 = time.perf_counter()
-        for i, (path, fh, status) in enumerate(files):
-            mark("ingest", path, status, file_hash=fh)
-            if i % 100 == 99:
-                await asyncio.sleep(0)
-        t_mark = time.perf_counter() - t0
-        token = await fleet.flush(300)
-        dt = time.perf_counter() - t0
-        stats = fleet.publisher_stats()
-        assert stats.acked == args.markers + 2000 and stats.spooled == 0 and stats.dead_lettered == 0, stats
-        out["mark_acked"] = {"n": args.markers, "mark_phase_s": round(t_mark, 3), "total_s": round(dt, 3),
-                             "per_s": round(args.markers / dt), **cpu.stop(args.markers), "cpu": mon.stop()}
-
-        srv = Server(settings)
-        t0 = time.perf_counter()
-        await srv.start()
-        await wait_service(fleet)
-        try:
-            # the view folds 52k markers
-            got = await folded(lambda: fleet.processors.seen("ingest", [files[-1][1]], min_seq=token))
-            assert got == {files[-1][1]: files[-1][2]}, got
-            fold_s = time.perf_counter() - t0
-            out["fold_markers"] = {"n": args.markers + 2000, "s": round(fold_s, 2),
-                                   "per_s": round((args.markers + 2000) / fold_s)}
-
-            # 2. seen() with 10,000 hashes, half marked
-            want = {fh: st for _, fh, st in files}
-            half = min(args.seen_hashes // 2, len(files))  # marked hashes per call; the rest unknown
-
-            def request(k: int) -> list[str]:
-                start = (k * 7919) % max(1, len(files) - half)
-                known = [fh for _, fh, _ in files[start:start + half]]
-                unknown = [hashlib.sha256(f"nope-{k}-{j}".encode()).hexdigest() for j in range(args.seen_hashes - half)]
-                mixed = known + unknown
-                random.Random(k).shuffle(mixed)
-                return mixed
-
-            reqs = [request(k) for k in range(args.seen_calls + 3)]
-            for r in reqs[:3]:
-                await fleet.processors.seen("ingest", r, min_seq=token)
-            seen_s: list[float] = []
-            mon = CpuMonitor().start()
-            for r in reqs[3:]:
-                t0 = time.perf_counter()
-                answer = await fleet.processors.seen("ingest", r, min_seq=token)
-                seen_s.append(time.perf_counter() - t0)
-                assert len(answer) == half and all(want[h] == s for h, s in answer.items()), len(answer)
-            out["seen"] = {"hashes": args.seen_hashes, "marked": half, "calls": len(seen_s),
-                           "request_bytes_approx": sum(len(h) + 3 for h in reqs[3]), "ms": ms(seen_s),
-                           "hashes_per_s_p50": round(args.seen_hashes / (ms(seen_s)["p50"] / 1000)),
-                           "cpu": mon.stop()}
-
-            # 3. floors, same connection: an acked expected-sequence publish, a direct get of that
-            # subject's last message (one concrete subject), a query-service round trip (seen, 1 hash)
-            g = Guarded(await fleet.nats())
-            get_s: list[float] = []
-            pub_s: list[float] = []
-            for i in range(args.floor_n + 20):
-                subject = subjects.proc_file("floor", f"f{i}")
-                t0 = time.perf_counter()
-                ev = ProcessorFileMarked(id=new_event_id(), ts=now_iso(), processor="floor", file_path=f"/f/{i}",
-                                         file_hash=f"f{i}", status="done")
-                _, floor_seq, _ = await g.publish(subject, encode_event(ev), msg_id=ev.id, expected_last_seq=0)
-                t1 = time.perf_counter()
-                last = await g.last("FLEET_PROCESSORS", subject)
-                t2 = time.perf_counter()
-                assert last is not None
-                if i >= 20:
-                    pub_s.append(t1 - t0)
-                    get_s.append(t2 - t1)
-            # the floor markers folded before timing queries
-            floor_token = {"FLEET_PROCESSORS": floor_seq}
-            await folded(lambda: fleet.processors.seen("ingest", [files[0][1]], min_seq=floor_token))
-            q_s: list[float] = []
-            for i in range(args.floor_n + 20):
-                t0 = time.perf_counter()
-                await fleet.processors.seen("ingest", [files[i][1]])
-                if i >= 20:
-                    q_s.append(time.perf_counter() - t0)
-            out["floor_guarded_publish_ms"] = ms(pub_s)
-            out["floor_direct_get_ms"] = ms(get_s)
-            out["floor_seen_1_hash_ms"] = ms(q_s)
-
-            # 4. lock cycles: acquire + release, one client
-            procs = fleet.processors
-            holder = procs.new_holder()
-            for _ in range(20):
-                lock = await procs.acquire("locked-proc", holder, 30)
-                assert lock is not None and await procs.release(lock)
-            acq_s: list[float] = []
-            rel_s: list[float] = []
-            fences = []
-            cpu = CpuPer(bpid).start()
-            mon = CpuMonitor().start()
-            t_start = time.perf_counter()
-            while time.perf_counter() - t_start < args.lock_seconds:
-                t0 = time.perf_counter()
-                lock = await procs.acquire("locked-proc", holder, 30)
-                t1 = time.perf_counter()
-                assert lock is not None
-                ok = await procs.release(lock)
-                t2 = time.perf_counter()
-                assert ok
-                acq_s.append(t1 - t0)
-                rel_s.append(t2 - t1)
-                fences.append(lock.fence)
-            dt = time.perf_counter() - t_start
-            assert fences == sorted(set(fences)), "fences must increase"
-            out["lock_cycles"] = {"cycles": len(acq_s), "s": round(dt, 2), "per_s": round(len(acq_s) / dt),
-                                  "acquire_ms": ms(acq_s), "release_ms": ms(rel_s),
-                                  **cpu.stop(len(acq_s)), "cpu": mon.stop()}
-
-            # 5. mark_locked: fenced, awaited
-            lock = await procs.acquire("fenced-proc", holder, 600)
-            assert lock is not None
-            locked_files = [(f"/fenced/{i:06d}", hashlib.sha256(f"/fenced/{i:06d}".encode()).hexdigest())
-                            for i in range(2 * args.locked_n)]
-            for path, fh in locked_files[:50]:  # warm-up (overwritten below)
-                await procs.mark_locked(lock, path, "running", file_hash=fh)
-            lat_s: list[float] = []
-            cpu = CpuPer(bpid).start()
-            mon = CpuMonitor().start()
-            t_start = time.perf_counter()
-            for path, fh in locked_files[:args.locked_n]:
-                t0 = time.perf_counter()
-                await procs.mark_locked(lock, path, "done", file_hash=fh)
-                lat_s.append(time.perf_counter() - t0)
-            dt = time.perf_counter() - t_start
-            out["mark_locked"] = {"n": args.locked_n, "s": round(dt, 2), "per_s": round(args.locked_n / dt),
-                                  "ms": ms(lat_s), **cpu.stop(args.locked_n), "cpu": mon.stop()}
-
-            queue = list(locked_files[args.locked_n:])
-
-            async def worker() -> None:
-                while queue:
-                    path, fh = queue.pop()
-                    await procs.mark_locked(lock, path, "done", file_hash=fh)
-
-            cpu = CpuPer(bpid).start()
-            mon = CpuMonitor().start()
-            t_start = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-            dt = time.perf_counter() - t_start
-            out["mark_locked_concurrent"] = {"n": args.locked_n, "tasks": args.concurrency, "s": round(dt, 2),
-                                             "per_s": round(args.locked_n / dt), **cpu.stop(args.locked_n),
-                                             "cpu": mon.stop()}
-            assert await procs.release(lock)
-            check = await fleet.processors.seen("fenced-proc", [fh for _, fh in locked_files])
-            assert len(check) == len(locked_files) and set(check.values()) == {"done"}, len(check)
-        finally:
-            await fleet.close()
-            await srv.stop()
-        chunk = seen_chunk()
-        out["seen"]["requests_per_call"] = -(-args.seen_hashes // chunk)
-        out["sql_alone_ms"] = await asyncio.to_thread(sql_alone, settings.views_path(), "processors", [
-            ("seen", "SELECT file_hash, status FROM proc_files WHERE processor = ? AND file_hash IN"
-             " (SELECT unnest(?))", [["ingest", reqs[3][i:i + chunk]] for i in range(0, len(reqs[3]), chunk)]),
-            ("seen_one_request", "SELECT file_hash, status FROM proc_files WHERE processor = ? AND file_hash IN"
-             " (SELECT unnest(?))", [["ingest", reqs[3]]]),
-        ])
-    return out
-
-
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -618,7 +402,7 @@ def cpu_per(r: dict[str, Any], unit: str) -> str:
             f"{r['broker_cpu_us_per_op']} µs CPU per {unit}")
 
 
-def report(snap: dict[str, Any] | None, proc: dict[str, Any] | None) -> None:
+def report(snap: dict[str, Any] | None) -> None:
     rows: list[tuple[Any, ...]] = []
     if snap:
         tc, ta, comp = snap["take_call_us"], snap["take_acked"], snap["components_us"]
@@ -651,31 +435,6 @@ def report(snap: dict[str, Any] | None, proc: dict[str, Any] | None) -> None:
              f"history {snap['sql_alone_ms']['history']['p50']} ms",
              snap["queries_cpu"]["foreign_cores"]),
         ]
-    if proc:
-        ma, s, lc, ml, mc = (proc["mark_acked"], proc["seen"], proc["lock_cycles"], proc["mark_locked"],
-                             proc["mark_locked_concurrent"])
-        rows += [
-            (f"processors.mark() × {ma['n']:,} then flush (acked)", f"{ma['per_s']:,}/s",
-             cpu_per(ma, "op"),
-             ma["cpu"]["foreign_cores"]),
-            (f"view folds {proc['fold_markers']['n']:,} markers", f"{proc['fold_markers']['per_s']:,}/s",
-             f"{proc['fold_markers']['s']} s incl. start", ""),
-            (f"seen({s['hashes']:,} hashes) vs {ma['n']:,} files", f"p50 {s['ms']['p50']} ms, p99 {s['ms']['p99']} ms",
-             f"{s['requests_per_call']} requests per call, {s['marked']:,} marked; SQL alone p50 "
-             f"{proc['sql_alone_ms']['seen']['p50']} ms (one {s['hashes']:,} list: "
-             f"{proc['sql_alone_ms']['seen_one_request']['p50']} ms)", s["cpu"]["foreign_cores"]),
-            ("acquire + release, one client", f"{lc['per_s']:,} cycles/s",
-             f"acquire p50 {lc['acquire_ms']['p50']} ms, release p50 {lc['release_ms']['p50']} ms",
-             lc["cpu"]["foreign_cores"]),
-            ("mark_locked() sequential, awaited", f"{ml['per_s']:,}/s",
-             f"p50 {ml['ms']['p50']} ms, p99 {ml['ms']['p99']} ms", ml["cpu"]["foreign_cores"]),
-            (f"mark_locked() × {mc['tasks']} tasks, one lock", f"{mc['per_s']:,}/s",
-             cpu_per(mc, "op"),
-             mc["cpu"]["foreign_cores"]),
-            ("floor: guarded publish / direct get / seen(1)", f"p50 {proc['floor_guarded_publish_ms']['p50']} / "
-             f"{proc['floor_direct_get_ms']['p50']} / {proc['floor_seen_1_hash_ms']['p50']} ms",
-             "one round trip each, same client", ""),
-        ]
     print(table(rows, ["what", "figure", "detail", "foreign cores"]))
 
 
@@ -688,22 +447,13 @@ async def main() -> None:
                     help="diff (at least) this many snapshots before the in-process Server starts")
     ap.add_argument("--diff-n", type=int, default=8000, help="then (at least) this many next to the Server")
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--markers", type=int, default=50_000)
-    ap.add_argument("--seen-hashes", type=int, default=10_000)
-    ap.add_argument("--seen-calls", type=int, default=30)
-    ap.add_argument("--floor-n", type=int, default=500)
-    ap.add_argument("--lock-seconds", type=float, default=5.0)
-    ap.add_argument("--locked-n", type=int, default=3000)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--skip", choices=("snapshots", "processors"), default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
     version = code_version()
     print(f"code: {version['commit']}, library files changed since: {version['dirty_library_files'] or 'none'}")
-    snap = await bench_snapshots(args) if args.skip != "snapshots" else None
-    proc = await bench_processors(args) if args.skip != "processors" else None
-    report(snap, proc)
-    emit_json("families", {"snapshots": snap, "processors": proc, "wall_s": round(time.perf_counter() - t0, 1),
+    snap = await bench_snapshots(args)
+    report(snap)
+    emit_json("families", {"snapshots": snap, "wall_s": round(time.perf_counter() - t0, 1),
                            "unavailable_retries": UNAVAILABLE, "code": version,
                            "args": vars(args)})
 

@@ -19,6 +19,7 @@ from fleetlog.services.backbone.errors import (
 )
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.processor_lock import ProcessorLockBusy, ProcessorLockLost
+from fleetlog.services.client.processor_registry import Processor, ProcessorResult
 from fleetlog.services.client.state import StatePolicyError
 from fleetlog.services.client.sync import FleetSync
 from fleetlog.services.writepath.receipt import Position, Receipt, Token
@@ -35,8 +36,10 @@ __all__ = [
     "FleetUnavailable",
     "FleetValidationError",
     "Position",
+    "Processor",
     "ProcessorLockBusy",
     "ProcessorLockLost",
+    "ProcessorResult",
     "QueryError",
     "Receipt",
     "StaleError",

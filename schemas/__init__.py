@@ -5,7 +5,12 @@ from ._base import Event, new_event_id, now_iso, parse_ts
 from .attempts import CANONICAL_OUTCOMES, AttemptRecorded, AttemptsPurged
 from .events import EVENT_TYPES, AnyEvent, decode_event, encode_event, event_decoder
 from .jsonschema import event_schemas, export_schemas
-from .processors import ProcessorFileMarked, ProcessorLockChanged, ProcessorRunRecorded
+from .processors import (
+    ProcessorLockChanged,
+    ProcessorRunRecorded,
+    ProcessorSessionDeleted,
+    ProcessorSessionMarked,
+)
 from .runs import (
     RUN_STATUSES,
     TERMINAL_RUN_STATUSES,
@@ -37,9 +42,10 @@ __all__ = [
     "AttemptsPurged",
     "Event",
     "HostSnapshot",
-    "ProcessorFileMarked",
     "ProcessorLockChanged",
     "ProcessorRunRecorded",
+    "ProcessorSessionDeleted",
+    "ProcessorSessionMarked",
     "RunCancelRequested",
     "RunClaimed",
     "RunCreated",

@@ -7,7 +7,12 @@ from typing import Final
 import msgspec
 
 from .attempts import AttemptRecorded, AttemptsPurged
-from .processors import ProcessorFileMarked, ProcessorLockChanged, ProcessorRunRecorded
+from .processors import (
+    ProcessorLockChanged,
+    ProcessorRunRecorded,
+    ProcessorSessionDeleted,
+    ProcessorSessionMarked,
+)
 from .runs import (
     RunCancelRequested,
     RunClaimed,
@@ -42,7 +47,8 @@ AnyEvent = (
     | StateDeleted
     | HostSnapshot
     | SnapshotDiff
-    | ProcessorFileMarked
+    | ProcessorSessionMarked
+    | ProcessorSessionDeleted
     | ProcessorRunRecorded
     | ProcessorLockChanged
 )

@@ -100,9 +100,10 @@ PUBLISH: Final[dict[str, tuple[str, str]]] = {
     "state.deleted": ("guarded", "as state.set"),
     "snapshot.taken": ("fire-and-forget", "acked publish with Nats-Msg-Id"),
     "snapshot.diff": ("fleetlog", "derived by fleetlog's snapshot differ; a foreign one breaks the diff chain"),
-    "proc.file": ("fire-and-forget", "or fenced under the processor lock: ...-Subject = `fleet.proc.<p>.lock`, "
-                                     "sequence = the lock subject's last seq"),
-    "proc.run": ("guarded", "on its own subject: 0 to start, the last seq to finish"),
+    "proc.session": ("fire-and-forget", "or fenced under the processor lock: ...-Subject = `fleet.proc.<p>.lock`, "
+                                        "sequence = the lock subject's last seq (the runner's marks)"),
+    "proc.session.deleted": ("fire-and-forget", "the tombstone of one (processor, session file) row"),
+    "proc.run": ("fire-and-forget", "one audit record per run, published when the run ends"),
     "proc.lock": ("guarded", "on `fleet.proc.<processor>.lock`: the acquired message's seq is the fence"),
 }
 

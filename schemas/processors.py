@@ -1,19 +1,26 @@
-"""Batch-processor bookkeeping: per-file markers, run records and the processor lock.
+"""Session-processor bookkeeping: one row per (processor, session file), run audit records,
+and the processor lock.
 
-A processor (an ingest job, a converter, an indexer) walks files and records, per
-file, the latest thing it knows (`proc.file` on `fleet.proc.<p>.file.<file_hash>`,
-compacted: one message per file); per run, a state-carrying record
-(`proc.run` on `fleet.proc.<p>.run.<run_id>`); and one lock per processor
-(`proc.lock` on `fleet.proc.<p>.lock`) that at most one holder has at a time,
-decided by JetStream's expected last subject sequence. The lock's fencing token is
-the stream sequence of its `acquired` message; markers and run records written
-with the lock are published only while the lock subject is where the holder left
-it, so a holder that lost its lock cannot write.
+A processor reads `<session_dir>/<user>/<file>.jsonl` on its own cadence. What it
+processed is one compacted subject per (processor, session file):
+`proc.session` on `fleet.proc.<p>.session.<session_file>` (processed_at, items_extracted,
+file_hash, username; each mark overwrites the row), and `proc.session.deleted` on
+the same subject as its tombstone. Every run leaves one audit record (`proc.run` on
+`fleet.proc.<p>.run.<run_id>`): the runner's stats, `ok`, and `unhandled_error` when
+the runner itself failed. One lock per processor (`proc.lock` on
+`fleet.proc.<p>.lock`) has at most one holder at a time, decided by JetStream's
+expected last subject sequence; the stream seq of its `acquired` message is the
+fencing token, and the runner's marks are published only while the lock subject is
+where the holder left it, so a holder that lost its lock cannot write.
+
+Version 2 (v=2 on every event of this family): version 1 had per-file content-hash
+markers (`proc.file`) and start/finish run records; those are gone, not kept beside.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Final
+from datetime import datetime
+from typing import Annotated, ClassVar, Final
 
 import msgspec
 
@@ -22,70 +29,86 @@ from ._base import Event, Identity, Text
 from .answers import Answer
 
 __all__ = [
-    "DONE_STATUSES",
-    "FILE_STATUSES",
     "LOCK_STATES",
-    "RUN_STATUSES",
-    "ProcFile",
-    "ProcFileList",
-    "ProcFileQuery",
-    "ProcFilesQuery",
+    "ProcActivity",
+    "ProcActivityQuery",
     "ProcLock",
     "ProcLockQuery",
     "ProcRun",
     "ProcRunList",
-    "ProcRunQuery",
+    "ProcRunRequest",
+    "ProcRunStats",
     "ProcRunsQuery",
-    "ProcSeen",
-    "ProcSeenQuery",
+    "ProcSession",
+    "ProcSessionList",
+    "ProcSessionsQuery",
     "ProcSummary",
     "ProcSummaryList",
     "ProcSummaryQuery",
     "ProcessorEvent",
-    "ProcessorFileMarked",
     "ProcessorLockChanged",
     "ProcessorRunRecorded",
+    "ProcessorSessionDeleted",
+    "ProcessorSessionMarked",
 ]
 
-# Canonical file statuses (others are stored as given); done and skipped count as processed.
-FILE_STATUSES: Final = ("pending", "processing", "done", "failed", "skipped")
-DONE_STATUSES: Final = ("done", "skipped")
-RUN_STATUSES: Final = ("running", "completed", "failed", "cancelled")
 LOCK_STATES: Final = ("acquired", "renewed", "released")
-Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+SessionFile = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 
 
 class ProcessorEvent(Event, kw_only=True, frozen=True):
     STREAM: ClassVar[str] = "FLEET_PROCESSORS"
 
     processor: Identity
+    v: int = 2
 
 
-class ProcessorFileMarked(ProcessorEvent, tag="proc.file", kw_only=True, frozen=True):
-    """The latest known status of one file for one processor (compacted per file)."""
+class ProcessorSessionMarked(ProcessorEvent, tag="proc.session", kw_only=True, frozen=True):
+    """What `processor` took from one session file: the whole row (compacted per session file).
 
-    file_path: str
-    file_hash: Identity
-    status: Text
-    size: int | None = None
-    detail: dict[str, Any] = msgspec.field(default_factory=dict)
-    run_id: str | None = None
+    `processed_at` is naive UTC (when the file was read: the runner takes it before hashing);
+    None only in rows carried over from elsewhere, which a scan always surfaces. `fence` is
+    the lock tenure the runner marked under (None for a plain `mark_processed`)."""
+
+    session_file: SessionFile  # "<user dir>/<file>.jsonl"
+    username: str
+    items_extracted: int
+    file_hash: str
+    processed_at: datetime | None
+    fence: int | None = None
 
     def subject(self) -> str:
-        return subjects.proc_file(self.processor, self.file_hash)
+        return subjects.proc_session(self.processor, self.session_file)
+
+
+class ProcessorSessionDeleted(ProcessorEvent, tag="proc.session.deleted", kw_only=True, frozen=True):
+    """The tombstone of one (processor, session file) row."""
+
+    session_file: SessionFile
+
+    def subject(self) -> str:
+        return subjects.proc_session(self.processor, self.session_file)
 
 
 class ProcessorRunRecorded(ProcessorEvent, tag="proc.run", kw_only=True, frozen=True):
-    """A processor run's whole state (state-carrying: the last message is the run)."""
+    """One run's audit record, published once when the run ends: the runner's stats, `ok`
+    (errors == 0 and no unhandled error) and `unhandled_error` ("Type: message") when the
+    runner itself failed."""
 
     run_id: Identity
-    status: Text
-    started_at: int | None = None
-    finished_at: int | None = None
-    files_total: int = 0
-    files_ok: int = 0
-    files_failed: int = 0
-    detail: dict[str, Any] = msgspec.field(default_factory=dict)
+    session_dir: str = ""
+    started_at: float | None = None  # epoch seconds
+    finished_at: float | None = None
+    scanned: int = 0
+    processed: int = 0
+    skipped: int = 0
+    capped: int = 0
+    errors: int = 0
+    items_extracted: int = 0
+    errors_detail: list[dict[str, str]] = msgspec.field(default_factory=list)
+    ok: bool = True
+    unhandled_error: str | None = None
     holder: str | None = None
 
     def subject(self) -> str:
@@ -110,30 +133,80 @@ class ProcessorLockChanged(ProcessorEvent, tag="proc.lock", kw_only=True, frozen
 # ---- views, queries and answers (fleetlog.processors.*) ----
 
 
-class ProcFile(msgspec.Struct, kw_only=True):
+class ProcSession(msgspec.Struct, kw_only=True):
+    """One bookkeeping row (the store's columns, plus the stream seq)."""
+
     processor: str
+    session_file: str
+    username: str
+    processed_at: datetime | None  # naive UTC
+    items_extracted: int
     file_hash: str
-    file_path: str
-    status: str
-    size: int | None
-    detail: dict[str, Any]
-    run_id: str | None
-    updated_at: int  # epoch seconds of the marker's ts
     seq: int
+
+
+class ProcSessionsQuery(msgspec.Struct, kw_only=True):
+    """A processor's rows: the named session files (any subset; the client sends chunks), or
+    all of them by session_file, paged (`after` is the cursor)."""
+
+    processor: str
+    session_files: Annotated[list[str], msgspec.Meta(max_length=10_000)] | None = None
+    after: str | None = None
+    limit: Limit = 1000
+    min_seq: dict[str, int] | None = None
+
+
+class ProcSessionList(Answer, kw_only=True):
+    items: list[ProcSession]
+    next_cursor: str | None = None
+
+
+class ProcActivityQuery(msgspec.Struct, kw_only=True):
+    """Rows with processed_at >= since (naive UTC; None: every row)."""
+
+    processor: str
+    since: datetime | None = None
+    min_seq: dict[str, int] | None = None
+
+
+class ProcActivity(Answer, kw_only=True):
+    last_processed_at: datetime | None = None
+    items_extracted: int = 0
+    sessions: int = 0
 
 
 class ProcRun(msgspec.Struct, kw_only=True):
     processor: str
     run_id: str
-    status: str
-    started_at: int | None
-    finished_at: int | None
-    files_total: int
-    files_ok: int
-    files_failed: int
-    detail: dict[str, Any]
+    session_dir: str
+    started_at: float | None
+    finished_at: float | None
+    scanned: int
+    processed: int
+    skipped: int
+    capped: int
+    errors: int
+    items_extracted: int
+    errors_detail: list[dict[str, str]]
+    ok: bool
+    unhandled_error: str | None
     holder: str | None
     seq: int
+
+
+class ProcRunsQuery(msgspec.Struct, kw_only=True):
+    """Run records, newest first; `run_id` picks one."""
+
+    processor: str
+    run_id: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+    before_seq: int | None = None
+    min_seq: dict[str, int] | None = None
+
+
+class ProcRunList(Answer, kw_only=True):
+    items: list[ProcRun]
+    next_cursor: int | None = None
 
 
 class ProcLock(Answer, kw_only=True):
@@ -146,59 +219,6 @@ class ProcLock(Answer, kw_only=True):
     lease_expires_at: float | None = None
     held: bool = False
     seq: int | None = None  # the lock subject's last seq (what fenced writes are guarded on)
-
-
-class ProcFileQuery(msgspec.Struct, kw_only=True):
-    processor: str
-    file_hash: str
-    min_seq: dict[str, int] | None = None
-
-
-class ProcFilesQuery(msgspec.Struct, kw_only=True):
-    """Files of a processor by file_hash, optionally of some statuses; `after` is the cursor."""
-
-    processor: str
-    statuses: list[str] | None = None
-    run_id: str | None = None
-    after: str | None = None
-    limit: Limit = 100
-    min_seq: dict[str, int] | None = None
-
-
-class ProcFileList(Answer, kw_only=True):
-    items: list[ProcFile]
-    next_cursor: str | None = None
-    total_count: int = 0
-
-
-class ProcSeenQuery(msgspec.Struct, kw_only=True):
-    processor: str
-    file_hashes: Annotated[list[str], msgspec.Meta(max_length=10_000)]  # the client sends chunks
-    min_seq: dict[str, int] | None = None
-
-
-class ProcSeen(Answer, kw_only=True):
-    statuses: dict[str, str]  # file_hash -> status, for the hashes that have a marker
-
-
-class ProcRunQuery(msgspec.Struct, kw_only=True):
-    processor: str
-    run_id: str
-    min_seq: dict[str, int] | None = None
-
-
-class ProcRunsQuery(msgspec.Struct, kw_only=True):
-    """Runs, most recently updated first (a run moves up when it finishes)."""
-
-    processor: str
-    limit: Limit = 20
-    before_seq: int | None = None
-    min_seq: dict[str, int] | None = None
-
-
-class ProcRunList(Answer, kw_only=True):
-    items: list[ProcRun]
-    next_cursor: int | None = None
 
 
 class ProcLockQuery(msgspec.Struct, kw_only=True):
@@ -214,11 +234,35 @@ class ProcSummaryQuery(msgspec.Struct, kw_only=True):
 
 class ProcSummary(msgspec.Struct, kw_only=True):
     processor: str
-    files: dict[str, int]  # status -> count
+    sessions: int  # bookkeeping rows
+    items_extracted: int
+    last_processed_at: datetime | None
     runs: int
-    last_run: ProcRun | None  # the most recently updated run
+    last_run: ProcRun | None  # the newest run record
     lock_holder: str | None  # who holds the lock now (None: free)
 
 
 class ProcSummaryList(Answer, kw_only=True):
     items: list[ProcSummary]
+
+
+class ProcRunRequest(msgspec.Struct, kw_only=True):
+    """`fleetlog.processors.run`: run a registered processor on the serving machine's sessions.
+    `max_sessions_per_run` None: the server's FLEETLOG_PROCESSOR_MAX_PER_RUN."""
+
+    processor: Identity
+    max_sessions_per_run: int | None = None
+    time_budget_seconds: Annotated[float, msgspec.Meta(ge=0)] = 150.0
+
+
+class ProcRunStats(msgspec.Struct, kw_only=True):
+    """What a run did (the store's keys, exactly)."""
+
+    processor: str
+    scanned: int
+    processed: int
+    skipped: int
+    capped: int
+    errors: int
+    items_extracted: int
+    errors_detail: list[dict[str, str]]

@@ -74,8 +74,8 @@ STREAMS: Final[tuple[StreamSpec, ...]] = (
     ),
     StreamSpec(
         "FLEET_PROCESSORS",
-        ("fleet.proc.*.file.*", "fleet.proc.*.run.*", "fleet.proc.*.lock"),
-        "processor file markers, runs, locks (latest per subject)",
+        ("fleet.proc.*.session.*", "fleet.proc.*.run.*", "fleet.proc.*.lock"),
+        "processor bookkeeping per (processor, session file), runs, locks (latest per subject)",
         max_msgs_per_subject=1,
         allow_atomic=True,  # a run record and the lock's re-assertion, stored together or not at all
     ),

@@ -14,9 +14,9 @@ __all__ = [
     "attempt_purge",
     "diff",
     "escape_token",
-    "proc_file",
     "proc_lock",
     "proc_run",
+    "proc_session",
     "reject",
     "run_event",
     "run_events",
@@ -114,8 +114,8 @@ def diff(host: str, agent: str) -> str:
     return f"fleet.diff.{escape_token(host)}.{escape_token(agent)}"
 
 
-def proc_file(processor: str, file_hash: str) -> str:
-    return f"fleet.proc.{escape_token(processor)}.file.{escape_token(file_hash)}"
+def proc_session(processor: str, session_file: str) -> str:
+    return f"fleet.proc.{escape_token(processor)}.session.{escape_token(session_file)}"
 
 
 def proc_run(processor: str, run_id: str) -> str:

@@ -118,31 +118,20 @@ async def test_runtimes_not_found(cli: CliRun, fleet: Fleet) -> None:
     exited(await cli("runtimes", "heartbeat", "rt-1"), Exit.OK)
 
 
-async def test_processors_seen_lock_and_runs(cli: CliRun, fleet: Fleet) -> None:
-    fleet.processors.mark("ingest", "/data/a.csv", "done", file_hash="h-a")
-    token = await fleet.flush()
-    assert await fleet.processors.seen("ingest", ["h-a"], min_seq=token) == {"h-a": "done"}  # the view has it
+async def test_processors_state_lock_and_runs(cli: CliRun, fleet: Fleet) -> None:
+    await fleet.processors.mark_processed("ingest", "u/a.jsonl", "u", 1, "h-a")  # the view has it on return
 
     unknown, mixed, known = await asyncio.gather(
-        cli("processors", "seen", "ingest", "h-x", "h-y"),
-        cli("processors", "seen", "ingest", "h-a", "h-x", "--json"),
-        cli("processors", "seen", "ingest", "h-a", "--json"),
+        cli("processors", "state", "ingest", "u/x.jsonl", "u/y.jsonl"),
+        cli("processors", "state", "ingest", "u/a.jsonl", "u/x.jsonl", "--json"),
+        cli("processors", "state", "ingest", "u/a.jsonl", "--json"),
     )
-    exited(unknown, Exit.NOT_FOUND, "for 2 of 2 hashes: h-x, h-y")
-    exited(mixed, Exit.NOT_FOUND, "for 1 of 2 hashes: h-x")
-    assert json.loads(mixed.stdout) == {"h-a": "done"}  # the ones seen are still printed
-    assert json.loads(exited(known, Exit.OK).stdout) == {"h-a": "done"}
-
-    missing = await asyncio.gather(
-        cli("processors", "file", "ingest", "h-x"), cli("processors", "run", "ingest", "nope"),
-        cli("processors", "finish", "ingest", "nope"),
-    )
-    for res in missing:
-        exited(res, Exit.NOT_FOUND, "ingest")
-
-    exited(await cli("processors", "start", "ingest", "--run-id", "r1"), Exit.OK)
-    exited(await cli("processors", "finish", "ingest", "r1"), Exit.OK)
-    exited(await cli("processors", "finish", "ingest", "r1", "--status", "failed"), Exit.REFUSED, "already completed")
+    exited(unknown, Exit.NOT_FOUND, "no row in ingest for u/x.jsonl, u/y.jsonl")
+    exited(mixed, Exit.NOT_FOUND, "no row in ingest for u/x.jsonl")
+    assert list(json.loads(mixed.stdout)) == ["u/a.jsonl"]  # the ones found are still printed
+    assert json.loads(exited(known, Exit.OK).stdout)["u/a.jsonl"]["file_hash"] == "h-a"
+    exited(await cli("processors", "mark", "ingest", "u/a.jsonl", "--username", "u", "--items", "1"), Exit.USAGE,
+           "--hash or --file")
 
     lock = json.loads(exited(await cli("processors", "acquire", "ingest", "--holder", "h1", "--json"), Exit.OK).stdout)
     busy = await cli("processors", "acquire", "ingest", "--holder", "h2", "--json")
@@ -243,7 +232,7 @@ async def test_timeout_without_a_query_service(broker: EmbeddedBroker, tmp_path:
         hung = await cli("--timeout", "0.5", "runtimes", "show", "rt-1")
         exited(hung, Exit.UNAVAILABLE, "did not answer fleetlog.runtimes.get within 0.5s (--timeout 0.5s)")
         monkeypatch.setenv("FLEETLOG_TIMEOUT", "0.7")
-        from_env = await cli("processors", "seen", "ingest", "h")
+        from_env = await cli("processors", "state", "ingest", "u/h.jsonl")
         exited(from_env, Exit.UNAVAILABLE, "within 0.7s (--timeout 0.7s)")
     finally:
         await nc.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -16,9 +17,10 @@ from fleetlog.schemas import (
     AttemptRecorded,
     AttemptsPurged,
     HostSnapshot,
-    ProcessorFileMarked,
     ProcessorLockChanged,
     ProcessorRunRecorded,
+    ProcessorSessionDeleted,
+    ProcessorSessionMarked,
     RunCancelRequested,
     RunClaimed,
     RunCreated,
@@ -171,9 +173,12 @@ FACTORIES: dict[type[Any], Callable[[str], Any]] = {
     HostSnapshot: lambda i: HostSnapshot(**_envelope(), host=i, agent=i, data={"cpu": 0.5}),
     SnapshotDiff: lambda i: SnapshotDiff(**_envelope(), host=i, agent=i, from_seq=None, to_seq=4,
                                          added={"a": 1}, removed=["b"]),
-    ProcessorFileMarked: lambda i: ProcessorFileMarked(**_envelope(), processor=i, file_path="/data/x.csv",
-                                                       file_hash=i, status="done", size=10),
-    ProcessorRunRecorded: lambda i: ProcessorRunRecorded(**_envelope(), processor=i, run_id=i, status="ok"),
+    ProcessorSessionMarked: lambda i: ProcessorSessionMarked(**_envelope(), processor=i, session_file=f"{i}/s.jsonl",
+                                                             username=i, items_extracted=2, file_hash="ab",
+                                                             processed_at=datetime(2026, 1, 1, 0, 0, 0, 5)),
+    ProcessorSessionDeleted: lambda i: ProcessorSessionDeleted(**_envelope(), processor=i, session_file=i),
+    ProcessorRunRecorded: lambda i: ProcessorRunRecorded(**_envelope(), processor=i, run_id=i, scanned=3,
+                                                         errors_detail=[{"session": "a", "error": "b"}], ok=False),
     ProcessorLockChanged: lambda i: ProcessorLockChanged(**_envelope(), processor=i, holder="me",
                                                          state="acquired", fence=1),
 }

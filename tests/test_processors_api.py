@@ -1,101 +1,153 @@
-"""Processor bookkeeping through the Python API against the real broker: file markers, runs,
-the lock decided by JetStream (races, expiry, fencing) and the compacted-stream view."""
+"""Processor bookkeeping through the Python API against the real broker: the (processor,
+session file) rows, read-your-writes, deletes as tombstones, the lock decided by JetStream
+(races, expiry, fencing) and the compacted-stream view (live == rebuild)."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import nats
 import pytest
 from fleetlog.schemas import subjects
 from fleetlog.services.backbone.errors import FleetValidationError
-from fleetlog.services.backbone.guarded import BrokerRefused
-from fleetlog.services.client.processors import ProcessorLockBusy, ProcessorLockLost, hash_file, path_hash
+from fleetlog.services.client.processors import ProcessorLockBusy, ProcessorLockLost, compute_file_hash, parse_jsonl
 from fleetlog.services.node.server import Server
 
-from fleetlog import Fleet
+from fleetlog import Fleet, FleetSettings, FleetSync
 
 from .helpers import rebuild_and_wait
 
+T0 = datetime(2026, 3, 1, 12, 0, 0)
 
-async def test_file_markers_seen_unprocessed_and_paging(fleet: Fleet, tmp_path: Path) -> None:
-    f = tmp_path / "a.csv"
-    f.write_text("x,y\n1,2\n")
-    content = hash_file(f)
-    fleet.processors.mark("ingest", str(f), "processing", file_hash=content, size=f.stat().st_size)
-    fleet.processors.mark("ingest", str(f), "done", file_hash=content, size=f.stat().st_size, detail={"rows": 1})
+
+async def test_mark_is_an_upsert_and_every_query_reads_its_own_writes(fleet: Fleet) -> None:
+    token = await fleet.processors.mark_processed("extract", "alice/s1.jsonl", "alice", 3, "h1", read_at=T0)
+    assert token["FLEET_PROCESSORS"] > 0
+    # no min_seq given: the client's own last write is waited for
+    assert await fleet.processors.is_processed("extract", "alice/s1.jsonl", "h1")
+    assert not await fleet.processors.is_processed("extract", "alice/s1.jsonl", "other")
+    assert not await fleet.processors.is_processed("extract", "alice/none.jsonl", "h1")
+    later = T0 + timedelta(minutes=5)
+    await fleet.processors.mark_processed("extract", "alice/s1.jsonl", "alice@x.io", 7, "h2", read_at=later)
+    await fleet.processors.mark_processed("extract", "bob/s2.jsonl", "bob", 2, "h3",
+                                          read_at=datetime(2026, 3, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))))
+    await fleet.processors.mark_processed("other", "alice/s1.jsonl", "alice", 100, "h1", read_at=T0)
+    states = await fleet.processors.get_states_for_session_files("extract", ["alice/s1.jsonl", "bob/s2.jsonl",
+                                                                            "nobody/x.jsonl"])
+    assert states == {
+        "alice/s1.jsonl": {"username": "alice@x.io", "processed_at": later, "items_extracted": 7, "file_hash": "h2"},
+        "bob/s2.jsonl": {"username": "bob", "processed_at": T0, "items_extracted": 2, "file_hash": "h3"},  # 14:00+2
+    }
+    assert await fleet.processors.processed_session_files("extract") == {"alice/s1.jsonl", "bob/s2.jsonl"}
+    assert await fleet.processors.max_processed_at("extract") == later
+    assert await fleet.processors.max_processed_at("nobody") is None
+    assert await fleet.processors.activity_since("extract", T0 + timedelta(minutes=1)) == {
+        "last_processed_at": later, "items_extracted": 7}
+    assert await fleet.processors.activity_since("extract", T0) == {"last_processed_at": later, "items_extracted": 9}
+    assert await fleet.processors.activity_since("extract", later + timedelta(seconds=1)) == {
+        "last_processed_at": None, "items_extracted": 0}
+    # read_at omitted: now, naive UTC
+    before = datetime.now(UTC).replace(tzinfo=None)
+    await fleet.processors.mark_processed("extract", "carol/s.jsonl", "carol", 0, "h4")
+    (row,) = (await fleet.processors.get_states_for_session_files("extract", ["carol/s.jsonl"])).values()
+    assert row["processed_at"] is not None and before <= row["processed_at"] <= datetime.now(UTC).replace(tzinfo=None)
+
+
+async def test_delete_for_processors_tombstones_every_row(fleet: Fleet) -> None:
     for i in range(5):
-        fleet.processors.mark("ingest", f"/data/{i}.csv", "failed" if i == 3 else "done", run_id="r1")
-    fleet.processors.mark("other", "/data/0.csv", "pending")  # another processor: its own bookkeeping
+        await fleet.processors.mark_processed("a", f"u/{i}.jsonl", "u", i, "h", read_at=T0)
+    await fleet.processors.mark_processed("b", "u/0.jsonl", "u", 1, "h", read_at=T0)
+    await fleet.processors.mark_processed("c", "u/0.jsonl", "u", 1, "h", read_at=T0)
+    published = fleet.publisher_stats().accepted
+    assert await fleet.processors.delete_for_processors([]) == 0
+    assert fleet.publisher_stats().accepted == published  # nothing published
+    assert await fleet.processors.delete_for_processors(["a", "b", "nobody"]) == 6
+    assert await fleet.processors.processed_session_files("a") == set()
+    assert await fleet.processors.processed_session_files("b") == set()
+    assert await fleet.processors.processed_session_files("c") == {"u/0.jsonl"}
+    assert not await fleet.processors.is_processed("a", "u/0.jsonl", "h")
+    # a row marked again after its tombstone is back
+    await fleet.processors.mark_processed("a", "u/0.jsonl", "u", 9, "h", read_at=T0)
+    assert await fleet.processors.is_processed("a", "u/0.jsonl", "h")
+
+
+async def test_many_rows_are_read_in_chunks_and_pages(fleet: Fleet) -> None:
+    """5,001 rows: more than one `sessions` request and more than one page."""
+    for i in range(5_001):
+        fleet.emit(fleet.processors._mark_event("bulk", f"user-{i % 7}/{i:05d}.jsonl", "u", 1, f"{i}", T0))
     token = await fleet.flush()
-
-    got = await fleet.processors.file("ingest", content, min_seq=token)
-    assert got is not None and (got.status, got.detail, got.size) == ("done", {"rows": 1}, 8)
-    assert got.file_path == str(f) and got.updated_at > 1_700_000_000
-    hashes = [content, path_hash("/data/3.csv"), path_hash("/data/4.csv"), path_hash("/never.csv")]
-    assert await fleet.processors.seen("ingest", hashes) == {
-        content: "done", hashes[1]: "failed", hashes[2]: "done"}
-    assert await fleet.processors.unprocessed("ingest", hashes) == [hashes[1], hashes[3]]
-    assert await fleet.processors.seen("other", hashes) == {}
-    assert (await fleet.processors.seen("other", [path_hash("/data/0.csv")])) == {path_hash("/data/0.csv"): "pending"}
-
-    page = await fleet.processors.files("ingest", limit=4)
-    assert page.total_count == 6 and len(page.items) == 4 and page.next_cursor == page.items[-1].file_hash
-    rest = await fleet.processors.files("ingest", after=page.next_cursor, limit=4)
-    assert len(rest.items) == 2 and rest.next_cursor is None
-    hashes_in_order = [i.file_hash for i in page.items + rest.items]
-    assert hashes_in_order == sorted(hashes_in_order)
-    failed = await fleet.processors.files("ingest", statuses=["failed"])
-    assert [i.file_path for i in failed.items] == ["/data/3.csv"] and failed.total_count == 1
-    assert (await fleet.processors.files("ingest", run_id="r1")).total_count == 5
-    assert await fleet.processors.file("ingest", "nope") is None
+    names = [f"user-{i % 7}/{i:05d}.jsonl" for i in range(5_001)]
+    states = await fleet.processors.get_states_for_session_files("bulk", [*names, "x/y.jsonl"], min_seq=token)
+    assert len(states) == 5_001 and states[names[4_321]]["file_hash"] == "4321"
+    assert await fleet.processors.processed_session_files("bulk") == set(names)
 
 
-@pytest.mark.parametrize("args, kwargs, field", [
-    (("", "/x", "done"), {}, "processor"),
-    (("p", "/x", ""), {}, "status"),
-    (("p", 7, "done"), {}, "file_path"),
-    (("p", "/x", "done"), {"size": -1}, "size"),
-    (("p", "/x", "done"), {"detail": [1]}, "detail"),
-    (("p", "/x", "done"), {"file_hash": "h" * 300}, "file_hash"),
+@pytest.mark.parametrize("kwargs, field", [
+    ({"processor": ""}, "processor"),
+    ({"session_file": ""}, "session_file"),
+    ({"session_file": 7}, "session_file"),
+    ({"username": None}, "username"),
+    ({"items_count": -1}, "items_count"),
+    ({"items_count": True}, "items_count"),
+    ({"file_hash": 5}, "file_hash"),
+    ({"read_at": "2026-01-01"}, "read_at"),
 ])
-async def test_mark_refuses_bad_input(fleet: Fleet, args: tuple[object, ...], kwargs: dict[str, object],
-                                      field: str) -> None:
+async def test_mark_refuses_bad_input(fleet: Fleet, kwargs: dict[str, object], field: str) -> None:
+    args: dict[str, object] = {"processor": "p", "session_file": "u/s.jsonl", "username": "u", "items_count": 1,
+                               "file_hash": "h", **kwargs}
     with pytest.raises(FleetValidationError) as info:
-        fleet.processors.mark(*args, **kwargs)  # type: ignore[arg-type]
+        await fleet.processors.mark_processed(**args)  # type: ignore[arg-type]
     assert info.value.field == field
     assert fleet.publisher_stats().accepted == 0
+    with pytest.raises(FleetValidationError, match="names"):
+        await fleet.processors.delete_for_processors("p")
+    with pytest.raises(FleetValidationError, match="session_files"):
+        await fleet.processors.get_states_for_session_files("p", "u/s.jsonl")
 
 
-async def test_runs_lifecycle(fleet: Fleet) -> None:
-    run = await fleet.processors.start_run("ingest", "r-1", files_total=3, detail={"dir": "/in"})
-    assert (run.status, run.files_total, run.finished_at) == ("running", 3, None) and run.started_at
-    again = await fleet.processors.start_run("ingest", "r-1", files_total=99)
-    assert again.files_total == 3 and again.seq == run.seq  # idempotent by run_id
-    done = await fleet.processors.finish_run("ingest", "r-1", "completed", files_ok=2, files_failed=1,
-                                             detail={"note": "one bad"})
-    assert done is not None and (done.status, done.files_ok, done.files_failed) == ("completed", 2, 1)
-    assert done.detail == {"dir": "/in", "note": "one bad"} and done.finished_at is not None
-    same = await fleet.processors.finish_run("ingest", "r-1", "completed")
-    assert same is not None and same.seq == done.seq
-    with pytest.raises(ValueError, match="already completed"):
-        await fleet.processors.finish_run("ingest", "r-1", "failed")
-    with pytest.raises(ValueError, match="Unknown run status"):
-        await fleet.processors.finish_run("ingest", "r-1", "bogus")
-    assert await fleet.processors.finish_run("ingest", "nope", "failed") is None
-    auto = await fleet.processors.start_run("ingest")  # a fresh run id
-    view = await fleet.processors.run("ingest", "r-1")
-    assert view is not None and view.status == "completed" and view.seq == done.seq
-    runs = await fleet.processors.runs("ingest", limit=1)
-    assert [r.run_id for r in runs.items] == [auto.run_id] and runs.next_cursor == auto.seq
-    older = await fleet.processors.runs("ingest", before_seq=runs.next_cursor)
-    assert [r.run_id for r in older.items] == ["r-1"]
-    fleet.processors.mark("ingest", "/a", "done")
-    summary = await fleet.processors.summary(min_seq=await fleet.flush())
-    (s,) = summary.items
-    assert (s.processor, s.files, s.runs, s.lock_holder) == ("ingest", {"done": 1}, 2, None)
-    assert s.last_run is not None and s.last_run.run_id == auto.run_id
+def test_compute_file_hash_and_parse_jsonl(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    f = tmp_path / "s.jsonl"
+    f.write_bytes(b'{"a": 1}\n\n   \n{broken\n[1, 2]\n{"b": "\xc3\xa9"}\n')
+    import hashlib
+    assert compute_file_hash(f) == hashlib.md5(f.read_bytes()).hexdigest()
+    with caplog.at_level("WARNING", logger="fleetlog.processors"):
+        assert list(parse_jsonl(f)) == [{"a": 1}, {"b": "é"}]
+    assert "s.jsonl:4: malformed JSON line skipped" in caplog.text
+
+
+async def test_the_sync_facade_has_the_same_api(settings: FleetSettings, fleet: Fleet) -> None:
+    def work() -> tuple[bool, object]:
+        sync = FleetSync.connect(settings=settings)  # in a thread: the server runs on this loop
+        try:
+            sync.processors.mark_processed("syncp", "u/a.jsonl", "u", 4, "h", read_at=T0)
+            return sync.processors.is_processed("syncp", "u/a.jsonl", "h"), sync.processors.max_processed_at("syncp")
+        finally:
+            sync.close()
+
+    assert await asyncio.to_thread(work) == (True, T0)
+
+
+async def test_tombstones_and_garbage_live_as_after_a_rebuild(fleet: Fleet, server: Server) -> None:
+    for i in range(3):
+        await fleet.processors.mark_processed("p", f"u/{i}.jsonl", "u", i, "h", read_at=T0)
+    await fleet.processors.delete_for_processors(["p"])
+    await fleet.processors.mark_processed("p", "u/1.jsonl", "u", 5, "h", read_at=T0)
+    await fleet.processors.mark_processed("p", "u/9.jsonl", "u", 5, "h", read_at=T0)
+    lock = await fleet.processors.acquire("p", "me", lease_s=30)
+    assert lock is not None
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        ack = await nc.jetstream().publish(subjects.proc_session("p", "u/9.jsonl"), b"\x00 garbage")
+    finally:
+        await nc.close()
+    token = {"FLEET_PROCESSORS": ack.seq}
+    assert await fleet.processors.processed_session_files("p", min_seq=token) == {"u/1.jsonl"}
+    tables = ("proc_sessions", "proc_runs", "proc_locks")
+    live = server.store.table_digest(server.projector.live("processors").gen.schema, tables)
+    await rebuild_and_wait(fleet, "processors")
+    assert server.store.table_digest(server.projector.live("processors").gen.schema, tables) == live
 
 
 async def test_lock_race_expiry_and_fencing(fleet: Fleet) -> None:
@@ -112,10 +164,10 @@ async def test_lock_race_expiry_and_fencing(fleet: Fleet) -> None:
         state = await fleet.processors.lock("ingest", min_seq={"FLEET_PROCESSORS": first.seq})
         assert (state.holder, state.fence, state.held) == (first.holder, first.fence, True)
         assert await fleet.processors.acquire("ingest", "someone", lease_s=30) is None
-        seq = await owner.processors.mark_locked(first, "/x", "done")
+        seq = await owner.processors.mark_locked(first, "u/x.jsonl", "u", 1, "h")
         assert seq > first.seq
         assert await owner.processors.renew(first, lease_s=30) and first.seq > seq and first.fence == state.fence
-        await owner.processors.mark_locked(first, "/y", "done")  # after its own renewal: still fine
+        await owner.processors.mark_locked(first, "u/y.jsonl", "u", 1, "h")  # after its own renewal: still fine
 
         # The lease passes (the new holder's clock is 31 s ahead): it takes over.
         now = owner.processors.clock()
@@ -123,17 +175,13 @@ async def test_lock_race_expiry_and_fencing(fleet: Fleet) -> None:
         second = await fleet.processors.acquire("ingest", "late", lease_s=30)
         assert second is not None and second.fence > first.fence
         with pytest.raises(ProcessorLockLost):
-            await owner.processors.mark_locked(first, "/z", "done")
+            await owner.processors.mark_locked(first, "u/z.jsonl", "u", 1, "h")
         assert first.lost
         assert not await owner.processors.renew(first)
         assert not await owner.processors.release(first)
-        with pytest.raises(ProcessorLockLost):
-            await owner.processors.start_run("ingest", "r-stale", lock=first)
         token = {"FLEET_PROCESSORS": second.seq}
-        assert await fleet.processors.file("ingest", path_hash("/z"), min_seq=token) is None
-        assert await fleet.processors.run("ingest", "r-stale") is None
-        run = await fleet.processors.start_run("ingest", "r-2", lock=second)
-        assert run.holder == "late"
+        assert await fleet.processors.get_states_for_session_files("ingest", ["u/z.jsonl"], min_seq=token) == {}
+        await fleet.processors.mark_locked(second, "u/z.jsonl", "u", 2, "h2")
         assert await fleet.processors.release(second)
         free = await fleet.processors.lock("ingest", min_seq={"FLEET_PROCESSORS": second.seq})
         assert (free.state, free.held, free.fence) == ("released", False, second.fence)
@@ -148,31 +196,13 @@ async def test_locked_context_manager(fleet: Fleet) -> None:
             async with fleet.processors.locked("nightly", holder="intruder"):
                 pass
         await asyncio.sleep(2.0)  # longer than the lease: the background renewal keeps it
-        await fleet.processors.mark_locked(lock, "/n", "done")
+        await fleet.processors.mark_locked(lock, "u/n.jsonl", "u", 0, "h")
         assert not lock.lost
     state = await fleet.processors.lock("nightly", min_seq={"FLEET_PROCESSORS": lock.seq})
     assert state.state == "released" and not state.held
     again = await fleet.processors.acquire("nightly", "next")
     assert again is not None and again.fence > lock.fence
 
-
-async def test_garbage_on_a_file_subject_live_as_after_a_rebuild(fleet: Fleet, server: Server) -> None:
-    fleet.processors.mark("p", "/a", "done")
-    fleet.processors.mark("p", "/b", "done")
-    await fleet.flush()
-    nc = await nats.connect(fleet.settings.nats_url)
-    try:
-        ack = await nc.jetstream().publish(subjects.proc_file("p", path_hash("/a")), b"\x00 garbage")
-    finally:
-        await nc.close()
-    token = {"FLEET_PROCESSORS": ack.seq}
-    assert await fleet.processors.file("p", path_hash("/a"), min_seq=token) is None  # its marker was replaced
-    assert await fleet.processors.file("p", path_hash("/b")) is not None
-    running = server.projector.live("processors")
-    live = server.store.table_digest(running.gen.schema, ("proc_files", "proc_runs", "proc_locks"))
-    await rebuild_and_wait(fleet, "processors")
-    running = server.projector.live("processors")
-    assert server.store.table_digest(running.gen.schema, ("proc_files", "proc_runs", "proc_locks")) == live
 
 
 async def test_one_holder_name_in_two_processes_still_excludes(fleet: Fleet) -> None:
@@ -189,44 +219,6 @@ async def test_one_holder_name_in_two_processes_still_excludes(fleet: Fleet) -> 
     finally:
         await other.close()
 
-
-async def test_run_records_start_and_finish_once_under_races_with_a_lock(fleet: Fleet) -> None:
-    lock = await fleet.processors.acquire("batch", lease_s=30)
-    assert lock is not None
-    starts = await asyncio.gather(*(fleet.processors.start_run("batch", "r", files_total=n, lock=lock)
-                                    for n in (1, 2, 3)))
-    assert len({(r.seq, r.files_total) for r in starts}) == 1  # one record; the others got it back
-    results = await asyncio.gather(
-        fleet.processors.finish_run("batch", "r", "completed", lock=lock),
-        fleet.processors.finish_run("batch", "r", "failed", lock=lock),
-        fleet.processors.finish_run("batch", "r", "cancelled"),
-        return_exceptions=True,
-    )
-    done = [r for r in results if not isinstance(r, BaseException)]
-    refused = [r for r in results if isinstance(r, ValueError)]
-    assert len(done) == 1 and len(refused) == 2, results
-    view = await fleet.processors.run("batch", "r", min_seq={"FLEET_PROCESSORS": done[0].seq})
-    assert view is not None and view.status == done[0].status
-
-
-async def test_garbage_on_a_run_subject_is_no_run(fleet: Fleet) -> None:
-    nc = await nats.connect(fleet.settings.nats_url)
-    try:
-        await nc.jetstream().publish(subjects.proc_run("p", "r"), b"not a run")
-    finally:
-        await nc.close()
-    assert await fleet.processors.finish_run("p", "r", "failed") is None
-    run = await fleet.processors.start_run("p", "r", files_total=2)
-    assert run.files_total == 2 and run.status == "running"
-
-
-async def test_seen_takes_any_number_of_hashes(fleet: Fleet) -> None:
-    hashes = [f"{i:064x}" for i in range(5_001)]
-    for h in (hashes[0], hashes[2_500], hashes[-1]):
-        fleet.processors.mark("big", f"/{h}", "done", file_hash=h)
-    token = await fleet.flush()
-    todo = await fleet.processors.unprocessed("big", hashes, min_seq=token)
-    assert len(todo) == 4_998 and hashes[-1] not in todo and hashes[1] in todo
 
 
 async def test_locked_survives_a_failing_renewal_and_keeps_the_body_error(
@@ -247,44 +239,3 @@ async def test_locked_survives_a_failing_renewal_and_keeps_the_body_error(
             pass
 
 
-async def test_a_run_record_of_an_overtaken_holder_is_never_stored(fleet: Fleet) -> None:
-    """The run record and the lock's re-assertion go in one atomic batch: once another holder
-    took over, the old holder's finish is refused by JetStream even though its own clock
-    still says the lease holds (no check-then-write window)."""
-    other = await Fleet.connect(settings=fleet.settings, name="taker")
-    try:
-        old = await fleet.processors.acquire("etl", "old", lease_s=30)
-        assert old is not None
-        run = await fleet.processors.start_run("etl", "r", lock=old)
-        assert old.seq == run.seq - 1  # the re-assertion went with it
-        await fleet.processors.mark_locked(old, "/f", "done")  # guarded on the re-asserted seq
-        now = fleet.processors.clock()
-        other.processors.clock = lambda: now + 31
-        new = await other.processors.acquire("etl", "new", lease_s=30)
-        assert new is not None and new.fence > old.fence
-        with pytest.raises(ProcessorLockLost):
-            await fleet.processors.finish_run("etl", "r", "completed", lock=old)
-        view = await fleet.processors.run("etl", "r", min_seq={"FLEET_PROCESSORS": new.seq})
-        assert view is not None and view.status == "running"
-        done = await other.processors.finish_run("etl", "r", "failed", lock=new)
-        assert done is not None and done.status == "failed"
-        state = await fleet.processors.lock("etl", min_seq={"FLEET_PROCESSORS": done.seq})
-        assert (state.holder, state.fence) == ("new", new.fence)
-    finally:
-        await other.close()
-
-
-async def test_a_locked_run_write_refuses_a_server_without_atomic_batches(fleet: Fleet) -> None:
-    """nats-server < 2.12 ignores the batch headers and would store the run record on its own
-    guard alone: the write is refused instead, and nothing is stored."""
-    lock = await fleet.processors.acquire("old-server", lease_s=30)
-    assert lock is not None
-    nc = await fleet.nats()
-    real = nc._current_server.server_version  # type: ignore[union-attr]
-    nc._current_server.server_version = "2.11.4"  # type: ignore[union-attr]  # what the server would say
-    try:
-        with pytest.raises(BrokerRefused, match=r"2\.12"):
-            await fleet.processors.start_run("old-server", "r", lock=lock)
-    finally:
-        nc._current_server.server_version = real  # type: ignore[union-attr]
-    assert await fleet.processors.run("old-server", "r", min_seq={"FLEET_PROCESSORS": lock.seq}) is None

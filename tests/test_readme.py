@@ -58,9 +58,10 @@ def test_the_tour_has_only_runnable_blocks() -> None:
 async def test_a_tour_block_runs_as_written(lang: str, code: str, live_server: Server, settings: FleetSettings,
                                             tmp_path: Path) -> None:
     work = tmp_path / "cwd"
-    (work / "in").mkdir(parents=True)
-    for i in range(3):  # the processor tour works on ./in/*.csv
-        (work / "in" / f"in-{i}.csv").write_text(f"a,b\n{i},{i}\n")
+    work.mkdir(parents=True)
+    for key in ("alice/s1.jsonl", "alice/s2.jsonl", "bob/s3.jsonl"):  # the processor tour's ./sessions
+        (work / "sessions" / key).parent.mkdir(parents=True, exist_ok=True)
+        (work / "sessions" / key).write_text('{"role": "user"}\n{"role": "assistant"}\n')
     env = {**os.environ, "FLEETLOG_NATS_URL": settings.nats_url, "FLEETLOG_SPOOL_DIR": str(tmp_path / "spool"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if lang == "python":
@@ -86,8 +87,8 @@ async def test_a_tour_block_runs_as_written(lang: str, code: str, live_server: S
             async def ten() -> bool:
                 return (await fleet.attempts.summarize("beta")).counts.get("tick:success", 0) == 10
             await wait_until(ten, 30)
-        if "processors.mark(" in code:
-            async def marked() -> bool:
-                files = await fleet.processors.files("ingest")
-                return sorted(f.status for f in files.items) == ["done", "done", "done", "failed"]
-            await wait_until(marked, 30)
+        if "processors.run(" in code:  # the run marked all three sessions and left its record
+            assert await fleet.processors.processed_session_files("wordcount") == {
+                "alice/s1.jsonl", "alice/s2.jsonl", "bob/s3.jsonl"}
+            (record,) = (await fleet.processors.runs("wordcount")).items
+            assert (record.processed, record.items_extracted, record.ok) == (3, 6, True)

@@ -105,8 +105,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "state.deleted": {"scope_key": "runner:v2:" + "cd" * 32, "key": "k"},
     "snapshot.taken": {"host": NASTY, "agent": "h.1"},
     "snapshot.diff": {"host": "h%1", "agent": NASTY, "from_seq": None, "to_seq": 3},
-    "proc.file": {"processor": NASTY, "file_path": "/x", "file_hash": "f.1", "status": "done"},
-    "proc.run": {"processor": "p 1", "run_id": NASTY, "status": "running"},
+    "proc.session": {"processor": NASTY, "session_file": "u.1/s 1.jsonl", "username": "u", "items_extracted": 1,
+                     "file_hash": "f.1", "processed_at": "2026-01-01T00:00:00"},
+    "proc.session.deleted": {"processor": "p 1", "session_file": NASTY},
+    "proc.run": {"processor": "p 1", "run_id": NASTY},
     "proc.lock": {"processor": NASTY, "holder": "h", "state": "acquired"},
 }
 
@@ -170,9 +172,9 @@ async def test_a_bare_nats_client_publishes_every_family_from_the_export_alone(
         {"type": "run.event", "run_id": "wire run.1", "sequence": 0, "event_type": "log", "data": {"line": "hi"}},
         {"type": "runtime.registered", "runtime_id": "rt.1", "capabilities": {"x": 1}},
         {"type": "runtime.heartbeat", "runtime_id": "rt.1", "status": "online", "active_runs": 1},
-        {"type": "proc.file", "processor": "ingest.v1", "file_path": "/d/a b.txt", "file_hash": "h.1",
-         "status": "done"},
-        {"type": "proc.run", "processor": "ingest.v1", "run_id": "pr.1", "status": "running"},
+        {"type": "proc.session", "processor": "ingest.v1", "session_file": "al ice/a b.jsonl", "username": "alice",
+         "items_extracted": 3, "file_hash": "h.1", "processed_at": "2026-01-01T00:00:00.5"},
+        {"type": "proc.run", "processor": "ingest.v1", "run_id": "pr.1", "scanned": 2, "errors": 1, "ok": False},
         {"type": "proc.lock", "processor": "ingest.v1", "holder": "me", "state": "acquired",
          "lease_expires_at": 4_000_000_000.0},
     ]
@@ -214,10 +216,10 @@ async def test_a_bare_nats_client_publishes_every_family_from_the_export_alone(
     runtime = await fleet.runtimes.get("rt.1", min_seq={"FLEET_RUNTIMES": token["FLEET_RUNTIMES"]})
     assert runtime is not None and (runtime.capabilities, runtime.active_runs) == ({"x": 1}, 1)
     proc_seq = {"FLEET_PROCESSORS": token["FLEET_PROCESSORS"]}
-    marker = await fleet.processors.file("ingest.v1", "h.1", min_seq=proc_seq)
-    assert marker is not None and marker.status == "done"
-    proc_run = await fleet.processors.run("ingest.v1", "pr.1", min_seq=proc_seq)
-    assert proc_run is not None and proc_run.status == "running"
+    rows = await fleet.processors.get_states_for_session_files("ingest.v1", ["al ice/a b.jsonl"], min_seq=proc_seq)
+    assert rows["al ice/a b.jsonl"]["items_extracted"] == 3
+    (proc_run,) = (await fleet.processors.runs("ingest.v1", run_id="pr.1", min_seq=proc_seq)).items
+    assert (proc_run.scanned, proc_run.errors, proc_run.ok) == (2, 1, False)
     lock = await fleet.processors.lock("ingest.v1", min_seq=proc_seq)
     assert (lock.holder, lock.held) == ("me", True)
     rejects = await fleet.rejects(min_seq=token)

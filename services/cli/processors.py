@@ -1,182 +1,221 @@
-"""`fleetlog processors list|mark|hash|file|files|seen|start|finish|run|runs|lock|acquire|release`."""
+"""`fleetlog processors list|names|mark|hash|scan|state|delete|run|serve|runs|lock|acquire|release`."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
 from fleetlog.services.client.fleet import Fleet
-from fleetlog.services.client.processors import ProcessorLock, hash_file, path_hash
+from fleetlog.services.client.processor_files import compute_file_hash
+from fleetlog.services.client.processor_registry import list_processor_names
+from fleetlog.services.client.processor_runner import UnknownProcessor
+from fleetlog.services.client.processors import ProcessorLock, ProcessorLockBusy
+from rich.markup import escape
 from rich.table import Table
 
-from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client, show
-from .runs import json_value
+from ._common import Exit, console, err_console, fail, json_option, nats_option, print_json, run_client, show
 
 __all__ = ["processors"]
+
+# `processors run`'s exit codes are the session-processor store's contract (its scheduler
+# reads them), not the Exit table's: 1 = the run had errors, 2 = unknown processor,
+# 75 = already running (EX_TEMPFAIL: try again later). docs/cli.md lists them beside the table.
+RUN_HAD_ERRORS = 1
+RUN_UNKNOWN = 2
+RUN_ALREADY_RUNNING = 75
 
 
 @click.group()
 def processors() -> None:
-    """Batch-processor bookkeeping: per-file markers, runs, and one lock per processor."""
+    """Session processors: per-(processor, session file) bookkeeping, the runner, the lock."""
 
 
 @processors.command("list")
 @nats_option
 @json_option
 def list_cmd(nats_url: str | None, as_json: bool) -> None:
-    """Every processor: file counts by status, runs, last run, who holds the lock."""
+    """Every processor with bookkeeping: sessions, items, last run, who holds the lock."""
     answer = run_client(nats_url, lambda f: f.processors.summary())
     if as_json:
         print_json(answer)
         return
     table = Table(title="processors")
-    for col in ("processor", "files", "runs", "last run", "lock"):
+    for col in ("processor", "sessions", "items", "last processed", "runs", "last run ok", "lock"):
         table.add_column(col)
     for s in answer.items:
-        last = f"{s.last_run.run_id} {s.last_run.status}" if s.last_run else ""
-        files = ", ".join(f"{k} {v}" for k, v in s.files.items())
-        table.add_row(s.processor, files, str(s.runs), last, s.lock_holder or "")
+        table.add_row(s.processor, str(s.sessions), str(s.items_extracted), str(s.last_processed_at or ""),
+                      str(s.runs), "" if s.last_run is None else str(s.last_run.ok), s.lock_holder or "")
     console.print(table)
+
+
+@processors.command("names")
+@json_option
+def names_cmd(as_json: bool) -> None:
+    """The registered processors (code and the `fleetlog.processors` entry points), sorted."""
+    names = list_processor_names()
+    if as_json:
+        print_json(names)
+    else:
+        for name in names:
+            click.echo(name)
 
 
 @processors.command("mark")
 @click.argument("processor")
-@click.argument("file_path")
-@click.argument("status")
-@click.option("--hash", "file_hash", help="the file's identity (default: sha256 of the path; see `hash`)")
-@click.option("--content-hash", is_flag=True, help="use the sha256 of the file's content as its identity")
-@click.option("--size", type=int)
-@click.option("--detail", callback=json_value("detail"), help="JSON object")
-@click.option("--run", "run_id")
+@click.argument("session_file")
+@click.option("--username", required=True)
+@click.option("--items", "items_count", type=int, required=True)
+@click.option("--hash", "file_hash", help="the file's MD5 (default: computed from --file)")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="the session file to hash")
+@click.option("--read-at", "read_at", type=click.DateTime(["%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S"]),
+              help="naive UTC (default: now)")
 @nats_option
 @json_option
-def mark_cmd(processor: str, file_path: str, status: str, file_hash: str | None, content_hash: bool,
-             nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Record a file's status, and wait for its ack."""
-
-    async def go(fleet: Fleet) -> dict[str, Any]:
-        h = hash_file(file_path) if content_hash else file_hash if file_hash is not None else path_hash(file_path)
-        fleet.processors.mark(processor, file_path, status, file_hash=h, **kw)
-        token = await fleet.flush()
-        return {"file_hash": h, "seq": token.get("FLEET_PROCESSORS"), "token": dict(token)}
-
-    show(run_client(nats_url, go), as_json)
+def mark_cmd(processor: str, session_file: str, username: str, items_count: int, file_hash: str | None,
+             path: str | None, read_at: datetime | None, nats_url: str | None, as_json: bool) -> None:
+    """Record that PROCESSOR processed SESSION_FILE ("<user dir>/<file>.jsonl"); prints the token."""
+    if file_hash is None and path is None:
+        fail(Exit.USAGE, "give --hash or --file")
+    h = file_hash if file_hash is not None else compute_file_hash(str(path))
+    token = run_client(nats_url, lambda f: f.processors.mark_processed(processor, session_file, username,
+                                                                       items_count, h, read_at))
+    show({"file_hash": h, "token": dict(token)}, as_json)
 
 
 @processors.command("hash")
 @click.argument("file_path", type=click.Path(exists=True, dir_okay=False))
 def hash_cmd(file_path: str) -> None:
-    """Print the sha256 of a file's content (a content identity for --hash)."""
-    click.echo(hash_file(file_path))
+    """Print the MD5 of a file's content (the bookkeeping's file_hash)."""
+    click.echo(compute_file_hash(file_path))
 
 
-@processors.command("file")
+@processors.command("scan")
 @click.argument("processor")
-@click.argument("file_hash")
+@click.option("--sessions", "session_dir", required=True, type=click.Path(file_okay=False))
 @nats_option
 @json_option
-def file_cmd(processor: str, file_hash: str, nats_url: str | None, as_json: bool) -> None:
-    """One file's marker (exit 3: none)."""
-    show(run_client(nats_url, lambda f: f.processors.file(processor, file_hash)), as_json,
-         f"no marker for {file_hash} in {processor}")
-
-
-@processors.command("files")
-@click.argument("processor")
-@click.option("--status", "statuses", multiple=True, help="repeatable")
-@click.option("--run", "run_id")
-@click.option("--after", help="cursor: the next_cursor of the previous page")
-@click.option("--limit", type=int, default=100, show_default=True)
-@nats_option
-@json_option
-def files_cmd(processor: str, statuses: tuple[str, ...], run_id: str | None, after: str | None, limit: int,
-              nats_url: str | None, as_json: bool) -> None:
-    """A processor's files, by hash."""
-    answer = run_client(nats_url, lambda f: f.processors.files(processor, list(statuses) or None, run_id, after,
-                                                               limit))
+def scan_cmd(processor: str, session_dir: str, nats_url: str | None, as_json: bool) -> None:
+    """The session files PROCESSOR would process now (username and path)."""
+    found = run_client(nats_url, lambda f: f.processors.scan_unprocessed_for(processor, session_dir))
+    rows = [{"username": u, "path": str(p)} for u, p in found]
     if as_json:
-        print_json(answer)
-        return
-    table = Table(title=f"files of {processor} ({answer.total_count})")
-    for col in ("file_hash", "status", "file_path", "size", "run"):
-        table.add_column(col)
-    for i in answer.items:
-        table.add_row(i.file_hash[:16], i.status, i.file_path, "" if i.size is None else str(i.size), i.run_id or "")
-    console.print(table)
+        print_json(rows)
+    else:
+        for r in rows:
+            click.echo(f"{r['username']}\t{r['path']}")
 
 
-@processors.command("seen")
+@processors.command("state")
 @click.argument("processor")
-@click.argument("file_hashes", nargs=-1, required=True)
+@click.argument("session_files", nargs=-1, required=True)
 @nats_option
 @json_option
-def seen_cmd(processor: str, file_hashes: tuple[str, ...], nats_url: str | None, as_json: bool) -> None:
-    """The status of each given file hash (those with a marker; exit 3 when any has none)."""
-    statuses = run_client(nats_url, lambda f: f.processors.seen(processor, list(file_hashes)))
-    show(statuses, as_json)
-    unseen = [h for h in dict.fromkeys(file_hashes) if h not in statuses]
-    if unseen:
-        # Every known one is printed above; the exit code says "not all of them were seen".
-        fail(Exit.NOT_FOUND, f"no marker in {processor} for {len(unseen)} of {len(set(file_hashes))} hashes: "
-                             f"{', '.join(unseen[:10])}{' ...' if len(unseen) > 10 else ''}")
+def state_cmd(processor: str, session_files: tuple[str, ...], nats_url: str | None, as_json: bool) -> None:
+    """The rows of the given session files (exit 3 when any has none)."""
+    states = run_client(nats_url, lambda f: f.processors.get_states_for_session_files(processor, session_files))
+    show(states, as_json)
+    missing = [s for s in dict.fromkeys(session_files) if s not in states]
+    if missing:
+        more = " ..." if len(missing) > 10 else ""
+        fail(Exit.NOT_FOUND, f"no row in {processor} for {', '.join(missing[:10])}{more}")
 
 
-@processors.command("start")
-@click.argument("processor")
-@click.option("--run-id", "run_id")
-@click.option("--total", "files_total", type=int, default=0)
-@click.option("--detail", callback=json_value("detail"), help="JSON object")
+@processors.command("delete")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="do not ask")
 @nats_option
 @json_option
-def start_cmd(processor: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Record a run as running (idempotent by run id)."""
-    show(run_client(nats_url, lambda f: f.processors.start_run(processor, **kw)), as_json)
-
-
-@processors.command("finish")
-@click.argument("processor")
-@click.argument("run_id")
-@click.option("--status", default="completed", show_default=True)
-@click.option("--ok", "files_ok", type=int)
-@click.option("--failed", "files_failed", type=int)
-@click.option("--detail", callback=json_value("detail"), help="JSON object, merged")
-@nats_option
-@json_option
-def finish_cmd(processor: str, run_id: str, status: str, nats_url: str | None, as_json: bool, **kw: Any) -> None:
-    """Finish a run (exit 3: no such run; 4: already finished with another status)."""
-    show(run_client(nats_url, lambda f: f.processors.finish_run(processor, run_id, status, **kw)), as_json,
-         f"no such run of {processor}: {run_id}")
+def delete_cmd(names: tuple[str, ...], yes: bool, nats_url: str | None, as_json: bool) -> None:
+    """Delete every bookkeeping row of the named processors (their sessions are processed again)."""
+    if not yes and not click.confirm(f"delete the bookkeeping of {', '.join(names)}?"):
+        fail(Exit.ERROR, "not confirmed")
+    show({"deleted": run_client(nats_url, lambda f: f.processors.delete_for_processors(list(names)))}, as_json)
 
 
 @processors.command("run")
-@click.argument("processor")
-@click.argument("run_id")
+@click.argument("name")
+@click.option("--sessions", "session_dir", type=click.Path(file_okay=False),
+              help="run here over this session dir (default: ask the machine that serves runs)")
+@click.option("--max", "max_sessions", type=int,
+              help="attempts cap (default FLEETLOG_PROCESSOR_MAX_PER_RUN, 50; <= 0: none)")
+@click.option("--budget", "budget_s", type=float, default=150.0, show_default=True, help="time budget, seconds")
 @nats_option
 @json_option
-def run_cmd(processor: str, run_id: str, nats_url: str | None, as_json: bool) -> None:
-    """One run (exit 3: none)."""
-    show(run_client(nats_url, lambda f: f.processors.run(processor, run_id)), as_json,
-         f"no such run of {processor}: {run_id}")
+def run_cmd(name: str, session_dir: str | None, max_sessions: int | None, budget_s: float, nats_url: str | None,
+            as_json: bool) -> None:
+    """Run processor NAME once. Exit 0: ok; 1: some sessions failed; 2: unknown processor;
+    75: already running."""
+
+    async def go(fleet: Fleet) -> tuple[int, Any]:
+        try:
+            if session_dir is not None:
+                stats = await fleet.processors.run(name, session_dir, max_sessions_per_run=max_sessions,
+                                                   time_budget_seconds=budget_s)
+            else:
+                stats = await fleet.processors.request_run(name, max_sessions_per_run=max_sessions,
+                                                           time_budget_seconds=budget_s)
+        except UnknownProcessor as exc:
+            return RUN_UNKNOWN, str(exc)
+        except ProcessorLockBusy as exc:
+            return RUN_ALREADY_RUNNING, str(exc)
+        return (RUN_HAD_ERRORS if stats["errors"] else 0), stats
+
+    if session_dir is not None and name not in list_processor_names():
+        err_console.print(f"[red]error:[/red] {escape(str(UnknownProcessor(name)))}", highlight=False)
+        sys.exit(RUN_UNKNOWN)
+    code, result = run_client(nats_url, go)
+    if isinstance(result, str):
+        err_console.print(f"[red]error:[/red] {escape(result)}", highlight=False)
+    else:
+        show(result, as_json)
+    sys.exit(code)
+
+
+@processors.command("serve")
+@click.option("--sessions", "session_dir", required=True, type=click.Path(file_okay=False))
+@nats_option
+def serve_cmd(session_dir: str, nats_url: str | None) -> None:
+    """Answer `processors.run` requests (fleetlog.processors.run) over this session dir, until stopped."""
+
+    async def go(fleet: Fleet) -> None:
+        ready = asyncio.Event()
+        serving = asyncio.create_task(fleet.processors.serve_runs(Path(session_dir), ready=ready))
+        await asyncio.wait([serving, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            # one plain line (no wrapping): a supervisor or a test waits for it
+            click.echo(f"serving processors.run over {session_dir}: {', '.join(list_processor_names())}", err=True)
+        await serving
+
+    try:
+        run_client(nats_url, go)
+    except KeyboardInterrupt:
+        pass
 
 
 @processors.command("runs")
 @click.argument("processor")
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--before", "before_seq", type=int, help="cursor: the next_cursor of the previous page")
+@click.option("--run-id", "run_id", help="that run only")
 @nats_option
 @json_option
-def runs_cmd(processor: str, limit: int, before_seq: int | None, nats_url: str | None, as_json: bool) -> None:
-    """A processor's runs, newest first."""
-    answer = run_client(nats_url, lambda f: f.processors.runs(processor, limit, before_seq))
+def runs_cmd(processor: str, limit: int, before_seq: int | None, run_id: str | None, nats_url: str | None,
+             as_json: bool) -> None:
+    """A processor's run records, newest first."""
+    answer = run_client(nats_url, lambda f: f.processors.runs(processor, limit, before_seq, run_id=run_id))
     if as_json:
         print_json(answer)
         return
     table = Table(title=f"runs of {processor}")
-    for col in ("run_id", "status", "started_at", "finished_at", "total", "ok", "failed"):
+    for col in ("run_id", "ok", "scanned", "processed", "skipped", "capped", "errors", "items", "unhandled"):
         table.add_column(col)
     for r in answer.items:
-        table.add_row(r.run_id, r.status, str(r.started_at or ""), str(r.finished_at or ""), str(r.files_total),
-                      str(r.files_ok), str(r.files_failed))
+        table.add_row(r.run_id, str(r.ok), str(r.scanned), str(r.processed), str(r.skipped), str(r.capped),
+                      str(r.errors), str(r.items_extracted), r.unhandled_error or "")
     console.print(table)
 
 

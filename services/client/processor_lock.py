@@ -6,8 +6,7 @@ wins; while a lease holds, every other acquire gets None (the same holder name
 too: two processes sharing a name still exclude each other). The `acquired`
 message's stream seq is the fencing token. `_fenced` publishes a write only while
 the lock subject is where the holder last left it (its own renewals followed), so
-a holder that lost its lock cannot write; `_check_lock` is the weaker check made
-just before a write that carries its own guard (run records).
+a holder that lost its lock cannot write (the runner's marks).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ _lock_decoder = msgspec.json.Decoder(ProcessorLockChanged)
 
 
 class ProcessorLockBusy(FleetError):
-    """Another holder has the processor's lock (from `locked()`)."""
+    """Another holder has the processor's lock (from `locked()`, and so from a run: "already running")."""
 
 
 class ProcessorLockLost(FleetError):
@@ -198,7 +197,8 @@ class LockSide:
         If a renewal finds the lock gone, `lock.lost` is set and fenced writes raise."""
         lock = await self.acquire(processor, holder, lease_s)
         if lock is None:
-            raise ProcessorLockBusy(f"the lock of {processor!r} is held by someone else")
+            # "already running": the store's words, which callers match on
+            raise ProcessorLockBusy(f"processor {processor!r} is already running (its lock is held by someone else)")
         every = renew_every_s if renew_every_s is not None else lease_s / 3
         if not 0 < every < lease_s:
             raise FleetValidationError("renew_every_s", f"must be > 0 and < lease_s ({lease_s}), got {every!r}")
@@ -224,11 +224,3 @@ class LockSide:
                     await self.release(lock)
                 except Exception as exc:  # the lease runs out by itself
                     log.warning("processor lock %s: release failed: %s", processor, exc)
-
-    async def _check_lock(self, g: Guarded, lock: ProcessorLock) -> None:
-        last, current = await self._read_lock(g, lock.processor)
-        if lock.lost or not self._mine(last, current, lock):
-            lock.lost = True
-            raise ProcessorLockLost(f"the lock of {lock.processor!r} is no longer held by {lock.holder!r}")
-        assert last is not None and current is not None and current.lease_expires_at is not None
-        lock.seq, lock.lease_expires_at = last.seq, current.lease_expires_at

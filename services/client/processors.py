@@ -1,294 +1,263 @@
-"""Batch-processor bookkeeping's client API: `fleet.processors.*` (files, runs, the lock).
+"""Session-processor bookkeeping's client API: `fleet.processors.*`.
 
-* **Files**: `mark()` is a fire-and-forget fact (the latest status of one file for one
-  processor; compacted per file). `seen()` / `unprocessed()` answer "which of these
-  files did I do already" in one request.
-* **Runs**: state-carrying records, each write guarded on the run's own subject
-  (start once, finish once).
-* **The lock** (`processor_lock.LockSide`): at most one holder per processor, decided
-  by JetStream; the `acquired` message's stream seq is the fencing token.
-  `mark_locked` is fenced by JetStream (guarded on the lock subject); a run record
-  written with a lock goes in one atomic batch with the lock's re-assertion, each
-  guarded on its own subject.
-  A holder that lost its lock gets `ProcessorLockLost` and nothing is stored.
+* **Bookkeeping**: one row per (processor, session file) — processed_at, items_extracted,
+  file_hash, username — each write a `proc.session` event on the row's compacted
+  subject; a delete is a tombstone on the same subject. Names and meanings are the
+  store's this replaces (`mark_processed`, `is_processed`, `scan_unprocessed_for`, ...).
+  A client reads its own writes: every query carries this client's last write as
+  `min_seq` (or the token given).
+* **The runner** (`run`, `serve_runs`; services/client/processor_runner.py) and **the
+  lock** (`processor_lock.LockSide`: at most one holder per processor, decided by
+  JetStream; the runner's marks are fenced by it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from fleetlog.schemas import encode_event, new_event_id, now_iso, subjects
+from fleetlog.schemas import encode_event, new_event_id, now_iso
 from fleetlog.schemas.processors import (
-    DONE_STATUSES,
-    RUN_STATUSES,
-    ProcessorFileMarked,
-    ProcessorLockChanged,
+    ProcActivity,
+    ProcActivityQuery,
     ProcessorRunRecorded,
-    ProcFile,
-    ProcFileList,
-    ProcFileQuery,
-    ProcFilesQuery,
-    ProcRun,
+    ProcessorSessionDeleted,
+    ProcessorSessionMarked,
     ProcRunList,
-    ProcRunQuery,
+    ProcRunRequest,
     ProcRunsQuery,
-    ProcSeen,
-    ProcSeenQuery,
+    ProcRunStats,
+    ProcSession,
+    ProcSessionList,
+    ProcSessionsQuery,
     ProcSummaryList,
     ProcSummaryQuery,
 )
-from fleetlog.services.backbone.errors import FleetError, FleetRefused, FleetValidationError, check_identity
-from fleetlog.services.backbone.guarded import BatchItem, Guarded, StoredMsg, WrongLastSequence
+from fleetlog.services.backbone.errors import FleetValidationError, QueryError, check_identity
+from fleetlog.services.client import processor_runner
+from fleetlog.services.client.processor_files import (
+    SessionFile,
+    compute_file_hash,
+    list_session_files,
+    parse_jsonl,
+    select_unprocessed,
+    utcnow,
+)
 from fleetlog.services.client.processor_lock import LockSide, ProcessorLock, ProcessorLockBusy, ProcessorLockLost
+from fleetlog.services.client.processor_registry import Processor
 from fleetlog.services.writepath.publisher import Receipt, Token
 
 if TYPE_CHECKING:
     from fleetlog.services.client.seam import FleetClient
 
-__all__ = ["ProcessorLock", "ProcessorLockBusy", "ProcessorLockLost", "ProcessorsAPI", "hash_file", "path_hash"]
+__all__ = ["ProcessorLock", "ProcessorLockBusy", "ProcessorLockLost", "ProcessorsAPI", "compute_file_hash",
+           "parse_jsonl"]
 
 STREAM = "FLEET_PROCESSORS"
-SEEN_MAX = 10_000  # hashes per `seen` request (the endpoint's limit) ...
-SEEN_BYTES = 640 * 1024  # ... and their encoded size, under NATS's default 1 MB max_payload
-MAX_RACES = 100
-_run_decoder = msgspec.json.Decoder(ProcessorRunRecorded)
+CHUNK_FILES = 2_000  # session files per `sessions` request: each answer stays well under 1 MB ...
+CHUNK_BYTES = 256 * 1024  # ... and so does the request
+PAGE = 2_000
 
 
-def _count(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise FleetValidationError(field, f"must be an integer >= 0, got {value!r}")
+def _naive_utc(field: str, value: object) -> datetime:
+    if not isinstance(value, datetime):
+        raise FleetValidationError(field, f"must be a datetime (naive UTC or aware), got {type(value).__name__}")
+    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _text(field: str, value: object, *, empty: bool = False) -> str:
+    if not isinstance(value, str) or (not empty and not value):
+        raise FleetValidationError(field, f"must be a {'' if empty else 'non-empty '}string, got {value!r}")
     return value
 
 
-def _run_status(status: str) -> str:
-    if status not in RUN_STATUSES:
-        raise ValueError(f"Unknown run status: {status!r} (one of {', '.join(RUN_STATUSES)})")
-    return status
-
-
-def path_hash(file_path: str) -> str:
-    """The default file identity: sha256 of the path text (use `hash_file` for content)."""
-    return hashlib.sha256(file_path.encode()).hexdigest()
-
-
-def hash_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """sha256 of a file's content: the same content is the same file wherever it lies."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _decoded_run(msg: StoredMsg | None) -> ProcessorRunRecorded | None:
-    """The run a run subject's last message holds; None for none, or for garbage (as the view)."""
-    if msg is None:
-        return None
-    try:
-        return _run_decoder.decode(msg.data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
-def _run_view(e: ProcessorRunRecorded, seq: int) -> ProcRun:
-    return ProcRun(processor=e.processor, run_id=e.run_id, status=e.status, started_at=e.started_at,
-                   finished_at=e.finished_at, files_total=e.files_total, files_ok=e.files_ok,
-                   files_failed=e.files_failed, detail=e.detail, holder=e.holder, seq=seq)
+def _state(row: ProcSession) -> dict[str, Any]:
+    return {"username": row.username, "processed_at": row.processed_at, "items_extracted": row.items_extracted,
+            "file_hash": row.file_hash}
 
 
 class ProcessorsAPI(LockSide):
-    """`fleet.processors`: file markers and runs here, the lock in `LockSide`."""
+    """`fleet.processors`: bookkeeping and the runner here, the lock in `LockSide`."""
 
     def __init__(self, fleet: FleetClient, clock: Callable[[], float] = time.time) -> None:
         super().__init__(fleet, clock)
-        self.hash_file = hash_file
-        self.path_hash = path_hash
+        # Attributes, so a caller (the bench) can count or replace them.
+        self.compute_file_hash: Callable[[Path], str] = compute_file_hash
+        self.parse_jsonl = parse_jsonl
 
-    # -- files ---------------------------------------------------------------
-    def _marker(self, processor: str, file_path: str, status: str, file_hash: str | None, size: int | None,
-                detail: Mapping[str, Any] | None, run_id: str | None) -> ProcessorFileMarked:
+    # -- writes --------------------------------------------------------------
+    def _mark_event(self, processor: str, session_file: str, username: str, items_count: int, file_hash: str,
+                    read_at: datetime | None, fence: int | None = None) -> ProcessorSessionMarked:
         check_identity("processor", processor)
-        if not isinstance(file_path, str):
-            raise FleetValidationError("file_path", f"must be a string, got {type(file_path).__name__}")
-        if not isinstance(status, str) or not status:
-            raise FleetValidationError("status", f"must be a non-empty string, got {status!r}")
-        if size is not None:
-            _count("size", size)
-        if detail is not None and not isinstance(detail, Mapping):
-            raise FleetValidationError("detail", f"must be a dict, got {type(detail).__name__}")
-        return ProcessorFileMarked(
-            id=new_event_id(), ts=now_iso(), processor=processor, file_path=file_path,
-            file_hash=check_identity("file_hash", path_hash(file_path) if file_hash is None else file_hash),
-            status=status, size=size, detail=dict(detail or {}), run_id=run_id,
+        if isinstance(items_count, bool) or not isinstance(items_count, int) or items_count < 0:
+            raise FleetValidationError("items_count", f"must be an integer >= 0, got {items_count!r}")
+        return ProcessorSessionMarked(
+            id=new_event_id(), ts=now_iso(), processor=processor,
+            session_file=_text("session_file", session_file), username=_text("username", username, empty=True),
+            items_extracted=items_count, file_hash=_text("file_hash", file_hash, empty=True),
+            processed_at=utcnow() if read_at is None else _naive_utc("read_at", read_at), fence=fence,
         )
 
-    def mark(self, processor: str, file_path: str, status: str, *, file_hash: str | None = None,
-             size: int | None = None, detail: Mapping[str, Any] | None = None, run_id: str | None = None) -> Receipt:
-        """Record a file's status (fire-and-forget). `file_hash` defaults to `path_hash(file_path)`."""
-        return self._fleet.emit(self._marker(processor, file_path, status, file_hash, size, detail, run_id))
+    def _note(self, token: Token) -> Token:
+        self._seen = max(self._seen, token.get(STREAM, 0))
+        return token
 
-    async def mark_locked(self, lock: ProcessorLock, file_path: str, status: str, *, file_hash: str | None = None,
-                          size: int | None = None, detail: Mapping[str, Any] | None = None,
-                          run_id: str | None = None) -> int:
-        """`mark`, stored only while `lock` holds (awaited); returns the marker's seq, else ProcessorLockLost."""
-        event = self._marker(lock.processor, file_path, status, file_hash, size, detail, run_id)
+    async def mark_processed(self, processor: str, session_file: str, username: str, items_count: int,
+                             file_hash: str, read_at: datetime | None = None) -> Token:
+        """Upsert the row of (processor, session_file): processed_at = read_at (default now, UTC),
+        items_extracted, file_hash and username all overwritten. Returns the consistency token."""
+        self._fleet.emit(self._mark_event(processor, session_file, username, items_count, file_hash, read_at))
+        return self._note(await self._fleet.flush())
+
+    async def mark_locked(self, lock: ProcessorLock, session_file: str, username: str, items_count: int,
+                          file_hash: str, read_at: datetime | None = None) -> int:
+        """`mark_processed`, stored only while `lock` holds (JetStream decides); returns the seq,
+        else ProcessorLockLost and nothing is stored."""
+        event = self._mark_event(lock.processor, session_file, username, items_count, file_hash, read_at,
+                                 fence=lock.fence)
         return await self._fenced(lock, event.subject(), encode_event(event), event.id)
 
-    async def file(self, processor: str, file_hash: str, *, min_seq: Token | Receipt | None = None) -> ProcFile | None:
-        req = ProcFileQuery(processor=processor, file_hash=file_hash, min_seq=self._token(min_seq))
-        answer = await self._fleet.request("fleetlog.processors.file", req, ProcFileList)
-        return answer.items[0] if answer.items else None
+    async def delete_for_processors(self, names: Iterable[str]) -> int:
+        """Delete every row of these processors (a tombstone per row); the number deleted."""
+        if isinstance(names, str):
+            raise FleetValidationError("names", "must be a list of processor names, not one string")
+        wanted = [check_identity("names", n) for n in dict.fromkeys(names)]
+        count = 0
+        for processor in wanted:
+            for session_file in sorted(await self.processed_session_files(processor)):
+                self._fleet.emit(ProcessorSessionDeleted(id=new_event_id(), ts=now_iso(), processor=processor,
+                                                         session_file=session_file))
+                count += 1
+        if count:
+            self._note(await self._fleet.flush())
+        return count
 
-    async def files(self, processor: str, statuses: list[str] | None = None, run_id: str | None = None,
-                    after: str | None = None, limit: int = 100, *,
-                    min_seq: Token | Receipt | None = None) -> ProcFileList:
-        """A processor's files ordered by file_hash; `next_cursor` pages on (as `after`)."""
-        req = ProcFilesQuery(processor=processor, statuses=list(statuses) if statuses else None, run_id=run_id,
-                             after=after, limit=max(1, min(1000, int(limit))), min_seq=self._token(min_seq))
-        return await self._fleet.request("fleetlog.processors.files", req, ProcFileList)
-
-    async def seen(self, processor: str, file_hashes: list[str], *,
-                   min_seq: Token | Receipt | None = None) -> dict[str, str]:
-        """file_hash -> status for each hash that has a marker (any number of hashes: sent in as few
-        requests as fit NATS's max payload)."""
-        hashes = list(dict.fromkeys(file_hashes))
+    # -- reads ---------------------------------------------------------------
+    async def _rows(self, processor: str, session_files: list[str],
+                    min_seq: Token | Receipt | None = None) -> dict[str, ProcSession]:
+        files = list(dict.fromkeys(session_files))
         token = self._token(min_seq)
-        out: dict[str, str] = {}
+        out: dict[str, ProcSession] = {}
         start = 0
-        while start < len(hashes):
-            # As many as fit a request (hashes of 64 hex characters: all 10,000 in one).
+        while start < len(files):
             end, size = start, 0
-            while end < len(hashes) and end - start < SEEN_MAX and size + len(hashes[end]) + 3 <= SEEN_BYTES:
-                size += len(hashes[end]) + 3
+            while end < len(files) and end - start < CHUNK_FILES and size + len(files[end]) + 3 <= CHUNK_BYTES:
+                size += len(files[end]) + 3
                 end += 1
             end = max(end, start + 1)
-            req = ProcSeenQuery(processor=processor, file_hashes=hashes[start:end], min_seq=token)
-            out.update((await self._fleet.request("fleetlog.processors.seen", req, ProcSeen)).statuses)
+            req = ProcSessionsQuery(processor=processor, session_files=files[start:end], min_seq=token)
+            answer = await self._fleet.request("fleetlog.processors.sessions", req, ProcSessionList)
+            out.update((r.session_file, r) for r in answer.items)
             start = end
         return out
 
-    async def unprocessed(self, processor: str, file_hashes: list[str], *,
-                          min_seq: Token | Receipt | None = None) -> list[str]:
-        """The hashes (in the order given) not marked done or skipped."""
-        statuses = await self.seen(processor, file_hashes, min_seq=min_seq)
-        return [h for h in file_hashes if statuses.get(h) not in DONE_STATUSES]
+    async def get_states_for_session_files(self, processor: str, session_files: Iterable[str], *,
+                                           min_seq: Token | Receipt | None = None) -> dict[str, dict[str, Any]]:
+        """{session_file: {username, processed_at, items_extracted, file_hash}} (files with no row absent)."""
+        if isinstance(session_files, str):
+            raise FleetValidationError("session_files", "must be a list of session files, not one string")
+        rows = await self._rows(processor, list(session_files), min_seq)
+        return {k: _state(r) for k, r in rows.items()}
+
+    async def is_processed(self, processor: str, session_file: str, file_hash: str, *,
+                           min_seq: Token | Receipt | None = None) -> bool:
+        """A row exists and its hash equals `file_hash`."""
+        row = (await self._rows(processor, [session_file], min_seq)).get(session_file)
+        return row is not None and row.file_hash == file_hash
+
+    async def processed_session_files(self, processor: str, *, min_seq: Token | Receipt | None = None) -> set[str]:
+        token = self._token(min_seq)
+        out: set[str] = set()
+        after: str | None = None
+        while True:
+            req = ProcSessionsQuery(processor=processor, after=after, limit=PAGE, min_seq=token)
+            page = await self._fleet.request("fleetlog.processors.sessions", req, ProcSessionList)
+            out.update(r.session_file for r in page.items)
+            if page.next_cursor is None:
+                return out
+            after = page.next_cursor
+
+    async def _activity(self, processor: str, since: datetime | None,
+                        min_seq: Token | Receipt | None) -> ProcActivity:
+        req = ProcActivityQuery(processor=processor, since=None if since is None else _naive_utc("since", since),
+                                min_seq=self._token(min_seq))
+        return await self._fleet.request("fleetlog.processors.activity", req, ProcActivity)
+
+    async def max_processed_at(self, processor: str, *, min_seq: Token | Receipt | None = None) -> datetime | None:
+        """The latest processed_at of the processor's rows (naive UTC; None: no rows)."""
+        return (await self._activity(processor, None, min_seq)).last_processed_at
+
+    async def activity_since(self, processor: str, since: datetime, *,
+                             min_seq: Token | Receipt | None = None) -> dict[str, Any]:
+        """{"last_processed_at": latest processed_at >= since (or None), "items_extracted": their sum}."""
+        got = await self._activity(processor, _naive_utc("since", since), min_seq)
+        return {"last_processed_at": got.last_processed_at, "items_extracted": got.items_extracted}
+
+    async def scan_unprocessed_for(self, processor: str, session_dir: str | Path, *,
+                                   min_seq: Token | Receipt | None = None) -> list[tuple[str, Path]]:
+        """[(username, path)] of the session files to process (the rule: processor_files)."""
+        todo, _ = await self.scan_rows(processor, session_dir, min_seq=min_seq)
+        return [(f.username, f.path) for f in todo]
+
+    async def scan_rows(self, processor: str, session_dir: str | Path, *, min_seq: Token | Receipt | None = None,
+                        ) -> tuple[list[SessionFile], dict[str, dict[str, Any]]]:
+        """The scan's candidates and the rows it read (the runner compares their hashes)."""
+        check_identity("processor", processor)
+        files = await asyncio.to_thread(list_session_files, Path(session_dir))
+        if not files:
+            return [], {}
+        rows = await self.get_states_for_session_files(processor, [f.key for f in files], min_seq=min_seq)
+        todo = await asyncio.to_thread(select_unprocessed, files, rows, self.compute_file_hash)
+        return todo, rows
 
     # -- runs ----------------------------------------------------------------
-    async def start_run(self, processor: str, run_id: str | None = None, files_total: int = 0,
-                        detail: Mapping[str, Any] | None = None, lock: ProcessorLock | None = None) -> ProcRun:
-        """Record a run as running (idempotent by run_id: an existing run is returned unchanged).
+    async def run(self, processor: Processor | str, session_dir: str | Path, *,
+                  max_sessions_per_run: int | None = None, time_budget_seconds: float = 150.0,
+                  user_resolver: Callable[[str], tuple[Any, str | None] | None] | None = None,
+                  clock: Callable[[], float] | None = None) -> dict[str, Any]:
+        """Run `processor` over session_dir under its lock; the stats (see processor_runner.run)."""
+        return await processor_runner.run(self, processor, session_dir, max_sessions_per_run=max_sessions_per_run,
+                                          time_budget_seconds=time_budget_seconds, user_resolver=user_resolver,
+                                          clock=clock)
 
-        With `lock`, the write is refused (ProcessorLockLost) unless the lock is still the
-        holder's when it is made: a check of the lock subject just before the publish, which
-        itself is guarded on the run subject (JetStream takes one expected sequence per
-        message; the run's own guard is what keeps "start once" under races)."""
-        check_identity("processor", processor)
-        run_id = check_identity("run_id", new_event_id() if run_id is None else run_id)
-        _count("files_total", files_total)
-        g = await self._guarded()
-        subject = subjects.proc_run(processor, run_id)
-        for _ in range(MAX_RACES):
-            existing = await g.last(STREAM, subject)
-            found = _decoded_run(existing)
-            if existing is not None and found is not None:
-                return _run_view(found, existing.seq)
-            event = ProcessorRunRecorded(
-                id=new_event_id(), ts=now_iso(), processor=processor, run_id=run_id, status="running",
-                started_at=int(self.clock()), files_total=files_total, detail=dict(detail or {}),
-                holder=lock.holder if lock is not None else None,
-            )
-            seq = await self._run_write(g, lock, event, existing.seq if existing is not None else 0)
-            if seq is not None:
-                return _run_view(event, seq)
-        raise FleetError(f"start_run: lost {MAX_RACES} races on {subject}")
+    async def serve_runs(self, session_dir: str | Path, *, ready: asyncio.Event | None = None) -> None:
+        """Answer `fleetlog.processors.run` requests for session_dir until cancelled."""
+        await processor_runner.serve_runs(self, await self._fleet.nats(), session_dir, ready=ready)
 
-    async def finish_run(self, processor: str, run_id: str, status: str = "completed", *,
-                         files_ok: int | None = None, files_failed: int | None = None,
-                         detail: Mapping[str, Any] | None = None, lock: ProcessorLock | None = None) -> ProcRun | None:
-        """Finish a run once (None: unknown run). The same status again returns it unchanged;
-        another status after finishing raises FleetRefused (a ValueError). Counts left None keep the run's.
-        `lock` as for `start_run`."""
-        _run_status(status)
-        if status == "running":
-            raise ValueError("finish_run needs a final status (completed, failed or cancelled)")
-        g = await self._guarded()
-        subject = subjects.proc_run(processor, run_id)
-        for _ in range(MAX_RACES):
-            last = await g.last(STREAM, subject)
-            run = _decoded_run(last)
-            if last is None or run is None:
-                return None
-            if run.finished_at is not None:
-                if run.status == status:
-                    return _run_view(run, last.seq)
-                raise FleetRefused(f"Cannot finish processor run {run_id!r}: already {run.status}")
-            event = ProcessorRunRecorded(
-                id=new_event_id(), ts=now_iso(), processor=processor, run_id=run_id, status=status,
-                started_at=run.started_at, finished_at=int(self.clock()), files_total=run.files_total,
-                files_ok=run.files_ok if files_ok is None else _count("files_ok", files_ok),
-                files_failed=run.files_failed if files_failed is None else _count("files_failed", files_failed),
-                detail={**run.detail, **(detail or {})}, holder=run.holder,
-            )
-            seq = await self._run_write(g, lock, event, last.seq)
-            if seq is not None:
-                return _run_view(event, seq)
-        raise FleetError(f"finish_run: lost {MAX_RACES} races on {subject}")
+    async def request_run(self, processor: str, *, max_sessions_per_run: int | None = None,
+                          time_budget_seconds: float = 150.0, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the machine that serves runs (`serve_runs`) to run `processor`; its stats.
+        UnknownProcessor / ProcessorLockBusy as a local `run` would raise."""
+        req = ProcRunRequest(processor=processor, max_sessions_per_run=max_sessions_per_run,
+                             time_budget_seconds=time_budget_seconds)
+        wait = timeout if timeout is not None else time_budget_seconds + 60
+        try:
+            stats = await self._fleet.request(processor_runner.RUN_SUBJECT, req, ProcRunStats, wait)
+        except QueryError as exc:
+            if exc.code == "404":
+                raise processor_runner.UnknownProcessor(processor, str(exc)) from None
+            if exc.code == "409":
+                raise ProcessorLockBusy(str(exc)) from None
+            raise
+        return msgspec.structs.asdict(stats)
 
-    async def _run_write(self, g: Guarded, lock: ProcessorLock | None, event: ProcessorRunRecorded,
-                         expected: int) -> int | None:
-        """Publish a run record guarded on its subject; None when that subject moved (re-read).
-
-        With `lock`: one atomic batch of the lock's re-assertion (guarded on the lock subject
-        where the holder left it) and the run record (guarded on the run subject). JetStream
-        stores both or neither, so the record lands only inside the holder's tenure."""
-        if lock is None:
-            try:
-                _, seq, _ = await g.publish(event.subject(), encode_event(event), msg_id=event.id,
-                                            expected_last_seq=expected)
-            except WrongLastSequence:
-                return None
-            self._seen = max(self._seen, seq)
-            return seq
-        for _ in range(MAX_RACES):
-            if lock.lost or lock.lease_expires_at <= self.clock():
-                lock.lost = True
-                raise ProcessorLockLost(f"the lock of {lock.processor!r} is no longer held by {lock.holder!r}")
-            held = ProcessorLockChanged(id=new_event_id(), ts=now_iso(), processor=lock.processor,
-                                        holder=lock.holder, state="renewed",
-                                        lease_expires_at=lock.lease_expires_at, fence=lock.fence)
-            items = [BatchItem(held.subject(), encode_event(held), held.id, lock.seq),
-                     BatchItem(event.subject(), encode_event(event), event.id, expected)]
-            try:
-                _, seq = await g.publish_batch(items, batch_id=event.id)
-            except WrongLastSequence:
-                await self._check_lock(g, lock)  # ProcessorLockLost unless the lock moved by our own hand
-                run_now = await g.last(STREAM, event.subject())
-                if (run_now.seq if run_now is not None else 0) != expected:
-                    return None  # the run subject moved: the caller re-reads
-                continue
-            lock.seq = seq - 1  # the re-assertion is the lock subject's last message now
-            self._seen = max(self._seen, seq)
-            return seq
-        raise FleetError(f"run write under a lock: lost {MAX_RACES} races on {event.subject()}")
-
-    async def run(self, processor: str, run_id: str, *, min_seq: Token | Receipt | None = None) -> ProcRun | None:
-        req = ProcRunQuery(processor=processor, run_id=run_id, min_seq=self._token(min_seq))
-        answer = await self._fleet.request("fleetlog.processors.run", req, ProcRunList)
-        return answer.items[0] if answer.items else None
+    async def record_run(self, event: ProcessorRunRecorded) -> Token:
+        """Store a run's audit record (acked); the runner's, or a foreign runner's."""
+        self._fleet.emit(event)
+        return self._note(await self._fleet.flush())
 
     async def runs(self, processor: str, limit: int = 20, before_seq: int | None = None, *,
-                   min_seq: Token | Receipt | None = None) -> ProcRunList:
-        req = ProcRunsQuery(processor=processor, limit=max(1, min(1000, int(limit))), before_seq=before_seq,
-                            min_seq=self._token(min_seq))
+                   run_id: str | None = None, min_seq: Token | Receipt | None = None) -> ProcRunList:
+        """Run records, newest first (`run_id`: that one only)."""
+        req = ProcRunsQuery(processor=processor, run_id=run_id, limit=max(1, min(1000, int(limit))),
+                            before_seq=before_seq, min_seq=self._token(min_seq))
         return await self._fleet.request("fleetlog.processors.runs", req, ProcRunList)
 
     async def summary(self, *, min_seq: Token | Receipt | None = None) -> ProcSummaryList:
         req = ProcSummaryQuery(now=self.clock(), min_seq=self._token(min_seq))
         return await self._fleet.request("fleetlog.processors.summary", req, ProcSummaryList)
-
-    # -- the lock ------------------------------------------------------------
