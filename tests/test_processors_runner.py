@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetlog.services.backbone.errors import FleetValidationError
+from fleetlog.services.backbone.errors import FleetUnavailable, FleetValidationError
 from fleetlog.services.client.processor_runner import default_max_per_run
+from fleetlog.services.node.server import Server
 
-from fleetlog import Fleet, ProcessorLockBusy, ProcessorResult
+from fleetlog import Fleet, FleetSettings, ProcessorLockBusy, ProcessorResult
 from fleetlog.processors import UnknownProcessor, get_processor, list_processor_names, register, unregister
+
+from .helpers import wait_until
 
 STATS_KEYS = {"processor", "scanned", "processed", "skipped", "capped", "errors", "items_extracted", "errors_detail"}
 
@@ -328,3 +331,24 @@ async def test_the_request_endpoint(fleet: Fleet, lines: Lines, gate: tuple[asyn
         await caller.close()
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
+
+
+async def test_serve_answers_processor_runs_with_its_sessions(settings: FleetSettings, lines: Lines,
+                                                               tmp_path: Path) -> None:
+    """`fleetlog up|serve --sessions DIR` (FLEETLOG_PROCESSOR_SESSIONS): the node that holds the
+    sessions answers processors.run beside its reactors."""
+    sessions = tmp_path / "sessions"
+    _sessions(sessions, {"u/a.jsonl": 2, "v/b.jsonl": 3})
+    srv = Server(settings.model_copy(update={"reactors": True, "processor_sessions": sessions}))
+    await srv.start()
+    try:
+        async with Fleet.connect(settings=settings, name="operator") as caller:
+            async def answered() -> dict[str, Any] | None:
+                try:
+                    return await caller.processors.request_run("lines", timeout=5)
+                except FleetUnavailable:
+                    return None  # the reactors (and the runs service with them) start just after serving
+            stats = await wait_until(answered, 30)
+        assert (stats["scanned"], stats["processed"], stats["items_extracted"]) == (2, 2, 5)
+    finally:
+        await srv.stop()

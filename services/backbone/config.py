@@ -65,6 +65,9 @@ class FleetSettings(BaseSettings):
     # reactors (lease sweeper, stale-runtime marker)
     reactors: bool = Field(True, description="run the reactors in `up`/`serve`")
     reactor_interval_s: float = Field(1.0, gt=0, description="how often each reactor looks for work")
+    processor_sessions: Path | None = Field(
+        None, description="`up`/`serve` also answer processors.run requests over this session dir (with the reactors)"
+    )
     nats_wait_s: float | None = Field(
         None, ge=0, description="how long `serve` waits for NATS at start (None: until it comes or a signal)"
     )

@@ -21,15 +21,22 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+sessions_option = click.option(
+    "--sessions", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="also answer processors.run requests over this session dir [env FLEETLOG_PROCESSOR_SESSIONS]",
+)
+
+
 @click.command()
 @click.option("--port", type=int, default=None, help="embedded broker port [env FLEETLOG_PORT; default 4222]")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="views, spool and broker data [env FLEETLOG_DATA_DIR; default: the user data dir]")
+@sessions_option
 @click.option("-v", "--verbose", is_flag=True)
-def up(port: int | None, data_dir: Path | None, verbose: bool) -> None:
+def up(port: int | None, data_dir: Path | None, sessions: Path | None, verbose: bool) -> None:
     """Start nats-server (JetStream, 127.0.0.1) plus projector and query service; Ctrl-C stops all."""
     _logging(verbose)
-    settings = settings_from(None, port=port, data_dir=data_dir)
+    settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions)
     try:
         asyncio.run(run_up(settings))
     except duckdb.IOException as exc:
@@ -46,11 +53,12 @@ def up(port: int | None, data_dir: Path | None, verbose: bool) -> None:
 @click.option("--nats", "nats_url", default=None, envvar="FLEETLOG_NATS_URL", help="NATS server URL(s)")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where the view files live [env FLEETLOG_DATA_DIR]")
+@sessions_option
 @click.option("-v", "--verbose", is_flag=True)
-def serve(nats_url: str | None, data_dir: Path | None, verbose: bool) -> None:
+def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, verbose: bool) -> None:
     """Projector + query service against an external NATS (broker deployed separately)."""
     _logging(verbose)
-    settings = settings_from(nats_url, data_dir=data_dir)
+    settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions)
     try:
         asyncio.run(run_serve(settings))
     except duckdb.IOException as exc:

@@ -43,6 +43,9 @@ class Reactors:
         ]
         self.differ = SnapshotDiffer(await self.fleet.nats(), max_event_bytes=self.settings.max_event_bytes)
         self._tasks.append(asyncio.create_task(self._every("snapshot differ", self.diff_snapshots)))
+        if self.settings.processor_sessions is not None:  # processors.run on the machine with the sessions
+            runs = self.fleet.processors.serve_runs(self.settings.processor_sessions)
+            self._tasks.append(asyncio.create_task(runs, name="processor runs"))
 
     async def sweep_leases(self) -> None:
         assert self.fleet is not None
