@@ -30,10 +30,11 @@ HANG_S = 90.0  # a generous bound: a process still running after this hangs
 
 
 async def run_agent(settings: FleetSettings, way: str, agent: str, *extra: str,
-                    sig: signal.Signals | None = None) -> tuple[int, str]:
-    """Run the script; send `sig` once it says it is ready; its exit code and stderr."""
+                    sig: signal.Signals | None = None, n: int = N, busy_s: float = 0.0) -> tuple[int, str]:
+    """Run the script; send `sig` once it says it is ready (and `busy_s` later: it works on
+    meanwhile); its exit code and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, SCRIPT, way, settings.nats_url, str(settings.resolved_spool_dir()), agent, str(N), *extra,
+        sys.executable, SCRIPT, way, settings.nats_url, str(settings.resolved_spool_dir()), agent, str(n), *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -41,6 +42,7 @@ async def run_agent(settings: FleetSettings, way: str, agent: str, *extra: str,
         if sig is not None:
             line = await asyncio.wait_for(proc.stdout.readline(), HANG_S)
             assert line.strip() == b"ready", line
+            await asyncio.sleep(busy_s)
             proc.send_signal(sig)
         _out, err = await asyncio.wait_for(proc.communicate(), HANG_S)
     except TimeoutError:
@@ -57,7 +59,7 @@ async def counts(client: Fleet, agent: str) -> list[int] | None:
         answer = await client.sql(
             f"SELECT (SELECT count(*) FROM attempts WHERE agent = '{agent}'),"
             f" (SELECT count(DISTINCT id) FROM attempts WHERE agent = '{agent}'),"
-            f" (SELECT count(*) FROM proc_files WHERE processor = '{agent}'),"
+            f" (SELECT count(*) FROM proc_sessions WHERE processor = '{agent}'),"
             f" (SELECT count(*) FROM snapshots WHERE agent = '{agent}')"
         )
     except FleetUnavailable:  # the query service re-subscribes after a broker restart

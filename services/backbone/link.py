@@ -146,7 +146,12 @@ class Link:
                 continue
             self.nc = nc
             for cb in self._on_connect:
-                await cb(nc)
+                # Each on its own: one failing (a broken spool) must not keep the others, or
+                # the link, from coming up.
+                try:
+                    await cb(nc)
+                except Exception:
+                    log.exception("an on-connect step of %s failed; continuing", self.name)
             self._up.set()
             return
 

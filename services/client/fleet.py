@@ -107,7 +107,10 @@ class Fleet:
         if settings.exit_on_sigterm:
             exitsafe.install_sigterm()  # only from the main thread, only over SIG_DFL
         await publisher.start()
-        await link.start(connect_wait_s)
+        if await link.start(connect_wait_s):
+            # And the publisher's own connection: a script that records and returns at once
+            # must find it up (its events delivered at exit, not left in a spool).
+            await publisher.wait_connected(connect_wait_s)
         return cls(settings, link, publisher)
 
     # -- writing ----------------------------------------------------------------

@@ -85,6 +85,9 @@ class Publisher(SpoolSide):
         self._durable_receipts: dict[str, Receipt] = {}
         self._spool = Spool(spool_root, spool_max_bytes, link.servers, fsync=fsync)
         self._spilled_at_exit = False
+        # Set once close() or the exit spill ran: from then on record() writes to the spool itself.
+        self._sealed = False
+        self._closed = False
         self.foreign_spools: list[str] = []
         self._queue: collections.deque[Receipt] = collections.deque()
         # In flight, by reply token, oldest first (the reaper relies on that order).
@@ -124,7 +127,12 @@ class Publisher(SpoolSide):
         # The spool now belongs to the fleet behind this broker; only then may the orphans of
         # that fleet be adopted (never another fleet's: they would be drained into this one).
         self._spool.stamp(await fleet_identity(nc))
-        adopted, self.foreign_spools = self._spool.adopt_orphans()
+        try:
+            # File work (a dead spool can hold a GiB): off the event loop.
+            adopted, self.foreign_spools = await asyncio.to_thread(self._spool.adopt_orphans)
+        except Exception as exc:  # never keep this publisher from publishing its own events
+            log.error("adopting orphaned spools failed: %r (they stay where they are)", exc)
+            adopted = 0
         if adopted:
             with self._stats_lock:
                 self._stats.spooled += adopted
@@ -133,6 +141,10 @@ class Publisher(SpoolSide):
     @property
     def connected(self) -> bool:
         return self._wire.connected
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait (bounded) for the publisher's own connection, once the link is up."""
+        return await self._wire.wait_connected(timeout_s)
 
     # -- producer side (any thread) -----------------------------------------
     def submit(self, event_id: str, subject: str, payload: bytes) -> Receipt:
@@ -144,6 +156,8 @@ class Publisher(SpoolSide):
         return self._enqueue(Receipt(event.id, subject, None, 0, event))
 
     def _enqueue(self, receipt: Receipt) -> Receipt:
+        if self._sealed:
+            return self._after_close(receipt)
         if threading.get_ident() == self._loop_thread:
             self._accepted_in_loop += 1  # only this thread writes it: no lock needed
         else:
@@ -151,7 +165,9 @@ class Publisher(SpoolSide):
                 self._stats.accepted += 1
         if self._durable:
             self._durable_receipts[receipt.id] = receipt
-            if not self._to_spool([receipt]):  # on disk (the OS has it) before record() returns
+            if self._to_spool([receipt]):  # on disk (the OS has it) before record() returns
+                receipt.payload = receipt.event = None  # the spool has it: memory stays flat in an outage
+            else:
                 self._durable_receipts.pop(receipt.id, None)  # dropped: spool full (counted, logged)
         elif len(self._queue) >= self._queue_max:
             # Memory is bounded: past the cap, events go straight to disk.
@@ -161,6 +177,7 @@ class Publisher(SpoolSide):
         if self._idle:
             self._idle = False
             self._poke()
+        exitsafe.check_sigterm()
         return receipt
 
     def _poke(self) -> None:
@@ -180,7 +197,7 @@ class Publisher(SpoolSide):
     async def _run(self) -> None:
         try:
             await self._send_loop()
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or SystemExit/KeyboardInterrupt raised in this task
             if not self._closing:
                 await self._exit_flush()
             raise
@@ -189,6 +206,8 @@ class Publisher(SpoolSide):
         backoff = 0.05
         wire = self._wire
         while True:
+            if self._sealed:
+                return  # spilled at exit from another thread: the spool has it all now
             if not wire.connected:
                 self._spill_queue()
                 await wire.wait_connected(0.25)
@@ -363,6 +382,10 @@ class Publisher(SpoolSide):
     async def _flush_wait(self, deadline: float | None, timeout: float | None) -> None:
         self._poke()
         while self._outstanding():
+            if self._tasks and self._tasks[0].done():
+                # No sender (cancelled at exit): nothing will move; what is left is on disk.
+                raise TimeoutError(f"flush: the publisher has stopped; {self._outstanding()} events "
+                                   f"not acked ({self._spool.pending} spooled on disk, kept for later)")
             self._progress.clear()
             wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
             if wait <= 0:
@@ -374,6 +397,10 @@ class Publisher(SpoolSide):
 
     async def close(self, timeout: float = 10.0) -> None:
         """Drain within timeout; whatever is left stays in the spool for the next publisher."""
+        if self._closed:
+            return
+        if exitsafe.exiting():
+            timeout = min(timeout, self._exit_flush_s)  # SIGTERM or interpreter exit: bounded
         with contextlib.suppress(TimeoutError):
             await self.flush(timeout)
         self._closing = True
@@ -386,7 +413,13 @@ class Publisher(SpoolSide):
         await self._wire.close()  # what is still in flight is spooled as the connection ends
         self._fail_all_pending()
         self._spill_queue()
-        self._spilled_at_exit = True
+        self._closed = True
+        self._seal()
+        if exitsafe.exiting():
+            # Closed by the exit path (a FleetSync at interpreter shutdown): daemon threads may
+            # still record; their events go to the spool until the exit hook's last pass.
+            self._spilled_at_exit = True
+            return
         exitsafe.unregister(self)
         self._spool.close()
 
@@ -395,6 +428,7 @@ class Publisher(SpoolSide):
         return PublisherStats(
             accepted=s.accepted + self._accepted_in_loop, acked=s.acked, duplicates=s.duplicates, spooled=s.spooled,
             dropped_spool_full=self._spool.dropped,
-            dead_lettered=s.dead_lettered, queued=len(self._queue), inflight=len(self._pending),
+            dead_lettered=s.dead_lettered, after_close=s.after_close,
+            queued=len(self._queue), inflight=len(self._pending),
             spool_pending=self._spool.pending,
         )

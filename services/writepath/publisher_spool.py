@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -81,6 +82,10 @@ class SpoolSide:
     _durable_receipts: dict[str, Receipt]
     _exit_flush_s: float
     _spilled_at_exit: bool
+    _sealed: bool
+    _closed: bool
+    _loop: asyncio.AbstractEventLoop | None
+    _loop_thread: int
 
     def _send(self, receipts: list[Receipt], chunk: DrainChunk | None) -> None:
         raise NotImplementedError  # Publisher._send
@@ -94,8 +99,9 @@ class SpoolSide:
         exit_flush_s, then spool what is left, synchronously, before the loop closes.
 
         The wire's connection stays open until the loop closes (its task being cancelled does
-        not close the transport), so acks still arrive. With anything spooled, the queue goes
-        behind it, to disk: order first; the next client drains the spool."""
+        not close the transport), so acks still arrive (`Fleet.connect` waited for its handshake).
+        With anything spooled, the queue goes behind it, to disk: order first; the
+        next client drains the spool."""
         deadline = time.monotonic() + self._exit_flush_s
         try:
             while (self._queue or self._pending) and not self._spool.pending and self._wire.connected:
@@ -103,36 +109,80 @@ class SpoolSide:
                     break
                 room = self._max_inflight - len(self._pending)
                 if self._queue and room > 0:
-                    queue = self._queue
-                    self._send([queue.popleft() for _ in range(min(len(queue), room, BURST))], None)
+                    self._send(self._take(min(len(self._queue), room, BURST)), None)
                 await asyncio.sleep(0.005)
-        except asyncio.CancelledError:
-            pass  # cancelled again: stop waiting, spool now
+        except BaseException:  # cancelled again, or SystemExit: stop waiting, spool now
+            pass
         finally:
             # The spool stays open (and this publisher registered): events recorded after the
             # loop ended are spooled by the atexit hook.
             self._spill_now()
 
+    def _take(self, n: int) -> list[Receipt]:
+        queue = self._queue
+        return [queue.popleft() for _ in range(n)]
+
+    def _seal(self) -> None:
+        """From now on record() writes to the spool itself (or, after close(), refuses)."""
+        self._sealed = True
+
+    def _after_close(self, receipt: Receipt) -> Receipt:
+        """record() once this publisher was closed or spilled at exit (`_enqueue`)."""
+        with self._stats_lock:
+            self._stats.accepted += 1
+        if self._closed and not self._spilled_at_exit:
+            with self._stats_lock:
+                self._stats.after_close += 1
+            raise RuntimeError(f"fleetlog: record() after close(): this Fleet is closed; event {receipt.id} "
+                               f"on {receipt.subject} was not recorded")
+        self._to_spool([receipt])  # at exit: straight to disk, nobody sends any more
+        return receipt
+
     def spill_at_exit(self) -> int:
-        """Spool what is not acked (`_spill_now`) and release the spool for the next client: the
-        atexit hook's last act (no loop needed: it may be long gone)."""
+        """Spool what is not acked (`_spill_now`); from then on record() writes to the spool
+        itself, until `close_spool_at_exit`. No loop needed: it may be long gone. A loop still
+        running in another thread (an application's own, in a daemon thread) does it there,
+        so that its sender is not changing the queue meanwhile."""
         if self._spilled_at_exit:
             return 0
         self._spilled_at_exit = True
-        exitsafe.unregister(self)
+        loop = self._loop
+        if loop is not None and loop.is_running() and threading.get_ident() != self._loop_thread:
+            done = threading.Event()
+            box = [0]
+
+            def spill() -> None:
+                box[0] = self._spill_now()
+                self._seal()
+                done.set()
+
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(spill)
+                if done.wait(self._exit_flush_s):
+                    return box[0]
+        self._seal()
+        return self._spill_now()
+
+    def close_spool_at_exit(self) -> int:
+        """The exit hook's last pass: what arrived in the queue meanwhile, then the spool is released."""
+        self._seal()
         n = self._spill_now()
+        exitsafe.unregister(self)
         self._spool.close()
         return n
 
     def _spill_now(self) -> int:
-        """Write the unacked in-flight events, then the queue, to the spool, synchronously.
+        """Write the unacked in-flight events, then the queue, to the spool, synchronously;
+        only then take them out of memory (whatever interrupts this leaves them somewhere).
         In-flight events may have landed too: the copy is deduplicated (Nats-Msg-Id, event id)."""
-        inflight = [receipt for receipt, chunk in self._pending.values() if chunk is None]  # chunks: on disk
-        self._pending.clear()
-        queued = []
-        while self._queue:
-            queued.append(self._queue.popleft())
+        tokens = list(self._pending)
+        inflight = [self._pending[t][0] for t in tokens if self._pending[t][1] is None]  # chunks: on disk
+        queued = list(self._queue)  # one C call: atomic against other threads' appends
         self._to_spool(inflight + queued)
+        for t in tokens:
+            self._pending.pop(t, None)
+        for _ in range(len(queued)):
+            self._queue.popleft()
         return len(inflight) + len(queued)
 
     def _to_spool(self, receipts: list[Receipt]) -> int:
@@ -150,10 +200,10 @@ class SpoolSide:
 
     def _spill_queue(self) -> None:
         if self._queue:
-            batch = []
-            while self._queue:
-                batch.append(self._queue.popleft())
+            batch = list(self._queue)  # on disk first, then out of memory (`_spill_now`)
             self._to_spool(batch)
+            for _ in range(len(batch)):
+                self._queue.popleft()
 
     async def _drain_spool(self) -> bool:
         """Publish the oldest spooled records; commit what was acked in order. True if all went."""
@@ -186,6 +236,7 @@ class SpoolSide:
             if receipt.seq is None:
                 if receipt.attempts >= MAX_BROKER_REFUSALS:
                     self._refusals.pop(receipt.id, None)
+                    self._durable_receipts.pop(receipt.id, None)
                     self._dead_letter(receipt, "refused by JetStream while draining the spool")
                 else:
                     if receipt.attempts:

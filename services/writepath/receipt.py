@@ -70,6 +70,7 @@ class PublisherStats:
     spooled: int = 0
     dropped_spool_full: int = 0
     dead_lettered: int = 0
+    after_close: int = 0  # record() after close(): refused with RuntimeError
     queued: int = 0
     inflight: int = 0
     spool_pending: int = 0

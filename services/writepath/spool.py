@@ -21,6 +21,7 @@ When the spool reaches its byte cap, further records are dropped, counted
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -28,6 +29,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,9 +111,15 @@ class Spool:
         return self.dir / f"seg-{n:08d}.log"
 
     # -- writing -----------------------------------------------------------
-    def append(self, records: list[SpoolRecord]) -> int:
-        """Append records in order; returns how many were kept (the rest hit the cap)."""
+    def append(self, records: list[SpoolRecord], *, stop_at_cap: bool = False) -> int:
+        """Append records in order; returns how many were kept (the rest hit the cap).
+
+        With `stop_at_cap` (adopting another spool), nothing past the first record that does
+        not fit is taken, and nothing is counted as dropped: the caller keeps the rest.
+        A disk error (ENOSPC, EFBIG, EIO) or a spool already closed at exit counts the records
+        as dropped, like the cap: record() never raises for it."""
         kept = 0
+        failed: BaseException | None = None
         with self._lock:
             chunks = []
             size = 0
@@ -119,6 +127,8 @@ class Spool:
                 blob = _encode(tuple(rec))
                 need = _LEN.size + len(blob)
                 if self._pending_bytes + size + need > self.max_bytes:
+                    if stop_at_cap:
+                        break
                     self.dropped += 1
                     continue
                 chunks.append(_LEN.pack(len(blob)))
@@ -126,24 +136,46 @@ class Spool:
                 size += need
                 kept += 1
             if chunks:
-                self._writer.write(b"".join(chunks))
-                self._writer.flush()
-                if self.fsync:
-                    os.fsync(self._writer.fileno())
-                self._write_off += size
-                self._pending_records += kept
-                self._pending_bytes += size
-                if self._write_off >= _SEGMENT_BYTES:
-                    self._writer.close()
-                    self._write_seg += 1
-                    self._write_off = 0
-                    self._writer = open(self._seg_path(self._write_seg), "ab")
-        if kept < len(records):
+                try:
+                    self._write(b"".join(chunks))
+                except (OSError, ValueError) as exc:  # ValueError: the file is closed (after the exit's last pass)
+                    failed = exc
+                    self.dropped += kept
+                    kept = 0
+                else:
+                    self._pending_records += kept
+                    self._pending_bytes += size
+        if failed is not None:
+            log.error("spool write failed (%s): dropped %d events (%d dropped in total)",
+                      failed, len(records), self.dropped)
+        elif kept < len(records) and not stop_at_cap:
             log.error(
                 "spool full (%d bytes cap): dropped %d events (%d dropped in total)",
                 self.max_bytes, len(records) - kept, self.dropped,
             )
         return kept
+
+    def _write(self, blob: bytes) -> None:
+        """Write a run of records at the end of the current segment, all or nothing: after a
+        partial write the file is cut back, so that it and `_write_off` stay in step."""
+        try:
+            self._writer.write(blob)
+            self._writer.flush()
+            if self.fsync:
+                os.fsync(self._writer.fileno())
+        except OSError:
+            with contextlib.suppress(OSError, ValueError):
+                self._writer.close()
+            with contextlib.suppress(OSError):
+                os.truncate(self._seg_path(self._write_seg), self._write_off)
+            self._writer = open(self._seg_path(self._write_seg), "ab")
+            raise
+        self._write_off += len(blob)
+        if self._write_off >= _SEGMENT_BYTES:
+            self._writer.close()
+            self._write_seg += 1
+            self._write_off = 0
+            self._writer = open(self._seg_path(self._write_seg), "ab")
 
     # -- reading -----------------------------------------------------------
     def peek(self, max_records: int) -> list[tuple[SpoolRecord, int, int, int]]:
@@ -177,8 +209,9 @@ class Spool:
             for old in range(self._read_seg, seg):
                 self._seg_path(old).unlink(missing_ok=True)
             self._read_seg, self._read_off = seg, off
-            # Persisted so that an adopter of this spool (after a crash) skips what was acked.
-            (self.dir / "cursor").write_text(f"{seg} {off}")
+            # Persisted so that an adopter of this spool (after a crash) skips what was acked
+            # (if the disk refuses, it re-publishes them: duplicates, removed downstream).
+            _write_cursor(self.dir, seg, off)
             self._pending_records -= records
             self._pending_bytes -= nbytes
             if self._pending_records == 0 and (seg, off) == (self._write_seg, self._write_off):
@@ -189,7 +222,7 @@ class Spool:
                 self._write_seg = self._read_seg = 0
                 self._write_off = self._read_off = 0
                 self._pending_bytes = 0
-                (self.dir / "cursor").write_text("0 0")
+                _write_cursor(self.dir, 0, 0)
                 self._writer = open(self._seg_path(0), "ab")
 
     # -- orphans -----------------------------------------------------------
@@ -206,17 +239,21 @@ class Spool:
             return fleet == self.fleet
         return urls is None or urls == self.urls  # urls None: written before spools were keyed
 
-    def adopt_orphans(self) -> tuple[int, list[str]]:
+    def adopt_orphans(self, only: str | None = None) -> tuple[int, list[str]]:
         """Copy the records of this fleet's spools whose process died into this one.
 
         Returns the count adopted and the names of orphans left because they belong to
-        another fleet (never drained into this one)."""
+        another fleet (never drained into this one). `only` names one orphan to take whatever
+        fleet it was stamped for (`fleetlog spool drain --adopt`: a fleet that no longer exists).
+        Blocking file work: the publisher runs it in a worker thread."""
         adopted = 0
         foreign: list[str] = []
         for other in sorted(self.root.iterdir()):
             if other == self.dir or not other.is_dir() or other.name.startswith("."):
                 continue
-            if not self._mine(other):
+            if only is not None and other.name != only:
+                continue
+            if only is None and not self._mine(other):
                 foreign.append(other.name)
                 continue
             lock_path = other / "lock"
@@ -227,16 +264,9 @@ class Spool:
             except OSError:
                 continue
             try:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
+                if not _lock_exclusive(fh):
                     continue  # a live publisher holds it
-                records = list(_read_dir(other))
-                if records:
-                    self.append(records)
-                    adopted += len(records)
-                    log.warning("adopted %d spooled events from %s", len(records), other)
-                shutil.rmtree(other, ignore_errors=True)
+                adopted += self._adopt(other)
             finally:
                 fh.close()
         if foreign:
@@ -244,43 +274,157 @@ class Spool:
                         len(foreign), self.root, ", ".join(foreign))
         return adopted, foreign
 
-    def set_aside(self, msg_id: str, subject: str, payload: bytes, reason: str) -> None:
-        """Record an event that will never be published in `<root>/dead-letter.jsonl`."""
+    def _adopt(self, other: Path) -> int:
+        """Take a dead spool's records in order, a batch at a time, until this spool's cap; the
+        rest stays there (its cursor moved past what was taken) and the directory is removed
+        only once everything was taken. Unreadable records go to the dead letter."""
+        kept = 0
+        bad = 0
+        batch: list[SpoolRecord] = []
+        ends: list[tuple[int, int]] = []
+        full = False
+        last: tuple[int, int] | None = None
+
+        def take() -> bool:
+            nonlocal kept, last
+            n = self.append(batch, stop_at_cap=True) if batch else 0
+            kept += n
+            if n:
+                last = ends[n - 1]
+            done = n == len(batch)
+            batch.clear()
+            ends.clear()
+            return done
+
+        for item, seg, end in _scan(other):
+            if isinstance(item, bytes):
+                if not take():
+                    full = True
+                    break
+                bad += 1
+                self.set_aside("", "", item, f"unreadable record in the spool of a dead process ({other.name})",
+                               raw=True)
+                last = (seg, end)
+                continue
+            batch.append(item)
+            ends.append((seg, end))
+            if len(batch) >= 1000 and not take():
+                full = True
+                break
+        else:
+            full = not take()
+        if bad:
+            log.error("%d unreadable records in %s set aside in %s", bad, other, self.root / "dead-letter.jsonl")
+        if full:
+            if last is not None:
+                _write_cursor(other, *last)
+            log.error("spool full (%d bytes cap): adopted %d events from %s, the rest stays there for later",
+                      self.max_bytes, kept, other)
+            return kept
+        if kept:
+            log.warning("adopted %d spooled events from %s", kept, other)
+        shutil.rmtree(other, ignore_errors=True)
+        return kept
+
+    def set_aside(self, msg_id: str, subject: str, payload: bytes, reason: str, *, raw: bool = False) -> None:
+        """Record an event that will never be published in `<root>/dead-letter.jsonl`
+        (`raw`: bytes that are not a record at all, kept as hex)."""
         line = json.dumps({"id": msg_id, "subject": subject, "reason": reason,
-                           "payload": payload.decode("utf-8", "replace")})
-        with self._lock, open(self.root / "dead-letter.jsonl", "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+                           "payload": payload.hex() if raw else payload.decode("utf-8", "replace")})
+        try:
+            with self._lock, open(self.root / "dead-letter.jsonl", "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as exc:  # a disk error never reaches the agent
+            log.error("could not write the dead letter (%s): event %s on %s lost (%s)", exc, msg_id, subject, reason)
 
     def close(self) -> None:
         """Release the directory; remove it when nothing is left in it."""
         with self._lock:
-            self._writer.close()
+            if self._lock_file.closed:
+                return
+            with contextlib.suppress(OSError):
+                self._writer.close()
             empty = self._pending_records == 0
             if empty:
                 shutil.rmtree(self.dir, ignore_errors=True)
             self._lock_file.close()
 
 
-def _read_dir(directory: Path) -> Iterator[SpoolRecord]:
-    """Every unacked record of a dead publisher's spool, in order (a torn tail is skipped)."""
-    seg, off = 0, 0
-    cursor = directory / "cursor"
-    if cursor.exists():
-        raw = cursor.read_text().split()
-        if len(raw) == 2:
-            seg, off = int(raw[0]), int(raw[1])
+def _cursor(directory: Path) -> tuple[int, int]:
+    try:
+        raw = (directory / "cursor").read_text().split()
+    except OSError:
+        return 0, 0
+    if len(raw) == 2 and raw[0].isdigit() and raw[1].isdigit():
+        return int(raw[0]), int(raw[1])
+    return 0, 0
+
+
+def _write_cursor(directory: Path, seg: int, off: int) -> None:
+    try:
+        tmp = directory / "cursor.tmp"
+        tmp.write_text(f"{seg} {off}")
+        tmp.replace(directory / "cursor")
+    except OSError as exc:
+        log.error("could not write the spool cursor in %s (%s): acked events may be published again", directory, exc)
+
+
+_CHUNK = 1 << 20
+
+
+def _scan(directory: Path) -> Iterator[tuple[SpoolRecord | bytes, int, int]]:
+    """Every unacked record of a spool, in order, with (segment, offset just after it), read
+    a chunk at a time. A record that does not decode (zeros where a power cut or a full disk
+    left them) comes as its raw bytes; a torn tail (a length with too few bytes after it) ends
+    the segment."""
+    seg, off = _cursor(directory)
     for path in sorted(directory.glob("seg-*.log")):
         n = int(path.stem.split("-")[1])
         if n < seg:
             continue
-        data = path.read_bytes()
         pos = off if n == seg else 0
-        while pos + _LEN.size <= len(data):
-            (size,) = _LEN.unpack_from(data, pos)
-            if pos + _LEN.size + size > len(data):
-                break
-            yield SpoolRecord(*_decode(data[pos + _LEN.size : pos + _LEN.size + size]))
-            pos += _LEN.size + size
+        with open(path, "rb") as f:
+            f.seek(pos)
+            buf = b""
+            while True:
+                more = f.read(_CHUNK)
+                buf += more
+                at = 0
+                while at + _LEN.size <= len(buf):
+                    (size,) = _LEN.unpack_from(buf, at)
+                    if at + _LEN.size + size > len(buf):
+                        break
+                    blob = buf[at + _LEN.size : at + _LEN.size + size]
+                    at += _LEN.size + size
+                    try:
+                        item: SpoolRecord | bytes = SpoolRecord(*_decode(blob))
+                    except (msgspec.DecodeError, TypeError, ValueError):
+                        item = blob
+                    yield item, n, pos + at
+                pos += at
+                buf = buf[at:]
+                if not more:
+                    break
+
+
+def _read_dir(directory: Path) -> Iterator[SpoolRecord]:
+    """Every readable unacked record of a spool, in order (`_scan`)."""
+    for item, _seg, _end in _scan(directory):
+        if not isinstance(item, bytes):
+            yield item
+
+
+def _lock_exclusive(fh: BinaryIO) -> bool:
+    """Take the exclusive lock of a spool nobody runs. A few tries: `survey` holds its probe
+    lock for an instant, and that must not make a dead spool look live."""
+    for attempt in range(5):
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt < 4:
+                time.sleep(0.002)
+    return False
 
 
 def _write_owner(directory: Path, fleet: str | None, urls: list[str]) -> None:
