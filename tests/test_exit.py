@@ -67,7 +67,7 @@ async def counts(client: Fleet, agent: str) -> list[int] | None:
     return [int(v) for v in answer.rows[0]]
 
 
-async def assert_all_in_view(settings: FleetSettings, *agents: str) -> None:
+async def assert_all_in_view(settings: FleetSettings, *agents: str, n: int = N) -> None:
     """A later client (it adopts this fleet's orphaned spools) delivers; every event is in the
     view exactly once, attempts in the order they were recorded; no spool keeps anything."""
     async with Fleet.connect(settings=settings) as client:
@@ -76,11 +76,11 @@ async def assert_all_in_view(settings: FleetSettings, *agents: str) -> None:
 
             async def complete(agent: str = agent) -> list[int] | None:
                 c = await counts(client, agent)
-                return c if c is not None and c[0] >= N and c[2] >= 1 and c[3] >= 1 else None
+                return c if c is not None and c[0] >= n and c[2] >= 1 and c[3] >= 1 else None
 
-            assert await wait_until(complete, HANG_S) == [N, N, 1, 1]
+            assert await wait_until(complete, HANG_S) == [n, n, 1, 1]
             order = await client.sql(f"SELECT elapsed_s FROM attempts WHERE agent = '{agent}' ORDER BY seq")
-            assert [row[0] for row in order.rows] == [float(i) for i in range(N)]
+            assert [row[0] for row in order.rows] == [float(i) for i in range(n)]
     left = [d for d in survey(settings.resolved_spool_dir()) if d.records]
     assert left == []
 

@@ -16,7 +16,17 @@ from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.writepath.spool import survey
 from rich.table import Table
 
-from ._common import Exit, console, exit_code_of, fail, json_option, nats_option, print_json, settings_from
+from ._common import (
+    Exit,
+    cli_options,
+    console,
+    exit_code_of,
+    fail,
+    json_option,
+    nats_option,
+    print_json,
+    settings_from,
+)
 
 __all__ = ["spool"]
 
@@ -51,21 +61,36 @@ def status_cmd(spool_dir: Path | None, as_json: bool) -> None:
 
 
 @spool.command("drain")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to connect and deliver")
+@click.option("--timeout", type=float, default=None,
+              help="seconds to connect and deliver [default: the global --timeout, else 30]")
+@click.option("--adopt", "adopt", metavar="NAME", default=None,
+              help="also deliver this orphaned spool, whatever fleet it was recorded for (its own is gone)")
 @_spool_dir_option
 @nats_option
 @json_option
-def drain_cmd(timeout: float, spool_dir: Path | None, nats_url: str | None, as_json: bool) -> None:
-    """Deliver the orphaned spools of the fleet behind --nats, in order; another fleet's are left."""
+def drain_cmd(timeout: float | None, adopt: str | None, spool_dir: Path | None, nats_url: str | None,
+              as_json: bool) -> None:
+    """Deliver the orphaned spools of the fleet behind --nats, in order; another fleet's are left
+    (unless named by --adopt)."""
     settings = settings_from(nats_url, spool_dir=spool_dir)
+    if timeout is None:
+        timeout = cli_options().timeout_s or 30.0
+    bound = timeout
+    if adopt is not None and not (settings.resolved_spool_dir() / adopt).is_dir():
+        fail(Exit.NOT_FOUND, f"--adopt: no spool named {adopt!r} in {settings.resolved_spool_dir()}")
 
     async def main() -> tuple[int, int, list[str]]:
-        async with Fleet.connect(settings=settings, name="fleetlog-spool-drain", connect_wait_s=timeout) as fleet:
+        fleet = await Fleet.connect(settings=settings, name="fleetlog-spool-drain", connect_wait_s=bound)
+        try:
             if not fleet.connected:
-                raise FleetUnavailable(f"NATS at {settings.nats_url} did not answer within {timeout}s")
-            await fleet.flush(timeout)
+                raise FleetUnavailable(f"NATS at {settings.nats_url} did not answer within {bound:g}s")
+            if adopt is not None:
+                await fleet.adopt_spool(adopt)  # 0 when a live process holds it, or it was this fleet's
+            await fleet.flush(bound)
             stats = fleet.publisher_stats()
-            return stats.acked, stats.dead_lettered, fleet.foreign_spools
+            return stats.acked, stats.dead_lettered, [n for n in fleet.foreign_spools if n != adopt]
+        finally:
+            await fleet.close(bound)  # bounded too: what is not delivered stays spooled
 
     try:
         delivered, dead, foreign = asyncio.run(main())

@@ -222,6 +222,11 @@ class Fleet:
         reply = await self.request("fleetlog.rebuild", _Req(projection), dict[str, Any])
         return reply
 
+    async def adopt_spool(self, name: str) -> int:
+        """Deliver the orphaned spool `name` to this fleet, whichever fleet it was recorded for
+        (`fleetlog spool drain --adopt`: its own fleet no longer exists). The count taken."""
+        return await self._publisher.adopt(name)
+
     async def close(self, timeout: float = 10.0) -> None:
         """Drain what is queued (within timeout; the rest stays spooled on disk) and disconnect."""
         await self._publisher.close(timeout)

@@ -142,6 +142,16 @@ class Publisher(SpoolSide):
     def connected(self) -> bool:
         return self._wire.connected
 
+    async def adopt(self, name: str) -> int:
+        """Take over one orphaned spool whatever fleet it was stamped for (its fleet is gone:
+        `fleetlog spool drain --adopt`); the sender then delivers it. The count taken."""
+        adopted, _ = await asyncio.to_thread(self._spool.adopt_orphans, name)
+        if adopted:
+            with self._stats_lock:
+                self._stats.spooled += adopted
+            self._poke()
+        return adopted
+
     async def wait_connected(self, timeout_s: float) -> bool:
         """Wait (bounded) for the publisher's own connection, once the link is up."""
         return await self._wire.wait_connected(timeout_s)
