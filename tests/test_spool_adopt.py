@@ -10,6 +10,7 @@ import signal
 import struct
 from pathlib import Path
 
+import pytest
 from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.server import Server
 from fleetlog.services.writepath.spool import survey
@@ -131,3 +132,13 @@ async def test_spool_drain_adopt_delivers_a_spool_whose_fleet_is_gone(
     finally:
         await other.stop()
     assert [d for d in survey(settings.resolved_spool_dir()) if d.records] == []
+
+
+async def test_record_after_close_says_so(settings: FleetSettings, broker: EmbeddedBroker) -> None:
+    """Finding 5: record() after `async with` ended used to return a Receipt for an event that
+    stayed queued forever; now a clear error, counted."""
+    async with Fleet.connect(settings=settings) as client:
+        client.attempts.record(agent="closed", action="a", outcome="success", elapsed_s=1.0)
+    with pytest.raises(RuntimeError, match=r"record\(\) after close\(\)"):
+        client.attempts.record(agent="closed", action="a", outcome="success", elapsed_s=2.0)
+    assert client.publisher_stats().after_close == 1

@@ -127,30 +127,12 @@ class Publisher(SpoolSide):
         # The spool now belongs to the fleet behind this broker; only then may the orphans of
         # that fleet be adopted (never another fleet's: they would be drained into this one).
         self._spool.stamp(await fleet_identity(nc))
-        try:
-            # File work (a dead spool can hold a GiB): off the event loop.
-            adopted, self.foreign_spools = await asyncio.to_thread(self._spool.adopt_orphans)
-        except Exception as exc:  # never keep this publisher from publishing its own events
-            log.error("adopting orphaned spools failed: %r (they stay where they are)", exc)
-            adopted = 0
-        if adopted:
-            with self._stats_lock:
-                self._stats.spooled += adopted
+        await self._take_orphans()
         self._wire.start()
 
     @property
     def connected(self) -> bool:
         return self._wire.connected
-
-    async def adopt(self, name: str) -> int:
-        """Take over one orphaned spool whatever fleet it was stamped for (its fleet is gone:
-        `fleetlog spool drain --adopt`); the sender then delivers it. The count taken."""
-        adopted, _ = await asyncio.to_thread(self._spool.adopt_orphans, name)
-        if adopted:
-            with self._stats_lock:
-                self._stats.spooled += adopted
-            self._poke()
-        return adopted
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Wait (bounded) for the publisher's own connection, once the link is up."""
@@ -392,8 +374,7 @@ class Publisher(SpoolSide):
     async def _flush_wait(self, deadline: float | None, timeout: float | None) -> None:
         self._poke()
         while self._outstanding():
-            if self._tasks and self._tasks[0].done():
-                # No sender (cancelled at exit): nothing will move; what is left is on disk.
+            if self._tasks and self._tasks[0].done():  # no sender (cancelled at exit): nothing moves
                 raise TimeoutError(f"flush: the publisher has stopped; {self._outstanding()} events "
                                    f"not acked ({self._spool.pending} spooled on disk, kept for later)")
             self._progress.clear()
@@ -421,14 +402,15 @@ class Publisher(SpoolSide):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._wire.close()  # what is still in flight is spooled as the connection ends
-        self._fail_all_pending()
-        self._spill_queue()
+        # Sealed first: what other threads record from here on is not left in the queue.
+        # Closed by the exit path (a FleetSync at interpreter shutdown), it goes to the spool
+        # (daemon threads may still record) until the exit hook's last pass closes it.
+        self._spilled_at_exit = exitsafe.exiting()
         self._closed = True
         self._seal()
-        if exitsafe.exiting():
-            # Closed by the exit path (a FleetSync at interpreter shutdown): daemon threads may
-            # still record; their events go to the spool until the exit hook's last pass.
-            self._spilled_at_exit = True
+        self._fail_all_pending()
+        self._spill_queue()
+        if self._spilled_at_exit:
             return
         exitsafe.unregister(self)
         self._spool.close()

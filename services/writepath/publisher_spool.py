@@ -87,8 +87,13 @@ class SpoolSide:
     _loop: asyncio.AbstractEventLoop | None
     _loop_thread: int
 
+    foreign_spools: list[str]
+
     def _send(self, receipts: list[Receipt], chunk: DrainChunk | None) -> None:
         raise NotImplementedError  # Publisher._send
+
+    def _poke(self) -> None:
+        raise NotImplementedError  # Publisher._poke
 
     async def _slots(self) -> bool:
         raise NotImplementedError  # Publisher._slots
@@ -117,6 +122,30 @@ class SpoolSide:
             # The spool stays open (and this publisher registered): events recorded after the
             # loop ended are spooled by the atexit hook.
             self._spill_now()
+
+    # -- orphans: the spools of processes that died ------------------------------
+    async def _take_orphans(self) -> None:
+        """This fleet's orphaned spools, at connect. File work (a dead spool can hold a GiB):
+        off the event loop. A failure never keeps this publisher from publishing."""
+        try:
+            adopted, self.foreign_spools = await asyncio.to_thread(self._spool.adopt_orphans)
+        except Exception as exc:
+            log.error("adopting orphaned spools failed: %r (they stay where they are)", exc)
+            return
+        self._count_adopted(adopted)
+
+    async def adopt(self, name: str) -> int:
+        """Take over one orphaned spool whatever fleet it was stamped for (its fleet is gone:
+        `fleetlog spool drain --adopt`); the sender then delivers it. The count taken."""
+        adopted, _ = await asyncio.to_thread(self._spool.adopt_orphans, name)
+        self._count_adopted(adopted)
+        return adopted
+
+    def _count_adopted(self, adopted: int) -> None:
+        if adopted:
+            with self._stats_lock:
+                self._stats.spooled += adopted
+            self._poke()
 
     def _take(self, n: int) -> list[Receipt]:
         queue = self._queue

@@ -16,7 +16,13 @@ connected; until then only the configured URL set is known. An adopter takes ove
 orphans of its own fleet, or unstamped ones spooled for the same URL set; any other
 orphan is left where it is (and reported by `fleetlog spool status`).
 When the spool reaches its byte cap, further records are dropped, counted
-(`dropped`) and logged: fleetlog never blocks or crashes an agent instead.
+(`dropped`) and logged: fleetlog never blocks or crashes an agent instead. So are records
+a disk error (ENOSPC, EFBIG, EIO) refuses; the segment is cut back to its last whole record.
+
+Adopting an orphan takes its records in order, a batch at a time, up to this spool's cap;
+the rest stays in the orphan (its cursor moved past what was taken), which is removed only
+once all of it was taken. An unreadable record (zeros a power cut or a full disk left) is
+set aside in the dead letter. Reading the files: spool_files.py.
 """
 
 from __future__ import annotations
@@ -27,44 +33,30 @@ import json
 import logging
 import os
 import shutil
-import struct
 import threading
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
-import msgspec
+from fleetlog.services.writepath.spool_files import (
+    LEN,
+    SpoolDir,
+    SpoolRecord,
+    decode_record,
+    encode_record,
+    lock_exclusive,
+    read_owner,
+    scan,
+    survey,
+    write_cursor,
+    write_owner,
+)
 
 __all__ = ["Spool", "SpoolDir", "SpoolRecord", "survey"]
 
 log = logging.getLogger("fleetlog.spool")
 
-_LEN = struct.Struct(">I")
 _SEGMENT_BYTES = 64 * 1024 * 1024
-
-
-class SpoolRecord(NamedTuple):
-    subject: str
-    msg_id: str
-    payload: bytes
-    attempts: int
-
-
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(tuple[str, str, bytes, int]).decode
-
-
-class SpoolDir(NamedTuple):
-    """What `survey` finds in one instance directory."""
-
-    name: str
-    fleet: str | None
-    urls: list[str]
-    records: int
-    bytes: int
-    live: bool  # a running publisher holds it
 
 
 class Spool:
@@ -86,7 +78,7 @@ class Spool:
         hidden.mkdir()
         self._lock_file = open(hidden / "lock", "wb")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _write_owner(hidden, None, self.urls)
+        write_owner(hidden, None, self.urls)
         self.dir = self.root / name
         hidden.rename(self.dir)
         self._write_seg = 0
@@ -121,17 +113,24 @@ class Spool:
         kept = 0
         failed: BaseException | None = None
         with self._lock:
+            if self._lock_file.closed:
+                # After the exit hook's last pass (a daemon thread recording as the interpreter
+                # ends): counted, logged once.
+                if not self.dropped:
+                    log.error("spool closed at exit: events recorded from now on are dropped (counted)")
+                self.dropped += len(records)
+                return 0
             chunks = []
             size = 0
             for rec in records:
-                blob = _encode(tuple(rec))
-                need = _LEN.size + len(blob)
+                blob = encode_record(tuple(rec))
+                need = LEN.size + len(blob)
                 if self._pending_bytes + size + need > self.max_bytes:
                     if stop_at_cap:
                         break
                     self.dropped += 1
                     continue
-                chunks.append(_LEN.pack(len(blob)))
+                chunks.append(LEN.pack(len(blob)))
                 chunks.append(blob)
                 size += need
                 kept += 1
@@ -189,13 +188,13 @@ class Spool:
                     f.seek(off)
                     data = f.read(min(8 * 1024 * 1024, max(1, os.path.getsize(path) - off)))
                 pos = 0
-                while len(out) < max_records and pos + _LEN.size <= len(data):
-                    (n,) = _LEN.unpack_from(data, pos)
-                    if pos + _LEN.size + n > len(data):
+                while len(out) < max_records and pos + LEN.size <= len(data):
+                    (n,) = LEN.unpack_from(data, pos)
+                    if pos + LEN.size + n > len(data):
                         break
-                    rec = SpoolRecord(*_decode(data[pos + _LEN.size : pos + _LEN.size + n]))
-                    pos += _LEN.size + n
-                    out.append((rec, seg, off + pos, _LEN.size + n))
+                    rec = SpoolRecord(*decode_record(data[pos + LEN.size : pos + LEN.size + n]))
+                    pos += LEN.size + n
+                    out.append((rec, seg, off + pos, LEN.size + n))
                 off += pos
                 if seg < self._write_seg and off >= os.path.getsize(path):
                     seg, off = seg + 1, 0
@@ -211,7 +210,7 @@ class Spool:
             self._read_seg, self._read_off = seg, off
             # Persisted so that an adopter of this spool (after a crash) skips what was acked
             # (if the disk refuses, it re-publishes them: duplicates, removed downstream).
-            _write_cursor(self.dir, seg, off)
+            write_cursor(self.dir, seg, off)
             self._pending_records -= records
             self._pending_bytes -= nbytes
             if self._pending_records == 0 and (seg, off) == (self._write_seg, self._write_off):
@@ -222,7 +221,7 @@ class Spool:
                 self._write_seg = self._read_seg = 0
                 self._write_off = self._read_off = 0
                 self._pending_bytes = 0
-                _write_cursor(self.dir, 0, 0)
+                write_cursor(self.dir, 0, 0)
                 self._writer = open(self._seg_path(0), "ab")
 
     # -- orphans -----------------------------------------------------------
@@ -230,11 +229,11 @@ class Spool:
         """This spool now belongs to `fleet` (the broker it connected to)."""
         with self._lock:
             self.fleet = fleet
-            _write_owner(self.dir, fleet, self.urls)
+            write_owner(self.dir, fleet, self.urls)
 
     def _mine(self, other: Path) -> bool:
         """Whether an orphan belongs to this spool's fleet (module docstring)."""
-        fleet, urls = _read_owner(other)
+        fleet, urls = read_owner(other)
         if fleet is not None:
             return fleet == self.fleet
         return urls is None or urls == self.urls  # urls None: written before spools were keyed
@@ -264,7 +263,7 @@ class Spool:
             except OSError:
                 continue
             try:
-                if not _lock_exclusive(fh):
+                if not lock_exclusive(fh):
                     continue  # a live publisher holds it
                 adopted += self._adopt(other)
             finally:
@@ -296,7 +295,7 @@ class Spool:
             ends.clear()
             return done
 
-        for item, seg, end in _scan(other):
+        for item, seg, end in scan(other):
             if isinstance(item, bytes):
                 if not take():
                     full = True
@@ -317,7 +316,7 @@ class Spool:
             log.error("%d unreadable records in %s set aside in %s", bad, other, self.root / "dead-letter.jsonl")
         if full:
             if last is not None:
-                _write_cursor(other, *last)
+                write_cursor(other, *last)
             log.error("spool full (%d bytes cap): adopted %d events from %s, the rest stays there for later",
                       self.max_bytes, kept, other)
             return kept
@@ -348,120 +347,3 @@ class Spool:
             if empty:
                 shutil.rmtree(self.dir, ignore_errors=True)
             self._lock_file.close()
-
-
-def _cursor(directory: Path) -> tuple[int, int]:
-    try:
-        raw = (directory / "cursor").read_text().split()
-    except OSError:
-        return 0, 0
-    if len(raw) == 2 and raw[0].isdigit() and raw[1].isdigit():
-        return int(raw[0]), int(raw[1])
-    return 0, 0
-
-
-def _write_cursor(directory: Path, seg: int, off: int) -> None:
-    try:
-        tmp = directory / "cursor.tmp"
-        tmp.write_text(f"{seg} {off}")
-        tmp.replace(directory / "cursor")
-    except OSError as exc:
-        log.error("could not write the spool cursor in %s (%s): acked events may be published again", directory, exc)
-
-
-_CHUNK = 1 << 20
-
-
-def _scan(directory: Path) -> Iterator[tuple[SpoolRecord | bytes, int, int]]:
-    """Every unacked record of a spool, in order, with (segment, offset just after it), read
-    a chunk at a time. A record that does not decode (zeros where a power cut or a full disk
-    left them) comes as its raw bytes; a torn tail (a length with too few bytes after it) ends
-    the segment."""
-    seg, off = _cursor(directory)
-    for path in sorted(directory.glob("seg-*.log")):
-        n = int(path.stem.split("-")[1])
-        if n < seg:
-            continue
-        pos = off if n == seg else 0
-        with open(path, "rb") as f:
-            f.seek(pos)
-            buf = b""
-            while True:
-                more = f.read(_CHUNK)
-                buf += more
-                at = 0
-                while at + _LEN.size <= len(buf):
-                    (size,) = _LEN.unpack_from(buf, at)
-                    if at + _LEN.size + size > len(buf):
-                        break
-                    blob = buf[at + _LEN.size : at + _LEN.size + size]
-                    at += _LEN.size + size
-                    try:
-                        item: SpoolRecord | bytes = SpoolRecord(*_decode(blob))
-                    except (msgspec.DecodeError, TypeError, ValueError):
-                        item = blob
-                    yield item, n, pos + at
-                pos += at
-                buf = buf[at:]
-                if not more:
-                    break
-
-
-def _read_dir(directory: Path) -> Iterator[SpoolRecord]:
-    """Every readable unacked record of a spool, in order (`_scan`)."""
-    for item, _seg, _end in _scan(directory):
-        if not isinstance(item, bytes):
-            yield item
-
-
-def _lock_exclusive(fh: BinaryIO) -> bool:
-    """Take the exclusive lock of a spool nobody runs. A few tries: `survey` holds its probe
-    lock for an instant, and that must not make a dead spool look live."""
-    for attempt in range(5):
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            if attempt < 4:
-                time.sleep(0.002)
-    return False
-
-
-def _write_owner(directory: Path, fleet: str | None, urls: list[str]) -> None:
-    tmp = directory / "fleet.tmp"
-    tmp.write_text(json.dumps({"fleet": fleet, "urls": urls}))
-    tmp.replace(directory / "fleet")  # atomic: an adopter never reads half a file
-
-
-def _read_owner(directory: Path) -> tuple[str | None, list[str] | None]:
-    try:
-        raw = json.loads((directory / "fleet").read_text())
-    except (OSError, ValueError):
-        return None, None
-    fleet = raw.get("fleet")
-    urls = raw.get("urls")
-    return (fleet if isinstance(fleet, str) else None), (sorted(urls) if isinstance(urls, list) else None)
-
-
-def survey(root: Path) -> list[SpoolDir]:
-    """Every instance directory under a spool root: whose fleet, how much is waiting, live or orphaned."""
-    out: list[SpoolDir] = []
-    if not root.is_dir():
-        return out
-    for d in sorted(root.iterdir()):
-        if not d.is_dir() or d.name.startswith(".") or not (d / "lock").exists():
-            continue
-        live = False
-        with open(d / "lock", "rb") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                live = True
-        records = 0
-        nbytes = 0
-        for rec in _read_dir(d):  # a live spool's torn tail (a write under way) is skipped
-            records += 1
-            nbytes += len(rec.payload)
-        fleet, urls = _read_owner(d)
-        out.append(SpoolDir(d.name, fleet, urls or [], records, nbytes, live))
-    return out
