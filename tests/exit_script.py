@@ -99,11 +99,15 @@ async def main(way: str) -> None:
         await fleet.flush()
         print("ready", flush=True)
         i = 0
-        while True:
-            for _ in range(300):
-                fleet.attempts.record(agent=sys.argv[4], action="exit-test", outcome="success", elapsed_s=float(i))
-                i += 1
-            await asyncio.sleep(0)
+        try:
+            while True:
+                for _ in range(300):
+                    fleet.attempts.record(agent=sys.argv[4], action="exit-test", outcome="success",
+                                          elapsed_s=float(i))
+                    i += 1
+                await asyncio.sleep(0)
+        finally:
+            print("stopping", flush=True)
     if way == "close-late":
         # SIGTERM with everything spooled (broker away), and a close() with a long timeout on the way out.
         try:

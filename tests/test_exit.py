@@ -30,9 +30,10 @@ HANG_S = 90.0  # a generous bound: a process still running after this hangs
 
 
 async def run_agent(settings: FleetSettings, way: str, agent: str, *extra: str,
-                    sig: signal.Signals | None = None, n: int = N, busy_s: float = 0.0) -> tuple[int, str]:
+                    sig: signal.Signals | None = None, n: int = N, busy_s: float = 0.0,
+                    again: bool = False) -> tuple[int, str]:
     """Run the script; send `sig` once it says it is ready (and `busy_s` later: it works on
-    meanwhile); its exit code and stderr."""
+    meanwhile), and with `again` once more when it says it is stopping; its exit code and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, SCRIPT, way, settings.nats_url, str(settings.resolved_spool_dir()), agent, str(n), *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -44,6 +45,10 @@ async def run_agent(settings: FleetSettings, way: str, agent: str, *extra: str,
             assert line.strip() == b"ready", line
             await asyncio.sleep(busy_s)
             proc.send_signal(sig)
+            if again:
+                line = await asyncio.wait_for(proc.stdout.readline(), HANG_S)
+                assert line.strip() == b"stopping", line
+                proc.send_signal(sig)
         _out, err = await asyncio.wait_for(proc.communicate(), HANG_S)
     except TimeoutError:
         proc.kill()

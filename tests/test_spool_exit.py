@@ -45,6 +45,17 @@ async def test_sigterm_while_recording_loses_nothing(settings: FleetSettings, br
     assert await in_streams(settings) == total
 
 
+async def test_a_second_sigterm_does_not_cut_the_exit_short(settings: FleetSettings,
+                                                            broker: EmbeddedBroker) -> None:
+    """Finding 1: a supervisor that sends SIGTERM twice; the second lands in the exit path (the
+    agent's main() has ended, the publisher is flushing) and is ignored there."""
+    returncode, err = await run_agent(settings, "busy", "busy-twice", sig=signal.SIGTERM, busy_s=1.0, again=True)
+    assert returncode == 143, err
+    accepted, dropped = recorded(err)
+    assert dropped == 0
+    assert await in_streams(settings) == accepted
+
+
 async def test_sigterm_after_main_returned_keeps_its_exit_status(settings: FleetSettings, server: Server) -> None:
     """Finding 9: SIGTERM while Python waits for a non-daemon thread ends the process as SIGTERM
     does (the status a supervisor expects), everything spooled first."""

@@ -74,6 +74,7 @@ class FleetSync:
         # At interpreter shutdown the loop thread (a daemon) still runs while atexit does: close
         # through it, bounded, unless the script did.
         exitsafe.register_closer(self, self._close_at_exit)
+        exitsafe.watch(loop)  # a SIGTERM the main thread cannot see while it waits (exitsafe._install_wakeup)
         self.attempts = AttemptsSyncAPI(fleet.attempts, self._run)
         self.runs = SyncFacade(fleet.runs, self._run)
         self.runtimes = SyncFacade(fleet.runtimes, self._run)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -36,7 +37,7 @@ from typing import Protocol
 
 __all__ = [
     "Spillable", "check_sigterm", "exiting", "install_sigterm", "register", "register_closer",
-    "sigterm_seen", "unregister", "unregister_closer",
+    "sigterm_seen", "unregister", "unregister_closer", "watch",
 ]
 
 log = logging.getLogger("fleetlog.exit")
@@ -208,4 +209,56 @@ def install_sigterm() -> bool:
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return False  # the application's own handler (or ours already) decides
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _install_wakeup()
     return True
+
+
+# The read end of the signal wakeup pipe, when fleetlog's is the process's (`watch`).
+_wakeup: list[int] = []
+
+
+def _install_wakeup() -> None:
+    """CPython runs a Python signal handler only when the main thread next runs bytecode. A
+    SIGTERM that arrives just before the main thread blocks in a lock (Python waiting for
+    non-daemon threads at exit), or that the kernel gives to another thread, is never handled:
+    the process hangs. The C-level handler also writes the signal number to the wakeup fd, in
+    whatever thread it runs; a loop in another thread (`watch`) then re-sends SIGTERM to the
+    main thread itself, which interrupts its wait. Only when no one else uses the wakeup fd."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    try:
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        old = -2
+    if old != -1:  # someone's own (an asyncio loop's signal handling): leave it theirs
+        if old >= 0:
+            signal.set_wakeup_fd(old)
+        os.close(r)
+        os.close(w)
+        return
+    _wakeup.append(r)
+
+
+def watch(loop: asyncio.AbstractEventLoop) -> None:
+    """Watch for SIGTERM from `loop`, running in another thread (FleetSync's): see `_install_wakeup`."""
+    if not _wakeup:
+        return
+    fd = _wakeup[0]
+
+    def on_wakeup() -> None:
+        try:
+            data = os.read(fd, 512)
+        except OSError:
+            return
+        if signal.SIGTERM in data and not _state["exiting"]:
+            main = threading.main_thread().ident
+            if main is not None:
+                signal.pthread_kill(main, signal.SIGTERM)  # a second one is ignored (`_on_sigterm`)
+
+    def add() -> None:
+        with contextlib.suppress(ValueError, OSError, RuntimeError):
+            loop.add_reader(fd, on_wakeup)
+
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(add)
