@@ -31,7 +31,7 @@ import msgspec
 from fleetlog.schemas.scheduler import STREAM, JobState, JobStatus, SchedulerStatus, job_subject
 from fleetlog.services.backbone.guarded import Guarded, StoredMsg, WrongLastSequence
 from fleetlog.services.backbone.tasks import stop_tasks
-from fleetlog.services.reactors.scheduler_jobs import Job, JobsConfig, smallest_interval_s
+from fleetlog.services.reactors.scheduler_jobs import Job, JobsConfig, check_tick
 from fleetlog.services.reactors.schedules import is_due, next_due
 from nats.aio.client import Client
 from nats.micro import add_service
@@ -57,10 +57,7 @@ class Scheduler:
 
     def __init__(self, nc: Client, config: JobsConfig, *, holder: str | None = None,
                  clock: Callable[[], datetime] = _utcnow) -> None:
-        smallest = smallest_interval_s(config.jobs)
-        if smallest is not None and config.tick_seconds > smallest:
-            raise ValueError(f"scheduler tick of {config.tick_seconds:g}s is longer than the smallest job interval "
-                             f"({smallest:g}s): due slots would be missed; lower the tick")
+        check_tick(config)
         self.nc = nc
         self.config = config
         self.jobs = {j.name: j for j in config.jobs}

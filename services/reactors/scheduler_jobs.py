@@ -39,7 +39,7 @@ import msgspec
 from fleetlog.services.client.processor_registry import get_processor
 from fleetlog.services.reactors.schedules import Every, is_valid_schedule, parse_schedule, seconds_to_schedule
 
-__all__ = ["DEFAULT_TICK_S", "Job", "JobsConfig", "jobs_from_env", "load_jobs", "load_jobs_file",
+__all__ = ["DEFAULT_TICK_S", "Job", "JobsConfig", "check_tick", "jobs_from_env", "load_jobs", "load_jobs_file",
            "smallest_interval_s"]
 
 log = logging.getLogger("fleetlog.scheduler")
@@ -188,3 +188,11 @@ def smallest_interval_s(jobs: list[Job]) -> float | None:
     """The shortest positive `every` interval among the jobs, in seconds (None: no such job)."""
     intervals = [s.minutes * 60.0 for j in jobs if isinstance(s := parse_schedule(j.schedule), Every) and s.minutes]
     return min(intervals) if intervals else None
+
+
+def check_tick(config: JobsConfig) -> None:
+    """Refuse a tick longer than the smallest interval job's interval (its due slots would be missed)."""
+    smallest = smallest_interval_s(config.jobs)
+    if smallest is not None and config.tick_seconds > smallest:
+        raise ValueError(f"scheduler tick of {config.tick_seconds:g}s is longer than the smallest job interval "
+                         f"({smallest:g}s): due slots would be missed; lower the tick")
