@@ -259,3 +259,19 @@ async def test_a_processor_job_runs_through_the_real_processors_run_endpoint(fle
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         unregister("sched-lines")
+
+
+async def test_a_naive_tick_time_is_utc_and_each_claim_is_its_own_message(nc: Client) -> None:
+    fake = SlowFake(0.0)
+    await _serve_fake(nc, fake)
+    sched = Scheduler(nc, _config(Job(name="often", schedule="every 0m", processor="slow")))
+    seqs = []
+    for _ in range(2):  # the same tick time twice: two claims, neither deduplicated into the other
+        assert await sched.tick(T0.replace(tzinfo=None)) == ["often"]
+        await _finish(sched)
+        stored = await Guarded(nc).last(STREAM, job_subject("often"))
+        assert stored is not None
+        seqs.append(stored.seq)
+        state = msgspec.json.decode(stored.data, type=JobState)
+        assert state.last_run == T0.isoformat() and state.ok is True and not state.in_flight
+    assert len(fake.calls) == 2 and seqs[1] == seqs[0] + 2  # claim + outcome each time

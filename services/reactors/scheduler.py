@@ -92,6 +92,7 @@ class Scheduler:
     async def tick(self, now: datetime | None = None) -> list[str]:
         """One look at every job; returns the names this instance launched."""
         when = self.clock() if now is None else now
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)  # naive is UTC
         launched = []
         for job in self.jobs.values():
             try:
@@ -107,14 +108,18 @@ class Scheduler:
             return False
         if not is_due(job.schedule, state.last_run if state is not None else None, when):
             return False
-        claim = JobState(job=job.name, schedule=job.schedule, last_run=when.astimezone(UTC).isoformat(),
-                         in_flight=True, holder=self.holder, started_at=time.time(), timeout_s=job.timeout_s)
+        claim = JobState(job=job.name, schedule=job.schedule, last_run=when.isoformat(), in_flight=True,
+                         holder=self.holder, started_at=time.time(), timeout_s=job.timeout_s)
         try:
-            _, seq, _ = await self.guarded.publish(
-                job_subject(job.name), _encode(claim), msg_id=f"sched:{job.name}:{claim.last_run}:{self.holder}",
+            # A fresh message id per claim: the expected sequence decides, and JetStream's dedup must
+            # never hand a second claim the first one's ack.
+            _, seq, duplicate = await self.guarded.publish(
+                job_subject(job.name), _encode(claim), msg_id=f"sched:{job.name}:{uuid.uuid4().hex}",
                 expected_last_seq=stored.seq if stored is not None else 0)
         except WrongLastSequence:
             return False  # another instance claimed this slot first
+        if duplicate:
+            return False
         self.launched[job.name] += 1
         self.running[job.name] = asyncio.create_task(self._launch(job, claim, seq), name=f"job {job.name}")
         return True
@@ -136,7 +141,7 @@ class Scheduler:
             done = msgspec.structs.replace(claim, in_flight=False, finished_at=time.time(), ok=ok, error=error)
             try:
                 await self.guarded.publish(job_subject(job.name), _encode(done),
-                                           msg_id=f"sched:{job.name}:{claim.last_run}:{self.holder}:done",
+                                           msg_id=f"sched:{job.name}:{uuid.uuid4().hex}:done",
                                            expected_last_seq=seq)
             except WrongLastSequence:
                 log.info("job %s: its state moved on before this launch ended (outcome not stored)", job.name)
