@@ -10,8 +10,11 @@ import signal
 import subprocess
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
+from fleetlog.schemas.scheduler import STREAM, JobState, job_subject
+from fleetlog.services.backbone.guarded import Guarded
 from fleetlog.services.node.broker import die_with_parent
 from fleetlog.services.node.server import Server
 from fleetlog.services.reactors.scheduler_jobs import Job, JobsConfig
@@ -129,3 +132,51 @@ async def test_a_server_runs_its_jobs(settings: FleetSettings) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _done(nc: nats.NATS, job: str) -> bool:
+    stored = await Guarded(nc).last(STREAM, job_subject(job))
+    return stored is not None and msgspec.json.decode(stored.data, type=JobState).ok is True
+
+
+async def _start_scheduler(nats_url: str, jobs: Path, tmp_path: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "FLEETLOG_DATA_DIR": str(tmp_path / "sched")}
+    proc = await asyncio.create_subprocess_exec(
+        *fleetlog_cmd(), "scheduler", "run", "--jobs", str(jobs), "--nats", nats_url,
+        env=env, stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent())
+    assert proc.stderr is not None
+    while "job(s), tick" not in (line := (await proc.stderr.readline()).decode()):
+        assert line, "the scheduler ended before it started"
+    return proc
+
+
+async def test_last_run_survives_a_killed_scheduler(settings: FleetSettings, tmp_path: Path) -> None:
+    nc = await nats.connect(settings.nats_url)
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        calls = await _ping_counter(nc)
+        marks: list[bytes] = []
+
+        async def mark(msg: Msg) -> None:
+            marks.append(msg.data)
+            await msg.respond(b"{}")
+
+        await nc.subscribe("fleetlog.test.marker", cb=mark)
+        hourly = JOBS.replace("every 1m", "every 1h")
+        first_jobs, second_jobs = tmp_path / "first.toml", tmp_path / "second.toml"
+        first_jobs.write_text(hourly)
+        second_jobs.write_text(hourly + '[[jobs]]\nname = "marker"\nschedule = "every 1h"\n'
+                                        'request = "fleetlog.test.marker"\n')
+        procs.append(await _start_scheduler(settings.nats_url, first_jobs, tmp_path))
+        await wait_until(lambda: _done(nc, "ping"))  # ran, and its outcome is stored: not in flight
+        procs[0].kill()  # SIGKILL: nothing written on the way out
+        await procs[0].wait()
+        procs.append(await _start_scheduler(settings.nats_url, second_jobs, tmp_path))
+        await wait_until(lambda: _true(bool(marks)))  # it ticked: "ping" came first in that tick
+        assert len(calls) == 1  # ran an hour's slot once, before the kill; not again after the restart
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        await nc.drain()
