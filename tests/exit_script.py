@@ -26,7 +26,6 @@ def record(fleet: Fleet | FleetSync) -> None:
     agent, n = sys.argv[4], int(sys.argv[5])
     for i in range(n):
         fleet.attempts.record(agent=agent, action="exit-test", outcome="success", elapsed_s=float(i))
-    fleet.processors.mark(agent, f"/data/{agent}.csv", "done")
     fleet.snapshots.take(agent, {"phase": "end"})
     fleet.runs.emit_event(f"run-{agent}", 1, "token", {"t": "x"})
 
