@@ -57,10 +57,8 @@ def load_hooks_file(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
-        try:  # YAML needs PyYAML (msgspec.yaml imports it): not a fleetlog dependency, JSON needs nothing
+        try:  # msgspec.yaml reads through PyYAML (a dependency since issue 11)
             doc = msgspec.yaml.decode(text)
-        except ImportError:
-            raise ValueError(f"{path}: not JSON, and reading YAML needs PyYAML (pip install pyyaml)") from None
         except msgspec.DecodeError as exc:
             raise ValueError(f"{path}: neither JSON nor YAML: {exc}") from None
     if not isinstance(doc, Mapping) or not isinstance(doc.get("hooks", {}), Mapping):
