@@ -135,7 +135,8 @@ async def test_watch_exec_killed_and_restarted(fleet: Fleet, server: Server, tmp
         await wait_until(all_handled, timeout_s=60)
     finally:
         stop(watcher, signal.SIGKILL)
-    seqs: dict[str, Any] = {d.timestamp: d.seq for d in (await fleet.snapshots.diffs(min_seq=await fleet.flush())).items}
+    page = await fleet.snapshots.diffs(min_seq=await fleet.flush())
+    seqs: dict[str | None, Any] = {d.timestamp: d.seq for d in page.items}
     handled = hook_lines(out)
     expected = [f"t{i}" for i in range(1, 7)]
     assert list(dict.fromkeys(handled)) == expected  # nothing lost, in order
