@@ -185,3 +185,13 @@ async def test_bad_input_names_the_field(fleet: Fleet) -> None:
         await fleet.snapshots.take("a", {"x": "y" * (fleet.settings.max_event_bytes + 1)})
     assert msgspec.json.decode(msgspec.json.encode(HostSnapshot(id=new_event_id(), ts=now_iso(), host="h",
                                                                 agent="a"))).get("v") == 2
+
+
+async def test_a_diff_record_too_large_keeps_its_fields(fleet: Fleet, server: Server) -> None:
+    # Each snapshot fits max_event_bytes; the record would carry both values of "blob" and not.
+    big = fleet.settings.max_event_bytes * 6 // 10
+    await fleet.snapshots.take("fat", {"blob": "x" * big, "n": 1}, host="h")
+    snap = await fleet.snapshots.take("fat", {"blob": "y" * big, "n": 2}, host="h")
+    assert snap["diff_fields"] == ["blob", "n"]
+    page = await fleet.snapshots.diffs(agent="fat", min_seq=await fleet.flush())
+    assert [(d.diff_fields, d.changes) for d in page.items] == [(["blob", "n"], {})]

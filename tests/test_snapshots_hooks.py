@@ -116,6 +116,8 @@ async def test_tick_never_raises_and_hook_failures_are_swallowed(
     snap = await fleet.snapshots.tick("fails", hooks=hooks)
     assert snap is not None and snap["has_diff"]
     await until(lambda: caplog.text.count("on_diff hook for fails failed") == 2)
+    assert hook_commands({"hooks": {"on_diff": ["a b", "c"]}}) == ["a b", "c"]  # a whole config file
+    assert hook_commands({"on_diff": "one"}) == ["one"]
     for nothing in (None, [], {"on_diff": None}, {"on_diff": []}, {"other": ["x"]}):
         assert hook_commands(nothing) == [] and fire("a", "on_diff", hook_commands(nothing), {}) == []
 

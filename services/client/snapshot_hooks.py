@@ -36,13 +36,16 @@ _pending = threading.BoundedSemaphore(MAX_PENDING)
 
 
 def hook_commands(hooks: Any, name: str = "on_diff") -> list[str]:
-    """The commands configured for `name` in `hooks` (a mapping, or an object with a `.hooks` mapping)."""
+    """The commands configured for `name` in `hooks`: the container's `hooks` mapping, an object with
+    a `.hooks` mapping, or a whole config file's `{"hooks": {...}}`."""
     if hooks is None:
         return []
     if not isinstance(hooks, Mapping):
         hooks = getattr(hooks, "hooks", None)
         if not isinstance(hooks, Mapping):
             return []
+    if name not in hooks and isinstance(hooks.get("hooks"), Mapping):
+        hooks = hooks["hooks"]
     value = hooks.get(name)
     if not value:
         return []

@@ -16,11 +16,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+from fleetlog.schemas import subjects
 from fleetlog.schemas.snapshots import EVENT_VERSION, SnapshotDiff
 from fleetlog.services.client.snapshot_hooks import run_hook
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 __all__ = ["default_durable", "diff_subject", "serve_hooks"]
 
@@ -32,8 +34,6 @@ _diff = msgspec.json.Decoder(SnapshotDiff)
 
 
 def diff_subject(host: str | None, agent: str | None) -> str:
-    from fleetlog.schemas import subjects
-
     return (f"fleet.diff.{'*' if host is None else subjects.escape_token(host)}"
             f".{'*' if agent is None else subjects.escape_token(agent)}")
 
@@ -53,7 +53,7 @@ async def serve_hooks(nc: Client, subject: str, commands: list[str], *, durable:
     js = nc.jetstream()
     try:
         await js.consumer_info(DIFFS, durable)
-    except Exception:  # not there yet: create it at the asked position
+    except NotFoundError:  # not there yet: create it at the asked position
         if after_seq is None:
             config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
                                     deliver_policy=DeliverPolicy.NEW, filter_subject=subject, ack_wait=ACK_WAIT_S)
