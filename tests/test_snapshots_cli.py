@@ -1,6 +1,6 @@
 """`fleetlog snapshots ...` as real subprocesses against the fixture server (real nats-server, real
-DuckDB): gather, take, the reads, tick and daemon with a hooks file, and `watch --exec` SIGKILLed and
-restarted without losing or repeating a diff it had acknowledged."""
+DuckDB): gather, take, the reads, tick and daemon with a hooks file, `watch --exec` SIGKILLed and
+restarted without losing or repeating a diff it had acknowledged, and ten processes taking at once."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetlog.schemas import subjects
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
 
 from .helpers import cli_json, cli_runner, die_with_parent, fleetlog_cmd, wait_until
+from .test_snapshots_api import check_chain, stored
 from .test_snapshots_gather import KEYS
 
 
@@ -143,3 +145,18 @@ async def test_watch_exec_killed_and_restarted(fleet: Fleet, server: Server, tmp
     acked = [t for t in expected if seqs[t] <= acked_floor]
     assert acked and all(handled.count(t) == 1 for t in acked)  # an acknowledged diff never runs again
     print(f"\n[watch --exec] SIGKILL after {len(acked)} acked; hook runs {handled}")
+
+
+async def test_ten_processes_take_one_agent_at_once(fleet: Fleet, server: Server, tmp_path: Path) -> None:
+    procs = [start(fleet.settings.nats_url, tmp_path, f"p{i}", "snapshots", "take", "--agent", "procs", "--host",
+                   "h", "--data", json.dumps({"n": i, f"k{i}": True}), "--json") for i in range(10)]
+    printed = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        printed.append(json.loads(out))
+    chain = await stored(fleet, "FLEET_SNAPSHOTS", subjects.snapshot("h", "procs"))
+    check_chain(chain, 10)  # each diffed against the snapshot stored right before it
+    assert sorted((p["n"], p["diff_fields"]) for p in printed) == sorted(
+        (e["data"]["n"], e["diff_fields"]) for _, e in chain)
+    assert len(await stored(fleet, "FLEET_DIFFS", subjects.diff("h", "procs"))) == 9
