@@ -2,8 +2,9 @@
 
     python tests/exit_script.py WAY NATS_URL SPOOL_DIR AGENT N [durable]
 
-It records N attempts (elapsed_s = 0..N-1, in order), one `processors.mark` and one
-`snapshots.take` (both keyed by AGENT) and one `runs.emit_event`, never calls close(), and
+It records N attempts (elapsed_s = 0..N-1, in order), one `processors.mark` (keyed by AGENT)
+and one `runs.emit_event` (fire-and-forget calls; `snapshots.take` is an awaited, guarded
+command since issue 11, so it is not among them), never calls close(), and
 ends WAY. For the ways a signal ends it prints "ready" and blocks its event loop
 (the sender cannot run: every event is still in memory when the signal comes).
 """
@@ -26,8 +27,6 @@ def record(fleet: Fleet | FleetSync) -> None:
     agent, n = sys.argv[4], int(sys.argv[5])
     for i in range(n):
         fleet.attempts.record(agent=agent, action="exit-test", outcome="success", elapsed_s=float(i))
-    fleet.processors.mark(agent, f"/data/{agent}.csv", "done")
-    fleet.snapshots.take(agent, {"phase": "end"})
     fleet.runs.emit_event(f"run-{agent}", 1, "token", {"t": "x"})
 
 

@@ -29,12 +29,12 @@ async def test_an_attempts_page_too_big_is_cut_and_continues_by_offset(fleet: Fl
 
 async def test_a_snapshot_history_too_big_is_cut_and_continues_by_cursor(fleet: Fleet, server: Server) -> None:
     for i in range(8):
-        fleet.snapshots.take("fat", {"i": i, "blob": "y" * 300_000}, host="h")
+        await fleet.snapshots.take("fat", {"i": i, "blob": "y" * 300_000}, host="h")
     token = await fleet.flush()
-    page = await fleet.snapshots.history("h", "fat", limit=8, min_seq=token)
+    page = await fleet.snapshots.history("fat", "h", limit=8, min_seq=token)
     assert 0 < len(page.items) < 8 and page.next_cursor == page.items[-1].seq
     seen = [r.seq for r in page.items]
     while page.next_cursor is not None:
-        page = await fleet.snapshots.history("h", "fat", limit=8, before_seq=page.next_cursor)
+        page = await fleet.snapshots.history("fat", "h", limit=8, before_seq=page.next_cursor)
         seen += [r.seq for r in page.items]
     assert len(seen) == 8 and seen == sorted(seen, reverse=True)
