@@ -20,18 +20,43 @@ from datetime import UTC, datetime
 import msgspec
 from nats.aio.client import Client
 
-__all__ = ["StreamHeads"]
+__all__ = ["STREAM_NOT_FOUND", "StreamHeads", "last_seq_of"]
 
 
 class _State(msgspec.Struct):
-    last_seq: int = 0
+    last_seq: int
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
 
 
 class _Info(msgspec.Struct):
-    state: _State = msgspec.field(default_factory=_State)
+    state: _State | None = None
+    error: _ApiError | None = None
 
 
 _decode_info = msgspec.json.Decoder(_Info).decode
+
+STREAM_NOT_FOUND = 10059  # JetStream's err_code: the stream does not exist (so it holds nothing)
+
+
+def last_seq_of(reply: bytes) -> int | None:
+    """The last seq in a `$JS.API.STREAM.INFO` reply; None unless the broker really said.
+
+    An error reply (`{"error": {...}}`, e.g. 503 "JetStream system temporarily unavailable")
+    used to decode with a default state of 0: a node then took 0 as its catch-up target and
+    joined the query group at once. Only "stream not found" means 0 (nothing to catch up).
+    """
+    try:
+        info = _decode_info(reply)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if info.error is not None:
+        return 0 if info.error.err_code == STREAM_NOT_FOUND else None
+    return info.state.last_seq if info.state is not None else None
 
 
 class StreamHeads:
@@ -78,20 +103,21 @@ class StreamHeads:
     async def _info(self, stream: str) -> int | None:
         try:
             msg = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=self.timeout_s)
-            return _decode_info(msg.data).state.last_seq
-        except Exception:
+        except Exception:  # timed out, no responders, connection gone: the broker did not say
             return None
+        return last_seq_of(msg.data)
 
     async def lag(self, as_of: dict[str, int], heads: dict[str, int | None]) -> tuple[dict[str, int], dict[str, float]]:
         """(lag, lag_s) of an answer that saw `as_of`. A stream whose last seq the broker did not
-        give (within `timeout_s`; the request itself came through it) counts as caught up."""
+        give (within `timeout_s`) is left out of both: its lag is unknown, not 0."""
         lag: dict[str, int] = {}
         for stream, seen in as_of.items():
             head = heads.get(stream)
-            lag[stream] = max(0, head - seen) if head is not None else 0
+            if head is not None:
+                lag[stream] = max(0, head - seen)
         behind = [s for s, n in lag.items() if n]
         ages = await asyncio.gather(*(self.age(s, as_of[s]) for s in behind))
-        lag_s = dict.fromkeys(as_of, 0.0)
+        lag_s = dict.fromkeys(lag, 0.0)
         lag_s.update(zip(behind, ages, strict=True))
         return lag, lag_s
 
