@@ -122,18 +122,20 @@ async def _error(req: Request, code: str, message: str) -> None:
 
 
 def fit_reply(answer: Any, limit: int, cut: Callable[[Any, int], Any] | None = None, *,
-              items: str = "items", keep_at_least: int = 0) -> bytes:
+              items: str = "items", keep_at_least: int = 0, count: Callable[[Any], int] | None = None) -> bytes:
     """The encoded answer, within `limit` bytes (the connection's max_payload).
 
     Too big: with `cut(answer, n)` (the answer with only the first n of its `items`, saying
-    there are more) the largest n (at least `keep_at_least`) that fits, else ReplyTooBig
-    naming the limit — never a MaxPayloadError on the way out.
+    there are more) the largest n (at least `keep_at_least`, at most `count(answer)`, by
+    default the length of `items`) that fits, else ReplyTooBig naming the limit — never a
+    MaxPayloadError on the way out.
     """
     data = _encode(answer)
     if len(data) <= limit:
         return data
     if cut is not None:
-        lo, hi, best = keep_at_least, len(getattr(answer, items)) - 1, None
+        total = count(answer) if count is not None else len(getattr(answer, items))
+        lo, hi, best = keep_at_least, total - 1, None
         while lo <= hi:  # binary search on the item count: each try is one encode
             mid = (lo + hi) // 2
             tried = _encode(cut(answer, mid))

@@ -267,7 +267,8 @@ class QueryService:
                 # No read (a command that only publishes): what the view held when it answered.
                 as_of = ctx.as_of if ctx.as_of is not None else self.projector.checkpoints(projection.name)
             await self.stamp(answer, as_of, projection.streams, arrived, heads)
-            await req.respond(fit_reply(answer, self.max_payload, ep.cut, keep_at_least=1))
+            await req.respond(fit_reply(answer, self.max_payload, ep.cut, keep_at_least=ep.cut_min,
+                                        count=ep.cut_count))
 
         return handle
 
