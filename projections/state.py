@@ -31,9 +31,9 @@ from fleetlog.schemas.state import (
     StateSet,
     StateSnapshot,
     StateSnapshotQuery,
+    elided_marker,
     normalize_state_key,
     rule_violation,
-    elided_marker,
     value_json,
 )
 
@@ -201,7 +201,7 @@ async def _snapshot(ctx: QueryContext, req: StateSnapshotQuery) -> StateSnapshot
     conversation = out["conversation"]
     if "conversation" in req.scope_keys and req.conversation_id and "external.conversation_id" not in conversation:
         conversation["external.conversation_id"] = req.conversation_id
-    return StateSnapshot(**out)
+    return StateSnapshot(conversation=conversation, actor=out["actor"], subject=out["subject"], runner=out["runner"])
 
 
 _SCOPES = ("conversation", "actor", "subject", "runner")

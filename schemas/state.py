@@ -21,11 +21,11 @@ from .answers import Answer
 
 __all__ = [
     "DEFAULT_STATE_SCOPES",
-    "ElidedValue",
     "MAX_KEY_CHARS",
     "MAX_VALUE_JSON_BYTES",
     "STATE_KEY_ALIASES",
     "STATE_SCOPES",
+    "ElidedValue",
     "StateBinding",
     "StateContext",
     "StateDeleted",
