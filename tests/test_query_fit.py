@@ -38,3 +38,22 @@ async def test_a_snapshot_history_too_big_is_cut_and_continues_by_cursor(fleet: 
         page = await fleet.snapshots.history("h", "fat", limit=8, before_seq=page.next_cursor)
         seen += [r.seq for r in page.items]
     assert len(seen) == 8 and seen == sorted(seen, reverse=True)
+
+
+async def test_a_runtimes_list_too_big_is_cut_and_continues_after_the_last_id(fleet: Fleet, server: Server) -> None:
+    """Metadata is of any size: 12 runtimes of 200 kB each are over 1 MB. The page is cut to
+    what fits, and `after=next_after` walks every runtime once, in id order."""
+    for i in range(12):
+        await fleet.runtimes.register(f"fat-{i:02}", metadata={"blob": "m" * 200_000}, labels={"kind": "fat"})
+    await fleet.runtimes.register("thin", labels={"kind": "thin"})
+    page = await fleet.runtimes.list(labels={"kind": "fat"}, limit=500)
+    assert page.total == 12 and page.has_more and 0 < len(page.items) < 12
+    assert page.next_after == page.items[-1].id
+    seen = [r.runtime_id for r in page.items]
+    while page.has_more:
+        page = await fleet.runtimes.list(labels={"kind": "fat"}, limit=500, after=page.next_after)
+        assert page.items
+        seen += [r.runtime_id for r in page.items]
+    assert seen == [f"fat-{i:02}" for i in range(12)]
+    small = await fleet.runtimes.list(limit=5)  # the limit pages the same way
+    assert small.has_more and len(small.items) == 5 and small.next_after == small.items[-1].id
