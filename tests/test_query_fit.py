@@ -57,3 +57,20 @@ async def test_a_runtimes_list_too_big_is_cut_and_continues_after_the_last_id(fl
     assert seen == [f"fat-{i:02}" for i in range(12)]
     small = await fleet.runtimes.list(limit=5)  # the limit pages the same way
     assert small.has_more and len(small.items) == 5 and small.next_after == small.items[-1].id
+
+
+async def test_proposals_too_big_are_cut_to_the_front_that_fits(fleet: Fleet, server: Server) -> None:
+    """Each proposal carries its run's state JSON (metadata of any size): 8 runs of 200 kB made
+    every candidates answer a 413, which stopped every claim. The front of the list comes."""
+    import time
+
+    from fleetlog.schemas.runs import CandidatesQuery, Proposals
+
+    for i in range(8):
+        await fleet.runs.create(f"fat-{i}", "runner-1", status="queued", priority=8 - i,
+                                metadata={"blob": "r" * 200_000})
+    last = (await server.nc.jetstream().stream_info("FLEET_RUNS")).state.last_seq
+    query = CandidatesQuery(runtime_id="rt", now=time.time(), min_seq={"FLEET_RUNS": last})
+    got = await fleet.request("fleetlog.runs.candidates", query, Proposals)
+    assert 0 < len(got.items) < 8
+    assert [p.run_id for p in got.items] == [f"fat-{i}" for i in range(len(got.items))]  # highest priority first
