@@ -75,18 +75,17 @@ class Builtins:
         arrived = time.monotonic_ns()
         q, projector = self.q, self.q.projector
         query = msgspec.json.decode(req.data or b"{}", type=SqlQuery)
-        live = [projector.live(name) for name in projector.projections]
-        check_select(query.sql, [t for r in live for t in r.projection.tables])
-        for running in live:
-            await projector.wait_for(running.projection.name, query.min_seq, q.wait_max_s)
+        names = list(projector.projections)
+        check_select(query.sql, [t for name in names for t in projector.projections[name].tables])
+        for name in names:
+            await projector.wait_for(name, query.min_seq, q.wait_max_s)
         store = projector.store
-        schemas = [r.gen.schema for r in live]
-        path = ",".join(f"{store.catalog}.{s}" for s in schemas)
         max_rows = min(query.max_rows or q.sql_max_rows, q.sql_max_rows)
 
-        def run() -> tuple[dict[str, int], tuple[list[str], list[list[Any]], bool]]:
+        def run(schemas: list[str]) -> tuple[dict[str, int], tuple[list[str], list[list[Any]], bool]]:
             cur = store.cursor(None)
             try:
+                path = ",".join(f"{store.catalog}.{s}" for s in schemas)
                 cur.execute(f"SET search_path = '{path}'")
                 # Straight into a transaction: an ad-hoc statement may run for seconds, likely
                 # across a fold's commit, and running it twice would double that.
@@ -94,9 +93,18 @@ class Builtins:
             finally:
                 cur.close()
 
-        streams = {s for r in live for s in r.projection.streams}
+        streams = {s for name in names for s in projector.projections[name].streams}
         heads = asyncio.ensure_future(q.heads.last_seqs(streams, arrived))  # looked up while the query runs
-        as_of, (columns, rows, truncated) = await q.read(run)
+        # The live generations are chosen after the min_seq wait (a rebuild promoted during it
+        # dropped the schemas chosen before), and chosen again if one is promoted meanwhile.
+        schemas = [projector.live(name).gen.schema for name in names]
+        try:
+            as_of, (columns, rows, truncated) = await q.read(run, schemas)
+        except duckdb.CatalogException:
+            again = [projector.live(name).gen.schema for name in names]
+            if again == schemas:
+                raise
+            as_of, (columns, rows, truncated) = await q.read(run, again)
         answer = SqlAnswer(columns=columns, rows=rows, truncated=truncated,
                            truncated_by="max_rows" if truncated else "")
         await q.stamp(answer, as_of, streams, arrived, heads)
@@ -185,12 +193,11 @@ class Builtins:
             if name not in projector.projections:
                 raise KeyError(f"unknown projection {name!r}")
             await projector.wait_for(name, query.min_seq, q.wait_max_s)
-            schema = projector.live(name).gen.schema
             sql = (f"SELECT stream, seq, subject, reason, data[1:{REJECT_PREVIEW_BYTES}], octet_length(data),"
                    f" CAST(rejected_at AS VARCHAR) FROM _rejects {where}"
                    " ORDER BY rejected_at DESC, seq DESC LIMIT ?")
 
-            def run(schema: str = schema, sql: str = sql) -> tuple[dict[str, int], list[Any]]:
+            def run(schema: str, sql: str = sql) -> tuple[dict[str, int], list[Any]]:
                 cur = projector.store.cursor(schema)
                 try:
                     return read_consistent(cur, projector, [schema],
@@ -198,7 +205,13 @@ class Builtins:
                 finally:
                     cur.close()
 
-            seen, rows = await q.read(run)
+            schema = projector.live(name).gen.schema
+            try:
+                seen, rows = await q.read(run, schema)
+            except duckdb.CatalogException:  # promoted meanwhile: its schema is gone, read the new one
+                if projector.live(name).gen.schema == schema:
+                    raise
+                seen, rows = await q.read(run, projector.live(name).gen.schema)
             as_of = merge_as_of(as_of, seen)
             items.extend(
                 RejectRow(projection=name, stream=r[0], seq=r[1], subject=r[2], reason=r[3],

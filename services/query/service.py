@@ -70,10 +70,9 @@ class _Context(QueryContext):
 
     async def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
         projector = self._service.projector
-        schema = projector.live(self._projection.name).gen.schema
         cursors = self._service.cursors
 
-        def run() -> tuple[dict[str, int], Any]:
+        def run(schema: str) -> tuple[dict[str, int], Any]:
             cur = cursors.get(schema)
             try:
                 return read_consistent(cur, projector, [schema], fn)
@@ -81,7 +80,16 @@ class _Context(QueryContext):
                 cursors.drop(schema)  # its generation may be gone; a fresh cursor next time
                 raise
 
-        seen, out = await self._service.read(run)
+        schema = projector.live(self._projection.name).gen.schema
+        try:
+            seen, out = await self._service.read(run, schema)
+        except duckdb.CatalogException:
+            # A rebuild was promoted between choosing the generation and reading it, and its
+            # schema dropped: read the one that is live now (once; a second failure is real).
+            again = projector.live(self._projection.name).gen.schema
+            if again == schema:
+                raise
+            seen, out = await self._service.read(run, again)
         self.as_of = merge_as_of(self.as_of, seen)
         return out
 
