@@ -161,7 +161,7 @@ async def test_a_read_during_a_commit_is_read_again_in_one_transaction(fleet: Fl
     def count(cur: Any, commit_meanwhile: bool) -> int:
         calls.append(1)
         if commit_meanwhile and len(calls) == 1:
-            with projector.committed.committing():  # as if a fold committed while this read ran
+            with projector.committed.committing(schema, STREAM, token[STREAM]):  # as if a fold committed meanwhile
                 pass
         row = cur.execute("SELECT count(*) FROM attempts").fetchone()
         return int(row[0])
@@ -179,3 +179,32 @@ async def test_a_read_during_a_commit_is_read_again_in_one_transaction(fleet: Fl
     again = await asyncio.to_thread(run, True)
     assert len(calls) == 2  # read again, in a transaction with the checkpoints
     assert fast == again == ({STREAM: token[STREAM]}, 3)
+
+
+async def test_a_commit_into_another_generation_leaves_the_fast_path(fleet: Fleet, server: Server) -> None:
+    """The seqlock is per generation schema and spans only the COMMIT: a fold committing into
+    `runs` while an attempts read runs does not make that read run again (the counter used to
+    be shared by every projection and odd for the whole batch)."""
+    fleet.attempts.record(agent="own", action="a", outcome="success", elapsed_s=1.0)
+    token = await fleet.flush()
+    await fleet.attempts.query(agent="own", min_seq=token)
+    projector = server.projector
+    schema, runs = projector.live("attempts").gen.schema, projector.live("runs").gen.schema
+    calls: list[int] = []
+
+    def count(cur: Any) -> int:
+        calls.append(1)
+        with projector.committed.committing(runs, "FLEET_RUNS", 0):  # another view commits meanwhile
+            pass
+        row = cur.execute("SELECT count(*) FROM attempts").fetchone()
+        return int(row[0])
+
+    def run() -> tuple[dict[str, int], int]:
+        cur = projector.store.cursor(schema)
+        try:
+            return read_consistent(cur, projector, [schema], count)
+        finally:
+            cur.close()
+
+    assert await asyncio.to_thread(run) == ({STREAM: token[STREAM]}, 1)
+    assert len(calls) == 1  # read once: the fast path

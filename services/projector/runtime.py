@@ -109,6 +109,7 @@ class Projector:
         self._aux: list[asyncio.Task[None]] = []
         self.folded_events = 0
         self.committed = Committed()  # which checkpoints a read saw, without a transaction
+        self.folder.around_commit = self.committed.committing
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -293,16 +294,11 @@ class Projector:
         return json.dumps({"compared": True, "equal": a == b, "live": a, "rebuilt": b})
 
     def _apply(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
-        """`folder.apply` on the fold thread, inside the readers' seqlock."""
-        with self.committed.committing():
-            rejects = self.folder.apply(projection, schema, stream, batch)
-            self.committed.moved(schema, stream, batch.last_seq)
-            return rejects
+        """`folder.apply` on the fold thread (its COMMITs inside the readers' seqlock)."""
+        return self.folder.apply(projection, schema, stream, batch)
 
     def _advance(self, schema: str, stream: str, seq: int) -> None:
-        with self.committed.committing():
-            self.folder.advance(schema, stream, seq)
-            self.committed.moved(schema, stream, seq)
+        self.folder.advance(schema, stream, seq)
 
     # -- checkpoints -------------------------------------------------------------
     async def _checkpoint_when_idle(self) -> None:

@@ -80,7 +80,7 @@ def read_consistent(
     before = projector.committed.view(schemas)
     if before is not None:
         out = fn(cur)
-        if projector.committed.commits == before[0]:  # no fold committed while fn read: it saw `before`
+        if projector.committed.commits(schemas) == before[0]:  # no fold committed while fn read: it saw `before`
             return before[1], out
     return read_at_snapshot(cur, schemas, fn)
 
