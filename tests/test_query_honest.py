@@ -208,3 +208,23 @@ async def test_a_commit_into_another_generation_leaves_the_fast_path(fleet: Flee
 
     assert await asyncio.to_thread(run) == ({STREAM: token[STREAM]}, 1)
     assert len(calls) == 1  # read once: the fast path
+
+
+async def test_status_rows_and_checkpoints_come_from_one_read(fleet: Fleet, server: Server) -> None:
+    """The fold thread commits before the event loop moves the in-memory feed: in that window
+    status took its checkpoints from the feed and counted rows afterwards, claiming more rows
+    than its as_of. The window is held open here by setting the feed back."""
+    for i in range(5):
+        fleet.attempts.record(agent="st", action="a", outcome="success", elapsed_s=float(i))
+    token = await fleet.flush()
+    await fleet.attempts.query(agent="st", min_seq=token)
+    server.projector.pause()
+    feed = server.projector.live("attempts").feeds[STREAM]
+    folded, feed.checkpoint = feed.checkpoint, 2  # as if the commit of 3..5 had not reached the feed yet
+    try:
+        status = await fleet.status()
+    finally:
+        feed.checkpoint = folded
+        server.projector.resume()
+    (view,) = [p for p in status.projections if p.name == "attempts"]
+    assert view.rows["attempts"] == 5 == view.checkpoints[STREAM] == status.as_of[STREAM]

@@ -136,13 +136,17 @@ class Builtins:
         rejects_total = 0
         for running in q.projector.running():
             gen = running.gen
-            checkpoints = {s: f.checkpoint for s, f in running.feeds.items()}
-            lag = {s: max(0, last_seq.get(s, 0) - c) for s, c in checkpoints.items()}
-            # Age of the lag: how long the oldest event not folded has waited.
-            lag_s = {s: (await q.heads.age(s, c) if lag[s] else 0.0) for s, c in checkpoints.items()}
-            rows = await q.read(self._counts, gen.schema, running.projection.tables)
-            if not rows:
+            # The counts and the checkpoints they reflect come from one transaction: the
+            # in-memory feeds move on after a commit, and counts taken apart from them could
+            # exceed the as_of the answer claimed.
+            counted = await q.read(self._counts, gen.schema, running.projection.tables)
+            if counted is None:
                 continue  # a promotion retired (dropped) this generation meanwhile
+            checkpoints, rows = counted
+            # A stream whose last seq the broker did not give has no lag figure (not 0).
+            lag = {s: max(0, last_seq[s] - c) for s, c in checkpoints.items() if s in last_seq}
+            # Age of the lag: how long the oldest event not folded has waited.
+            lag_s = {s: (await q.heads.age(s, checkpoints[s]) if n else 0.0) for s, n in lag.items()}
             rejects = rows.pop("_rejects")
             projections.append(ProjectionStatus(
                 name=gen.name, version=gen.version, generation=gen.generation, state=gen.state,
@@ -161,20 +165,25 @@ class Builtins:
         answer.lag, answer.lag_s = await q.heads.lag(as_of, {s: last_seq.get(s) for s in as_of})
         return answer
 
-    def _counts(self, schema: str, tables: tuple[str, ...]) -> dict[str, int]:
-        """Row counts of one generation; empty if a promotion retired (dropped) it meanwhile."""
+    def _counts(self, schema: str, tables: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]] | None:
+        """(checkpoints, row counts) of one generation as one transaction sees them; None if
+        a promotion retired (dropped) it meanwhile."""
         try:
             cur = self.q.projector.store.cursor(schema)
         except duckdb.CatalogException:
-            return {}
-        try:
+            return None
+
+        def count(c: duckdb.DuckDBPyConnection) -> dict[str, int]:
             out = {}
             for table in (*tables, "_rejects"):
-                row = cur.execute(f"SELECT count(*) FROM {table}").fetchone()
+                row = c.execute(f"SELECT count(*) FROM {table}").fetchone()
                 out[table] = int(row[0]) if row else 0
             return out
+
+        try:
+            return read_at_snapshot(cur, [schema], count)
         except duckdb.CatalogException:
-            return {}
+            return None
         finally:
             cur.close()
 
