@@ -228,3 +228,32 @@ async def test_status_rows_and_checkpoints_come_from_one_read(fleet: Fleet, serv
         server.projector.resume()
     (view,) = [p for p in status.projections if p.name == "attempts"]
     assert view.rows["attempts"] == 5 == view.checkpoints[STREAM] == status.as_of[STREAM]
+
+
+async def test_answers_at_one_position_share_one_age_lookup(fleet: Fleet, server: Server,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """lag_s needs the broker timestamp of the first event not folded: every answer at that
+    position shares one DIRECT.GET (each concurrent answer used to send its own)."""
+    from fleetlog.services.query.heads import StreamHeads
+
+    fleet.attempts.record(agent="age", action="a", outcome="success", elapsed_s=1.0)
+    first = await fleet.flush()
+    await fleet.attempts.query(agent="age", min_seq=first)
+    server.projector.pause()
+    for i in range(3):
+        fleet.attempts.record(agent="age", action="a", outcome="success", elapsed_s=float(i))
+    await fleet.flush()
+    real = StreamHeads._stored_at
+    asked: list[tuple[str, int]] = []
+
+    async def stored_at(self: StreamHeads, stream: str, seq: int) -> float | None:
+        asked.append((stream, seq))
+        return await real(self, stream, seq)
+
+    monkeypatch.setattr(StreamHeads, "_stored_at", stored_at)
+    try:
+        answers = await asyncio.gather(*(fleet.attempts.query(agent="age", limit=1) for _ in range(24)))
+    finally:
+        server.projector.resume()
+    assert all(a.lag[STREAM] == 3 and a.lag_s[STREAM] > 0 for a in answers)
+    assert asked == [(STREAM, first[STREAM] + 1)]

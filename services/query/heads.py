@@ -6,7 +6,8 @@ writer's token was ahead. Here each answer asks the broker for the stream's last
 (`$JS.API.STREAM.INFO`), shared among answers: a request joins a lookup that was sent
 after it arrived, else the next one, so the figure is never older than the request.
 `lag_s` is the age of the oldest event not folded (its broker timestamp), looked up only
-while behind and remembered per position, so a stuck view costs one lookup.
+while behind, one shared lookup per position (started beside the head lookup when the
+stream was last seen ahead), so a stuck view costs one lookup.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ class StreamHeads:
         self.timeout_s = timeout_s
         self._inflight: dict[str, tuple[int, asyncio.Future[int | None]]] = {}
         self._next: dict[str, asyncio.Future[int | None]] = {}
-        self._born: dict[tuple[str, int], float] = {}  # (stream, seq) -> broker timestamp, s
+        # (stream, seq) -> the lookup of its broker timestamp (s), shared by every answer at
+        # that position; a lookup that found nothing is not kept (a message may come there).
+        self._born: dict[tuple[str, int], asyncio.Future[float | None]] = {}
+        self._head: dict[str, int] = {}  # the last seq each stream's latest lookup gave
 
     async def last_seq(self, stream: str, since_ns: int) -> int | None:
         """The stream's last seq from a lookup sent at or after `since_ns` (monotonic); None if
@@ -105,7 +109,17 @@ class StreamHeads:
             msg = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=self.timeout_s)
         except Exception:  # timed out, no responders, connection gone: the broker did not say
             return None
-        return last_seq_of(msg.data)
+        seq = last_seq_of(msg.data)
+        if seq is not None:
+            self._head[stream] = seq
+        return seq
+
+    def prefetch_ages(self, folded: dict[str, int]) -> None:
+        """Start the age lookups an answer at `folded` will likely need, beside its head lookup
+        (no round trip after the read): only for streams last seen ahead of `folded`."""
+        for stream, seq in folded.items():
+            if self._head.get(stream, 0) > seq:
+                self._stored_lookup(stream, seq + 1)
 
     async def lag(self, as_of: dict[str, int], heads: dict[str, int | None]) -> tuple[dict[str, int], dict[str, float]]:
         """(lag, lag_s) of an answer that saw `as_of`. A stream whose last seq the broker did not
@@ -123,16 +137,17 @@ class StreamHeads:
 
     async def age(self, stream: str, folded: int) -> float:
         """Seconds since the broker stored the first message after `folded` (0 if none)."""
-        key = (stream, folded + 1)
-        born = self._born.get(key)
-        if born is None:
-            born = await self._stored_at(stream, folded + 1)
-            if born is None:
-                return 0.0
+        born = await asyncio.shield(self._stored_lookup(stream, folded + 1))
+        return 0.0 if born is None else max(0.0, time.time() - born)
+
+    def _stored_lookup(self, stream: str, seq: int) -> asyncio.Future[float | None]:
+        key = (stream, seq)
+        fut = self._born.get(key)
+        if fut is None or (fut.done() and (fut.cancelled() or fut.result() is None)):
             if len(self._born) > 1024:
                 self._born.clear()
-            self._born[key] = born
-        return max(0.0, time.time() - born)
+            fut = self._born[key] = asyncio.ensure_future(self._stored_at(stream, seq))
+        return fut
 
     async def _stored_at(self, stream: str, seq: int) -> float | None:
         body = msgspec.json.encode({"seq": seq, "next_by_subj": ">"})

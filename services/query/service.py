@@ -267,6 +267,7 @@ class QueryService:
             await self.projector.wait_for(projection.name, token, self.wait_max_s)
             # The streams' ends are looked up while the view is read: lag costs no extra wait.
             heads = asyncio.ensure_future(self.heads.last_seqs(projection.streams, arrived))
+            self.heads.prefetch_ages(self.projector.checkpoints(projection.name))
             ctx = _Context(self, projection)
             if cached:
                 answer, as_of = await self._cached_answer(projection, ep, ctx, request)
