@@ -257,3 +257,22 @@ async def test_answers_at_one_position_share_one_age_lookup(fleet: Fleet, server
         server.projector.resume()
     assert all(a.lag[STREAM] == 3 and a.lag_s[STREAM] > 0 for a in answers)
     assert asked == [(STREAM, first[STREAM] + 1)]
+
+
+async def test_a_stats_reset_zeroes_requests_errors_and_time(fleet: Fleet, server: Server) -> None:
+    """nats-py's reset only moved `started`: requests and our error counts stayed, so after a
+    reset errors could exceed requests."""
+    for _ in range(2):
+        with pytest.raises(FleetValidationError):
+            await fleet.sql("DELETE FROM attempts")
+    assert server.query._service is not None
+    await server.query._service.reset()
+    await fleet.sql("SELECT 1")
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        sql = next(e for e in await _stats(nc, server.query.node) if e["name"] == "sql")
+    finally:
+        await nc.close()
+    assert (sql["num_requests"], sql["num_errors"]) == (1, 0)
+    assert not sql["last_error"]
+    assert 0 < sql["processing_time"] == sql["average_processing_time"]

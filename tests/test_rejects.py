@@ -212,3 +212,24 @@ async def test_more_rejects_than_fit_a_reply_are_cut_with_has_more(fleet: Fleet,
     assert len(msgspec.json.encode(answer)) <= max_payload
     assert answer.items[0].seq == last  # newest first: what was left off is the oldest
     assert all(r.data_truncated and r.data_bytes > 3000 for r in answer.items)
+
+
+async def test_rejects_of_every_view_come_newest_first(fleet: Fleet, server: Server) -> None:
+    """Each view's rejects are merged by time: the views' lists used to be concatenated in
+    projection order, so [:limit] hid a newer reject of a later view and has_more said False."""
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        js = nc.jetstream()
+        older = [(await js.publish("fleet.attempt.raw0.probe", b"{not json")).seq for _ in range(2)]
+        last_attempt = older[-1]
+        await fleet.attempts.stats(min_seq={"FLEET_ATTEMPTS": last_attempt})
+        newer = (await js.publish("fleet.snapshot.h.a", b"{not json either")).seq
+    finally:
+        await nc.close()
+    await fleet.snapshots.latest(min_seq={"FLEET_SNAPSHOTS": newer})
+    top = await fleet.rejects(limit=1)
+    assert [(r.projection, r.seq) for r in top.items] == [("snapshots", newer)] and top.has_more
+    every = await fleet.rejects(limit=10)
+    assert [(r.projection, r.seq) for r in every.items] == [("snapshots", newer), ("attempts", older[1]),
+                                                          ("attempts", older[0])]
+    assert not every.has_more

@@ -194,7 +194,7 @@ class Builtins:
         query = msgspec.json.decode(req.data or b"{}", type=RejectsQuery)
         if query.limit < 1:
             raise ValueError(f"limit: must be at least 1, got {query.limit}")
-        items: list[RejectRow] = []
+        found: list[tuple[str, Any]] = []
         as_of: dict[str, int] | None = None
         names = [query.projection] if query.projection else list(projector.projections)
         where, params = _rejects_where(query)
@@ -203,14 +203,15 @@ class Builtins:
                 raise KeyError(f"unknown projection {name!r}")
             await projector.wait_for(name, query.min_seq, q.wait_max_s)
             sql = (f"SELECT stream, seq, subject, reason, data[1:{REJECT_PREVIEW_BYTES}], octet_length(data),"
-                   f" CAST(rejected_at AS VARCHAR) FROM _rejects {where}"
+                   f" CAST(rejected_at AS VARCHAR), epoch_us(rejected_at) FROM _rejects {where}"
                    " ORDER BY rejected_at DESC, seq DESC LIMIT ?")
 
             def run(schema: str, sql: str = sql) -> tuple[dict[str, int], list[Any]]:
                 cur = projector.store.cursor(schema)
                 try:
+                    # One more than asked: whether there are more (`has_more`).
                     return read_consistent(cur, projector, [schema],
-                                           lambda c: c.execute(sql, [*params, query.limit]).fetchall())
+                                           lambda c: c.execute(sql, [*params, query.limit + 1]).fetchall())
                 finally:
                     cur.close()
 
@@ -222,13 +223,17 @@ class Builtins:
                     raise
                 seen, rows = await q.read(run, projector.live(name).gen.schema)
             as_of = merge_as_of(as_of, seen)
-            items.extend(
-                RejectRow(projection=name, stream=r[0], seq=r[1], subject=r[2], reason=r[3],
-                          data=bytes(r[4]).decode("utf-8", "replace"), rejected_at=r[6], data_bytes=int(r[5]),
-                          data_truncated=int(r[5]) > len(bytes(r[4])))
-                for r in rows
-            )
-        answer = RejectsAnswer(items=items[: query.limit])
+            found.extend((name, r) for r in rows)
+        # Newest first across projections (each view's newest `limit`, merged): concatenating
+        # them hid newer rejects of later projections behind [:limit].
+        found.sort(key=lambda f: (f[1][7], f[1][1]), reverse=True)
+        items = [
+            RejectRow(projection=name, stream=r[0], seq=r[1], subject=r[2], reason=r[3],
+                      data=bytes(r[4]).decode("utf-8", "replace"), rejected_at=r[6], data_bytes=int(r[5]),
+                      data_truncated=int(r[5]) > len(bytes(r[4])))
+            for name, r in found[: query.limit]
+        ]
+        answer = RejectsAnswer(items=items, has_more=len(found) > query.limit)
         await q.stamp(answer, as_of or {}, (as_of or {}).keys(), arrived)
         await req.respond(fit_reply(answer, q.max_payload, _cut_rejects))
 
