@@ -73,7 +73,7 @@ async def test_reader_threads_close_their_cursors_on_dropped_generations(fleet: 
         await loop.run_in_executor(thread, cursors.get, old)
         assert old in await loop.run_in_executor(thread, cursors.held)
         await projector.rebuild("attempts")
-        while projector.live("attempts").gen.schema == old:
+        while old not in projector.store.dropped_schemas():  # promoted, and the old schema dropped
             await fleet.attempts.query(agent="p", limit=1)  # reads go on while it rebuilds
         await loop.run_in_executor(thread, cursors.get, other)  # the thread's next read
         assert await loop.run_in_executor(thread, cursors.held) == {other}
