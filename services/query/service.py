@@ -155,7 +155,11 @@ class QueryService:
         node_status = self._dispatch.handler("node-status", self.builtins.status_endpoint)
         await svc.add_endpoint(name="node-status", subject=node_status_subject(self.node), handler=node_status)
         await self.nc.flush()
-        await self._note_targets()
+        try:
+            await self._note_targets()
+        except BaseException:  # a signal while the broker does not answer: leave no service behind
+            await self.stop()
+            raise
 
     async def _note_targets(self, first_wait_s: float = 0.1, max_wait_s: float = 2.0) -> None:
         """Each stream's last seq as the broker gives it, asked again until it does.
