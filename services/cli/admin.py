@@ -10,6 +10,7 @@ import click
 from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
 from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.backbone.streams import StreamPlacement, stream_placements
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.client.rejects import RawReject, reject_raw
@@ -30,16 +31,23 @@ def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
         _node_table(nats_url, as_json)
         return
 
-    async def go(fleet: Fleet) -> StatusAnswer:
-        return await fleet.status()
+    async def go(fleet: Fleet) -> tuple[StatusAnswer, dict[str, StreamPlacement]]:
+        answer = await fleet.status()
+        placed = {} if as_json else {p.name: p for p in await stream_placements(await fleet.nats())}
+        return answer, placed
 
-    answer = run_client(nats_url, go)
+    answer, placed = run_client(nats_url, go)
     if as_json:
         print_json(answer)
         return
-    streams = Table("stream", "messages", "bytes", "first", "last", title="streams")
+    # Where each stream lives comes from JetStream itself (stream info), beside the node's answer.
+    streams = Table("stream", "messages", "bytes", "first", "last", "replicas", "leader", "lagging",
+                    title="streams")
     for s in answer.streams:
-        streams.add_row(s.name, str(s.messages), str(s.bytes), str(s.first_seq), str(s.last_seq))
+        at = placed.get(s.name)
+        streams.add_row(s.name, str(s.messages), str(s.bytes), str(s.first_seq), str(s.last_seq),
+                        str(at.replicas) if at else "?", at.leader if at else "?",
+                        (", ".join(at.lagging) or "-") if at else "?")
     console.print(streams)
     views = Table("projection", "v", "gen", "state", "checkpoints", "lag", "lag s", "rows", "rejects",
                   title="projections")

@@ -101,6 +101,7 @@ class Fleet:
             ack_timeout_s=settings.publish_ack_timeout_s,
             spool_max_bytes=settings.spool_max_bytes,
             exit_flush_s=settings.exit_flush_s,
+            retry_s=settings.publish_retry_s,
             durable=settings.durable,
             fsync=settings.durable_fsync,
         )
