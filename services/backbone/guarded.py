@@ -34,6 +34,10 @@ from nats.errors import TimeoutError as NatsTimeout
 __all__ = ["BatchItem", "BrokerRefused", "Guarded", "StoredMsg", "WrongLastSequence"]
 
 WRONG_LAST_SEQUENCE = 10071
+# The same refusal from a clustered stream's leader while another write to the subject is
+# still being proposed ("wrong last sequence", no number): also a lost race.
+WRONG_LAST_SEQUENCE_IN_FLIGHT = 10164
+_LOST_RACE = (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_FLIGHT)
 NO_MESSAGE_FOUND = 10037
 _REPLICAS_TTL_S = 30.0
 
@@ -179,7 +183,7 @@ class Guarded:
         msg = await self._request(subject, payload, headers)
         ack = _ack_decoder.decode(msg.data)
         if ack.error is not None:
-            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
+            if ack.error.get("err_code") in _LOST_RACE:
                 raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
             raise BrokerRefused(f"JetStream refused the publish to {subject}: {ack.error.get('description')}")
         return ack.stream, ack.seq, ack.duplicate
@@ -221,7 +225,7 @@ async def _publish_batch(g: Guarded, items: list[BatchItem], batch_id: str) -> t
             continue
         ack = _ack_decoder.decode(reply.data)
         if ack.error is not None:
-            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
+            if ack.error.get("err_code") in _LOST_RACE:
                 raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
             raise BrokerRefused(f"JetStream refused the batch on {item.subject}: {ack.error.get('description')}")
         if i == n:

@@ -11,6 +11,8 @@ from fleetlog.schemas.streams import DAY_S, STREAMS, StreamSpec
 from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.errors import FleetError
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
@@ -114,12 +116,16 @@ _REPLICAS = 10005  # no suitable peers for placement
 
 async def stream_placements(nc: Client) -> list[StreamPlacement]:
     """Each fleetlog stream's replicas, leader and lagging peers (`fleetlog status`)."""
-    jsm = nc.jetstream()
+    jsm = nc.jetstream(timeout=2.0)
     out: list[StreamPlacement] = []
     for spec in STREAMS:
         try:
             info = await jsm.stream_info(spec.name)
         except NotFoundError:
+            continue
+        except (NatsTimeout, NoRespondersError, APIError) as exc:
+            # No leader to answer for this stream right now (an election, a lost quorum): say so.
+            out.append(StreamPlacement(spec.name, 0, f"none ({type(exc).__name__})", []))
             continue
         cluster = info.cluster
         leader = (cluster.leader if cluster is not None else None) or "-"

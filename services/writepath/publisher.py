@@ -90,6 +90,7 @@ class Publisher(SpoolSide):
         self._retry: list[Receipt] = []
         self._retry_since: dict[str, float] = {}  # event id -> first transient refusal
         self._retry_at = 0.0
+        self._retry_wait = RETRY_EVERY_S
         self._queue_max = queue_max
         self._ack_timeout_s = ack_timeout_s
         self._exit_flush_s = exit_flush_s
@@ -301,6 +302,7 @@ class Publisher(SpoolSide):
         receipt.payload = None
         if self._retry_since:
             self._retry_since.pop(receipt.id, None)
+            self._retry_wait = RETRY_EVERY_S
         stats = self._stats
         stats.acked += 1
         if ack.duplicate:

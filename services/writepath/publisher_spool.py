@@ -88,6 +88,7 @@ class SpoolSide:
     _retry: list[Receipt]  # refused as transient (a cluster's leader away), to be sent again
     _retry_since: dict[str, float]  # event id -> first transient refusal
     _retry_at: float
+    _retry_wait: float
     _retry_s: float
 
     def _retry_later(self, receipt: Receipt) -> bool:
@@ -99,7 +100,10 @@ class SpoolSide:
             del self._retry_since[receipt.id]
             return False
         if not self._retry:
-            self._retry_at = now + RETRY_EVERY_S
+            # Each round that fails again waits twice as long (to 2 s): a leader election of a few
+            # seconds costs a handful of rounds, not a resend storm. An ack resets it.
+            self._retry_at = now + self._retry_wait
+            self._retry_wait = min(self._retry_wait * 2, 2.0)
         self._retry.append(receipt)
         self._stats.retried += 1
         return True
