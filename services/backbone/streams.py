@@ -3,6 +3,7 @@ configured number of replicas (`FLEETLOG_STREAM_REPLICAS`); and where each strea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from typing import NamedTuple
@@ -14,7 +15,8 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 __all__ = ["ReplicasRefused", "StreamPlacement", "ensure_streams", "stream_config", "stream_placements"]
 
@@ -67,32 +69,53 @@ async def ensure_streams(nc: Client, settings: FleetSettings) -> None:
     jsm = nc.jetstream()
     version = nc.connected_server_version
     atomic_ok = (version.major, version.minor) >= (2, 12)  # older servers lack atomic batches
+    clustered = bool(getattr(nc, "_server_info", {}).get("cluster"))
+    loop = asyncio.get_running_loop()
     for spec in STREAMS:
         wanted = stream_config(spec, settings)
         if wanted.allow_atomic and not atomic_ok:
             log.warning("%s: nats-server %s has no atomic batch publish (2.12+): processor run records "
                         "written under a lock will be refused", spec.name, version)
             wanted.allow_atomic = None
-        try:
-            info = await jsm.stream_info(spec.name)
-        except NotFoundError:
-            await _apply(jsm.add_stream(wanted), spec.name, settings, "create")
-            log.info("created stream %s (replicas %d)", spec.name, settings.stream_replicas)
-            continue
-        have = info.config
-        if not set_replicas:
-            wanted.num_replicas = have.num_replicas
-        if (
-            sorted(have.subjects or []) != sorted(wanted.subjects or [])
-            or have.max_msgs_per_subject != wanted.max_msgs_per_subject
-            or abs((have.max_age or 0) - (wanted.max_age or 0)) > 1e-6
-            or not have.allow_direct
-            or bool(have.allow_atomic) != bool(wanted.allow_atomic)
-            or (have.num_replicas or 1) != (wanted.num_replicas or 1)
-        ):
-            await _apply(jsm.update_stream(wanted), spec.name, settings, "update")
-            log.info("updated stream %s (replicas %d -> %d)", spec.name, have.num_replicas or 1,
-                     wanted.num_replicas or 1)
+        # On a cluster that has just (re)started, a stream's group may not have a leader yet
+        # even though the meta leader exists: its API calls time out or answer 503 for a few
+        # seconds. Wait for it (bounded); on one server such an error is real and raised.
+        deadline = loop.time() + (_LEADERLESS_WAIT_S if clustered else 0.0)
+        while True:
+            try:
+                await _ensure_one(jsm, spec.name, wanted, settings, set_replicas)
+                break
+            except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as exc:
+                if loop.time() >= deadline:
+                    raise
+                log.info("stream %s: no leader answers yet (%s); retrying", spec.name, type(exc).__name__)
+                await asyncio.sleep(0.5)
+
+
+_LEADERLESS_WAIT_S = 60.0
+
+
+async def _ensure_one(jsm: JetStreamContext, name: str, wanted: StreamConfig, settings: FleetSettings,
+                      set_replicas: bool) -> None:
+    try:
+        info = await jsm.stream_info(name)
+    except NotFoundError:
+        await _apply(jsm.add_stream(wanted), name, settings, "create")
+        log.info("created stream %s (replicas %d)", name, settings.stream_replicas)
+        return
+    have = info.config
+    if not set_replicas:
+        wanted.num_replicas = have.num_replicas
+    if (
+        sorted(have.subjects or []) != sorted(wanted.subjects or [])
+        or have.max_msgs_per_subject != wanted.max_msgs_per_subject
+        or abs((have.max_age or 0) - (wanted.max_age or 0)) > 1e-6
+        or not have.allow_direct
+        or bool(have.allow_atomic) != bool(wanted.allow_atomic)
+        or (have.num_replicas or 1) != (wanted.num_replicas or 1)
+    ):
+        await _apply(jsm.update_stream(wanted), name, settings, "update")
+        log.info("updated stream %s (replicas %d -> %d)", name, have.num_replicas or 1, wanted.num_replicas or 1)
 
 
 async def _apply(aw: Awaitable[object], name: str, settings: FleetSettings, what: str) -> None:
