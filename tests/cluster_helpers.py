@@ -29,9 +29,10 @@ async def running_cluster(root: Path, size: int = 3) -> AsyncIterator[LocalClust
 
 
 def cluster_settings(nodes: LocalCluster, root: Path, name: str = "data", **extra: object) -> FleetSettings:
+    given: dict[str, object] = {"batch_wait_s": 0.01, "reactors": False, **extra}
     return FleetSettings(
         nats_url=nodes.nats_url, data_dir=root / name, spool_dir=root / f"{name}-spool", stream_replicas=3,
-        batch_wait_s=0.01, reactors=False, **extra,  # type: ignore[arg-type]
+        **given,  # type: ignore[arg-type]
     )
 
 
