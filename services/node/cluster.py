@@ -51,7 +51,10 @@ async def healthz(host: str, http_port: int, timeout_s: float = 2.0) -> tuple[in
 class LocalCluster:
     """`size` nats-server nodes on loopback under `data_dir/node-N`; the first on `port`."""
 
-    def __init__(self, data_dir: Path, size: int = 3, port: int = 4222, host: str = "127.0.0.1") -> None:
+    def __init__(self, data_dir: Path, size: int = 3, port: int = 4222, host: str = "127.0.0.1", *,
+                 sync_always: bool = False) -> None:
+        """`sync_always`: fsync every write (`jetstream { sync_interval: always }`) instead of the
+        file store's default interval (docs/operations.md: what that protects, what it costs)."""
         if size < 1:
             raise ValueError(f"cluster size must be at least 1, got {size}")
         self.host = host
@@ -71,7 +74,12 @@ class LocalCluster:
         for i in range(size):
             routes = [f"nats://{host}:{p}" for j, p in enumerate(route_ports) if j != i]
             args = cluster_args(f"nats://{host}:{route_ports[i]}", routes, self.http_ports[i])
-            self.nodes.append(EmbeddedBroker(Path(data_dir) / f"node-{i + 1}", client_ports[i], host,
+            node_dir = Path(data_dir) / f"node-{i + 1}"
+            if sync_always:
+                node_dir.mkdir(parents=True, exist_ok=True)
+                (node_dir / "nats.conf").write_text("jetstream {\n  sync_interval: always\n}\n")
+                args += ["-c", str(node_dir / "nats.conf")]
+            self.nodes.append(EmbeddedBroker(node_dir, client_ports[i], host,
                                              name=f"fleetlog-{i + 1}", cluster_args=args))
 
     @property
