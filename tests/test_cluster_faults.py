@@ -146,3 +146,42 @@ async def test_eight_runtimes_claim_2000_runs_while_a_node_is_killed(tmp_path: P
     assert len(set(fences)) == RUNS
     assert all(fence > created[run_id] for run_id, fence, _ in claims)  # the claim follows the creation
     assert claimed.total_count == RUNS and queued.total_count == 0  # the view agrees
+
+
+async def test_an_outage_longer_than_the_retry_window_spools_then_drains(tmp_path: Path) -> None:
+    """A leader change is retried in memory; an outage that outlasts `publish_retry_s` (two of
+    three nodes gone: no quorum) goes to the spool, and drains once the nodes are back."""
+    total = 2_000
+    async with running_cluster(tmp_path) as nodes:
+        srv = Server(cluster_settings(nodes, tmp_path, "node"))
+        await srv.start()
+        try:
+            client = cluster_settings(nodes, tmp_path, "client", publish_retry_s=1.0, publish_ack_timeout_s=1.0)
+            fleet = await Fleet.connect(settings=client, name="cluster-outage")  # wire: 1st URL, kept
+            try:
+                fleet.attempts.record(agent="a", action="warm", outcome="success", elapsed_s=0.0)
+                await fleet.flush(timeout=120)
+                nodes.kill(1)
+                nodes.kill(2)
+                for i in range(total):
+                    fleet.attempts.record(agent="a", action="probe", outcome="success", elapsed_s=i / 1000)
+
+                async def spooled() -> bool:
+                    s = fleet.publisher_stats()
+                    return s.retried > 0 and s.spooled > 0
+
+                await wait_until(spooled, timeout_s=300, interval_s=0.2)
+                during = fleet.publisher_stats()
+                await asyncio.gather(nodes.restart(1, timeout_s=300), nodes.restart(2, timeout_s=300))
+                token = await fleet.flush(timeout=600)
+                stats = fleet.publisher_stats()
+                page = await fleet.attempts.stats(min_seq=token)
+            finally:
+                await fleet.close()
+        finally:
+            await srv.stop()
+    print(f"\n[cluster outage] {total} attempts with 2 of 3 nodes down: retried {during.retried}, spooled "
+          f"{during.spooled} while down; after the nodes came back: acked {stats.acked}, "
+          f"broker-dedup {stats.duplicates}, spool pending {stats.spool_pending}")
+    assert stats.spool_pending == 0 and stats.dropped_spool_full == 0 and stats.dead_lettered == 0
+    assert sum(s.count for s in page.items) == total + 1
