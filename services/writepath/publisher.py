@@ -12,9 +12,11 @@ is acked and returns the consistency token.
 On a cluster a stream's leader can be away for a few seconds (its node lost, an election):
 publishes then time out or come back 503 (no responders) while the connection is fine.
 Those are transient: they are sent again, with the same `Nats-Msg-Id` (a copy that did
-land is acked as a duplicate), every `_RETRY_EVERY_S`, for `retry_s`; only if the outage
-lasts longer do they go to the spool. A lost connection still spools what was in flight
-at once (the wire then fails over to the next URL and the drain re-publishes it).
+land is acked as a duplicate), first after `RETRY_EVERY_S`, each further round waiting
+twice as long (to 2 s), for `retry_s`; only if the outage lasts longer do they go to the
+spool. A lost connection still spools what was in flight at once (the wire then fails
+over to the next URL and the drain re-publishes it). On one server a 503 means the
+stream is missing: it too is retried for `retry_s` (a stream being created) and spooled.
 
 Why not `js.publish_async`: measured here at ~14,500 msgs/s (a future, a
 semaphore and json.loads per message). The sender frames each run of queued
