@@ -12,6 +12,7 @@ from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
 from fleetlog.schemas.scheduler import SchedulerStatus
 from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.backbone.streams import StreamPlacement, stream_placements
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.client.rejects import RawReject, reject_raw
@@ -33,16 +34,23 @@ def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
         _node_table(nats_url, as_json)
         return
 
-    async def go(fleet: Fleet) -> tuple[StatusAnswer, SchedulerStatus | None]:
-        return await fleet.status(), await scheduler_status(fleet)
+    async def go(fleet: Fleet) -> tuple[StatusAnswer, SchedulerStatus | None, dict[str, StreamPlacement]]:
+        answer = await fleet.status()
+        placed = {} if as_json else {p.name: p for p in await stream_placements(await fleet.nats())}
+        return answer, await scheduler_status(fleet), placed
 
-    answer, jobs = run_client(nats_url, go)
+    answer, jobs, placed = run_client(nats_url, go)
     if as_json:  # "scheduler" only when one answered: the status answer's own keys stay as they are
         print_json(answer if jobs is None else {**msgspec.to_builtins(answer), "scheduler": jobs})
         return
-    streams = Table("stream", "messages", "bytes", "first", "last", title="streams")
+    # Where each stream lives comes from JetStream itself (stream info), beside the node's answer.
+    streams = Table("stream", "messages", "bytes", "first", "last", "replicas", "leader", "lagging",
+                    title="streams")
     for s in answer.streams:
-        streams.add_row(s.name, str(s.messages), str(s.bytes), str(s.first_seq), str(s.last_seq))
+        at = placed.get(s.name)
+        streams.add_row(s.name, str(s.messages), str(s.bytes), str(s.first_seq), str(s.last_seq),
+                        str(at.replicas) if at else "?", at.leader if at else "?",
+                        (", ".join(at.lagging) or "-") if at else "?")
     console.print(streams)
     views = Table("projection", "v", "gen", "state", "checkpoints", "lag", "lag s", "rows", "rejects",
                   title="projections")

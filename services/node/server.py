@@ -1,5 +1,6 @@
 """Running fleetlog: `serve` (projector + query service against any NATS) and `up`
-(the same, on an embedded nats-server bound to loopback)."""
+(the same, on an embedded nats-server bound to loopback, or on a loopback cluster of
+them: `up --cluster 3`, services/node/cluster.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.link import connect_once
 from fleetlog.services.backbone.streams import ensure_streams
 from fleetlog.services.node.broker import EmbeddedBroker
+from fleetlog.services.node.cluster import LocalCluster
 from fleetlog.services.projector.runtime import Projector
 from fleetlog.services.projector.store import ViewStore
 from fleetlog.services.query.service import QueryService
@@ -174,7 +176,12 @@ async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None,
         await server.stop()
 
 
-async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None, jobs: JobsConfig | None = None) -> None:
+async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None, jobs: JobsConfig | None = None,
+                 cluster: int = 0) -> None:
+    """The embedded broker (or a `cluster`-node loopback cluster) and the services on it."""
+    if cluster:
+        await _run_up_cluster(settings, ready, cluster, jobs)
+        return
     broker = EmbeddedBroker(settings.data_dir / "broker", port=settings.port)
     await broker.start()
     if broker.reused:
@@ -204,3 +211,20 @@ async def run_scheduler(settings: FleetSettings, jobs: JobsConfig, ready: asynci
     finally:
         with contextlib.suppress(Exception):
             await nc.drain()
+
+
+async def _run_up_cluster(settings: FleetSettings, ready: asyncio.Event | None, size: int,
+                          jobs: JobsConfig | None) -> None:
+    nodes = LocalCluster(settings.data_dir / "cluster", size, settings.port)
+    await nodes.start()  # returns once every node is healthy: a JetStream meta leader exists
+    for node, http_port in zip(nodes.nodes, nodes.http_ports, strict=True):
+        log.info("cluster node %s on %s (monitoring http://%s:%d, data in %s)", node.name, node.url,
+                 node.host, http_port, node.data_dir)
+    # R3 on a cluster unless told otherwise (never more copies than nodes).
+    replicas = settings.stream_replicas if "stream_replicas" in settings.model_fields_set else min(3, size)
+    log.info("services on %s, streams with %d replicas", nodes.nats_url, replicas)
+    try:
+        await run_serve(settings.model_copy(update={"nats_url": nodes.nats_url, "stream_replicas": replicas}), ready,
+                        jobs)
+    finally:
+        await nodes.stop()

@@ -25,7 +25,7 @@ from fleetlog.services.writepath.spool import Spool, SpoolRecord
 from fleetlog.services.writepath.wire import PubWire
 from nats.aio.client import Client
 
-__all__ = ["BURST", "MAX_BROKER_REFUSALS", "DrainChunk", "SpoolSide", "fleet_identity"]
+__all__ = ["BURST", "MAX_BROKER_REFUSALS", "RETRY_EVERY_S", "DrainChunk", "SpoolSide", "fleet_identity"]
 
 log = logging.getLogger("fleetlog.publisher")
 
@@ -36,6 +36,10 @@ MAX_BROKER_REFUSALS = 10
 
 # At most this many events framed into one socket write.
 BURST = 512
+
+# Transient refusals (a cluster's stream leader away: 503, ack timeout) are sent again this
+# often, for the publisher's retry_s, before they go to the spool.
+RETRY_EVERY_S = 0.25
 
 
 async def fleet_identity(nc: Client) -> str | None:
@@ -81,12 +85,76 @@ class SpoolSide:
     _durable_receipts: dict[str, Receipt]
     _exit_flush_s: float
     _spilled_at_exit: bool
+    _retry: list[Receipt]  # refused as transient (a cluster's leader away), to be sent again
+    _retry_since: dict[str, float]  # event id -> first transient refusal
+    _retry_at: float
+    _retry_wait: float
+    _retry_s: float
+
+    def _retry_later(self, receipt: Receipt) -> bool:
+        """Hold a transiently refused receipt for a retry (same Nats-Msg-Id); False once it has
+        waited `retry_s`: the outage lasts, it goes to the spool."""
+        now = time.monotonic()
+        first = self._retry_since.setdefault(receipt.id, now)
+        if now - first >= self._retry_s:
+            del self._retry_since[receipt.id]
+            return False
+        if not self._retry:
+            # Each round that fails again waits twice as long (to 2 s): a leader election of a few
+            # seconds costs a handful of rounds, not a resend storm. An ack resets it.
+            self._retry_at = now + self._retry_wait
+            self._retry_wait = min(self._retry_wait * 2, 2.0)
+        self._retry.append(receipt)
+        self._stats.retried += 1
+        return True
+
+    def _unretry(self) -> None:
+        """Put the receipts waiting for a retry back at the head of the queue (they came first)."""
+        if self._retry:
+            self._queue.extendleft(reversed(self._retry))
+            self._retry.clear()
 
     def _send(self, receipts: list[Receipt], chunk: DrainChunk | None) -> None:
         raise NotImplementedError  # Publisher._send
 
     async def _slots(self) -> bool:
         raise NotImplementedError  # Publisher._slots
+
+    _slot_free: asyncio.Event
+    _ack_timeout_s: float
+
+    def _failed(self, receipt: Receipt, chunk: DrainChunk | None, *, broker_refused: bool, reason: str = "",
+                transient: bool = False) -> None:
+        raise NotImplementedError  # Publisher._failed
+
+    # -- in-flight publishes that fail (connection lost, ack timeout) -------------
+    def _fail_all_pending(self) -> None:
+        """Everything in flight is in doubt (connection lost): spool it. A late ack is ignored;
+        a copy that did land is deduplicated by Nats-Msg-Id and by the projections."""
+        entries = list(self._pending.values())
+        self._pending.clear()
+        for receipt, chunk in entries:
+            self._failed(receipt, chunk, broker_refused=False)
+        self._slot_free.set()
+        self._progress.set()
+
+    async def _reap(self) -> None:
+        """Ack timeouts: the oldest pending publishes are first in the dict."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            expired = []
+            for token, (receipt, _chunk) in self._pending.items():
+                if receipt.deadline > now:
+                    break
+                expired.append(token)
+            for token in expired:
+                entry = self._pending.pop(token, None)
+                if entry is not None:
+                    self._failed(entry[0], entry[1], broker_refused=False, transient=True)
+            if expired:
+                self._slot_free.set()
+                self._progress.set()
 
     # -- the process ends without close() (services/writepath/exitsafe.py) --------
     async def _exit_flush(self) -> None:
@@ -98,9 +166,11 @@ class SpoolSide:
         behind it, to disk: order first; the next client drains the spool."""
         deadline = time.monotonic() + self._exit_flush_s
         try:
-            while (self._queue or self._pending) and not self._spool.pending and self._wire.connected:
+            while (self._queue or self._pending or self._retry) and not self._spool.pending and self._wire.connected:
                 if time.monotonic() >= deadline:
                     break
+                if not self._pending:
+                    self._unretry()
                 room = self._max_inflight - len(self._pending)
                 if self._queue and room > 0:
                     queue = self._queue
@@ -129,6 +199,7 @@ class SpoolSide:
         In-flight events may have landed too: the copy is deduplicated (Nats-Msg-Id, event id)."""
         inflight = [receipt for receipt, chunk in self._pending.values() if chunk is None]  # chunks: on disk
         self._pending.clear()
+        self._unretry()
         queued = []
         while self._queue:
             queued.append(self._queue.popleft())
@@ -149,6 +220,7 @@ class SpoolSide:
         return kept
 
     def _spill_queue(self) -> None:
+        self._unretry()
         if self._queue:
             batch = []
             while self._queue:
