@@ -7,8 +7,10 @@ import sys
 from typing import Any
 
 import click
+import msgspec
 from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
+from fleetlog.schemas.scheduler import SchedulerStatus
 from fleetlog.services.backbone.guarded import Guarded
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.nodes import node_statuses
@@ -16,6 +18,7 @@ from fleetlog.services.client.rejects import RawReject, reject_raw
 from rich.table import Table
 
 from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client
+from .scheduler import jobs_table, scheduler_status
 
 __all__ = ["rebuild", "rejects", "schemas", "status"]
 
@@ -25,17 +28,17 @@ __all__ = ["rebuild", "rejects", "schemas", "status"]
 @nats_option
 @json_option
 def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
-    """Streams, projections, checkpoints, lag and rejects."""
+    """Streams, projections, checkpoints, lag and rejects; the scheduler's jobs when one runs."""
     if nodes:
         _node_table(nats_url, as_json)
         return
 
-    async def go(fleet: Fleet) -> StatusAnswer:
-        return await fleet.status()
+    async def go(fleet: Fleet) -> tuple[StatusAnswer, SchedulerStatus | None]:
+        return await fleet.status(), await scheduler_status(fleet)
 
-    answer = run_client(nats_url, go)
-    if as_json:
-        print_json(answer)
+    answer, jobs = run_client(nats_url, go)
+    if as_json:  # "scheduler" only when one answered: the status answer's own keys stay as they are
+        print_json(answer if jobs is None else {**msgspec.to_builtins(answer), "scheduler": jobs})
         return
     streams = Table("stream", "messages", "bytes", "first", "last", title="streams")
     for s in answer.streams:
@@ -50,6 +53,8 @@ def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
     console.print(f"rejects: {answer.rejects_total}")
     if answer.node_state != "serving":
         console.print(f"node {answer.node}: {answer.node_state} (not answering queries yet): {_progress(answer)}")
+    if jobs is not None:
+        console.print(jobs_table(jobs))
 
 
 def _node_table(nats_url: str | None, as_json: bool) -> None:

@@ -12,6 +12,7 @@ from fleetlog.services.node.broker import BrokerError
 from fleetlog.services.node.server import run_serve, run_up
 
 from ._common import err_console, settings_from
+from .scheduler import jobs_option, load_jobs_or_fail
 
 __all__ = ["serve", "up"]
 
@@ -32,13 +33,15 @@ sessions_option = click.option(
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="views, spool and broker data [env FLEETLOG_DATA_DIR; default: the user data dir]")
 @sessions_option
+@jobs_option
 @click.option("-v", "--verbose", is_flag=True)
-def up(port: int | None, data_dir: Path | None, sessions: Path | None, verbose: bool) -> None:
+def up(port: int | None, data_dir: Path | None, sessions: Path | None, jobs_path: Path | None, verbose: bool) -> None:
     """Start nats-server (JetStream, 127.0.0.1) plus projector and query service; Ctrl-C stops all."""
     _logging(verbose)
     settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions)
+    jobs = load_jobs_or_fail(jobs_path)
     try:
-        asyncio.run(run_up(settings))
+        asyncio.run(run_up(settings, jobs=jobs))
     except duckdb.IOException as exc:
         err_console.print(f"[red]error:[/red] the views file is in use by another fleetlog process: {exc}")
         raise SystemExit(1) from None
@@ -54,13 +57,16 @@ def up(port: int | None, data_dir: Path | None, sessions: Path | None, verbose: 
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where the view files live [env FLEETLOG_DATA_DIR]")
 @sessions_option
+@jobs_option
 @click.option("-v", "--verbose", is_flag=True)
-def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, verbose: bool) -> None:
+def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, jobs_path: Path | None,
+          verbose: bool) -> None:
     """Projector + query service against an external NATS (broker deployed separately)."""
     _logging(verbose)
     settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions)
+    jobs = load_jobs_or_fail(jobs_path)
     try:
-        asyncio.run(run_serve(settings))
+        asyncio.run(run_serve(settings, jobs=jobs))
     except duckdb.IOException as exc:
         err_console.print(f"[red]error:[/red] the views file is in use by another fleetlog process: {exc}")
         raise SystemExit(1) from None
