@@ -14,6 +14,7 @@ from fleetlog.services.node.server import Server
 import fleetlog.compat as compat
 from fleetlog import FleetSettings
 from fleetlog.compat import snapshot
+from fleetlog.snapshots import unregister_sidecars
 
 T = TypeVar("T")
 
@@ -61,18 +62,21 @@ async def test_tick_fires_on_diff_hooks_and_never_raises(settings: FleetSettings
                                                          tmp_path: Path) -> None:
     marker = tmp_path / "fired"
     config = SimpleNamespace(hooks={"on_diff": [f"touch {marker}"]})
-    snapshot.register_sidecar("beta", "process", "worker", pid=999_999_999)
+    snapshot.register_sidecar("compat-tick", "process", "worker", pid=999_999_999)
 
     def work() -> tuple[Any, ...]:
-        snapshot.snapshot_tick("beta", agent_config=config)           # first: no diff, no hook
-        snapshot.register_sidecar("beta", "process", "other", pid=999_999_998)  # a change the diff sees
-        snapshot.snapshot_tick("beta", agent_config=config)
+        snapshot.snapshot_tick("compat-tick", agent_config=config)           # first: no diff, no hook
+        snapshot.register_sidecar("compat-tick", "process", "other", pid=999_999_998)  # a change the diff sees
+        snapshot.snapshot_tick("compat-tick", agent_config=config)
         before = compat.error_counts().get("snapshot.snapshot_tick", 0)
         snapshot.snapshot_tick("", agent_config=config)                # bad agent: logged, counted
         after = compat.error_counts().get("snapshot.snapshot_tick", 0)
-        return snapshot.read_latest("beta"), after - before
+        return snapshot.read_latest("compat-tick"), after - before
 
-    latest, swallowed = await _in_thread(settings, work)
+    try:
+        latest, swallowed = await _in_thread(settings, work)
+    finally:
+        unregister_sidecars("compat-tick")  # process-wide registry: leave nothing for other tests
     assert latest is not None and "pids.sidecars.other.pid" in latest["diff_fields"]
     assert swallowed == 1
     for _ in range(200):  # the hook runs fire-and-forget in the hook pool
