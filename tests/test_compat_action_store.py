@@ -146,3 +146,26 @@ def test_helpers_keep_the_originals_rules() -> None:
     assert timedelta(hours=1.4) < delta < timedelta(hours=1.6)
     with pytest.raises(TypeError, match="Unsupported 'since' type: int"):
         store._parse_since(5)  # type: ignore[arg-type]
+
+
+async def test_threads_share_one_connection(settings: FleetSettings, server: Server, tmp_path: Path) -> None:
+    """Thread-safe like the original: eight threads append at once through the one shared FleetSync."""
+    import threading
+
+    def work() -> tuple[int, int]:
+        sync = compat.shared()
+
+        def burst(n: int) -> None:
+            for i in range(50):
+                store.append_attempt(_rec(f"t{n}", "probe", "success", float(i)), root=tmp_path)
+
+        threads = [threading.Thread(target=burst, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows = store.stats(root=tmp_path)
+        return sum(r["count"] for r in rows), int(compat.shared() is sync)
+
+    total, same = await _in_thread(settings, work)
+    assert (total, same) == (400, 1)
