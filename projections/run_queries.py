@@ -126,6 +126,10 @@ async def _list(ctx: QueryContext, req: RunsListQuery) -> RunPage:
     w.eq("bot_id", req.bot_id)
     w.eq("workspace_id", req.workspace_id)
     w.thread(req.thread_id, req.strict_thread)
+    w.eq("binding_id", req.binding_id)
+    if req.agent_id is not None:
+        w.add("(agent_id = ? OR (agent_id IS NULL AND (starts_with(binding_id, ?) OR starts_with(binding_id, ?))))",
+              req.agent_id, f"agent_{req.agent_id}_", f"debug:{req.agent_id}:")
 
     def run(cur: duckdb.DuckDBPyConnection) -> RunPage:
         total = cur.execute(f"SELECT count(*) FROM runs {w.sql()}", w.params).fetchone()
