@@ -1,35 +1,29 @@
-"""Host snapshots: call costs, acked rates, the differ, queries. (Processors: bench_processors.py.)
+"""Host snapshots: take-time diffs, awaited take() latency, racing takers, gather(), queries.
 
-No issue sets targets for this family yet; this bench only measures. It gets its own
-private nats-server (temp dir, free port). The client publishes before any projector
-runs (as in bench_publish.py); then an in-process `Server` (fleetlog.services.node.server, with
-reactors=False as in tests/conftest.py) folds what was published and answers the queries.
+No issue sets targets for this family; this bench only measures. It gets its own private
+nats-server (temp dir, free port). The client takes snapshots before any projector runs (as
+in bench_publish.py); then an in-process `Server` (fleetlog.services.node.server, with
+reactors=False as in tests/conftest.py) folds them and answers the queries.
 
-Snapshots:
+* pure CPU, best of 3: `compute_diff_fields` and `diff_changes` on consecutive ~1.3 KB nested
+  snapshots (host facts, 12 services, 4 interfaces; a few leaves change each time).
+* `gather()`: the container's probes on this machine (pgrep, tmux, screen as installed), p50/p99.
+* `take()` awaited, one at a time: --take-calls takes over --subjects (host, agent) subjects;
+  each is a direct get of the subject's last snapshot, the diff, a guarded publish, and (when
+  something changed) a diff record through the publisher. p50/p99 µs.
+* concurrent: one take per subject at once (asyncio.gather), --take-n in all; takes/s.
+* racing: --racers clients (own connections) taking --race-n snapshots each of ONE agent at
+  once; takes/s and the lost races (WrongLastSequence retries) per take.
+* the Server folds everything; `latest(agent, host)`, `all_latest(limit=100)` and
+  `history(agent, host, limit=10)` through the query service, p50/p99 over --queries calls.
 
-* `take()` call cost: --take-calls timed calls (perf_counter_ns) with a ~1.3 KB nested `data`
-  dict (host facts, 12 services, 4 interfaces; a few leaves change from snapshot to
-  snapshot) over --subjects (host, agent) subjects, yielding to the loop every 100 calls.
-  The pure-CPU parts of a take (the encode-time copy of `data`, the event encode, the
-  validating re-decode) and the differ's `diff_data` are also timed alone.
-* acked throughput: --take-n snapshots, yielding every 100, then `flush()`; rate = N / (first
-  take -> flush returned), with client and broker CPU per snapshot.
-* differ: `SnapshotDiffer(nc).run_once()` in a loop on its own connection in this process,
-  first alone (--diff-alone-n snapshots, before the Server starts), then next to the
-  in-process Server, which folds the diffs (--diff-n more; the Server's fold transactions are
-  counted and timed). diffs/s = diffs published / wall time.
-* `latest()` (every subject, limit 100) and `history(host, agent, limit=10)` end to end
-  through the query service, p50/p99 over --queries calls after the view caught up; then
-  the same SQL straight on the view file (read-only, after the Server stopped).
-
-    python bench/bench_families.py [--take-calls 20000] [--take-n 20000] [--diff-alone-n 3000] [--diff-n 8000]
+    python bench/bench_families.py [--take-calls 3000] [--take-n 6000] [--racers 10] [--race-n 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import random
 import sys
@@ -114,10 +108,6 @@ def code_version() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty_library_files": dirty}
 
 
-def gc_collections() -> int:
-    return sum(s["collections"] for s in gc.get_stats())
-
-
 def us(ns: list[int]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in percentiles([x / 1000 for x in ns], (50, 99, 99.9)).items()}
 
@@ -151,10 +141,9 @@ def snapshot_variants(count: int, seed: int = 7) -> list[dict[str, Any]]:
 
 
 def components(variants: list[dict[str, Any]], rounds: int = 3) -> dict[str, float]:
-    """Pure-CPU parts of take() and of the differ, timed alone (best of `rounds`, µs per call)."""
+    """The diff rules alone (best of `rounds`, µs per call)."""
     import msgspec
-    from fleetlog.schemas import encode_event, new_event_id, now_iso
-    from fleetlog.schemas.snapshots import HostSnapshot, diff_data
+    from fleetlog.schemas.snapshots import compute_diff_fields, diff_changes
 
     n = len(variants)
 
@@ -168,229 +157,146 @@ def components(variants: list[dict[str, Any]], rounds: int = 3) -> dict[str, flo
         return round(min(times), 1)
 
     frozen = [msgspec.json.decode(msgspec.json.encode(v)) for v in variants]
-    payloads = [encode_event(HostSnapshot(id=new_event_id(), ts=now_iso(), host="h", agent="a", data=f))
-                for f in frozen]
-    validate = msgspec.json.Decoder(HostSnapshot).decode
     return {
-        "take_copy_encode_decode": best(lambda i: msgspec.json.decode(msgspec.json.encode(dict(variants[i])))),
-        "take_event_encode": best(lambda i: encode_event(HostSnapshot(
-            id=new_event_id(), ts=now_iso(), host="host-00", agent="agent-0", data=frozen[i]))),
-        "take_validating_decode": best(lambda i: validate(payloads[i])),
-        "differ_diff_data": best(lambda i: diff_data(frozen[i - 1], frozen[i])),
+        "compute_diff_fields": best(lambda i: compute_diff_fields(frozen[i - 1], frozen[i])),
+        "diff_changes": best(lambda i: diff_changes(frozen[i - 1], frozen[i])),
+        "fields_per_diff": round(sum(len(compute_diff_fields(frozen[i - 1], frozen[i])) for i in range(1, n))
+                                 / (n - 1), 1),
     }
-
-
-class FoldCounter:
-    """Counts the projector's fold transactions (`Folder.apply` calls) and their wall time (fold thread)."""
-
-    def __init__(self, srv: Any) -> None:
-        self.folder = srv.projector.folder
-        self.inner = self.folder.apply
-        self.batches = self.events = 0
-        self.seconds = 0.0
-        self.folder.apply = self._apply
-
-    def _apply(self, projection: Any, schema: str, stream: str, batch: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self.inner(projection, schema, stream, batch)
-        finally:
-            self.seconds += time.perf_counter() - t0
-            self.batches += 1
-            self.events += len(batch)
-
-    def snapshot(self) -> tuple[int, int, float]:
-        return self.batches, self.events, self.seconds
-
-    def since(self, before: tuple[int, int, float]) -> dict[str, Any]:
-        b, e, s = self.batches - before[0], self.events - before[1], self.seconds - before[2]
-        return {"fold_batches": b, "fold_events": e, "fold_s": round(s, 2),
-                "fold_ms_per_batch": round(s / b * 1000, 2) if b else None}
-
-
-def sql_alone(path: Path, projection: str, queries: list[tuple[str, str, list[list[Any]]]], calls: int = 20
-              ) -> dict[str, dict[str, float]]:
-    """The endpoints' SQL run straight on the view file (read-only, after the Server stopped):
-    what a query costs in DuckDB alone, without the query service, NATS and JSON. Each query
-    runs once per parameter list given (a call that the client sends as several requests)."""
-    import duckdb
-
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        row = con.execute("SELECT schema_name FROM fleetlog_generations WHERE name = ? AND state = 'live'",
-                          [projection]).fetchone()
-        assert row is not None
-        con.execute(f'USE "{row[0]}"')
-        out = {}
-        for label, sql, param_lists in queries:
-            for params in param_lists:
-                con.execute(sql, params).fetchall()
-            times = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                for params in param_lists:
-                    con.execute(sql, params).fetchall()
-                times.append(time.perf_counter() - t0)
-            out[label] = ms(times)
-        return out
-    finally:
-        con.close()
 
 
 # -- snapshots -------------------------------------------------------------------------------
 
 
 async def bench_snapshots(args: argparse.Namespace) -> dict[str, Any]:
-    import nats
+    from fleetlog.services.client import snapshot_take
+    from fleetlog.services.client.snapshot_gather import gather
     from fleetlog.services.node.server import Server
-    from fleetlog.services.reactors.snapshot_differ import SnapshotDiffer
 
     variants = snapshot_variants(500)
     data_bytes = sum(len(json.dumps(v, separators=(",", ":"))) for v in variants) / len(variants)
     subjects = [(f"host-{i // 5:02d}", f"agent-{i % 5}") for i in range(args.subjects)]
     ns = len(subjects)
-
-    def pick(i: int) -> tuple[str, str, dict[str, Any]]:
-        host, agent = subjects[i % ns]
-        return host, agent, variants[(i // ns) % len(variants)]
-
     out: dict[str, Any] = {"data_bytes": round(data_bytes), "subjects": ns, "components_us": components(variants)}
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    for _ in range(20):
+        t0 = clock()
+        gather("bench-agent")
+        samples.append(clock() - t0)
+    out["gather_us"] = us(samples)
+
+    # Lost races, counted where the taker retries (the guarded publish raising WrongLastSequence).
+    races = [0]
+    wrong = snapshot_take.WrongLastSequence
+    publish = snapshot_take.Guarded.publish
+
+    async def counting(self: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return await publish(self, *a, **kw)
+        except wrong:
+            races[0] += 1
+            raise
+
+    snapshot_take.Guarded.publish = counting  # type: ignore[method-assign]
     async with broker(prefix="fleetlog-bench-snap-") as (b, work):
         bpid = b.process.pid if b.process else None
         settings = settings_for(b.url, work / "data", reactors=False)
         fleet = await Fleet.connect(settings=settings)
         await fleet.flush(10)  # connected, streams ensured
         take = fleet.snapshots.take
-        for i in range(2000):  # warm-up (not counted below)
-            host, agent, data = pick(i)
-            take(agent, data, host=host)
-            if i % 100 == 99:
-                await asyncio.sleep(0)
-        await fleet.flush(60)
-        taken = 2000
+        taken = 0
 
-        # 1. call cost
-        samples: list[int] = []
-        clock = time.perf_counter_ns
-        g0 = gc_collections()
+        def pick(i: int) -> tuple[str, str, dict[str, Any]]:
+            host, agent = subjects[i % ns]
+            return host, agent, variants[(i // ns) % len(variants)]
+
+        for i in range(200):  # warm-up (not counted below)
+            host, agent, data = pick(i)
+            await take(agent, data, host=host)
+        taken += 200
+
+        # 1. one at a time
+        samples = []
+        cpu = CpuPer(bpid).start()
         mon = CpuMonitor().start()
         for i in range(taken, taken + args.take_calls):
             host, agent, data = pick(i)
             t0 = clock()
-            take(agent, data, host=host)
+            await take(agent, data, host=host)
             samples.append(clock() - t0)
-            if i % 100 == 99:
-                await asyncio.sleep(0)
-        out["take_call_us"] = us(samples)
-        out["take_call_gc_collections"] = gc_collections() - g0
-        await fleet.flush(120)
-        out["take_call_cpu"] = mon.stop()
+        out["take_us"] = us(samples)
+        out["take_cpu"] = {**cpu.stop(args.take_calls), "cpu": mon.stop()}
         taken += args.take_calls
 
-        # 2. acked throughput
+        # 2. one take per subject at once
         cpu = CpuPer(bpid).start()
         mon = CpuMonitor().start()
         t0 = time.perf_counter()
-        for i in range(taken, taken + args.take_n):
-            host, agent, data = pick(i)
-            take(agent, data, host=host)
-            if i % 100 == 99:
-                await asyncio.sleep(0)
-        t_take = time.perf_counter() - t0
+        for start in range(taken, taken + args.take_n, ns):
+            await asyncio.gather(*(take(a, d, host=h) for h, a, d in map(pick, range(start, start + ns))))
         token = await fleet.flush(300)
         dt = time.perf_counter() - t0
         taken += args.take_n
-        stats = fleet.publisher_stats()
-        assert stats.acked == taken and stats.spooled == 0 and stats.dead_lettered == 0, stats
-        out["take_acked"] = {"n": args.take_n, "take_phase_s": round(t_take, 3), "total_s": round(dt, 3),
-                             "per_s": round(args.take_n / dt),
-                             "mb_per_s": round(args.take_n * data_bytes / dt / 1e6, 1),
-                             **cpu.stop(args.take_n), "cpu": mon.stop()}
+        out["take_concurrent"] = {"n": args.take_n, "s": round(dt, 2), "per_s": round(args.take_n / dt),
+                                  **cpu.stop(args.take_n), "cpu": mon.stop()}
 
-        # 3. the differ alone (no projector in the process yet) over the first --diff-alone-n snapshots
-        nc = await nats.connect(b.url)
-        differ = SnapshotDiffer(nc)
-        await differ.start()
+        # 3. racers on one agent
+        racers = [await Fleet.connect(settings=settings, name=f"racer-{i}") for i in range(args.racers)]
+        r0 = races[0]
+        mon = CpuMonitor().start()
+        t0 = time.perf_counter()
 
-        async def run_differ(n: int) -> dict[str, Any]:
-            p0, c0 = differ.published, differ.covered
-            out0 = nc.stats["out_msgs"]
-            cpu = CpuPer(bpid).start()
-            mon = CpuMonitor().start()
-            t0 = time.perf_counter()
-            handled = 0
-            while handled < n:
-                got = await differ.run_once(timeout=2.0)
-                if not got:
-                    break
-                handled += got
-            dt = time.perf_counter() - t0
-            published = differ.published - p0
-            requests = nc.stats["out_msgs"] - out0  # direct gets, publishes, fetches and acks
-            return {"handled": handled, "published": published, "covered": differ.covered - c0,
-                    "messages_sent_per_snapshot": round(requests / max(1, handled), 2),
-                    "s": round(dt, 2), "diffs_per_s": round(published / dt), **cpu.stop(max(1, handled)),
-                    "cpu": mon.stop()}
+        async def race(k: int, client: Fleet) -> None:
+            for j in range(args.race_n):
+                await client.snapshots.take("raced", variants[(k * args.race_n + j) % len(variants)], host="race")
 
-        out["differ_alone"] = await run_differ(args.diff_alone_n)
+        await asyncio.gather(*(race(k, c) for k, c in enumerate(racers)))
+        for c in racers:
+            await c.flush(60)
+        dt = time.perf_counter() - t0
+        n_race = args.racers * args.race_n
+        out["take_racing"] = {"racers": args.racers, "n": n_race, "s": round(dt, 2), "per_s": round(n_race / dt),
+                              "lost_races_per_take": round((races[0] - r0) / n_race, 2), "cpu": mon.stop()}
+        for c in racers:
+            await c.close()
+        taken += n_race
+        token = await fleet.flush(60)
 
-        # 4. the in-process Server folds the snapshots; then the differ goes on next to it
+        # 4. the in-process Server folds them; queries over the view
         srv = Server(settings)
         t0 = time.perf_counter()
         await srv.start()
         await wait_service(fleet)
-        folds = FoldCounter(srv)
         try:
-            first = await folded(lambda: fleet.snapshots.latest(limit=500, min_seq=token))
-            assert len(first.items) == ns, len(first.items)
+            first = await folded(lambda: fleet.snapshots.all_latest(limit=500, min_seq=token))
+            assert len(first.items) == ns + 1, len(first.items)
             fold_s = time.perf_counter() - t0
             out["fold_snapshots"] = {"n": taken, "s": round(fold_s, 2), "per_s": round(taken / fold_s)}
-
-            f0 = folds.snapshot()
-            out["differ"] = await run_differ(args.diff_n)
-            out["differ"].update(**folds.since(f0))
-            out["differ"].update(snapshots_in_stream=taken, skipped=differ.skipped, failed=differ.failed)
-            await differ.stop()
-            js = nc.jetstream()
-            diffs_last = (await js.stream_info("FLEET_DIFFS")).state.last_seq
-            await nc.close()
-            page = await folded(lambda: fleet.snapshots.diffs(after_seq=diffs_last - 20, limit=20,
-                                                              min_seq={"FLEET_DIFFS": diffs_last}))
-            out["differ"]["diff_stream_last_seq"] = diffs_last
-            out["differ"]["leaves_per_diff_last_20"] = round(
-                sum(len(d.added) + len(d.removed) + len(d.changed) for d in page.items) / max(1, len(page.items)), 1)
-
-            # 5. queries over the resulting view
-            for _ in range(5):
-                await fleet.snapshots.latest(limit=100)
-                await fleet.snapshots.history(*subjects[0], limit=10)
             lat: list[float] = []
+            every: list[float] = []
             hist: list[float] = []
             mon = CpuMonitor().start()
             for q in range(args.queries):
+                host, agent = subjects[q % ns]
                 t0 = time.perf_counter()
-                page_l = await fleet.snapshots.latest(limit=100)
+                one = await fleet.snapshots.latest(agent, host)
                 t1 = time.perf_counter()
-                page_h = await fleet.snapshots.history(*subjects[q % ns], limit=10)
+                page_l = await fleet.snapshots.all_latest(limit=100)
                 t2 = time.perf_counter()
+                page_h = await fleet.snapshots.history(agent, host, limit=10)
+                t3 = time.perf_counter()
                 lat.append(t1 - t0)
-                hist.append(t2 - t1)
-                assert len(page_l.items) == ns and len(page_h.items) == 10
-            out["latest_ms"] = ms(lat)
-            out["history_ms"] = ms(hist)
+                every.append(t2 - t1)
+                hist.append(t3 - t2)
+                assert one is not None and len(page_l.items) == ns + 1 and len(page_h.items) == 10
+            out["latest_ms"], out["all_latest_ms"], out["history_ms"] = ms(lat), ms(every), ms(hist)
             out["queries_cpu"] = mon.stop()
             out["view_snapshots"] = taken
         finally:
             await fleet.close()
             await srv.stop()
-        from fleetlog.projections.snapshots import _ROW
-
-        out["sql_alone_ms"] = await asyncio.to_thread(sql_alone, settings.views_path(), "snapshots", [
-            ("latest", f"SELECT {_ROW} FROM snapshots QUALIFY row_number() OVER (PARTITION BY host, agent"
-             " ORDER BY seq DESC) = 1 ORDER BY host, agent LIMIT ?", [[101]]),
-            ("history", f"SELECT {_ROW} FROM snapshots WHERE host = ? AND agent = ? AND seq < ? ORDER BY seq DESC"
-             " LIMIT ?", [[*subjects[0], 1 << 62, 11]]),
-        ])
+            snapshot_take.Guarded.publish = publish  # type: ignore[method-assign]
     return out
 
 
@@ -405,34 +311,24 @@ def cpu_per(r: dict[str, Any], unit: str) -> str:
 def report(snap: dict[str, Any] | None) -> None:
     rows: list[tuple[Any, ...]] = []
     if snap:
-        tc, ta, comp = snap["take_call_us"], snap["take_acked"], snap["components_us"]
-        d, da = snap["differ"], snap["differ_alone"]
+        comp, tk, tc, tr = snap["components_us"], snap["take_us"], snap["take_concurrent"], snap["take_racing"]
         rows += [
-            (f"snapshots.take() call (~{snap['data_bytes']} B data)", f"p50 {tc['p50']} µs, p99 {tc['p99']} µs",
-             f"p99.9 {tc['p99.9']} µs, {snap['take_call_gc_collections']} gc collections",
-             snap["take_call_cpu"]["foreign_cores"]),
-            ("  parts alone: copy / encode / validate / diff_data", " / ".join(f"{v} µs" for v in comp.values()),
-             "pure CPU, best of 3", ""),
-            (f"take() × {ta['n']:,} then flush (acked)", f"{ta['per_s']:,}/s ({ta['mb_per_s']} MB/s)",
-             cpu_per(ta, "op"),
-             ta["cpu"]["foreign_cores"]),
+            (f"compute_diff_fields / diff_changes (~{snap['data_bytes']} B snapshots)",
+             f"{comp['compute_diff_fields']} / {comp['diff_changes']} µs",
+             f"{comp['fields_per_diff']} fields per diff; pure CPU, best of 3", ""),
+            ("gather() (the container's probes)", f"p50 {snap['gather_us']['p50']} µs",
+             f"p99 {snap['gather_us']['p99']} µs", ""),
+            ("take() awaited, one at a time", f"p50 {tk['p50']} µs, p99 {tk['p99']} µs",
+             cpu_per(snap["take_cpu"], "take"), snap["take_cpu"]["cpu"]["foreign_cores"]),
+            (f"take() one per subject at once, {tc['n']:,}", f"{tc['per_s']:,}/s", cpu_per(tc, "take"),
+             tc["cpu"]["foreign_cores"]),
+            (f"{tr['racers']} racers on one agent, {tr['n']:,} takes", f"{tr['per_s']:,}/s",
+             f"{tr['lost_races_per_take']} lost races per take", tr["cpu"]["foreign_cores"]),
             (f"view folds {snap['fold_snapshots']['n']:,} snapshots (in-process Server)",
              f"{snap['fold_snapshots']['per_s']:,}/s", f"{snap['fold_snapshots']['s']} s incl. start", ""),
-            (f"differ alone, {da['handled']:,} snapshots on {snap['subjects']} subjects",
-             f"{da['diffs_per_s']:,} diffs/s", f"published {da['published']:,}, covered {da['covered']}, "
-             + cpu_per(da, "diff") + f"; {da['messages_sent_per_snapshot']} msgs sent per snapshot",
-             da["cpu"]["foreign_cores"]),
-            (f"differ next to the Server, {d['handled']:,} more",
-             f"{d['diffs_per_s']:,} diffs/s; {d['fold_batches']:,} fold txns of {d['fold_ms_per_batch']} ms",
-             f"published {d['published']:,}, covered {d['covered']}, " + cpu_per(d, "diff"),
-             d["cpu"]["foreign_cores"]),
-            (f"latest(limit=100) over {snap['view_snapshots']:,} rows",
-             f"p50 {snap['latest_ms']['p50']} ms, p99 {snap['latest_ms']['p99']} ms", "",
-             snap["queries_cpu"]["foreign_cores"]),
-            ("history(host, agent, limit=10)",
-             f"p50 {snap['history_ms']['p50']} ms, p99 {snap['history_ms']['p99']} ms",
-             f"SQL alone p50: latest {snap['sql_alone_ms']['latest']['p50']} ms, "
-             f"history {snap['sql_alone_ms']['history']['p50']} ms",
+            ("latest(agent, host) / all_latest(limit=100) / history(limit=10)",
+             f"p50 {snap['latest_ms']['p50']} / {snap['all_latest_ms']['p50']} / {snap['history_ms']['p50']} ms",
+             f"p99 {snap['latest_ms']['p99']} / {snap['all_latest_ms']['p99']} / {snap['history_ms']['p99']} ms",
              snap["queries_cpu"]["foreign_cores"]),
         ]
     print(table(rows, ["what", "figure", "detail", "foreign cores"]))
@@ -440,12 +336,11 @@ def report(snap: dict[str, Any] | None) -> None:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--take-calls", type=int, default=20_000)
-    ap.add_argument("--take-n", type=int, default=20_000)
+    ap.add_argument("--take-calls", type=int, default=3000)
+    ap.add_argument("--take-n", type=int, default=6000)
     ap.add_argument("--subjects", type=int, default=50)
-    ap.add_argument("--diff-alone-n", type=int, default=3000,
-                    help="diff (at least) this many snapshots before the in-process Server starts")
-    ap.add_argument("--diff-n", type=int, default=8000, help="then (at least) this many next to the Server")
+    ap.add_argument("--racers", type=int, default=10)
+    ap.add_argument("--race-n", type=int, default=100)
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
     t0 = time.perf_counter()

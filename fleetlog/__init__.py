@@ -7,6 +7,7 @@ Everything a user imports is re-exported here, so code never depends on where it
 """
 
 from fleetlog.schemas import CANONICAL_OUTCOMES
+from fleetlog.schemas.snapshots import compute_diff_fields
 from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.errors import (
     FleetError,
@@ -47,4 +48,5 @@ __all__ = [
     "StatePolicyError",
     "Token",
     "__version__",
+    "compute_diff_fields",
 ]

@@ -114,6 +114,11 @@ class Endpoint:
     # encoded answer is over the connection's max_payload; without it, such an answer is an
     # error naming the limit (ask for a smaller page).
     cut: Callable[[Any, int], msgspec.Struct] | None = None
+    # How many pieces `cut` can keep (default len(answer.items)) and the fewest it must keep:
+    # a page keeps one so its cursor moves on; an answer that marks large values in place
+    # (state.snapshot) may mark them all.
+    cut_count: Callable[[Any], int] | None = None
+    cut_min: int = 1
 
 
 class Projection(abc.ABC):

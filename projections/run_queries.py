@@ -126,6 +126,10 @@ async def _list(ctx: QueryContext, req: RunsListQuery) -> RunPage:
     w.eq("bot_id", req.bot_id)
     w.eq("workspace_id", req.workspace_id)
     w.thread(req.thread_id, req.strict_thread)
+    w.eq("binding_id", req.binding_id)
+    if req.agent_id is not None:
+        w.add("(agent_id = ? OR (agent_id IS NULL AND (starts_with(binding_id, ?) OR starts_with(binding_id, ?))))",
+              req.agent_id, f"agent_{req.agent_id}_", f"debug:{req.agent_id}:")
 
     def run(cur: duckdb.DuckDBPyConnection) -> RunPage:
         total = cur.execute(f"SELECT count(*) FROM runs {w.sql()}", w.params).fetchone()
@@ -205,11 +209,22 @@ def _cut_runs(page: RunPage, n: int) -> RunPage:
 def _cut_events(page: RunEventPage, n: int) -> RunEventPage:
     return msgspec.structs.replace(page, items=page.items[:n], next_cursor=page.items[n - 1].sequence, has_more=True)
 
+
+# Proposals and expired leases are work lists the caller takes from the front and asks for
+# again (the claimer each round, the sweeper after marking): the front of the list is the
+# answer that fits. Proposals carry each run's state JSON, of any size: 500 of them could
+# be megabytes, and a 413 there would stop every claim.
+def _cut_front(answer: Proposals | Candidates, n: int) -> Proposals | Candidates:
+    return msgspec.structs.replace(answer, items=answer.items[:n])
+
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("list", RunsListQuery, _list, "runs newest first, filtered, cursor-paged", cut=_cut_runs),
     Endpoint("events", RunEventsQuery, _events, "a run's result events by sequence, cursor-paged", cut=_cut_events),
-    Endpoint("candidates", CandidatesQuery, _candidates, "runs the view believes claimable (proposals)"),
-    Endpoint("expired", ExpiredQuery, _expired, "claimed runs whose lease passed, oldest lease first"),
+    Endpoint("candidates", CandidatesQuery, _candidates, "runs the view believes claimable (proposals)",
+             cut=_cut_front),
+    Endpoint("expired", ExpiredQuery, _expired, "claimed runs whose lease passed, oldest lease first",
+             cut=_cut_front),
     Endpoint("max_sequence", MaxSequenceQuery, _max_sequence, "highest result-event sequence of a run"),
     *run_stats.ENDPOINTS,
 )

@@ -151,7 +151,8 @@ class RuntimesProjection(Projection):
 
     def endpoints(self) -> Sequence[Endpoint]:
         return (
-            Endpoint("list", RuntimesListQuery, _list, "runtimes by status and labels"),
+            Endpoint("list", RuntimesListQuery, _list, "runtimes by status and labels, paged by id",
+                     cut=_cut_list),
             Endpoint("get", RuntimeGetQuery, _get, "one runtime"),
             Endpoint("stale", StaleQuery, _stale, "runtimes whose heartbeat deadline passed (proposals)"),
             Endpoint("counts", RuntimeCountsQuery, _counts, "runtime counts and heartbeat ages"),
@@ -279,15 +280,27 @@ async def _list(ctx: QueryContext, req: RuntimesListQuery) -> RuntimeList:
         clauses.append("json_extract_string(labels, ?) = ?")
         params.extend(["$." + json.dumps(key), value])
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    page = f"{where} {'AND' if where else 'WHERE'} id > ?" if req.after is not None else where
+    page_params = [*params, req.after] if req.after is not None else params
 
     def run(cur: duckdb.DuckDBPyConnection) -> RuntimeList:
         total = cur.execute(f"SELECT count(*) FROM runtimes {where}", params).fetchone()
-        rows = cur.execute(f"SELECT {_SELECT} FROM runtimes {where} ORDER BY id LIMIT ?",
-                           [*params, req.limit]).fetchall()
-        return RuntimeList(items=[_to_view(r) for r in rows], total=int(total[0]) if total else 0)
+        rows = cur.execute(f"SELECT {_SELECT} FROM runtimes {page} ORDER BY id LIMIT ?",
+                           [*page_params, req.limit + 1]).fetchall()
+        items = [_to_view(r) for r in rows[: req.limit]]
+        more = len(rows) > req.limit
+        return RuntimeList(items=items, total=int(total[0]) if total else 0, has_more=more,
+                           next_after=items[-1].id if more else None)
 
     answer: RuntimeList = await ctx.read(run)
     return answer
+
+
+def _cut_list(answer: RuntimeList, n: int) -> RuntimeList:
+    """The first n runtimes, continuing after the last (labels and metadata are of any size,
+    so up to 500 of them could be megabytes)."""
+    items = answer.items[:n]
+    return msgspec.structs.replace(answer, items=items, has_more=True, next_after=items[-1].id)
 
 
 async def _get(ctx: QueryContext, req: RuntimeGetQuery) -> RuntimeList:

@@ -1,10 +1,12 @@
-"""The host snapshot views: every snapshot still in FLEET_SNAPSHOTS, and every diff in FLEET_DIFFS.
+"""The host snapshot views: every snapshot still in FLEET_SNAPSHOTS, and every diff record in FLEET_DIFFS.
 
 Both streams only grow (max age, no per-subject limit), so both tables are
 append-only: a bulk insert per batch, deduplicated on the event id, and rows
 trimmed by stream sequence when their messages age out. Diffs are *folded*
-here, never made: the snapshot differ reactor publishes them, so a rebuild of
-this view re-reads them and emits nothing.
+here, never made: the taker computed them at take time (has_diff, diff_fields on
+the snapshot; a `snapshot.diff` record when something changed), so a rebuild of
+this view re-reads them and emits nothing. A v1 snapshot is folded as it was
+(has_diff false, diff_fields []); a v1 (JSON Pointer) diff is rejected with a reason.
 """
 
 from __future__ import annotations
@@ -16,22 +18,19 @@ import msgspec
 import pyarrow as pa
 from fleetlog.schemas import Event
 from fleetlog.schemas.snapshots import (
+    EVENT_VERSION,
     DiffList,
     DiffRow,
     DiffsQuery,
     HostSnapshot,
     SnapshotDiff,
-    SnapshotDiffAnswer,
-    SnapshotDiffQuery,
-    SnapshotGetQuery,
     SnapshotHistoryQuery,
     SnapshotList,
     SnapshotRow,
     SnapshotsLatestQuery,
-    diff_data,
 )
 
-from ._base import Endpoint, Projection, QueryContext, StoredEvent, insert_new_by_id
+from ._base import Endpoint, Projection, QueryContext, RejectEvent, StoredEvent, insert_new_by_id
 
 if TYPE_CHECKING:
     import duckdb
@@ -43,15 +42,14 @@ DIFFS = "FLEET_DIFFS"
 
 _json = msgspec.json.Encoder()
 _loads = msgspec.json.decode
-_SNAPSHOT_COLUMNS = "CAST(id AS UUID), seq, host, agent, ts, ts_utc, json(data)"
-_DIFF_COLUMNS = ("CAST(id AS UUID), seq, host, agent, from_seq, to_seq, snapshot_ts, json(added), json(removed),"
-                 " json(changed), changes, truncated")
-_ROW = "host, agent, seq, CAST(id AS VARCHAR), ts, CAST(epoch(ts_utc) AS BIGINT), data"
+_SNAPSHOT_COLUMNS = "CAST(id AS UUID), seq, host, agent, ts, ts_utc, json(data), has_diff, json(diff_fields)"
+_DIFF_COLUMNS = "CAST(id AS UUID), seq, host, agent, timestamp, json(diff_fields), json(changes)"
+_ROW = "host, agent, seq, CAST(id AS VARCHAR), ts, CAST(epoch(ts_utc) AS BIGINT), data, has_diff, diff_fields"
 
 
 class SnapshotsProjection(Projection):
     name: ClassVar[str] = "snapshots"
-    version: ClassVar[int] = 2  # 2: snapshot_diffs.truncated
+    version: ClassVar[int] = 3  # 2: snapshot_diffs.truncated; 3: take-time dotted-key diffs (issue 11)
     streams: ClassVar[tuple[str, ...]] = (SNAPSHOTS, DIFFS)
     event_types: ClassVar[tuple[type[Event], ...]] = (HostSnapshot, SnapshotDiff)
     tables: ClassVar[tuple[str, ...]] = ("snapshots", "snapshot_diffs")
@@ -65,23 +63,26 @@ class SnapshotsProjection(Projection):
                 agent VARCHAR NOT NULL,
                 ts VARCHAR NOT NULL,          -- as published
                 ts_utc TIMESTAMPTZ NOT NULL,
-                data JSON NOT NULL
+                data JSON NOT NULL,
+                has_diff BOOLEAN NOT NULL,    -- set by the taker (false for a v1 snapshot)
+                diff_fields JSON NOT NULL     -- sorted dotted keys
             )""",
             """CREATE TABLE IF NOT EXISTS snapshot_diffs (
                 id UUID NOT NULL,
                 seq BIGINT NOT NULL,          -- FLEET_DIFFS sequence
                 host VARCHAR NOT NULL,
                 agent VARCHAR NOT NULL,
-                from_seq BIGINT,              -- base snapshot (FLEET_SNAPSHOTS seq); NULL: none
-                to_seq BIGINT NOT NULL,
-                snapshot_ts VARCHAR,
-                added JSON NOT NULL,
-                removed JSON NOT NULL,
-                changed JSON NOT NULL,
-                changes INTEGER NOT NULL,     -- paths added + removed + changed
-                truncated BOOLEAN NOT NULL    -- too large to publish: the lists are empty
+                timestamp VARCHAR,            -- the snapshot's timestamp
+                diff_fields JSON NOT NULL,
+                changes JSON NOT NULL         -- field -> {from, to}
             )""",
         )
+
+    def validate(self, stored: StoredEvent) -> None:
+        event = stored.event
+        if isinstance(event, SnapshotDiff) and event.v < EVENT_VERSION:
+            raise RejectEvent(f"snapshot.diff v{event.v} (JSON Pointer added/removed/changed) is no longer "
+                              f"folded: diffs are v{EVENT_VERSION} records (diff_fields, changes) made at take time")
 
     def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> None:
         # The runtime folds one stream's batch at a time: all snapshots or all diffs.
@@ -103,14 +104,13 @@ class SnapshotsProjection(Projection):
                      cut=_cut_latest),
             Endpoint("history", SnapshotHistoryQuery, _history, "one (host, agent)'s snapshots, newest first",
                      cut=_cut_history),
-            Endpoint("get", SnapshotGetQuery, _get, "one snapshot, by seq or the newest"),
-            Endpoint("diff", SnapshotDiffQuery, _diff, "a diff between two stored snapshots, computed now"),
-            Endpoint("diffs", DiffsQuery, _diffs, "the diffs the differ published, oldest first", cut=_cut_diffs),
+            Endpoint("diffs", DiffsQuery, _diffs, "the diff records, oldest first", cut=_cut_diffs),
         )
 
 
 def _snapshot_rows(batch: list[StoredEvent]) -> pa.Table:
     events: list[HostSnapshot] = [s.event for s in batch]  # type: ignore[misc]
+    enc = _json.encode
     return pa.table({
         "id": pa.array([e.id for e in events], pa.string()),
         "seq": pa.array([s.seq for s in batch], pa.int64()),
@@ -118,7 +118,9 @@ def _snapshot_rows(batch: list[StoredEvent]) -> pa.Table:
         "agent": pa.array([e.agent for e in events], pa.string()),
         "ts": pa.array([e.ts for e in events], pa.string()),
         "ts_utc": pa.array([s.at for s in batch], pa.timestamp("us", tz="UTC")),
-        "data": pa.array([_json.encode(e.data).decode() for e in events], pa.string()),
+        "data": pa.array([enc(e.data).decode() for e in events], pa.string()),
+        "has_diff": pa.array([e.has_diff for e in events], pa.bool_()),
+        "diff_fields": pa.array([enc(e.diff_fields).decode() for e in events], pa.string()),
     })
 
 
@@ -130,20 +132,15 @@ def _diff_rows(batch: list[StoredEvent]) -> pa.Table:
         "seq": pa.array([s.seq for s in batch], pa.int64()),
         "host": pa.array([e.host for e in events], pa.string()),
         "agent": pa.array([e.agent for e in events], pa.string()),
-        "from_seq": pa.array([e.from_seq for e in events], pa.int64()),
-        "to_seq": pa.array([e.to_seq for e in events], pa.int64()),
-        "snapshot_ts": pa.array([e.snapshot_ts for e in events], pa.string()),
-        "added": pa.array([enc(e.added).decode() for e in events], pa.string()),
-        "removed": pa.array([enc(e.removed).decode() for e in events], pa.string()),
-        "changed": pa.array([enc(e.changed).decode() for e in events], pa.string()),
-        "changes": pa.array([e.paths if e.truncated and e.paths is not None
-                             else len(e.added) + len(e.removed) + len(e.changed) for e in events], pa.int32()),
-        "truncated": pa.array([e.truncated for e in events], pa.bool_()),
+        "timestamp": pa.array([e.timestamp for e in events], pa.string()),
+        "diff_fields": pa.array([enc(e.diff_fields).decode() for e in events], pa.string()),
+        "changes": pa.array([enc(e.changes).decode() for e in events], pa.string()),
     })
 
 
 def _row(r: tuple[Any, ...]) -> SnapshotRow:
-    return SnapshotRow(host=r[0], agent=r[1], seq=r[2], id=r[3], ts=r[4], taken_at=r[5], data=_loads(r[6]))
+    return SnapshotRow(host=r[0], agent=r[1], seq=r[2], id=r[3], ts=r[4], taken_at=r[5], data=_loads(r[6]),
+                       has_diff=r[7], diff_fields=_loads(r[8]))
 
 
 async def _latest(ctx: QueryContext, req: SnapshotsLatestQuery) -> SnapshotList:
@@ -179,58 +176,18 @@ async def _history(ctx: QueryContext, req: SnapshotHistoryQuery) -> SnapshotList
     return SnapshotList(items=items, next_cursor=items[-1].seq if len(rows) > req.limit else None)
 
 
-async def _get(ctx: QueryContext, req: SnapshotGetQuery) -> SnapshotList:
-    def run(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
-        return _pick(cur, req.host, req.agent, req.seq)
-
-    return SnapshotList(items=[_row(r) for r in await ctx.read(run)])
-
-
-def _pick(cur: duckdb.DuckDBPyConnection, host: str, agent: str, seq: int | None,
-          before: bool = False) -> list[tuple[Any, ...]]:
-    """The snapshot at `seq`, the newest one (seq None), or the newest before `seq` (before)."""
-    where = "host = ? AND agent = ?"
-    params: list[Any] = [host, agent]
-    if seq is not None:
-        where += " AND seq < ?" if before else " AND seq = ?"
-        params.append(seq)
-    return cur.execute(f"SELECT {_ROW} FROM snapshots WHERE {where} ORDER BY seq DESC LIMIT 1", params).fetchall()
-
-
-async def _diff(ctx: QueryContext, req: SnapshotDiffQuery) -> SnapshotDiffAnswer:
-    def run(cur: duckdb.DuckDBPyConnection) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        to = _pick(cur, req.host, req.agent, req.to_seq)
-        if not to:
-            return to, []
-        if req.from_seq is not None:
-            return to, _pick(cur, req.host, req.agent, req.from_seq)
-        return to, _pick(cur, req.host, req.agent, to[0][2], before=True)
-
-    to, base = await ctx.read(run)
-    if not to or (req.from_seq is not None and not base):
-        return SnapshotDiffAnswer(host=req.host, agent=req.agent, found=False)
-    new, old = _row(to[0]), (_row(base[0]) if base else None)
-    added, removed, changed = diff_data(old.data if old else None, new.data)
-    return SnapshotDiffAnswer(host=req.host, agent=req.agent, found=True, from_seq=old.seq if old else None,
-                              to_seq=new.seq, added=added, removed=removed, changed=changed)
-
-
 async def _diffs(ctx: QueryContext, req: DiffsQuery) -> DiffList:
-    clauses, params = _who(req.host, req.agent, "seq > ?" + (" AND changes > 0" if req.changes_only else ""))
+    clauses, params = _who(req.host, req.agent, "seq > ?")
 
     def run(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
         return cur.execute(
-            "SELECT host, agent, seq, from_seq, to_seq, snapshot_ts, added, removed, changed, truncated"
-            " FROM snapshot_diffs"
-            f" {clauses} ORDER BY seq LIMIT ?", [*params, req.after_seq, req.limit + 1],
+            f"SELECT host, agent, seq, timestamp, diff_fields, changes FROM snapshot_diffs {clauses}"
+            " ORDER BY seq LIMIT ?", [*params, req.after_seq, req.limit + 1],
         ).fetchall()
 
     rows = await ctx.read(run)
-    items = [
-        DiffRow(host=r[0], agent=r[1], seq=r[2], from_seq=r[3], to_seq=r[4], snapshot_ts=r[5], added=_loads(r[6]),
-                removed=_loads(r[7]), changed=_loads(r[8]), truncated=r[9])
-        for r in rows[: req.limit]
-    ]
+    items = [DiffRow(host=r[0], agent=r[1], seq=r[2], timestamp=r[3], diff_fields=_loads(r[4]), changes=_loads(r[5]))
+             for r in rows[: req.limit]]
     return DiffList(items=items, next_cursor=items[-1].seq if len(rows) > req.limit else None)
 
 

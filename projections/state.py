@@ -21,6 +21,7 @@ import msgspec
 import pyarrow as pa
 from fleetlog.schemas import Event
 from fleetlog.schemas.state import (
+    ElidedValue,
     StateDeleted,
     StateEntry,
     StateEvent,
@@ -30,6 +31,7 @@ from fleetlog.schemas.state import (
     StateSet,
     StateSnapshot,
     StateSnapshotQuery,
+    elided_marker,
     normalize_state_key,
     rule_violation,
     value_json,
@@ -141,7 +143,8 @@ class StateProjection(Projection):
         return (
             Endpoint("get", StateGetQuery, _get, "one key of one scope (found false when missing)"),
             Endpoint("list", StateListQuery, _list, "keys of one scope, ordered, by plain prefix, paged (≤ 100)"),
-            Endpoint("snapshot", StateSnapshotQuery, _snapshot, "every key of up to four scopes, as dicts"),
+            Endpoint("snapshot", StateSnapshotQuery, _snapshot, "every key of up to four scopes, as dicts",
+                     cut=_cut_snapshot, cut_count=_values_in, cut_min=0),
         )
 
 
@@ -198,7 +201,33 @@ async def _snapshot(ctx: QueryContext, req: StateSnapshotQuery) -> StateSnapshot
     conversation = out["conversation"]
     if "conversation" in req.scope_keys and req.conversation_id and "external.conversation_id" not in conversation:
         conversation["external.conversation_id"] = req.conversation_id
-    return StateSnapshot(**out)
+    return StateSnapshot(conversation=conversation, actor=out["actor"], subject=out["subject"], runner=out["runner"])
+
+
+_SCOPES = ("conversation", "actor", "subject", "runner")
+_encode = msgspec.json.Encoder().encode
+
+
+def _values_in(answer: StateSnapshot) -> int:
+    return sum(len(getattr(answer, scope)) for scope in _SCOPES)
+
+
+def _cut_snapshot(answer: StateSnapshot, n: int) -> StateSnapshot:
+    """The snapshot with only its n smallest values whole; the others are replaced by
+    `elided_marker(size)` and listed in `elided` (read each with state get). Five 250 kB
+    values (each under the value limit) made every snapshot of their scope a 413 that no
+    request could avoid: a snapshot has no page or limit to ask for."""
+    sized = sorted(
+        (len(_encode(value)), scope, key)
+        for scope in _SCOPES for key, value in getattr(answer, scope).items()
+    )
+    out = {scope: dict(getattr(answer, scope)) for scope in _SCOPES}
+    elided = []
+    for size, scope, key in sized[n:]:
+        out[scope][key] = elided_marker(size)
+        elided.append(ElidedValue(scope=scope, key=key, bytes=size))
+    elided.sort(key=lambda e: (e.scope, e.key))
+    return msgspec.structs.replace(answer, **out, elided=elided)
 
 
 PROJECTION = StateProjection()

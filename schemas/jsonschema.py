@@ -98,8 +98,10 @@ PUBLISH: Final[dict[str, tuple[str, str]]] = {
     "state.set": ("guarded", "Nats-Expected-Last-Subject-Sequence = the key subject's last seq (0: new key); "
                              "carry the first write's `created_at`"),
     "state.deleted": ("guarded", "as state.set"),
-    "snapshot.taken": ("fire-and-forget", "acked publish with Nats-Msg-Id"),
-    "snapshot.diff": ("fleetlog", "derived by fleetlog's snapshot differ; a foreign one breaks the diff chain"),
+    "snapshot.taken": ("guarded", "Nats-Expected-Last-Subject-Sequence = the subject's last seq (0: the first); "
+                                  "has_diff/diff_fields = compute_diff_fields(that message's data, data)"),
+    "snapshot.diff": ("fire-and-forget", "the taker's, once after its snapshot is stored, only when diff_fields is "
+                                         "non-empty; changes = {field: {from, to}}"),
     "proc.session": ("fire-and-forget", "or fenced under the processor lock: ...-Subject = `fleet.proc.<p>.lock`, "
                                         "sequence = the lock subject's last seq (the runner's marks)"),
     "proc.session.deleted": ("fire-and-forget", "the tombstone of one (processor, session file) row"),

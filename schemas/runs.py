@@ -293,6 +293,9 @@ class RunsListQuery(msgspec.Struct, kw_only=True):
     before_id: int | None = None  # a run's `id`: the page holds older runs only
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
     min_seq: dict[str, int] | None = None
+    binding_id: str | None = None
+    # The store's agent filter: agent_id, or (no agent_id) a binding "agent_<id>_…" / "debug:<id>:…".
+    agent_id: str | None = None
 
 
 class RunPage(Answer, kw_only=True):

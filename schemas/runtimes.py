@@ -116,12 +116,17 @@ class RuntimesListQuery(msgspec.Struct, kw_only=True):
     statuses: list[str] | None = None
     labels: dict[str, str] | None = None  # every given label must match
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 100
+    after: int | None = None  # only runtimes whose id is greater (the previous page's next_after)
     min_seq: dict[str, int] | None = None
 
 
 class RuntimeList(Answer, kw_only=True):
     items: list[RuntimeView]
-    total: int
+    total: int  # every match, ignoring limit and after
+    # More after this page (the limit, or the connection's max_payload, cut it): ask again
+    # with after=next_after.
+    has_more: bool = False
+    next_after: int | None = None
 
 
 class StaleQuery(msgspec.Struct, kw_only=True):

@@ -1,22 +1,27 @@
-"""Host self-snapshots and the diffs derived from consecutive snapshots.
+"""Host snapshots as agent containers take them, and the diff records made at take time.
 
-A host (or an agent on it) publishes what it knows about itself as one JSON object
-(`snapshot.taken` on `fleet.snapshot.<host>.<agent>`). The snapshot differ reactor
-turns each snapshot into a `snapshot.diff` against the one before it on the same
-subject, on `fleet.diff.<host>.<agent>`, which clients subscribe to.
+A snapshot (`snapshot.taken` on `fleet.snapshot.<host>.<agent>`) is one JSON object, the
+agent container's field set (services/client/snapshot_gather.py) or whatever the caller
+made. The taker diffs it against the previous snapshot of the same (host, agent) in
+stream order (`compute_diff_fields`, the seed's rules, below) and stores the result with
+it (`has_diff`, `diff_fields`); when something changed it also publishes one
+`snapshot.diff` record `{agent, host, timestamp, diff_fields, changes}` on
+`fleet.diff.<host>.<agent>`, `changes` mapping each field to `{from, to}`.
 
-How a diff is computed is part of the contract (`diff_data`), so a consumer in any
-language reads the same thing: objects are walked key by key and every leaf gets a
-JSON Pointer path (RFC 6901: `/disk/free`, `~1` for `/` and `~0` for `~` in a key);
-lists, scalars and empty objects are leaves. `added` maps new paths to their values,
-`removed` lists the paths gone (sorted), `changed` maps each path whose value differs
-to `{"from": old, "to": new}`. Values are compared as JSON (`1` differs from `1.0`
-and from `true`). A diff with no base (`from_seq` null: the first snapshot, or its
-base aged out of the stream) has everything in `added`.
+The diff rules are part of the contract, so every consumer reads the same thing:
+both snapshots are flattened to dotted keys (`pids.tmux.server`); lists are whole values;
+an empty nested dict contributes no key; values compare as Python compares them
+(`1 == 1.0 == True`; a key missing on one side and None on the other is no change); only
+the top-level `timestamp` is skipped; the changed keys come back sorted.
+
+Version 2 (this one) replaced version 1's JSON Pointer diffs. A v1 `snapshot.taken` is
+upcast when folded (its data kept, `has_diff` false, `diff_fields` []); a v1
+`snapshot.diff` (added/removed/changed by pointer) is rejected with a reason naming v1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Final
 
 import msgspec
@@ -31,20 +36,20 @@ __all__ = [
     "DiffsQuery",
     "HostSnapshot",
     "SnapshotDiff",
-    "SnapshotDiffAnswer",
-    "SnapshotDiffQuery",
-    "SnapshotGetQuery",
     "SnapshotHistoryQuery",
     "SnapshotList",
     "SnapshotRow",
     "SnapshotsLatestQuery",
-    "diff_data",
-    "pointer",
+    "compute_diff_fields",
+    "diff_changes",
+    "flatten",
 ]
 
 MAX_LIMIT: Final = 500
+EVENT_VERSION: Final = 2
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)]
 Seq = Annotated[int, msgspec.Meta(ge=1)]
+SKIPPED: Final = "timestamp"  # the one top-level key a diff never names (it changes every time)
 
 
 class HostSnapshot(Event, tag="snapshot.taken", kw_only=True, frozen=True):
@@ -53,68 +58,61 @@ class HostSnapshot(Event, tag="snapshot.taken", kw_only=True, frozen=True):
     host: Identity
     agent: Identity
     data: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Set by the taker against the previous snapshot of (host, agent) in stream order.
+    has_diff: bool = False
+    diff_fields: list[str] = msgspec.field(default_factory=list)
+    v: int = EVENT_VERSION
 
     def subject(self) -> str:
         return subjects.snapshot(self.host, self.agent)
 
 
 class SnapshotDiff(Event, tag="snapshot.diff", kw_only=True, frozen=True):
-    """Derived by the snapshot differ from two consecutive snapshots (FLEET_SNAPSHOTS seqs)."""
+    """The seed's diff record, published by the taker once per snapshot that has a diff."""
 
     STREAM: ClassVar[str] = "FLEET_DIFFS"
 
     host: Identity
     agent: Identity
-    from_seq: int | None  # the base snapshot; None: no base (everything is `added`)
-    to_seq: int
-    snapshot_ts: str | None = None  # the `ts` of the snapshot at to_seq
-    added: dict[str, Any] = msgspec.field(default_factory=dict)
-    removed: list[str] = msgspec.field(default_factory=list)
-    changed: dict[str, Any] = msgspec.field(default_factory=dict)  # path -> {"from": old, "to": new}
-    # The diff was too large to publish (it can be larger than both snapshots: paths repeat
-    # their parents, `changed` holds both values): added/removed/changed are left empty and
-    # `paths` counts what they held; compare the snapshots themselves (`diff` on demand).
-    truncated: bool = False
-    paths: int | None = None
+    timestamp: str | None = None  # the snapshot's `timestamp` (else its event ts)
+    diff_fields: list[str] = msgspec.field(default_factory=list)
+    changes: dict[str, Any] = msgspec.field(default_factory=dict)  # field -> {"from": old, "to": new}
+    snapshot_id: str | None = None  # the snapshot.taken event this diff belongs to
+    v: int = EVENT_VERSION
 
     def subject(self) -> str:
         return subjects.diff(self.host, self.agent)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.truncated)
 
-
-def pointer(parent: str, key: str) -> str:
-    """`parent` + one RFC 6901 reference token."""
-    return f"{parent}/{key.replace('~', '~0').replace('/', '~1')}"
-
-
-def _leaves(value: dict[str, Any], prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+def flatten(value: Mapping[str, Any], prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dotted keys to leaf values: dicts are walked (an empty one adds nothing), lists are whole values."""
+    out = {} if out is None else out
     for key, item in value.items():
-        path = pointer(prefix, key)
-        if isinstance(item, dict) and item:
-            _leaves(item, path, out)
+        path = f"{prefix}{key}"
+        if isinstance(item, Mapping):
+            flatten(item, path + ".", out)
         else:
             out[path] = item
     return out
 
 
-_canonical = msgspec.json.Encoder(order="sorted").encode
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    return sorted(k for k in before.keys() | after.keys() if k != SKIPPED and before.get(k) != after.get(k))
 
 
-def diff_data(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """(added, removed, changed) from `old` to `new` (see the module doc)."""
-    before = _leaves(old, "", {}) if old is not None else {}
-    after = _leaves(new, "", {})
-    added = {p: v for p, v in after.items() if p not in before}
-    removed = sorted(p for p in before if p not in after)
-    changed = {
-        p: {"from": before[p], "to": v}
-        for p, v in after.items()
-        if p in before and _canonical(before[p]) != _canonical(v)
-    }
-    return added, removed, changed
+def compute_diff_fields(prev: Mapping[str, Any] | None, latest: Mapping[str, Any]) -> list[str]:
+    """The dotted keys that differ from `prev` to `latest`, sorted; [] when prev is None (module doc)."""
+    if prev is None:
+        return []
+    return _changed(flatten(prev), flatten(latest))
+
+
+def diff_changes(prev: Mapping[str, Any] | None, latest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{field: {"from": old, "to": new}} for each of compute_diff_fields (a missing side is None)."""
+    if prev is None:
+        return {}
+    before, after = flatten(prev), flatten(latest)
+    return {k: {"from": before.get(k), "to": after.get(k)} for k in _changed(before, after)}
 
 
 # ---- queries and answers (fleetlog.snapshots.*) ----
@@ -125,9 +123,15 @@ class SnapshotRow(msgspec.Struct, kw_only=True):
     agent: str
     seq: int  # FLEET_SNAPSHOTS sequence
     id: str
-    ts: str  # as published
+    ts: str  # the event's ts, as published
     taken_at: int  # ts as epoch seconds (UTC)
-    data: dict[str, Any]
+    data: dict[str, Any]  # the snapshot as taken
+    has_diff: bool
+    diff_fields: list[str]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The stored snapshot dict as `take` returned it: the data with has_diff and diff_fields."""
+        return {**self.data, "has_diff": self.has_diff, "diff_fields": list(self.diff_fields)}
 
 
 class SnapshotList(Answer, kw_only=True):
@@ -156,46 +160,13 @@ class SnapshotHistoryQuery(msgspec.Struct, kw_only=True):
     min_seq: dict[str, int] | None = None
 
 
-class SnapshotGetQuery(msgspec.Struct, kw_only=True):
-    """One snapshot: by seq, else the newest of (host, agent)."""
-
-    host: str
-    agent: str
-    seq: Seq | None = None
-    min_seq: dict[str, int] | None = None
-
-
-class SnapshotDiffQuery(msgspec.Struct, kw_only=True):
-    """A diff computed on demand between two stored snapshots of one (host, agent).
-
-    `to_seq` defaults to the newest; `from_seq` to the snapshot just before `to_seq`."""
-
-    host: str
-    agent: str
-    from_seq: Seq | None = None
-    to_seq: Seq | None = None
-    min_seq: dict[str, int] | None = None
-
-
-class SnapshotDiffAnswer(Answer, kw_only=True):
-    host: str
-    agent: str
-    found: bool  # False: no such snapshot (to_seq, or from_seq when given)
-    from_seq: int | None = None
-    to_seq: int | None = None
-    added: dict[str, Any] = msgspec.field(default_factory=dict)
-    removed: list[str] = msgspec.field(default_factory=list)
-    changed: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
 class DiffsQuery(msgspec.Struct, kw_only=True):
-    """Diffs the differ published, oldest first after `after_seq` (a FLEET_DIFFS seq)."""
+    """Diff records, oldest first after `after_seq` (a FLEET_DIFFS seq)."""
 
     host: str | None = None
     agent: str | None = None
     after_seq: int = 0
     limit: Limit = 100
-    changes_only: bool = False
     min_seq: dict[str, int] | None = None
 
 
@@ -203,13 +174,9 @@ class DiffRow(msgspec.Struct, kw_only=True):
     host: str
     agent: str
     seq: int  # FLEET_DIFFS sequence
-    from_seq: int | None
-    to_seq: int
-    snapshot_ts: str | None
-    added: dict[str, Any]
-    removed: list[str]
-    changed: dict[str, Any]
-    truncated: bool = False  # too large to publish: compare the snapshots (`diff`)
+    timestamp: str | None
+    diff_fields: list[str]
+    changes: dict[str, Any]
 
 
 class DiffList(Answer, kw_only=True):

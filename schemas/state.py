@@ -25,6 +25,7 @@ __all__ = [
     "MAX_VALUE_JSON_BYTES",
     "STATE_KEY_ALIASES",
     "STATE_SCOPES",
+    "ElidedValue",
     "StateBinding",
     "StateContext",
     "StateDeleted",
@@ -40,6 +41,7 @@ __all__ = [
     "StateSnapshotQuery",
     "binding_identity_of",
     "check_scope",
+    "elided_marker",
     "key_hash",
     "normalize_state_key",
     "rule_violation",
@@ -274,8 +276,25 @@ class StateSnapshotQuery(msgspec.Struct, kw_only=True):
     min_seq: MinSeq = None
 
 
+class ElidedValue(msgspec.Struct, kw_only=True):
+    """A value left out of a snapshot so that the reply fits the connection's max_payload;
+    `fleet.state.get(scope, key, context=...)` reads it."""
+
+    scope: str  # conversation | actor | subject | runner
+    key: str
+    bytes: int  # its JSON size
+
+
+# What an elided value is replaced with in its scope's dict (`StateSnapshot.elided` says which).
+def elided_marker(size: int) -> dict[str, Any]:
+    return {"fleetlog_elided": True, "bytes": size, "read_with": "state get"}
+
+
 class StateSnapshot(Answer, kw_only=True):
     conversation: dict[str, Any] = msgspec.field(default_factory=dict)
     actor: dict[str, Any] = msgspec.field(default_factory=dict)
     subject: dict[str, Any] = msgspec.field(default_factory=dict)
     runner: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Values too big to send together: in their scope's dict each is `elided_marker(size)`;
+    # the largest go first, so as many values as fit arrive whole.
+    elided: list[ElidedValue] = msgspec.field(default_factory=list)

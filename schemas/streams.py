@@ -80,6 +80,12 @@ STREAMS: Final[tuple[StreamSpec, ...]] = (
         allow_atomic=True,  # a run record and the lock's re-assertion, stored together or not at all
     ),
     StreamSpec(
+        "FLEET_SCHEDULER",
+        ("fleet.sched.*.state",),
+        "scheduler job state: last run and outcome per job (guarded; a record, not an event)",
+        max_msgs_per_subject=1,
+    ),
+    StreamSpec(
         "FLEET_REJECTS",
         ("fleet.reject.*",),
         "events a projection refused, with the reason",

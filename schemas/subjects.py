@@ -22,6 +22,7 @@ __all__ = [
     "run_events",
     "run_state",
     "runtime",
+    "sched_job",
     "snapshot",
     "state",
     "unescape_token",
@@ -124,6 +125,11 @@ def proc_run(processor: str, run_id: str) -> str:
 
 def proc_lock(processor: str) -> str:
     return f"fleet.proc.{escape_token(processor)}.lock"
+
+
+def sched_job(job: str) -> str:
+    """A scheduler job's state (FLEET_SCHEDULER; a guarded record, not an event)."""
+    return f"fleet.sched.{escape_token(job)}.state"
 
 
 def reject(projection: str) -> str:

@@ -2,8 +2,8 @@
 
     python tests/exit_script.py WAY NATS_URL SPOOL_DIR AGENT N [durable]
 
-It records N attempts (elapsed_s = 0..N-1, in order), one processor mark and one
-`snapshots.take` (both keyed by AGENT) and one `runs.emit_event`, never calls close(), and
+It records N attempts (elapsed_s = 0..N-1, in order) and one `runs.emit_event` (the
+fire-and-forget calls; `snapshots.take` is an awaited, guarded command since issue 11), never calls close(), and
 ends WAY. For the ways a signal ends it prints "ready" and blocks its event loop
 (the sender cannot run: every event is still in memory when the signal comes).
 
@@ -64,8 +64,6 @@ def record(fleet: Fleet | FleetSync) -> None:
     agent, n = sys.argv[4], int(sys.argv[5])
     for i in range(n):
         fleet.attempts.record(agent=agent, action="exit-test", outcome="success", elapsed_s=float(i))
-    fleet.emit(fleet.processors._mark_event(agent, f"/data/{agent}.csv", "u", 1, "h", None))
-    fleet.snapshots.take(agent, {"phase": "end"})
     fleet.runs.emit_event(f"run-{agent}", 1, "token", {"t": "x"})
 
 

@@ -181,11 +181,12 @@ async def test_state_not_found_policy_and_stale(cli: CliRun, fleet: Fleet) -> No
 
 async def test_snapshots_and_attempts_not_found(cli: CliRun, fleet: Fleet) -> None:
     results = await asyncio.gather(
-        cli("snapshots", "show", "web-9", "nobody"), cli("snapshots", "diff", "web-9", "nobody"),
-        cli("snapshots", "history", "web-9", "nobody"), cli("attempts", "summary", "ghost"),
+        cli("snapshots", "latest", "--agent", "nobody", "--host", "web-9"),
+        cli("snapshots", "prev", "--agent", "nobody", "--host", "web-9"),
+        cli("snapshots", "history", "--agent", "nobody", "--host", "web-9"), cli("attempts", "summary", "ghost"),
     )
-    for res, words in zip(results, ("no snapshot of web-9 / nobody", "no such snapshot of web-9 / nobody",
-                                    "no snapshot of web-9 / nobody", "no attempts recorded for 'ghost'"), strict=True):
+    for res, words in zip(results, ("no snapshot of nobody", "no previous snapshot of nobody",
+                                    "no snapshot of nobody", "no attempts recorded for 'ghost'"), strict=True):
         exited(res, Exit.NOT_FOUND, words)
     exited(await cli("snapshots", "take", "--agent", "", "--data", "{}"), Exit.USAGE, "agent")
     exited(await cli("snapshots", "take", "--agent", "cfg", "--host", "web-1", "--data", "{}"), Exit.OK)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import signal
 import time
 from pathlib import Path
 
-import msgspec
 from fleetlog.projections import ATTEMPTS
-from fleetlog.schemas import subjects
-from fleetlog.schemas.snapshots import HostSnapshot, SnapshotDiff, diff_data
-from fleetlog.services.backbone.guarded import Guarded
 from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.server import Server
 
@@ -142,64 +137,3 @@ async def test_server_stops_cleanly_with_last_batch_committed(broker: EmbeddedBr
     assert rows == cp  # every folded seq is a row (no rejects, no purges here)
 
 
-async def test_snapshot_differ_sigkilled_and_restarted_diffs_each_snapshot_once(
-    broker: EmbeddedBroker, tmp_path: Path
-) -> None:
-    """`fleetlog serve` (and the snapshot differ in it) SIGKILLed while diffing 1,500 snapshots,
-    then restarted: every snapshot has exactly one diff, each subject's diffs form one chain,
-    and each diff is the contract's diff of the two snapshots it names."""
-    total, hosts = 1_500, ("h0", "h1", "h2")
-    settings = FleetSettings(nats_url=broker.url, data_dir=tmp_path / "client", spool_dir=tmp_path / "spool")
-    fleet = await Fleet.connect(settings=settings, name="fault-differ")
-    try:
-        for i in range(total):
-            fleet.snapshots.take("agent", {"n": i // 4, "cfg": {"mod": i % 3}}, host=hosts[i % 3])
-        await fleet.flush(timeout=60)
-        js = (await fleet.nats()).jetstream()
-
-        async def diffs_at_least(n: int) -> int | bool:
-            last = (await js.stream_info("FLEET_DIFFS")).state.last_seq
-            return last if last >= n else False
-
-        async def all_diffed() -> bool:  # each subject's last diff names its last snapshot
-            g = Guarded(await fleet.nats())
-            for host in hosts:
-                snap = await g.last("FLEET_SNAPSHOTS", subjects.snapshot(host, "agent"))
-                diff = await g.last("FLEET_DIFFS", subjects.diff(host, "agent"))
-                if snap is None or diff is None or msgspec.json.decode(diff.data, type=SnapshotDiff).to_seq < snap.seq:
-                    return False
-            return True
-
-        proc = start_serve(broker.url, tmp_path / "serve", tmp_path / "serve.log")
-        try:
-            seen = await wait_until(lambda: diffs_at_least(total // 4), timeout_s=120, interval_s=0.02)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            print(f"\n[fault differ] SIGKILL with {seen} of {total} diffs published")
-            proc = start_serve(broker.url, tmp_path / "serve", tmp_path / "serve.log")
-            await wait_until(all_diffed, timeout_s=120, interval_s=0.2)
-            await asyncio.sleep(1.0)  # anything published twice would show up now
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-        g = Guarded(await fleet.nats())
-        snaps = {}
-        for seq in range(1, total + 1):
-            msg = await g.get("FLEET_SNAPSHOTS", seq)
-            assert msg is not None
-            snaps[seq] = msgspec.json.decode(msg.data, type=HostSnapshot)
-        diffs = []
-        for seq in range(1, (await js.stream_info("FLEET_DIFFS")).state.last_seq + 1):
-            msg = await g.get("FLEET_DIFFS", seq)
-            assert msg is not None
-            diffs.append(msgspec.json.decode(msg.data, type=SnapshotDiff))
-    finally:
-        await fleet.close()
-    assert sorted(d.to_seq for d in diffs) == list(range(1, total + 1))  # each snapshot once
-    for host in hosts:
-        chain = [d for d in diffs if d.host == host]
-        assert chain[0].from_seq is None
-        for a, b in itertools.pairwise(chain):
-            assert b.from_seq == a.to_seq
-            expected = diff_data(snaps[a.to_seq].data, snaps[b.to_seq].data)
-            assert (b.added, b.removed, b.changed) == expected

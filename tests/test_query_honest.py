@@ -161,7 +161,7 @@ async def test_a_read_during_a_commit_is_read_again_in_one_transaction(fleet: Fl
     def count(cur: Any, commit_meanwhile: bool) -> int:
         calls.append(1)
         if commit_meanwhile and len(calls) == 1:
-            with projector.committed.committing():  # as if a fold committed while this read ran
+            with projector.committed.committing(schema, STREAM, token[STREAM]):  # as if a fold committed meanwhile
                 pass
         row = cur.execute("SELECT count(*) FROM attempts").fetchone()
         return int(row[0])
@@ -179,3 +179,100 @@ async def test_a_read_during_a_commit_is_read_again_in_one_transaction(fleet: Fl
     again = await asyncio.to_thread(run, True)
     assert len(calls) == 2  # read again, in a transaction with the checkpoints
     assert fast == again == ({STREAM: token[STREAM]}, 3)
+
+
+async def test_a_commit_into_another_generation_leaves_the_fast_path(fleet: Fleet, server: Server) -> None:
+    """The seqlock is per generation schema and spans only the COMMIT: a fold committing into
+    `runs` while an attempts read runs does not make that read run again (the counter used to
+    be shared by every projection and odd for the whole batch)."""
+    fleet.attempts.record(agent="own", action="a", outcome="success", elapsed_s=1.0)
+    token = await fleet.flush()
+    await fleet.attempts.query(agent="own", min_seq=token)
+    projector = server.projector
+    schema, runs = projector.live("attempts").gen.schema, projector.live("runs").gen.schema
+    calls: list[int] = []
+
+    def count(cur: Any) -> int:
+        calls.append(1)
+        with projector.committed.committing(runs, "FLEET_RUNS", 0):  # another view commits meanwhile
+            pass
+        row = cur.execute("SELECT count(*) FROM attempts").fetchone()
+        return int(row[0])
+
+    def run() -> tuple[dict[str, int], int]:
+        cur = projector.store.cursor(schema)
+        try:
+            return read_consistent(cur, projector, [schema], count)
+        finally:
+            cur.close()
+
+    assert await asyncio.to_thread(run) == ({STREAM: token[STREAM]}, 1)
+    assert len(calls) == 1  # read once: the fast path
+
+
+async def test_status_rows_and_checkpoints_come_from_one_read(fleet: Fleet, server: Server) -> None:
+    """The fold thread commits before the event loop moves the in-memory feed: in that window
+    status took its checkpoints from the feed and counted rows afterwards, claiming more rows
+    than its as_of. The window is held open here by setting the feed back."""
+    for i in range(5):
+        fleet.attempts.record(agent="st", action="a", outcome="success", elapsed_s=float(i))
+    token = await fleet.flush()
+    await fleet.attempts.query(agent="st", min_seq=token)
+    server.projector.pause()
+    feed = server.projector.live("attempts").feeds[STREAM]
+    folded, feed.checkpoint = feed.checkpoint, 2  # as if the commit of 3..5 had not reached the feed yet
+    try:
+        status = await fleet.status()
+    finally:
+        feed.checkpoint = folded
+        server.projector.resume()
+    (view,) = [p for p in status.projections if p.name == "attempts"]
+    assert view.rows["attempts"] == 5 == view.checkpoints[STREAM] == status.as_of[STREAM]
+
+
+async def test_answers_at_one_position_share_one_age_lookup(fleet: Fleet, server: Server,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """lag_s needs the broker timestamp of the first event not folded: every answer at that
+    position shares one DIRECT.GET (each concurrent answer used to send its own)."""
+    from fleetlog.services.query.heads import StreamHeads
+
+    fleet.attempts.record(agent="age", action="a", outcome="success", elapsed_s=1.0)
+    first = await fleet.flush()
+    await fleet.attempts.query(agent="age", min_seq=first)
+    server.projector.pause()
+    for i in range(3):
+        fleet.attempts.record(agent="age", action="a", outcome="success", elapsed_s=float(i))
+    await fleet.flush()
+    real = StreamHeads._stored_at
+    asked: list[tuple[str, int]] = []
+
+    async def stored_at(self: StreamHeads, stream: str, seq: int) -> float | None:
+        asked.append((stream, seq))
+        return await real(self, stream, seq)
+
+    monkeypatch.setattr(StreamHeads, "_stored_at", stored_at)
+    try:
+        answers = await asyncio.gather(*(fleet.attempts.query(agent="age", limit=1) for _ in range(24)))
+    finally:
+        server.projector.resume()
+    assert all(a.lag[STREAM] == 3 and a.lag_s[STREAM] > 0 for a in answers)
+    assert asked == [(STREAM, first[STREAM] + 1)]
+
+
+async def test_a_stats_reset_zeroes_requests_errors_and_time(fleet: Fleet, server: Server) -> None:
+    """nats-py's reset only moved `started`: requests and our error counts stayed, so after a
+    reset errors could exceed requests."""
+    for _ in range(2):
+        with pytest.raises(FleetValidationError):
+            await fleet.sql("DELETE FROM attempts")
+    assert server.query._service is not None
+    await server.query._service.reset()
+    await fleet.sql("SELECT 1")
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        sql = next(e for e in await _stats(nc, server.query.node) if e["name"] == "sql")
+    finally:
+        await nc.close()
+    assert (sql["num_requests"], sql["num_errors"]) == (1, 0)
+    assert not sql["last_error"]
+    assert 0 < sql["processing_time"] == sql["average_processing_time"]

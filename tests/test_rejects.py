@@ -212,3 +212,47 @@ async def test_more_rejects_than_fit_a_reply_are_cut_with_has_more(fleet: Fleet,
     assert len(msgspec.json.encode(answer)) <= max_payload
     assert answer.items[0].seq == last  # newest first: what was left off is the oldest
     assert all(r.data_truncated and r.data_bytes > 3000 for r in answer.items)
+
+
+async def test_rejects_of_every_view_come_newest_first(fleet: Fleet, server: Server) -> None:
+    """Each view's rejects are merged by time: the views' lists used to be concatenated in
+    projection order, so [:limit] hid a newer reject of a later view and has_more said False."""
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        js = nc.jetstream()
+        older = [(await js.publish("fleet.attempt.raw0.probe", b"{not json")).seq for _ in range(2)]
+        last_attempt = older[-1]
+        await fleet.attempts.stats(min_seq={"FLEET_ATTEMPTS": last_attempt})
+        newer = (await js.publish("fleet.snapshot.h.a", b"{not json either")).seq
+    finally:
+        await nc.close()
+    await fleet.snapshots.latest(min_seq={"FLEET_SNAPSHOTS": newer})
+    top = await fleet.rejects(limit=1)
+    assert [(r.projection, r.seq) for r in top.items] == [("snapshots", newer)] and top.has_more
+    every = await fleet.rejects(limit=10)
+    assert [(r.projection, r.seq) for r in every.items] == [("snapshots", newer), ("attempts", older[1]),
+                                                          ("attempts", older[0])]
+    assert not every.has_more
+
+
+async def test_raw_bytes_gone_from_their_stream_come_from_the_rejects_copy(fleet: Fleet, server: Server) -> None:
+    """The refused message was deleted from FLEET_ATTEMPTS: `reject_raw` finds its copy among
+    other rejects on FLEET_REJECTS by the copy's headers, and returns its exact bytes."""
+    payloads = [b"{bad " + bytes([i]) * (50_000 + i) for i in range(6)]
+    nc = await nats.connect(fleet.settings.nats_url)
+    try:
+        js = nc.jetstream()
+        acks = [await js.publish("fleet.attempt.copy.probe", p) for p in payloads]
+        await fleet.rejects("attempts", 10, min_seq={"FLEET_ATTEMPTS": acks[-1].seq})
+
+        async def copied() -> bool:
+            info = await js.stream_info("FLEET_REJECTS")
+            return info.state.messages == len(payloads)
+
+        await wait_until(copied, timeout_s=20)
+        target = acks[3]
+        assert await js.delete_msg("FLEET_ATTEMPTS", target.seq)
+    finally:
+        await nc.close()
+    got = await reject_raw(fleet, target.seq)
+    assert got.source == "FLEET_REJECTS" and got.data == payloads[3] and got.row.seq == target.seq

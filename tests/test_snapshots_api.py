@@ -1,158 +1,197 @@
-"""Host snapshots through the Python API: take, latest, history, get, on-demand diff, rules."""
+"""Taking snapshots through the Python API against the real broker: the take-time diff, reads, the
+diff records, ten racing takers, the broker away during take, old (v1) events, bad input."""
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import json
+import threading
 from typing import Any
 
+import msgspec
 import nats
 import pytest
-from fleetlog.schemas import subjects
-from fleetlog.schemas.snapshots import diff_data
+from fleetlog.schemas import new_event_id, now_iso, subjects
+from fleetlog.schemas.snapshots import HostSnapshot
 from fleetlog.services.backbone.errors import FleetValidationError
+from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.server import Server
 
-from fleetlog import Fleet
+from fleetlog import Fleet, FleetSettings, FleetSync, compute_diff_fields
 
 from .helpers import rebuild_and_wait
 
 
-@pytest.mark.parametrize("old, new, added, removed, changed", [
-    (None, {"a": 1, "b": {"c": [1, 2]}}, {"/a": 1, "/b/c": [1, 2]}, [], {}),
-    ({"a": 1}, {"a": 1}, {}, [], {}),
-    ({"a": 1}, {"a": 1.0}, {}, [], {"/a": {"from": 1, "to": 1.0}}),  # compared as JSON
-    ({"a": 1}, {"a": True}, {}, [], {"/a": {"from": 1, "to": True}}),
-    ({"d": {"x": 1, "y": 2}}, {"d": {"x": 1, "z": 3}}, {"/d/z": 3}, ["/d/y"], {}),
-    ({"d": {"x": 1}}, {"d": 5}, {"/d": 5}, ["/d/x"], {}),  # an object became a scalar
-    ({"d": {}}, {"d": {"k": 1}}, {"/d/k": 1}, ["/d"], {}),  # an empty object is a leaf
-    ({"l": [1, 2]}, {"l": [2, 1]}, {}, [], {"/l": {"from": [1, 2], "to": [2, 1]}}),  # lists are leaves
-    ({"a/b": 1, "m~n": 1}, {"a/b": 2}, {}, ["/m~0n"], {"/a~1b": {"from": 1, "to": 2}}),  # RFC 6901 escapes
-    ({"k": {"b": 1, "a": 2}}, {"k": {"a": 2, "b": 1}}, {}, [], {}),  # key order does not matter
-])
-def test_diff_data(old: dict[str, Any] | None, new: dict[str, Any], added: dict[str, Any], removed: list[str],
-                   changed: dict[str, Any]) -> None:
-    assert diff_data(old, new) == (added, removed, changed)
+async def stored(fleet: Fleet, stream: str, subject: str) -> list[tuple[int, dict[str, Any]]]:
+    """Every message on `subject`, in stream order, straight from JetStream."""
+    g, out, seq = Guarded(await fleet.nats()), [], 1
+    while (msg := await g.next(stream, subject, seq)) is not None:
+        out.append((msg.seq, json.loads(msg.data)))
+        seq = msg.seq + 1
+    return out
 
 
-async def test_take_latest_history_get(fleet: Fleet) -> None:
-    data: dict[str, Any] = {"disk": {"free_gb": 10}, "load": 0.5}
-    r1 = fleet.snapshots.take("collector", data, host="web-1")
-    data["load"] = 99  # the snapshot was encoded at the call
-    fleet.snapshots.take("collector", {"disk": {"free_gb": 9}, "load": 0.7}, host="web-1")
-    fleet.snapshots.take("watchdog", {"ok": True}, host="web-1")
-    fleet.snapshots.take("collector", {"disk": {"free_gb": 50}}, host="db.1")  # a dot in the host
-    mine = fleet.snapshots.take("collector", {"pid": 1})  # host defaults to this machine
+async def test_take_diffs_at_take_time_and_reads(fleet: Fleet, server: Server) -> None:
+    first = {"timestamp": "2026-01-01T09:00:00+09:00", "a": 1, "pids": {"tmux": {"server": 1, "pane": 2}}}
+    got = await fleet.snapshots.take("a1", first, host="h1")
+    assert got == {**first, "has_diff": False, "diff_fields": []}  # the first: no diff, nothing added
+    assert "has_diff" not in first  # the caller's dict is left alone
+    only_time = {**first, "timestamp": "2026-01-01T09:01:00+09:00"}
+    assert (await fleet.snapshots.take("a1", only_time, host="h1"))["diff_fields"] == []
+    third = {"timestamp": "2026-01-01T09:02:00+09:00", "a": 2.0, "pids": {"tmux": {"server": 3, "pane": 2}}}
+    got = await fleet.snapshots.take("a1", third, host="h1")
+    assert got == {**third, "has_diff": True, "diff_fields": ["a", "pids.tmux.server"]}
+    quiet = await fleet.snapshots.take("a1", {"a": 9}, host="h1", with_diff=False)
+    assert quiet == {"a": 9, "has_diff": False, "diff_fields": []}
+
     token = await fleet.flush()
-    assert r1.token and mine.token
+    assert await fleet.snapshots.latest("a1", "h1", min_seq=token) == quiet
+    assert await fleet.snapshots.prev("a1", "h1") == got
+    assert await fleet.snapshots.latest("nobody", "h1") is None and await fleet.snapshots.prev("nobody") is None
+    history = await fleet.snapshots.history("a1", "h1", limit=10)
+    assert [i.diff_fields for i in history.items] == [[], ["a", "pids.tmux.server"], [], []]
 
-    latest = await fleet.snapshots.latest(min_seq=token)
-    assert [(i.host, i.agent) for i in latest.items] == sorted(
-        [("web-1", "collector"), ("web-1", "watchdog"), ("db.1", "collector"), (socket.gethostname(), "collector")]
-    )
-    web = {i.agent: i for i in (await fleet.snapshots.latest(host="web-1")).items}
-    assert web["collector"].data == {"disk": {"free_gb": 9}, "load": 0.7}
-    assert [i.host for i in (await fleet.snapshots.latest(agent="watchdog")).items] == ["web-1"]
-    assert len((await fleet.snapshots.latest(limit=2)).items) == 2
+    # Exactly one diff record: the one snapshot that had a diff.
+    diffs = await fleet.snapshots.diffs(min_seq=token)
+    assert [(d.host, d.agent, d.timestamp, d.diff_fields, d.changes) for d in diffs.items] == [
+        ("h1", "a1", third["timestamp"], ["a", "pids.tmux.server"],
+         {"a": {"from": 1, "to": 2.0}, "pids.tmux.server": {"from": 1, "to": 3}})]
+    records = await stored(fleet, "FLEET_DIFFS", subjects.diff("h1", "a1"))
+    assert len(records) == 1 and records[0][1]["snapshot_id"] == history.items[1].id
 
-    hist = await fleet.snapshots.history("web-1", "collector", limit=1)
-    assert [i.data["load"] for i in hist.items] == [0.7] and hist.next_cursor is not None
-    older = await fleet.snapshots.history("web-1", "collector", limit=1, before_seq=hist.next_cursor)
-    assert [i.data for i in older.items] == [{"disk": {"free_gb": 10}, "load": 0.5}]
-    assert older.next_cursor is None
-    first = older.items[0]
-    assert first.taken_at > 1_700_000_000 and first.ts.endswith("+00:00")
-
-    got = await fleet.snapshots.get("web-1", "collector", seq=first.seq)
-    assert got is not None and got.id == first.id
-    newest = await fleet.snapshots.get("db.1", "collector")
-    assert newest is not None and newest.data == {"disk": {"free_gb": 50}}
-    assert await fleet.snapshots.get("web-1", "nobody") is None
-    assert await fleet.snapshots.get("web-1", "collector", seq=10_000) is None
+    # A rebuild folds the records again and publishes nothing.
+    js = (await fleet.nats()).jetstream()
+    before = (await js.stream_info("FLEET_DIFFS")).state.last_seq
+    await rebuild_and_wait(fleet, "snapshots")
+    assert (await fleet.snapshots.diffs(min_seq=token)).items == diffs.items
+    assert (await js.stream_info("FLEET_DIFFS")).state.last_seq == before
 
 
-async def test_diff_on_demand(fleet: Fleet) -> None:
-    fleet.snapshots.take("a", {"v": 1, "cfg": {"x": 1, "y": 2}}, host="h")
-    fleet.snapshots.take("a", {"v": 2, "cfg": {"x": 1}}, host="h")
-    fleet.snapshots.take("a", {"v": 2, "cfg": {"x": 1}, "new": [1]}, host="h")
-    token = await fleet.flush()
-    hist = await fleet.snapshots.history("h", "a", min_seq=token)
-    s3, s2, s1 = (i.seq for i in hist.items)
-
-    last = await fleet.snapshots.diff("h", "a")
-    assert (last.found, last.from_seq, last.to_seq) == (True, s2, s3)
-    assert (last.added, last.removed, last.changed) == ({"/new": [1]}, [], {})
-    d = await fleet.snapshots.diff("h", "a", to_seq=s2)
-    assert (d.from_seq, d.to_seq, d.removed, d.changed) == (s1, s2, ["/cfg/y"], {"/v": {"from": 1, "to": 2}})
-    whole = await fleet.snapshots.diff("h", "a", from_seq=s1, to_seq=s3)
-    assert whole.added == {"/new": [1]} and whole.removed == ["/cfg/y"]
-    first = await fleet.snapshots.diff("h", "a", to_seq=s1)
-    assert first.from_seq is None and first.added == {"/v": 1, "/cfg/x": 1, "/cfg/y": 2}
-    assert not (await fleet.snapshots.diff("h", "nobody")).found
-    assert not (await fleet.snapshots.diff("h", "a", from_seq=10_000)).found
+async def test_take_gathers_with_an_empty_path(fleet: Fleet, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    snap = await fleet.snapshots.take("a2")
+    assert snap["agent"] == "a2" and snap["tmux_count"] is None and snap["has_diff"] is False
+    again = await fleet.snapshots.take("a2")
+    assert again["diff_fields"] == compute_diff_fields({k: v for k, v in snap.items() if k not in (
+        "has_diff", "diff_fields")}, {k: v for k, v in again.items() if k not in ("has_diff", "diff_fields")})
+    assert await fleet.snapshots.latest("a2", min_seq=await fleet.flush()) == again
 
 
-@pytest.mark.parametrize("kwargs, field, rule", [
-    ({"agent": "", "data": {}}, "agent", "non-empty string"),
-    ({"agent": "a", "data": {}, "host": "h" * 257}, "host", "at most 256"),
-    ({"agent": "a", "data": [1, 2]}, "data", "JSON object"),
-    ({"agent": "a", "data": {1: "x"}}, "data", "keys must be strings"),
-    ({"agent": "a", "data": {"x": object()}}, "data", "JSON-encodable"),
-    ({"agent": "a", "data": {"x": "y" * 600_000}}, "data", "max_event_bytes"),
-])
-async def test_take_refuses_bad_input(fleet: Fleet, kwargs: dict[str, Any], field: str, rule: str) -> None:
-    with pytest.raises(FleetValidationError) as info:
-        fleet.snapshots.take(**kwargs)
-    assert info.value.field == field and rule in str(info.value)
-    assert fleet.publisher_stats().accepted == 0  # nothing published
+def check_chain(chain: list[tuple[int, dict[str, Any]]], n: int) -> None:
+    """n snapshots, each diffed against the one stored right before it."""
+    assert len(chain) == n
+    prev: dict[str, Any] | None = None
+    for _, event in chain:
+        assert event["diff_fields"] == compute_diff_fields(prev, event["data"])
+        assert event["has_diff"] == (prev is not None)
+        prev = event["data"]
 
 
-async def test_garbage_on_the_wire_is_rejected_and_the_view_rebuilds_equal(fleet: Fleet, server: Server) -> None:
-    fleet.snapshots.take("a", {"v": 1}, host="h")
+async def test_ten_racing_clients_each_get_their_true_predecessor(fleet: Fleet, server: Server,
+                                                                  settings: FleetSettings) -> None:
+    # Ten connections (as ten processes would be), one agent: {"n": i, "k<i>": true} makes each
+    # diff name its predecessor (k<j>), so a wrong base would show.
+    clients = [await Fleet.connect(settings=settings, name=f"racer-{i}") for i in range(10)]
+    try:
+        taken = await asyncio.gather(*(c.snapshots.take("race", {"n": i, f"k{i}": True}, host="h")
+                                       for i, c in enumerate(clients)))
+        for c in clients:
+            await c.flush()
+    finally:
+        for c in clients:
+            await c.close()
+    chain = await stored(fleet, "FLEET_SNAPSHOTS", subjects.snapshot("h", "race"))
+    check_chain(chain, 10)
+    by_n = {event["data"]["n"]: event["diff_fields"] for _, event in chain}
+    assert {t["n"]: t["diff_fields"] for t in taken} == by_n  # each caller got what was stored
+    records = await stored(fleet, "FLEET_DIFFS", subjects.diff("h", "race"))
+    # Once per snapshot with a diff, naming it; ten takers' records may interleave in their own order.
+    assert sorted((r["snapshot_id"], r["diff_fields"]) for _, r in records) == sorted(
+        (e["id"], e["diff_fields"]) for _, e in chain[1:])
+
+
+async def test_ten_threads_on_one_sync_client(settings: FleetSettings, server: Server, fleet: Fleet) -> None:
+    sync = FleetSync.connect(settings=settings)
+    try:
+        threads = [threading.Thread(target=sync.snapshots.take, args=("threads", {"n": i, f"k{i}": 1}),
+                                    kwargs={"host": "h"}) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sync.flush()
+    finally:
+        sync.close()
+    check_chain(await stored(fleet, "FLEET_SNAPSHOTS", subjects.snapshot("h", "threads")), 10)
+    assert len(await stored(fleet, "FLEET_DIFFS", subjects.diff("h", "threads"))) == 9
+
+
+async def test_broker_down_during_take(broker: EmbeddedBroker, settings: FleetSettings, server: Server,
+                                       fleet: Fleet) -> None:
+    assert (await fleet.snapshots.take("away", {"a": 1}, host="h"))["diff_fields"] == []
     await fleet.flush()
+    await broker.stop()
+    # Returns with the broker gone: diffed against the last snapshot this process knows, spooled.
+    assert (await fleet.snapshots.take("away", {"a": 2}, host="h"))["diff_fields"] == ["a"]
+    assert (await fleet.snapshots.take("away", {"a": 2, "b": 1}, host="h"))["diff_fields"] == ["b"]
+    assert fleet.publisher_stats().spooled + fleet.publisher_stats().queued >= 1
+    await broker.start()
+    token = await fleet.flush(timeout=60)
+    # Back: the spooled ones drained in order, and the next take follows them.
+    assert (await fleet.snapshots.take("away", {"a": 3, "b": 1}, host="h"))["diff_fields"] == ["a"]
+    await fleet.flush()
+    chain = await stored(fleet, "FLEET_SNAPSHOTS", subjects.snapshot("h", "away"))
+    assert [e["data"] for _, e in chain] == [{"a": 1}, {"a": 2}, {"a": 2, "b": 1}, {"a": 3, "b": 1}]
+    check_chain(chain, 4)
+    records = await stored(fleet, "FLEET_DIFFS", subjects.diff("h", "away"))
+    assert [r["diff_fields"] for _, r in records] == [["a"], ["b"], ["a"]]
+    assert (await fleet.snapshots.history("away", "h", min_seq=token)).items
+
+
+async def test_old_events_upcast_or_rejected(fleet: Fleet, server: Server) -> None:
     nc = await nats.connect(fleet.settings.nats_url)
     try:
         js = nc.jetstream()
-        await js.publish(subjects.snapshot("h", "a"), b"{not json")
-        await js.publish(subjects.snapshot("h", "a"), b'{"type":"snapshot.taken","id":"0197a1b2-c3d4-7e5f-8071-'
-                                                      b'8293a4b5c6d7","ts":"2026-11-22T00:00:00Z","host":"h",'
-                                                      b'"agent":"a","data":[1]}')
-        ack = await js.publish(subjects.snapshot("intruder", "a"), b'{"type":"snapshot.taken","id":"0197a1b2-c3d4-'
-                                                                 b'7e5f-8071-8293a4b5c6d8","ts":"2026-11-22T00:00:'
-                                                                 b'00Z","host":"h","agent":"a","data":{}}')
+        v1_snap = {"type": "snapshot.taken", "id": new_event_id(), "ts": now_iso(), "v": 1, "host": "old",
+                   "agent": "a", "data": {"disk": {"free": 1}}}
+        v1_diff = {"type": "snapshot.diff", "id": new_event_id(), "ts": now_iso(), "v": 1, "host": "old",
+                   "agent": "a", "from_seq": None, "to_seq": 1, "added": {"/disk/free": 1}}
+        s = await js.publish(subjects.snapshot("old", "a"), json.dumps(v1_snap).encode())
+        d = await js.publish(subjects.diff("old", "a"), json.dumps(v1_diff).encode())
     finally:
         await nc.close()
-    fleet.snapshots.take("a", {"v": 2}, host="h")
-    token = await fleet.flush()
-    assert token["FLEET_SNAPSHOTS"] > ack.seq
-    hist = await fleet.snapshots.history("h", "a", min_seq=token)
-    assert [i.data for i in hist.items] == [{"v": 2}, {"v": 1}]
-    rejects = await fleet.rejects(projection="snapshots")
-    reasons = sorted(r.reason.split(":")[0] for r in rejects.items)
-    assert reasons == ["invalid event", "not valid JSON", "subject mismatch"]
-    running = server.projector.live("snapshots")
-    live = server.store.table_digest(running.gen.schema, ("snapshots", "snapshot_diffs"))
-    await rebuild_and_wait(fleet, "snapshots")
-    running = server.projector.live("snapshots")
-    assert server.store.table_digest(running.gen.schema, ("snapshots", "snapshot_diffs")) == live
+    token = {"FLEET_SNAPSHOTS": s.seq, "FLEET_DIFFS": d.seq}
+    assert await fleet.snapshots.latest("a", "old", min_seq=token) == {
+        "disk": {"free": 1}, "has_diff": False, "diff_fields": []}  # upcast
+    assert (await fleet.snapshots.diffs(min_seq=token)).items == []
+    rejects = (await fleet.rejects("snapshots", min_seq=token)).items
+    assert [(r.seq, r.stream) for r in rejects] == [(d.seq, "FLEET_DIFFS")]
+    assert "snapshot.diff v1" in rejects[0].reason and "JSON Pointer" in rejects[0].reason
+    # A new take diffs against the old snapshot's data.
+    assert (await fleet.snapshots.take("a", {"disk": {"free": 2}}, host="old"))["diff_fields"] == ["disk.free"]
 
 
-async def test_take_checks_ts_and_latest_pages(fleet: Fleet) -> None:
-    for bad in ("yesterday-ish", "20240101", "2024W01"):  # Python parses the last two; the contract does not
-        with pytest.raises(FleetValidationError) as info:
-            fleet.snapshots.take("a", {}, host="h", ts=bad)
-        assert info.value.field == "ts"
-    r = fleet.snapshots.take("a", {}, host="h", ts="2026-11-22T10:00:00")
-    for host in ("h1", "h2", "h3"):
-        fleet.snapshots.take("b", {"x": 1}, host=host)
-    token = await fleet.flush()
-    got = await fleet.snapshots.get("h", "a", min_seq=token)
-    assert got is not None and got.ts == "2026-11-22T10:00:00" and got.id == r.id  # stored exactly as given
-    pairs: list[tuple[str, str]] = []
-    after = None
-    while True:
-        page = await fleet.snapshots.latest(limit=3, after=after)
-        pairs += [(i.host, i.agent) for i in page.items]
-        if page.next_after is None:
-            break
-        after = page.next_after
-    assert pairs == [("h", "a"), ("h1", "b"), ("h2", "b"), ("h3", "b")]
+async def test_bad_input_names_the_field(fleet: Fleet) -> None:
+    with pytest.raises(FleetValidationError, match="agent"):
+        await fleet.snapshots.take("", {})
+    with pytest.raises(FleetValidationError, match=r"data.*JSON object"):
+        await fleet.snapshots.take("a", [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(FleetValidationError, match=r"data.*keys must be strings"):
+        await fleet.snapshots.take("a", {1: 2})
+    with pytest.raises(FleetValidationError, match=r"data.*JSON-encodable"):
+        await fleet.snapshots.take("a", {"x": object()})
+    with pytest.raises(FleetValidationError, match=r"data.*max_event_bytes"):
+        await fleet.snapshots.take("a", {"x": "y" * (fleet.settings.max_event_bytes + 1)})
+    assert msgspec.json.decode(msgspec.json.encode(HostSnapshot(id=new_event_id(), ts=now_iso(), host="h",
+                                                                agent="a"))).get("v") == 2
+
+
+async def test_a_diff_record_too_large_keeps_its_fields(fleet: Fleet, server: Server) -> None:
+    # Each snapshot fits max_event_bytes; the record would carry both values of "blob" and not.
+    big = fleet.settings.max_event_bytes * 6 // 10
+    await fleet.snapshots.take("fat", {"blob": "x" * big, "n": 1}, host="h")
+    snap = await fleet.snapshots.take("fat", {"blob": "y" * big, "n": 2}, host="h")
+    assert snap["diff_fields"] == ["blob", "n"]
+    page = await fleet.snapshots.diffs(agent="fat", min_seq=await fleet.flush())
+    assert [(d.diff_fields, d.changes) for d in page.items] == [(["blob", "n"], {})]

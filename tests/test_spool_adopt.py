@@ -34,7 +34,7 @@ async def test_adopting_past_the_cap_keeps_the_rest(settings: FleetSettings, ser
     returncode, _err = await run_agent(settings, "sigkill", "adopt-cap", "durable", sig=signal.SIGKILL, n=n)
     assert returncode == -signal.SIGKILL
     [orphan] = [d for d in survey(settings.resolved_spool_dir()) if d.records]
-    assert orphan.records == n + 3 and orphan.bytes > 1 << 20
+    assert orphan.records == n + 1 and orphan.bytes > 1 << 20
     small = settings.model_copy(update={"spool_max_bytes": 1 << 20})
     async with Fleet.connect(settings=small) as client:
         await client.flush(HANG_S)
@@ -44,7 +44,7 @@ async def test_adopting_past_the_cap_keeps_the_rest(settings: FleetSettings, ser
     [rest] = [d for d in survey(settings.resolved_spool_dir()) if d.records]
     assert (rest.name, rest.live) == (orphan.name, False)
     assert 0 < taken < n
-    assert rest.records == n + 3 - taken  # the mark, the snapshot and the run event come last
+    assert rest.records == n + 1 - taken  # the run event comes last
     await assert_all_in_view(settings, "adopt-cap", n=n)
 
 
@@ -126,7 +126,7 @@ async def test_spool_drain_adopt_delivers_a_spool_whose_fleet_is_gone(
                                                     stdout=asyncio.subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), HANG_S)
         assert proc.returncode == 0
-        assert json.loads(out)["delivered"] == N + 3
+        assert json.loads(out)["delivered"] == N + 1
         async with Fleet.connect(settings=settings) as client_y:
             assert await attempts_in_stream(client_y) == N
     finally:

@@ -185,7 +185,9 @@ async def test_snapshot_scopes_seed_and_disabled(fleet: Fleet) -> None:
     for scope in ("conversation", "actor", "subject", "runner"):
         w = await fleet.state.set(scope, "where", scope, context=CTX, binding=EVERY)
     snap = await fleet.state.snapshot(CTX, EVERY, min_seq=w)
-    assert set(msgspec.structs.asdict(snap)) == {"conversation", "actor", "subject", "runner", "as_of", "lag", "lag_s"}
+    assert set(msgspec.structs.asdict(snap)) == {"conversation", "actor", "subject", "runner", "elided", "as_of",
+                                                 "lag", "lag_s"}
+    assert snap.elided == []
     assert snap.conversation == {"where": "conversation", "external.conversation_id": "conv-1"}  # seeded
     assert (snap.actor, snap.subject, snap.runner) == ({"where": "actor"}, {"where": "subject"}, {"where": "runner"})
     # default policy: conversation + actor only
@@ -209,6 +211,28 @@ async def test_snapshot_scopes_seed_and_disabled(fleet: Fleet) -> None:
     snap = await fleet.state.snapshot(CTX, off)
     assert (snap.conversation, snap.actor, snap.subject, snap.runner) == ({}, {}, {}, {})
     assert STREAM in snap.as_of
+
+
+async def test_a_snapshot_too_big_to_send_marks_its_largest_values(fleet: Fleet) -> None:
+    """Five 250 kB values (each under the value limit) in one scope: the snapshot used to be a
+    413 for good (it has no page or limit to ask for). The largest values are replaced by a
+    marker naming their size, listed in `elided`, and each reads whole with state get."""
+    w = None
+    for i in range(5):
+        w = await fleet.state.set("actor", f"k{i}", str(i) * (250_000 + i), context=CTX, binding=EVERY)
+    w = await fleet.state.set("actor", "small", {"n": 1}, context=CTX, binding=EVERY)
+    snap = await fleet.state.snapshot(CTX, EVERY, min_seq=w)
+    assert snap.actor["small"] == {"n": 1}
+    whole = {k for k, v in snap.actor.items() if isinstance(v, str)}
+    marked = {e.key: e for e in snap.elided}
+    assert whole and marked and whole | marked.keys() | {"small"} == set(snap.actor) and not whole & marked.keys()
+    assert max(len(snap.actor[k]) for k in whole) < min(e.bytes for e in marked.values())  # the largest went
+    for key, e in marked.items():
+        assert e.scope == "actor" and e.bytes == 250_000 + int(key[1:]) + 2  # JSON: the quotes
+        assert snap.actor[key] == {"fleetlog_elided": True, "bytes": e.bytes, "read_with": "state get"}
+        assert await fleet.state.get("actor", key, context=CTX, binding=EVERY) == key[1:] * (e.bytes - 2)
+    for key in whole:
+        assert snap.actor[key] == key[1:] * (250_000 + int(key[1:]))
 
 
 async def test_bindings_are_isolated(fleet: Fleet) -> None:

@@ -104,7 +104,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "state.set": {"scope_key": "actor:v2:" + "ab" * 32, "key": NASTY, "value": 1},
     "state.deleted": {"scope_key": "runner:v2:" + "cd" * 32, "key": "k"},
     "snapshot.taken": {"host": NASTY, "agent": "h.1"},
-    "snapshot.diff": {"host": "h%1", "agent": NASTY, "from_seq": None, "to_seq": 3},
+    "snapshot.diff": {"host": "h%1", "agent": NASTY, "diff_fields": ["x"], "changes": {"x": {"from": 1, "to": 2}}},
     "proc.session": {"processor": NASTY, "session_file": "u.1/s 1.jsonl", "username": "u", "items_extracted": 1,
                      "file_hash": "f.1", "processed_at": "2026-01-01T00:00:00"},
     "proc.session.deleted": {"processor": "p 1", "session_file": NASTY},
@@ -202,9 +202,9 @@ async def test_a_bare_nats_client_publishes_every_family_from_the_export_alone(
 
     page = await fleet.attempts.query(agent="wire agent.1", min_seq={"FLEET_ATTEMPTS": token["FLEET_ATTEMPTS"]})
     assert [(a.action, a.outcome) for a in page.items] == [("probe>*", "success")]
-    snap = await fleet.snapshots.get("host.example.com", "wire agent.1",
-                                     min_seq={"FLEET_SNAPSHOTS": token["FLEET_SNAPSHOTS"]})
-    assert snap is not None and snap.data == {"cpu": 2}
+    snap = await fleet.snapshots.latest("wire agent.1", "host.example.com",
+                                        min_seq={"FLEET_SNAPSHOTS": token["FLEET_SNAPSHOTS"]})
+    assert snap == {"cpu": 2, "has_diff": False, "diff_fields": []}
     entry = await fleet.state.entry("actor", "k.1 é", context=context, binding={"binding_id": "bind.1"},
                                     min_seq={"FLEET_STATE": token["FLEET_STATE"]})
     assert entry.found and entry.value == {"n": 1}

@@ -23,6 +23,9 @@ class FleetSettings(BaseSettings):
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server(s), comma separated")
     data_dir: Path = Field(default_factory=default_data_dir, description="views, spool, embedded broker data")
     port: int = Field(4222, description="port of the embedded broker (`fleetlog up`)")
+    stream_replicas: int = Field(
+        1, ge=1, le=5, description="JetStream replicas of every stream (1 on one server; 3 on a cluster)"
+    )
 
     # retention
     attempts_max_age_days: float = Field(30.0, gt=0)
@@ -38,6 +41,10 @@ class FleetSettings(BaseSettings):
     publish_max_inflight: int = Field(8192, ge=1, description="unacked JetStream publishes in flight")
     publish_queue_max: int = Field(200_000, ge=1, description="events held in memory before spilling to disk")
     publish_ack_timeout_s: float = Field(5.0, gt=0)
+    publish_retry_s: float = Field(
+        10.0, ge=0, description="a publish refused as transient (no stream leader: 503, ack timeout) is retried in "
+        "memory, same Nats-Msg-Id, for this long before it goes to the spool (a cluster's leader election)"
+    )
     spool_dir: Path | None = Field(None, description="default: <data_dir>/spool")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="disk cap of the local spool")
 

@@ -12,6 +12,7 @@ from .replica import export, replica
 from .run import serve, up
 from .runs import runs
 from .runtimes import runtimes
+from .scheduler import scheduler
 from .snapshots import snapshots
 from .spool import spool
 from .sql import sql
@@ -40,8 +41,8 @@ def emit() -> None:
 
 
 emit.add_command(emit_attempt)
-for command in (up, serve, status, attempts, runs, runtimes, state, snapshots, processors, sql, replica, export,
-                schemas, rejects, rebuild, spool):
+for command in (up, serve, status, attempts, runs, runtimes, state, snapshots, processors, scheduler, sql, replica,
+                export, schemas, rejects, rebuild, spool):
     cli.add_command(command)
 
 

@@ -7,15 +7,19 @@ import sys
 from typing import Any
 
 import click
+import msgspec
 from fleetlog.schemas import export_schemas
 from fleetlog.schemas.answers import RejectsAnswer, StatusAnswer
+from fleetlog.schemas.scheduler import SchedulerStatus
 from fleetlog.services.backbone.guarded import Guarded
+from fleetlog.services.backbone.streams import StreamPlacement, stream_placements
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.client.rejects import RawReject, reject_raw
 from rich.table import Table
 
 from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client
+from .scheduler import jobs_table, scheduler_status
 
 __all__ = ["rebuild", "rejects", "schemas", "status"]
 
@@ -25,21 +29,28 @@ __all__ = ["rebuild", "rejects", "schemas", "status"]
 @nats_option
 @json_option
 def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
-    """Streams, projections, checkpoints, lag and rejects."""
+    """Streams, projections, checkpoints, lag and rejects; the scheduler's jobs when one runs."""
     if nodes:
         _node_table(nats_url, as_json)
         return
 
-    async def go(fleet: Fleet) -> StatusAnswer:
-        return await fleet.status()
+    async def go(fleet: Fleet) -> tuple[StatusAnswer, SchedulerStatus | None, dict[str, StreamPlacement]]:
+        answer = await fleet.status()
+        placed = {} if as_json else {p.name: p for p in await stream_placements(await fleet.nats())}
+        return answer, await scheduler_status(fleet), placed
 
-    answer = run_client(nats_url, go)
-    if as_json:
-        print_json(answer)
+    answer, jobs, placed = run_client(nats_url, go)
+    if as_json:  # "scheduler" only when one answered: the status answer's own keys stay as they are
+        print_json(answer if jobs is None else {**msgspec.to_builtins(answer), "scheduler": jobs})
         return
-    streams = Table("stream", "messages", "bytes", "first", "last", title="streams")
+    # Where each stream lives comes from JetStream itself (stream info), beside the node's answer.
+    streams = Table("stream", "messages", "bytes", "first", "last", "replicas", "leader", "lagging",
+                    title="streams")
     for s in answer.streams:
-        streams.add_row(s.name, str(s.messages), str(s.bytes), str(s.first_seq), str(s.last_seq))
+        at = placed.get(s.name)
+        streams.add_row(s.name, str(s.messages), str(s.bytes), str(s.first_seq), str(s.last_seq),
+                        str(at.replicas) if at else "?", at.leader if at else "?",
+                        (", ".join(at.lagging) or "-") if at else "?")
     console.print(streams)
     views = Table("projection", "v", "gen", "state", "checkpoints", "lag", "lag s", "rows", "rejects",
                   title="projections")
@@ -50,6 +61,8 @@ def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
     console.print(f"rejects: {answer.rejects_total}")
     if answer.node_state != "serving":
         console.print(f"node {answer.node}: {answer.node_state} (not answering queries yet): {_progress(answer)}")
+    if jobs is not None:
+        console.print(jobs_table(jobs))
 
 
 def _node_table(nats_url: str | None, as_json: bool) -> None:

@@ -1,4 +1,4 @@
-"""`fleetlog processors list|names|mark|hash|scan|state|delete|run|serve|runs|lock|acquire|release`."""
+"""`fleetlog processors list|names|mark|hash|scan|state|delete|run|serve|runs|lock|acquire|release|health`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from fleetlog.schemas.scheduler import PipelineHealth
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.processor_files import compute_file_hash
+from fleetlog.services.client.processor_health import HEALTH_SUBJECT, HealthRequest, pipeline_health
 from fleetlog.services.client.processor_registry import list_processor_names
 from fleetlog.services.client.processor_runner import UnknownProcessor
 from fleetlog.services.client.processors import ProcessorLock, ProcessorLockBusy
@@ -258,3 +260,39 @@ def release_cmd(processor: str, holder: str, fence: int, nats_url: str | None, a
         show(result, as_json)
     if not result["released"]:
         fail(Exit.REFUSED, f"not released: the lock of {processor} is not held by {holder} under fence {fence}")
+
+
+@processors.command("health")
+@click.option("--sessions", "session_dir", type=click.Path(file_okay=False),
+              help="check here over this session dir (default: ask the machine that serves runs)")
+@click.option("--processor", "names", multiple=True, help="only these processors (default: every registered one)")
+@click.option("--stuck-grace", "stuck_grace_s", type=float, default=None,
+              help="seconds before an unprocessed old file counts as stuck [env FLEETLOG_PROCESSOR_STUCK_FILE_GRACE_S;"
+                   " default 4 x grace]")
+@nats_option
+@json_option
+def health_cmd(session_dir: str | None, names: tuple[str, ...], stuck_grace_s: float | None, nats_url: str | None,
+               as_json: bool) -> None:
+    """Per processor ok / warning / info with the reason; overall "degraded" when any warns.
+    Exit 0 whenever the check ran (the status is in the output)."""
+    chosen = list(names) or None
+
+    async def go(fleet: Fleet) -> PipelineHealth:
+        if session_dir is not None:
+            return await pipeline_health(fleet.processors, session_dir, processors=chosen,
+                                         stuck_file_grace_seconds=stuck_grace_s)
+        req = HealthRequest(processors=chosen, stuck_file_grace_seconds=stuck_grace_s)
+        return await fleet.request(HEALTH_SUBJECT, req, PipelineHealth)
+
+    answer = run_client(nats_url, go)
+    if as_json:
+        print_json(answer)
+        return
+    console.print(f"[bold]pipeline[/bold]: {answer.status}")
+    table = Table()
+    for col in ("processor", "status", "reason", "stuck file", "stuck age s"):
+        table.add_column(col)
+    for h in answer.processors:
+        age = "" if h.stuck_file_age_seconds is None else f"{h.stuck_file_age_seconds:.0f}"
+        table.add_row(h.processor, h.status, escape(h.reason), escape(h.stuck_file or ""), age)
+    console.print(table)

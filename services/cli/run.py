@@ -8,10 +8,12 @@ from pathlib import Path
 
 import click
 import duckdb
+from fleetlog.services.backbone.errors import FleetError
 from fleetlog.services.node.broker import BrokerError
 from fleetlog.services.node.server import run_serve, run_up
 
 from ._common import err_console, settings_from
+from .scheduler import jobs_option, load_jobs_or_fail
 
 __all__ = ["serve", "up"]
 
@@ -31,18 +33,24 @@ sessions_option = click.option(
 @click.option("--port", type=int, default=None, help="embedded broker port [env FLEETLOG_PORT; default 4222]")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="views, spool and broker data [env FLEETLOG_DATA_DIR; default: the user data dir]")
+@click.option("--cluster", "cluster", type=click.IntRange(min=1), default=None,
+              help="a loopback JetStream cluster of N nats-servers (3 for R3 streams): the first on --port, "
+                   "the others on free ports (all printed); the services use all of them")
 @sessions_option
+@jobs_option
 @click.option("-v", "--verbose", is_flag=True)
-def up(port: int | None, data_dir: Path | None, sessions: Path | None, verbose: bool) -> None:
+def up(port: int | None, data_dir: Path | None, cluster: int | None, sessions: Path | None, jobs_path: Path | None,
+       verbose: bool) -> None:
     """Start nats-server (JetStream, 127.0.0.1) plus projector and query service; Ctrl-C stops all."""
     _logging(verbose)
     settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions)
+    jobs = load_jobs_or_fail(jobs_path)
     try:
-        asyncio.run(run_up(settings))
+        asyncio.run(run_up(settings, jobs=jobs, cluster=cluster or 0))
     except duckdb.IOException as exc:
         err_console.print(f"[red]error:[/red] the views file is in use by another fleetlog process: {exc}")
         raise SystemExit(1) from None
-    except BrokerError as exc:
+    except (BrokerError, FleetError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise SystemExit(1) from None
     except KeyboardInterrupt:
@@ -50,22 +58,29 @@ def up(port: int | None, data_dir: Path | None, sessions: Path | None, verbose: 
 
 
 @click.command()
-@click.option("--nats", "nats_url", default=None, envvar="FLEETLOG_NATS_URL", help="NATS server URL(s)")
+@click.option("--nats", "nats_url", default=None, envvar="FLEETLOG_NATS_URL",
+              help="NATS server URL(s), comma separated: nats://a:4222,nats://b:4222 (a cluster's nodes)")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where the view files live [env FLEETLOG_DATA_DIR]")
 @sessions_option
+@jobs_option
 @click.option("-v", "--verbose", is_flag=True)
-def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, verbose: bool) -> None:
+def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, jobs_path: Path | None,
+          verbose: bool) -> None:
     """Projector + query service against an external NATS (broker deployed separately)."""
     _logging(verbose)
     settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions)
+    jobs = load_jobs_or_fail(jobs_path)
     try:
-        asyncio.run(run_serve(settings))
+        asyncio.run(run_serve(settings, jobs=jobs))
     except duckdb.IOException as exc:
         err_console.print(f"[red]error:[/red] the views file is in use by another fleetlog process: {exc}")
         raise SystemExit(1) from None
     except (OSError, TimeoutError) as exc:
         err_console.print(f"[red]error:[/red] cannot reach NATS at {settings.nats_url}: {exc}")
+        raise SystemExit(1) from None
+    except FleetError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         pass

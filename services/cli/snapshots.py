@@ -1,15 +1,20 @@
-"""`fleetlog snapshots take|collect|latest|history|show|diff|diffs|watch`."""
+"""`fleetlog snapshots gather|take|tick|daemon|latest|prev|status|history|all|diffs|watch`."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+from pathlib import Path
 from typing import Any
 
 import click
 import msgspec
-from fleetlog.services.client.collector import collect, host_facts
+from fleetlog.schemas.snapshots import SnapshotDiff
 from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.client.snapshot_gather import gather
+from fleetlog.services.client.snapshot_hooks import load_hooks_file
 from rich.table import Table
 
 from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client, show
@@ -18,62 +23,140 @@ from .runs import json_value
 __all__ = ["snapshots"]
 
 
-async def _seq_token(fleet: Fleet) -> dict[str, Any]:
-    token = await fleet.flush()  # a CLI process exits at once: wait for the ack
-    return {"seq": token.get("FLEET_SNAPSHOTS"), "token": dict(token)}
+def _hooks(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return load_hooks_file(path)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--hooks") from None
+
+
+hooks_option = click.option("--hooks", "hooks_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                             help='YAML or JSON: {"hooks": {"on_diff": ["cmd ...", "https://..."]}}')
 
 
 @click.group()
 def snapshots() -> None:
-    """Host self-snapshots and the diffs between them."""
+    """Agent snapshots, their take-time diffs and on_diff hooks."""
+
+
+@snapshots.command("gather")
+@click.option("--agent", required=True)
+@click.option("--session", help="the agent's tmux session (default: the agent's name)")
+@click.option("--host-facts", is_flag=True, help="add the general host facts (disk, python, uptime) under host_facts")
+@json_option
+def gather_cmd(agent: str, session: str | None, host_facts: bool, as_json: bool) -> None:
+    """Print this agent's snapshot as gathered now (no broker needed)."""
+    snap = gather(agent, session)
+    if host_facts:
+        from fleetlog.services.client.collector import host_facts as facts
+
+        snap["host_facts"] = facts()
+    click.echo(json.dumps(snap, indent=None if as_json else 2))
 
 
 @snapshots.command("take")
 @click.option("--agent", required=True)
 @click.option("--host", help="default: this machine's hostname")
-@click.option("--data", callback=json_value("data"), help="JSON object (default: this host's facts)")
+@click.option("--session", help="the agent's tmux session (default: the agent's name)")
+@click.option("--data", callback=json_value("data"), help="JSON object: the snapshot as is (default: gather)")
+@click.option("--no-diff", is_flag=True, help="store without diffing (diff_fields [])")
 @nats_option
 @json_option
-def take_cmd(agent: str, host: str | None, data: dict[str, Any] | None, nats_url: str | None, as_json: bool) -> None:
-    """Publish one snapshot and wait for its ack."""
+def take_cmd(agent: str, host: str | None, session: str | None, data: dict[str, Any] | None, no_diff: bool,
+             nats_url: str | None, as_json: bool) -> None:
+    """Take one snapshot; print it with has_diff and diff_fields."""
 
     async def go(fleet: Fleet) -> dict[str, Any]:
-        fleet.snapshots.take(agent, host_facts() if data is None else data, host=host)
-        return await _seq_token(fleet)
+        snap = await fleet.snapshots.take(agent, data, host=host, session=session, with_diff=not no_diff)
+        await fleet.flush()  # a CLI process exits at once: the diff record acked (or spooled) first
+        return snap
 
     show(run_client(nats_url, go), as_json)
 
 
-@snapshots.command("collect")
-@click.option("--agent", default="collector", show_default=True)
+@snapshots.command("tick")
+@click.option("--agent", required=True)
+@click.option("--session")
 @click.option("--host", help="default: this machine's hostname")
-@click.option("--every", "every_s", type=float, default=60.0, show_default=True, help="seconds between snapshots")
-@click.option("--count", type=int, help="stop after this many (default: run until interrupted)")
-@click.option("--disk", "disk_path", default="/", show_default=True, help="the file system to report")
+@hooks_option
 @nats_option
 @json_option
-def collect_cmd(agent: str, host: str | None, every_s: float, count: int | None, disk_path: str,
-                nats_url: str | None, as_json: bool) -> None:
-    """Snapshot this host's facts (system, CPU, memory, disk, Python) periodically."""
+def tick_cmd(agent: str, session: str | None, host: str | None, hooks_file: Path | None, nats_url: str | None,
+             as_json: bool) -> None:
+    """Take a snapshot and fire on_diff hooks if it has a diff (never fails on the snapshot; logs)."""
+    hooks = _hooks(hooks_file)
 
-    async def go(fleet: Fleet) -> dict[str, Any]:
-        receipts = await collect(fleet.snapshots, agent, host=host, every_s=every_s, count=count, disk_path=disk_path)
-        out = await _seq_token(fleet)
-        return {"taken": len(receipts), **out}
+    async def go(fleet: Fleet) -> dict[str, Any] | None:
+        snap = await fleet.snapshots.tick(agent, session=session, hooks=hooks, host=host)
+        await fleet.flush()
+        return snap
 
-    try:
-        show(run_client(nats_url, go), as_json)
-    except KeyboardInterrupt:
-        pass
+    snap = run_client(nats_url, go)
+    if snap is None:
+        fail(Exit.ERROR, f"snapshot tick for {agent} failed (see the log)")
+    show(snap, as_json)
 
 
-def _items_table(items: list[Any], title: str) -> None:
-    table = Table(title=title)
-    for col in ("seq", "host", "agent", "ts", "data"):
-        table.add_column(col)
-    for i in items:
-        table.add_row(str(i.seq), i.host, i.agent, i.ts, _short(i.data))
-    console.print(table)
+@snapshots.command("daemon")
+@click.option("--agent", required=True)
+@click.option("--every", "every_s", type=click.FloatRange(min=0.01), required=True, help="seconds between ticks")
+@click.option("--session")
+@click.option("--host", help="default: this machine's hostname")
+@hooks_option
+@nats_option
+def daemon_cmd(agent: str, every_s: float, session: str | None, host: str | None, hooks_file: Path | None,
+               nats_url: str | None) -> None:
+    """Tick forever, every SECONDS; SIGTERM or SIGINT stops it cleanly (after the current tick)."""
+    hooks = _hooks(hooks_file)
+
+    async def go(fleet: Fleet) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        ticks = 0
+        while not stop.is_set():
+            await fleet.snapshots.tick(agent, session=session, hooks=hooks, host=host)
+            ticks += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+        return ticks
+
+    ticks = run_client(nats_url, go)
+    click.echo(f"stopped after {ticks} ticks", err=True)
+
+
+def _read(which: str) -> Any:
+    @snapshots.command(which)
+    @click.option("--agent", required=True)
+    @click.option("--host", help="default: this machine's hostname")
+    @nats_option
+    @json_option
+    def cmd(agent: str, host: str | None, nats_url: str | None, as_json: bool) -> None:
+        snap = run_client(nats_url, lambda f: getattr(f.snapshots, which)(agent, host))
+        show(snap, as_json, f"no {'previous ' if which == 'prev' else ''}snapshot of {agent}")
+
+    cmd.__doc__ = ("The newest stored snapshot of the agent (exit 3: none)." if which == "latest"
+                   else "The stored snapshot before the newest (exit 3: none).")
+    return cmd
+
+
+latest_cmd = _read("latest")
+prev_cmd = _read("prev")
+
+
+@snapshots.command("status")
+@click.option("--agent", required=True)
+@click.option("--host", help="default: this machine's hostname")
+@hooks_option
+@nats_option
+@json_option
+def status_cmd(agent: str, host: str | None, hooks_file: Path | None, nats_url: str | None, as_json: bool) -> None:
+    """The newest stored snapshot and how many on_diff hooks are configured (never gathers)."""
+    hooks = _hooks(hooks_file)
+    show(run_client(nats_url, lambda f: f.snapshots.status(agent, host=host, hooks=hooks)), as_json)
 
 
 def _short(value: Any, width: int = 80) -> str:
@@ -81,73 +164,51 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-@snapshots.command("latest")
+@snapshots.command("history")
+@click.option("--agent", required=True)
+@click.option("--host", help="default: this machine's hostname")
+@click.option("--limit", type=int, default=10, show_default=True)
+@click.option("--before", "before_seq", type=int, help="cursor: the next_cursor of the previous page")
+@nats_option
+@json_option
+def history_cmd(agent: str, host: str | None, limit: int, before_seq: int | None, nats_url: str | None,
+                as_json: bool) -> None:
+    """One agent's stored snapshots, newest first (exit 3: it has none)."""
+    answer = run_client(nats_url, lambda f: f.snapshots.history(agent, host, limit, before_seq))
+    missing = not answer.items and before_seq is None
+    if as_json:
+        print_json(answer)
+    elif not missing:
+        table = Table(title=f"snapshots of {agent}")
+        for col in ("seq", "host", "ts", "diff_fields"):
+            table.add_column(col)
+        for i in answer.items:
+            table.add_row(str(i.seq), i.host, i.ts, _short(i.diff_fields, 60))
+        console.print(table)
+        if answer.next_cursor is not None:
+            console.print(f"more: --before {answer.next_cursor}")
+    if missing:
+        fail(Exit.NOT_FOUND, f"no snapshot of {agent}")
+
+
+@snapshots.command("all")
 @click.option("--host")
 @click.option("--agent")
 @click.option("--limit", type=int, default=100, show_default=True)
 @nats_option
 @json_option
-def latest_cmd(host: str | None, agent: str | None, limit: int, nats_url: str | None, as_json: bool) -> None:
+def all_cmd(host: str | None, agent: str | None, limit: int, nats_url: str | None, as_json: bool) -> None:
     """The newest snapshot of every (host, agent)."""
-    answer = run_client(nats_url, lambda f: f.snapshots.latest(host, agent, limit))
+    answer = run_client(nats_url, lambda f: f.snapshots.all_latest(host, agent, limit))
     if as_json:
         print_json(answer)
-    else:
-        _items_table(answer.items, "latest snapshots")
-
-
-@snapshots.command("history")
-@click.argument("host")
-@click.argument("agent")
-@click.option("--limit", type=int, default=10, show_default=True)
-@click.option("--before", "before_seq", type=int, help="cursor: the next_cursor of the previous page")
-@nats_option
-@json_option
-def history_cmd(host: str, agent: str, limit: int, before_seq: int | None, nats_url: str | None,
-                as_json: bool) -> None:
-    """One (host, agent)'s snapshots, newest first (exit 3: it has none)."""
-    answer = run_client(nats_url, lambda f: f.snapshots.history(host, agent, limit, before_seq))
-    # A first page that is empty: the pair has no snapshot. A later page past the end is an
-    # answer (the cursor came from a page that had items).
-    missing = not answer.items and before_seq is None
-    if as_json:
-        print_json(answer)
-    elif not missing:
-        _items_table(answer.items, f"snapshots of {host} / {agent}")
-        if answer.next_cursor is not None:
-            console.print(f"more: --before {answer.next_cursor}")
-    if missing:
-        fail(Exit.NOT_FOUND, f"no snapshot of {host} / {agent}")
-
-
-@snapshots.command("show")
-@click.argument("host")
-@click.argument("agent")
-@click.option("--seq", type=int, help="default: the newest")
-@nats_option
-@json_option
-def show_cmd(host: str, agent: str, seq: int | None, nats_url: str | None, as_json: bool) -> None:
-    """One snapshot (exit 3: none)."""
-    where = f"{host} / {agent}" + ("" if seq is None else f" at seq {seq}")
-    show(run_client(nats_url, lambda f: f.snapshots.get(host, agent, seq)), as_json, f"no snapshot of {where}")
-
-
-@snapshots.command("diff")
-@click.argument("host")
-@click.argument("agent")
-@click.option("--from", "from_seq", type=int, help="default: the snapshot before --to")
-@click.option("--to", "to_seq", type=int, help="default: the newest")
-@nats_option
-@json_option
-def diff_cmd(host: str, agent: str, from_seq: int | None, to_seq: int | None, nats_url: str | None,
-             as_json: bool) -> None:
-    """What changed between two stored snapshots, computed now (exit 3: no such snapshot)."""
-    answer = run_client(nats_url, lambda f: f.snapshots.diff(host, agent, from_seq, to_seq))
-    if as_json or answer.found:
-        show(answer, as_json)
-    if not answer.found:
-        seqs = ", ".join(f"{k} {v}" for k, v in (("--from", from_seq), ("--to", to_seq)) if v is not None)
-        fail(Exit.NOT_FOUND, f"no such snapshot of {host} / {agent}{f' ({seqs})' if seqs else ''}")
+        return
+    table = Table(title="latest snapshots")
+    for col in ("seq", "host", "agent", "ts", "diff_fields"):
+        table.add_column(col)
+    for i in answer.items:
+        table.add_row(str(i.seq), i.host, i.agent, i.ts, _short(i.diff_fields, 60))
+    console.print(table)
 
 
 @snapshots.command("diffs")
@@ -155,52 +216,63 @@ def diff_cmd(host: str, agent: str, from_seq: int | None, to_seq: int | None, na
 @click.option("--agent")
 @click.option("--after", "after_seq", type=int, default=0, help="cursor: the next_cursor of the previous page")
 @click.option("--limit", type=int, default=100, show_default=True)
-@click.option("--changes-only", is_flag=True, help="leave out diffs of unchanged snapshots")
 @nats_option
 @json_option
-def diffs_cmd(host: str | None, agent: str | None, after_seq: int, limit: int, changes_only: bool,
-              nats_url: str | None, as_json: bool) -> None:
-    """The diffs the snapshot differ published, oldest first."""
-    answer = run_client(nats_url, lambda f: f.snapshots.diffs(host, agent, after_seq, limit, changes_only))
+def diffs_cmd(host: str | None, agent: str | None, after_seq: int, limit: int, nats_url: str | None,
+              as_json: bool) -> None:
+    """The diff records, oldest first."""
+    answer = run_client(nats_url, lambda f: f.snapshots.diffs(host, agent, after_seq, limit))
     if as_json:
         print_json(answer)
         return
     table = Table(title="snapshot diffs")
-    for col in ("seq", "host", "agent", "from → to", "added", "removed", "changed"):
+    for col in ("seq", "host", "agent", "timestamp", "diff_fields"):
         table.add_column(col)
     for d in answer.items:
-        table.add_row(str(d.seq), d.host, d.agent, f"{d.from_seq} → {d.to_seq}", _short(d.added, 30),
-                      _short(d.removed, 30), _short(d.changed, 40))
+        table.add_row(str(d.seq), d.host, d.agent, d.timestamp or "", _short(d.diff_fields, 60))
     console.print(table)
+
+
+def _line(seq: int, diff: SnapshotDiff, as_json: bool) -> None:
+    if as_json:
+        click.echo(msgspec.json.encode({"seq": seq, **msgspec.to_builtins(diff)}).decode())
+    else:
+        console.print(f"[bold]{diff.host}/{diff.agent}[/bold] {diff.timestamp}: {', '.join(diff.diff_fields)}")
 
 
 @snapshots.command("watch")
 @click.option("--host")
 @click.option("--agent")
-@click.option("--after", "after_seq", type=int, help="replay from this FLEET_DIFFS seq first (0: everything)")
-@click.option("--all", "include_empty", is_flag=True, help="also diffs of unchanged snapshots")
+@click.option("--after", "after_seq", type=int, help="start after this FLEET_DIFFS seq (0: everything kept)")
 @click.option("--count", type=int, help="exit after this many diffs")
+@click.option("--exec", "commands", multiple=True, help="on_diff command for every diff (repeatable)")
+@click.option("--post", "urls", multiple=True, help="on_diff URL to POST every diff to (repeatable)")
+@click.option("--durable", help="consumer name for --exec/--post (default: derived from the subjects)")
 @nats_option
 @json_option
-def watch_cmd(host: str | None, agent: str | None, after_seq: int | None, include_empty: bool, count: int | None,
-              nats_url: str | None, as_json: bool) -> None:
-    """Print diffs as the differ publishes them (one JSON object per line with --json)."""
+def watch_cmd(host: str | None, agent: str | None, after_seq: int | None, count: int | None,
+              commands: tuple[str, ...], urls: tuple[str, ...], durable: str | None, nats_url: str | None,
+              as_json: bool) -> None:
+    """Print diffs as they are published; with --exec/--post, run the on_diff hooks for each.
+
+    With hooks it follows a durable consumer: restarted, it continues after the last diff
+    it acked (--after only positions a new one). A hook run is at-least-once."""
+    hooks = [*commands, *urls]
 
     async def go(fleet: Fleet) -> int:
+        if hooks:
+            async def echo(seq: int, diff: SnapshotDiff) -> None:
+                _line(seq, diff, as_json)
+
+            return await fleet.snapshots.serve_hooks(hooks, host, agent, durable=durable, after_seq=after_seq,
+                                                     count=count, on_diff=echo)
         seen = 0
-        async for seq, diff in fleet.snapshots.watch(host, agent, after_seq=after_seq,
-                                                     changes_only=not include_empty):
-            if as_json:
-                click.echo(msgspec.json.encode({"seq": seq, **msgspec.to_builtins(diff)}).decode(), nl=True)
-            else:
-                console.print(f"[bold]{diff.host}/{diff.agent}[/bold] #{diff.to_seq}: +{_short(diff.added, 60)} "
-                              f"-{_short(diff.removed, 40)} ~{_short(diff.changed, 60)}")
+        async for seq, diff in fleet.snapshots.watch(host, agent, after_seq=after_seq):
+            _line(seq, diff, as_json)
             seen += 1
             if count is not None and seen >= count:
                 break
         return seen
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         run_client(nats_url, go)
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        pass

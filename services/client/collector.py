@@ -1,27 +1,22 @@
 """The host self-snapshot collector: what a host can say about itself, from the standard library.
 
-`host_facts()` is one JSON object (nested by topic, so diffs name paths such as
-`/memory/available_mb`). Values that change on every call (uptime, load) are
+`host_facts()` is one JSON object (nested by topic, so diffs name fields such as
+`host_facts.memory.available_mb`). Values that change on every call (uptime, load) are
 rounded so that an idle host's consecutive snapshots diff to little.
-`collect()` takes one snapshot every `every_s` seconds through the fire-and-forget
-path: a collector never blocks on, or fails with, the broker.
+Since issue 11 these are an opt-in extra of a snapshot (`gather(..., with_host_facts=True)`,
+under `host_facts`), never mixed into the container's keys: they would change every diff.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fleetlog.services.client.snapshots import SnapshotsAPI
-    from fleetlog.services.writepath.receipt import Receipt
-
-__all__ = ["collect", "host_facts"]
+__all__ = ["host_facts"]
 
 
 def _meminfo() -> dict[str, int]:
@@ -60,16 +55,3 @@ def host_facts(disk_path: str = "/") -> dict[str, Any]:
     if uptime is not None:
         facts["uptime_h"] = uptime
     return facts
-
-
-async def collect(snapshots: SnapshotsAPI, agent: str, *, host: str | None = None, every_s: float = 60.0,
-                  count: int | None = None, disk_path: str = "/") -> list[Receipt]:
-    """Take a snapshot of `host_facts()` every `every_s` s, `count` times (None: until cancelled)."""
-    receipts: list[Receipt] = []
-    while count is None or len(receipts) < count:
-        facts = await asyncio.to_thread(host_facts, disk_path)
-        receipts.append(snapshots.take(agent, facts, host=host))
-        if count is not None and len(receipts) >= count:
-            break
-        await asyncio.sleep(every_s)
-    return receipts

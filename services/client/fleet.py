@@ -101,6 +101,7 @@ class Fleet:
             ack_timeout_s=settings.publish_ack_timeout_s,
             spool_max_bytes=settings.spool_max_bytes,
             exit_flush_s=settings.exit_flush_s,
+            retry_s=settings.publish_retry_s,
             durable=settings.durable,
             fsync=settings.durable_fsync,
         )
@@ -164,7 +165,15 @@ class Fleet:
         """One query-service request; errors come back as typed exceptions."""
         nc = await self.nats(min(timeout, 2.0))
         try:
-            msg = await nc.request(subject, _encode(body), timeout=timeout)
+            try:
+                msg = await nc.request(subject, _encode(body), timeout=timeout)
+            except NatsTimeout:
+                if not nc._server_info.get("cluster"):
+                    raise
+                # On a cluster the request or its answer can be lost with a node (the connection
+                # of either side moves to another one): ask once more, on the live connection.
+                nc = await self.nats(min(timeout, 2.0))
+                msg = await nc.request(subject, _encode(body), timeout=timeout)
         except NoRespondersError:
             raise FleetUnavailable(
                 f"no fleetlog query service answers {subject} (is `fleetlog up` or `fleetlog serve` running?)"

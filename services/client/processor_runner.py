@@ -7,7 +7,8 @@ the lock's fence. The rules are the store's (see `run`). Every run ends with one
 audit record on the processor's run subject, the runner's own failure included.
 
 `serve_runs` answers `fleetlog.processors.run` requests with the same runner: a small
-nats.micro service on the machine that holds the sessions (`fleetlog processors serve`).
+nats.micro service on the machine that holds the sessions (`fleetlog processors serve`). It
+answers `fleetlog.processors.health` there too (processor_health.py: it reads the files' mtimes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from fleetlog.schemas import new_event_id, now_iso
 from fleetlog.schemas.processors import ProcessorRunRecorded, ProcRunRequest, ProcRunStats
 from fleetlog.services.backbone.errors import FleetError, FleetValidationError
 from fleetlog.services.client.processor_files import SessionFile, utcnow
+from fleetlog.services.client.processor_health import HEALTH_SUBJECT, HealthRequest, pipeline_health
 from fleetlog.services.client.processor_lock import ProcessorLock, ProcessorLockBusy
 from fleetlog.services.client.processor_registry import (
     Processor,
@@ -70,6 +72,11 @@ class ProcessorsAPI(Protocol):
                           file_hash: str, read_at: datetime | None = None) -> int: ...
 
     async def record_run(self, event: ProcessorRunRecorded) -> Any: ...
+
+    async def get_states_for_session_files(self, processor: str, session_files: Iterable[str],
+                                           ) -> dict[str, dict[str, Any]]: ...
+
+    async def max_processed_at(self, processor: str) -> datetime | None: ...
 
 
 class UnknownProcessor(FleetError, LookupError):
@@ -229,6 +236,7 @@ async def _record(api: ProcessorsAPI, processor: str, session_dir: str, stats: d
 # ---- the request endpoint --------------------------------------------------------------------
 
 _req_decoder = msgspec.json.Decoder(ProcRunRequest)
+_health_decoder = msgspec.json.Decoder(HealthRequest)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -274,10 +282,29 @@ async def serve_runs(api: ProcessorsAPI, nc: Client, session_dir: str | Path, *,
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    async def health(req: Request) -> None:
+        try:
+            body = _health_decoder.decode(req.data or b"{}")
+            for name in body.processors or []:
+                _resolve(name)  # an unknown name is 404, as processors.run says it
+            answer = await pipeline_health(api, session_dir, processors=body.processors,
+                                           stuck_file_grace_seconds=body.stuck_file_grace_seconds)
+        except (msgspec.DecodeError, msgspec.ValidationError, FleetValidationError) as exc:
+            await _error(req, "400", f"bad processors.health request: {exc}")
+        except UnknownProcessor as exc:
+            await _error(req, "404", str(exc))
+        except Exception as exc:
+            log.exception("processors.health failed")
+            await _error(req, "500", f"{type(exc).__name__}: {exc}")
+        else:
+            with contextlib.suppress(Exception):
+                await req.respond(_encode(answer))
+
     svc = await add_service(nc, name=SERVICE_NAME, version="1.0.0",
                             description=f"runs session processors over {session_dir}")
     try:
         await svc.add_endpoint(name="processors-run", subject=RUN_SUBJECT, handler=spawn)
+        await svc.add_endpoint(name="processors-health", subject=HEALTH_SUBJECT, handler=health)
         await nc.flush()  # subscribed before `ready`: a request right after must find a responder
         if ready is not None:
             ready.set()

@@ -4,7 +4,7 @@ Answers carry a reject's payload as a preview only (a 900 kB garbage message wou
 a reply, services/query/builtins.py). The bytes themselves come from JetStream by
 sequence: from the stream the event was published to (byte for byte what the projector
 refused), else — aged out of it, or replaced on a compacted subject — from the copy on
-FLEET_REJECTS, found by its `Fleetlog-Stream` / `Fleetlog-Seq` headers.
+FLEET_REJECTS, found by its `Fleetlog-Stream` / `Fleetlog-Seq` headers (scanned headers only).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from fleetlog.schemas.answers import RejectRow, RejectsAnswer, RejectsQuery
 from fleetlog.services.backbone.errors import FleetValidationError
 from fleetlog.services.client.seam import FleetClient
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 __all__ = ["REJECTS_STREAM", "RawReject", "find_reject", "reject_raw"]
 
 REJECTS_STREAM = "FLEET_REJECTS"
-SCAN_MAX = 100_000  # rejects-stream messages read before giving up on finding the copy
+SCAN_MAX = 100_000  # rejects-stream headers read before giving up on finding the copy
 
 
 class RawReject(NamedTuple):
@@ -61,16 +63,33 @@ async def reject_raw(client: FleetClient, seq: int, stream: str | None = None,
 
 
 async def _from_rejects_stream(nc: Client, row: RejectRow) -> bytes | None:
+    """The copy's bytes, found by its headers. The copies are scanned headers only (one ordered
+    push consumer), then the one found is fetched: a direct get per copy downloaded every
+    reject in turn, up to SCAN_MAX round trips of up to ~1 MB each."""
     subject = subjects.reject(row.projection)
-    at = 0
-    for _ in range(SCAN_MAX):
-        got = await _direct_get(nc, REJECTS_STREAM, {"seq": at, "next_by_subj": subject}, with_headers=True)
-        if got is None:
-            return None
-        data, found, headers = got[0], got[1], got[2]
-        if headers.get("Fleetlog-Stream") == row.stream and headers.get("Fleetlog-Seq") == str(row.seq):
-            return data
-        at = found + 1
+    js = nc.jetstream()
+    try:
+        info = await js.stream_info(REJECTS_STREAM, subjects_filter=subject)
+    except NotFoundError:
+        return None
+    if not (info.state.subjects or {}).get(subject):
+        return None
+    sub = await js.subscribe(subject, stream=REJECTS_STREAM, ordered_consumer=True,
+                             config=ConsumerConfig(headers_only=True, deliver_policy=DeliverPolicy.ALL))
+    try:
+        for _ in range(SCAN_MAX):
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except TimeoutError:
+                return None
+            headers = msg.headers or {}
+            if headers.get("Fleetlog-Stream") == row.stream and headers.get("Fleetlog-Seq") == str(row.seq):
+                got = await _direct_get(nc, REJECTS_STREAM, {"seq": msg.metadata.sequence.stream})
+                return got[0] if got is not None else None
+            if msg.metadata.num_pending == 0:
+                return None
+    finally:
+        await sub.unsubscribe()
     return None
 
 

@@ -301,7 +301,7 @@ class RunsAPI(ResultEvents, RunStatsReads):
         self, conversation_id: str | None = None, statuses: _Strs = None, runner_id: str | None = None,
         bot_id: str | None = None, workspace_id: str | None = None, thread_id: str | None = None,
         strict_thread: bool = False, before_id: int | None = None, limit: int = 50, *,
-        min_seq: Token | Receipt | None = None,
+        binding_id: str | None = None, agent_id: str | None = None, min_seq: Token | Receipt | None = None,
     ) -> RunPage:
         """Runs newest first (by `id`): items, next_cursor (pass as before_id), has_more, total_count."""
         if before_id is not None and (isinstance(before_id, bool) or not isinstance(before_id, int)):
@@ -312,7 +312,7 @@ class RunsAPI(ResultEvents, RunStatsReads):
             conversation_id=conversation_id, statuses=list(statuses) if statuses else None,  # type: ignore[arg-type]
             runner_id=runner_id, bot_id=bot_id, workspace_id=workspace_id, thread_id=thread_id,
             strict_thread=strict_thread, before_id=before_id, limit=_clamp(limit, 1, 100),
-            min_seq=self._token(min_seq),
+            min_seq=self._token(min_seq), binding_id=binding_id, agent_id=agent_id,
         )
         return await self._fleet.request("fleetlog.runs.list", req, RunPage)
 

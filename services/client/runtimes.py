@@ -142,11 +142,12 @@ class RuntimesAPI:
 
     async def list(
         self, statuses: _Strs = None, labels: dict[str, str] | None = None, limit: int = 100, *,
-        min_seq: Token | Receipt | None = None,
+        after: int | None = None, min_seq: Token | Receipt | None = None,
     ) -> RuntimeList:
-        """Runtimes by id; `labels` must all match; limit clamped to 1..500; `total` ignores the limit."""
+        """Runtimes by id; `labels` must all match; limit clamped to 1..500; `total` ignores the limit.
+        `has_more`: ask again with `after=answer.next_after` (the page may be cut to fit a reply)."""
         req = RuntimesListQuery(statuses=list(statuses) if statuses else None, labels=labels,
-                                limit=max(1, min(500, int(limit))), min_seq=self._token(min_seq))
+                                limit=max(1, min(500, int(limit))), after=after, min_seq=self._token(min_seq))
         return await self._fleet.request("fleetlog.runtimes.list", req, RuntimeList)
 
     async def mark_stale_runtimes(

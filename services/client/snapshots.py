@@ -1,35 +1,35 @@
-"""Host self-snapshots' client API: `fleet.snapshots.take/latest/history/get/diff/diffs/watch`.
+"""Host snapshots' client API, as agent containers take them (issue 11).
 
-`take` is a fire-and-forget fact (the agent is never slowed): the snapshot is
-validated at the call and enqueued; its receipt is the consistency token. The
-diffs between consecutive snapshots are made by the snapshot differ reactor
-(`services/reactors/snapshot_differ.py`) and published on `fleet.diff.<host>.<agent>`;
-`watch` follows them live, `diffs` pages through them, and `diff` compares any two
-stored snapshots on demand.
+`gather` (no I/O to streams), `take` (the diff at take time, services/client/snapshot_take.py),
+`tick` (take and fire `on_diff` hooks, never raising), `status`, the reads `latest`, `prev`,
+`history`, `all_latest`, `diffs`, and `watch` (an ordered consumer on FLEET_DIFFS);
+`serve_hooks` runs the hook contract for a subscriber (services/client/snapshot_watch.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-from fleetlog.schemas import encode_event, new_event_id, now_iso, parse_ts, subjects
 from fleetlog.schemas.snapshots import (
     DiffList,
     DiffsQuery,
-    HostSnapshot,
     SnapshotDiff,
-    SnapshotDiffAnswer,
-    SnapshotDiffQuery,
-    SnapshotGetQuery,
     SnapshotHistoryQuery,
     SnapshotList,
-    SnapshotRow,
     SnapshotsLatestQuery,
 )
 from fleetlog.services.backbone.errors import FleetValidationError, check_identity
+from fleetlog.services.client import snapshot_watch
+from fleetlog.services.client.collector import host_facts
+from fleetlog.services.client.seam import session_token
+from fleetlog.services.client.snapshot_gather import gather
+from fleetlog.services.client.snapshot_hooks import fire, hook_commands
+from fleetlog.services.client.snapshot_take import Taker
 from fleetlog.services.writepath.publisher import Receipt, Token
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -38,17 +38,11 @@ if TYPE_CHECKING:
 
 __all__ = ["SnapshotsAPI"]
 
+log = logging.getLogger("fleetlog.snapshots")
+
 SNAPSHOTS = "FLEET_SNAPSHOTS"
 DIFFS = "FLEET_DIFFS"
-_diff = msgspec.json.Decoder(SnapshotDiff)
-_encode = msgspec.json.Encoder().encode
 MinSeq = Token | Receipt | None
-
-
-def _token(min_seq: MinSeq) -> dict[str, int] | None:
-    if isinstance(min_seq, Receipt):
-        return min_seq.token
-    return dict(min_seq) if min_seq else None
 
 
 def _limit(value: int, high: int = 500) -> int:
@@ -58,107 +52,143 @@ def _limit(value: int, high: int = 500) -> int:
 class SnapshotsAPI:
     def __init__(self, fleet: FleetClient) -> None:
         self._fleet = fleet
+        self._taker = Taker(fleet)
         self.hostname = socket.gethostname() or "localhost"
 
-    def take(self, agent: str, data: Mapping[str, Any], host: str | None = None, ts: str | None = None) -> Receipt:
-        """Publish one snapshot of `host` (default: this machine's hostname) as seen by `agent`.
+    def _min_seq(self, min_seq: MinSeq) -> dict[str, int] | None:
+        """The caller's token and this client's own stored snapshots: a client reads its own takes
+        (their guarded publishes are not in the publisher's flush token)."""
+        token = session_token(min_seq, SNAPSHOTS, self._taker.seen)
+        if token is not None and self._taker.seen > token.get(SNAPSHOTS, 0):
+            token[SNAPSHOTS] = self._taker.seen
+        return token
 
-        `data` must be a JSON object (a dict with string keys, JSON-encodable values);
-        it is encoded at the call, so changing it afterwards changes nothing. Never
-        blocks; raises FleetValidationError (naming the field) for bad input only. `ts`
-        (default now) is an ISO-8601 time, stored as given; no offset means UTC."""
+    @staticmethod
+    def gather(agent: str, session: str | None = None, *, with_host_facts: bool = False) -> dict[str, Any]:
+        """The container's snapshot of `agent` (services/client/snapshot_gather.py); no stream I/O.
+
+        `with_host_facts` adds the general host facts (disk, python, uptime) under `host_facts`:
+        opt-in, as they would change every diff."""
+        snap = gather(check_identity("agent", agent), session)
+        if with_host_facts:
+            snap["host_facts"] = host_facts()
+        return snap
+
+    async def take(self, agent: str, data: Mapping[str, Any] | None = None, *, host: str | None = None,
+                   session: str | None = None, with_diff: bool = True) -> dict[str, Any]:
+        """Store one snapshot of (host, agent) and return it with `has_diff` and `diff_fields`.
+
+        `data=None` gathers; a given `data` is the snapshot exactly as made (a JSON object).
+        The diff is against the previous snapshot of (host, agent) in stream order ([] for the
+        first, or with `with_diff=False`); a non-empty one is also published as a diff record
+        on `fleet.diff.<host>.<agent>`. With the broker away it still returns: diffed against
+        the last snapshot this process knows, spooled, drained in order later."""
         agent = check_identity("agent", agent)
-        if ts is not None:
-            try:
-                parse_ts(ts)
-            except (TypeError, ValueError) as exc:
-                raise FleetValidationError("ts", f"must be an ISO-8601 time: {exc}") from None
-            if not 10 <= len(ts) <= 64:  # the contract's IsoTs (fromisoformat also takes "20240101")
-                raise FleetValidationError("ts", f"must be 10 to 64 characters, got {len(ts)}")
         host = check_identity("host", self.hostname if host is None else host)
-        if not isinstance(data, Mapping):
-            raise FleetValidationError("data", f"must be a JSON object (a dict), got {type(data).__name__}")
-        bad = next((k for k in data if not isinstance(k, str)), None)
-        if bad is not None:
-            raise FleetValidationError("data", f"keys must be strings, got {bad!r}")
-        try:  # encoded once, at the call: the caller may mutate `data` afterwards
-            raw = msgspec.Raw(_encode(data if type(data) is dict else dict(data)))
-        except (TypeError, msgspec.EncodeError, ValueError, OverflowError) as exc:
-            raise FleetValidationError("data", f"must be JSON-encodable: {exc}") from None
-        event = HostSnapshot(id=new_event_id(), ts=now_iso() if ts is None else ts, host=host, agent=agent,
-                             data=cast(dict[str, Any], raw))
-        size = len(encode_event(event))  # a copy of `raw`, not a parse
-        limit = self._fleet.settings.max_event_bytes
-        if size > limit:
-            raise FleetValidationError("data", f"encoded size {size} bytes exceeds max_event_bytes {limit}")
-        # Every wire rule is checked above (identities, ts, a JSON object, the size): the sender
-        # encodes the event with `data` as the bytes encoded here, no second pass over them.
-        return self._fleet.emit_validated(event)
+        snap = await asyncio.to_thread(gather, agent, session) if data is None else _checked(data)
+        taken = await self._taker.take(host, agent, snap, with_diff)
+        return {**snap, "has_diff": bool(taken.diff_fields), "diff_fields": taken.diff_fields}
 
-    async def latest(self, host: str | None = None, agent: str | None = None, limit: int = 100,
-                     after: list[str] | tuple[str, str] | None = None, *, min_seq: MinSeq = None) -> SnapshotList:
-        """The newest snapshot of every (host, agent), ordered by host then agent; `next_after`
-        pages on (as `after`)."""
-        req = SnapshotsLatestQuery(host=host, agent=agent, after=list(after) if after else None,
-                                   limit=_limit(limit), min_seq=_token(min_seq))
-        return await self._fleet.request("fleetlog.snapshots.latest", req, SnapshotList)
+    async def tick(self, agent: str, *, session: str | None = None, hooks: Any = None,
+                   host: str | None = None) -> dict[str, Any] | None:
+        """Take a snapshot and fire `on_diff` hooks when it has a diff; never raises (None: logged)."""
+        try:
+            snap = await self.take(agent, host=host, session=session)
+        except Exception as exc:
+            log.warning("snapshot tick for %s failed: %s", agent, exc)
+            return None
+        try:
+            commands = hook_commands(hooks)
+            if snap["has_diff"] and commands:
+                fire(agent, "on_diff", commands, {"diff_fields": snap["diff_fields"],
+                                                  "timestamp": snap.get("timestamp")})
+        except Exception as exc:
+            log.warning("snapshot tick for %s: on_diff hooks: %s", agent, exc)
+        return snap
 
-    async def history(self, host: str, agent: str, limit: int = 10, before_seq: int | None = None, *,
-                      min_seq: MinSeq = None) -> SnapshotList:
-        """Snapshots of (host, agent), newest first; `next_cursor` pages on (as `before_seq`)."""
-        req = SnapshotHistoryQuery(host=host, agent=agent, limit=_limit(limit), before_seq=before_seq,
-                                   min_seq=_token(min_seq))
+    async def status(self, agent: str, *, host: str | None = None, hooks: Any = None,
+                     min_seq: MinSeq = None) -> dict[str, Any]:
+        """The newest stored snapshot (from the view, never gathered) and how many hooks are configured."""
+        return {"snapshot": await self.latest(agent, host, min_seq=min_seq),
+                "hooks_configured": {"on_diff": len(hook_commands(hooks))}}
+
+    async def latest(self, agent: str, host: str | None = None, *, min_seq: MinSeq = None) -> dict[str, Any] | None:
+        """The newest stored snapshot of (host, agent) with has_diff/diff_fields, or None."""
+        page = await self.history(agent, host, limit=1, min_seq=min_seq)
+        return page.items[0].snapshot() if page.items else None
+
+    async def prev(self, agent: str, host: str | None = None, *, min_seq: MinSeq = None) -> dict[str, Any] | None:
+        """The stored snapshot before the newest one of (host, agent), or None."""
+        page = await self.history(agent, host, limit=2, min_seq=min_seq)
+        return page.items[1].snapshot() if len(page.items) > 1 else None
+
+    async def history(self, agent: str, host: str | None = None, limit: int = 10, before_seq: int | None = None,
+                      *, min_seq: MinSeq = None) -> SnapshotList:
+        """(host, agent)'s stored snapshots, newest first; `next_cursor` pages on (as `before_seq`)."""
+        req = SnapshotHistoryQuery(host=self.hostname if host is None else host, agent=agent, limit=_limit(limit),
+                                   before_seq=before_seq, min_seq=self._min_seq(min_seq))
         return await self._fleet.request("fleetlog.snapshots.history", req, SnapshotList)
 
-    async def get(self, host: str, agent: str, seq: int | None = None, *,
-                  min_seq: MinSeq = None) -> SnapshotRow | None:
-        """The snapshot at `seq`, else the newest of (host, agent); None when there is none."""
-        req = SnapshotGetQuery(host=host, agent=agent, seq=seq, min_seq=_token(min_seq))
-        answer = await self._fleet.request("fleetlog.snapshots.get", req, SnapshotList)
-        return answer.items[0] if answer.items else None
-
-    async def diff(self, host: str, agent: str, from_seq: int | None = None, to_seq: int | None = None, *,
-                   min_seq: MinSeq = None) -> SnapshotDiffAnswer:
-        """What changed between two stored snapshots (default: the newest and the one before)."""
-        req = SnapshotDiffQuery(host=host, agent=agent, from_seq=from_seq, to_seq=to_seq, min_seq=_token(min_seq))
-        return await self._fleet.request("fleetlog.snapshots.diff", req, SnapshotDiffAnswer)
+    async def all_latest(self, host: str | None = None, agent: str | None = None, limit: int = 100,
+                         after: list[str] | tuple[str, str] | None = None, *, min_seq: MinSeq = None) -> SnapshotList:
+        """The newest snapshot of every (host, agent), by host then agent; `next_after` pages on."""
+        req = SnapshotsLatestQuery(host=host, agent=agent, after=list(after) if after else None,
+                                   limit=_limit(limit), min_seq=self._min_seq(min_seq))
+        return await self._fleet.request("fleetlog.snapshots.latest", req, SnapshotList)
 
     async def diffs(self, host: str | None = None, agent: str | None = None, after_seq: int = 0, limit: int = 100,
-                    changes_only: bool = False, *, min_seq: MinSeq = None) -> DiffList:
-        """The differ's diffs, oldest first after `after_seq` (a FLEET_DIFFS seq)."""
+                    *, min_seq: MinSeq = None) -> DiffList:
+        """The diff records, oldest first after `after_seq` (a FLEET_DIFFS seq)."""
         req = DiffsQuery(host=host, agent=agent, after_seq=max(0, int(after_seq)), limit=_limit(limit),
-                         changes_only=changes_only, min_seq=_token(min_seq))
+                         min_seq=self._min_seq(min_seq))
         return await self._fleet.request("fleetlog.snapshots.diffs", req, DiffList)
 
-    async def watch(self, host: str | None = None, agent: str | None = None, *, after_seq: int | None = None,
-                    changes_only: bool = True) -> AsyncIterator[tuple[int, SnapshotDiff]]:
-        """Diffs as the differ publishes them: (FLEET_DIFFS seq, diff), in stream order.
+    async def watch(self, host: str | None = None, agent: str | None = None, *,
+                    after_seq: int | None = None) -> AsyncIterator[tuple[int, SnapshotDiff]]:
+        """Diff records as they are published: (FLEET_DIFFS seq, record), in stream order.
 
-        From the first iteration on by default (the subscription starts when the loop does);
-        from `after_seq` + 1 to replay history first (`after_seq=0`: everything kept). An ordered
-        consumer straight on FLEET_DIFFS (no query service involved): it survives
-        reconnects and never skips. Messages that do not decode are skipped (the
-        projector records them as rejects)."""
-        subject = subjects.diff(host, agent) if host is not None and agent is not None else (
-            f"fleet.diff.{'*' if host is None else subjects.escape_token(host)}"
-            f".{'*' if agent is None else subjects.escape_token(agent)}"
-        )
+        From the first iteration on by default; from `after_seq` + 1 to replay first. An
+        ordered consumer straight on FLEET_DIFFS (no query service); records that do not
+        decode, and v1 diffs, are skipped (the projector records them as rejects)."""
         js = (await self._fleet.nats()).jetstream()
         if after_seq is None:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                     opt_start_seq=max(0, int(after_seq)) + 1)
-        sub = await js.subscribe(subject, stream=DIFFS, ordered_consumer=True, config=config)
+        sub = await js.subscribe(snapshot_watch.diff_subject(host, agent), stream=DIFFS, ordered_consumer=True,
+                                 config=config)
         try:
             async for msg in sub.messages:
-                try:
-                    diff = _diff.decode(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue
-                if changes_only and diff.empty:
+                diff = snapshot_watch._decode(msg.data)
+                if diff is None:
                     continue
                 assert msg.metadata is not None
                 yield msg.metadata.sequence.stream, diff
         finally:
             await sub.unsubscribe()
+
+    async def serve_hooks(self, commands: list[str], host: str | None = None, agent: str | None = None, *,
+                          durable: str | None = None, after_seq: int | None = None, count: int | None = None,
+                          on_diff: Callable[[int, SnapshotDiff], Awaitable[None]] | None = None) -> int:
+        """Run the on_diff hook contract for every diff followed, from a durable, resumable position.
+
+        At-least-once: each diff's hooks run to their end before it is acked."""
+        subject = snapshot_watch.diff_subject(host, agent)
+        return await snapshot_watch.serve_hooks(
+            await self._fleet.nats(), subject, commands, durable=durable or snapshot_watch.default_durable(subject),
+            after_seq=after_seq, count=count, on_diff=on_diff)
+
+
+def _checked(data: Any) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise FleetValidationError("data", f"must be a JSON object (a dict), got {type(data).__name__}")
+    bad = next((k for k in data if not isinstance(k, str)), None)
+    if bad is not None:
+        raise FleetValidationError("data", f"keys must be strings, got {bad!r}")
+    snap = dict(data)
+    try:
+        msgspec.json.encode(snap)
+    except (TypeError, msgspec.EncodeError, ValueError, OverflowError) as exc:
+        raise FleetValidationError("data", f"must be JSON-encodable: {exc}") from None
+    return snap

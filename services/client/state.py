@@ -250,12 +250,39 @@ class StateAPI:
             await self._backoff(attempt)
         raise FleetError(f"state delete on {subject}: lost {MAX_RACES} races in a row to other writers")
 
+    async def delete_key(self, scope_key: str, key: str) -> StateDeletion:
+        """Delete one key addressed by its scope key alone (stores that kept only the scope key).
+
+        The tombstone carries the context, binding identity and policy of the value it deletes
+        (read from the subject's last message), so the projection re-derives the same scope key.
+        """
+        key = _state_key(key)
+        subject = ""
+        for attempt in range(MAX_RACES):
+            subject = StateDeleted(id="", ts="", scope_key=scope_key, key=key).subject()
+            expected, last = await self._last(subject)
+            if not isinstance(last, StateSet):
+                token = {STREAM: expected} if expected else {}
+                return StateDeletion(scope_key=scope_key, key=key, deleted=False, seq=expected or None, token=token)
+            event = StateDeleted(id=new_event_id(), ts=now_iso(), scope_key=last.scope_key, key=last.key,
+                                 binding_identity=last.binding_identity, context=last.context, policy=last.policy)
+            seq = await self._publish(event, expected)
+            if seq is not None:
+                return StateDeletion(scope_key=scope_key, key=key, deleted=True, seq=seq, token={STREAM: seq})
+            await self._backoff(attempt)
+        raise FleetError(f"state delete on {subject}: lost {MAX_RACES} races in a row to other writers")
+
     # -- reads -------------------------------------------------------------------
     async def entry(self, scope: str, key: str, *, context: ContextLike, binding: BindingLike = None,
                     min_seq: MinSeq = None) -> StateEntry:
         """One key with its metadata and the view's `as_of`; `found` is False when missing."""
         target = _Target(scope, key, context, binding)
         req = StateGetQuery(scope_key=target.scope_key, key=target.key, min_seq=_token(min_seq))
+        return await self._fleet.request("fleetlog.state.get", req, StateEntry)
+
+    async def entry_at(self, scope_key: str, key: str, *, min_seq: MinSeq = None) -> StateEntry:
+        """One key addressed by its scope key (as `list` is), without the context that made it."""
+        req = StateGetQuery(scope_key=scope_key, key=_state_key(key), min_seq=_token(min_seq))
         return await self._fleet.request("fleetlog.state.get", req, StateEntry)
 
     async def get(self, scope: str, key: str, *, context: ContextLike, binding: BindingLike = None,

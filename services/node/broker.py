@@ -92,12 +92,19 @@ def probe_nats(host: str, port: int, timeout_s: float = 1.0) -> dict[str, object
 
 
 class EmbeddedBroker:
-    """One nats-server process with JetStream under `data_dir`."""
+    """One nats-server process with JetStream under `data_dir`.
 
-    def __init__(self, data_dir: Path, port: int = 4222, host: str = "127.0.0.1") -> None:
+    `cluster_args` (services/node/cluster.py) make it a node of a cluster: it then never
+    reuses a server already on its port (that one would not be a member of this cluster).
+    """
+
+    def __init__(self, data_dir: Path, port: int = 4222, host: str = "127.0.0.1", *,
+                 name: str | None = None, cluster_args: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
         self.host = host
+        self.name = name or f"fleetlog-{port}"
+        self.cluster_args = cluster_args
         self.process: subprocess.Popen[bytes] | None = None
         self.reused = False
 
@@ -109,6 +116,9 @@ class EmbeddedBroker:
         """Start nats-server, or reuse a healthy JetStream-enabled NATS already on the port."""
         info = probe_nats(self.host, self.port)
         if info is not None:
+            if self.cluster_args is not None:
+                raise BrokerError(f"port {self.port} on {self.host} is held by another NATS server: "
+                                  "a cluster node needs its own port")
             if not info.get("jetstream"):
                 raise BrokerError(f"NATS on {self.host}:{self.port} runs without JetStream; start it with -js")
             self.reused = True
@@ -119,7 +129,7 @@ class EmbeddedBroker:
         log = open(self.data_dir / "nats-server.log", "ab")  # noqa: ASYNC230
         self.process = subprocess.Popen(  # noqa: ASYNC220
             [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
-             "-n", f"fleetlog-{self.port}"],
+             "-n", self.name, *(self.cluster_args or [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the broker in order

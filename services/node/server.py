@@ -1,5 +1,6 @@
 """Running fleetlog: `serve` (projector + query service against any NATS) and `up`
-(the same, on an embedded nats-server bound to loopback)."""
+(the same, on an embedded nats-server bound to loopback, or on a loopback cluster of
+them: `up --cluster 3`, services/node/cluster.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.link import connect_once
 from fleetlog.services.backbone.streams import ensure_streams
 from fleetlog.services.node.broker import EmbeddedBroker
+from fleetlog.services.node.cluster import LocalCluster
 from fleetlog.services.projector.runtime import Projector
 from fleetlog.services.projector.store import ViewStore
 from fleetlog.services.query.service import QueryService
+from fleetlog.services.reactors.scheduler import Scheduler
+from fleetlog.services.reactors.scheduler_jobs import JobsConfig, check_tick
 from fleetlog.services.reactors.supervisor import Reactors
 from nats.aio.client import Client
 
-__all__ = ["Server", "run_serve", "run_up"]
+__all__ = ["Server", "run_scheduler", "run_serve", "run_up"]
 
 log = logging.getLogger("fleetlog.server")
 
@@ -34,15 +38,19 @@ class Server:
     A node answers queries only once its views have caught up with the streams as of its
     start (services/query/service.py); `start()` waits for that (logging progress) unless
     `wait=False`, after which `serving()` waits. `fold_paused` starts with the fold held
-    (`projector.resume()` lets it go): a view that is behind on purpose.
+    (`projector.resume()` lets it go): a view that is behind on purpose. With `jobs` that
+    has jobs, the scheduler reactor runs them too (services/reactors/scheduler.py).
     """
 
     settings: FleetSettings
     projections: Sequence[Projection] = ALL
     fold_paused: bool = False
+    jobs: JobsConfig | None = None
 
     async def start(self, *, wait: bool = True) -> None:
         s = self.settings
+        if self.jobs is not None:
+            check_tick(self.jobs)  # a bad tick is refused before anything starts
         self.nc = await _connect_waiting(s)
         await ensure_streams(self.nc, s)
         self.store = ViewStore(s.views_path())
@@ -54,6 +62,9 @@ class Server:
         self.query = QueryService(self.nc, self.projector, wait_max_s=s.query_wait_max_s,
                                   sql_max_rows=s.sql_max_rows, sql_timeout_s=s.sql_timeout_s)
         self.reactors: Reactors | None = None
+        self.scheduler: Scheduler | None = None
+        if self.jobs is not None and self.jobs.jobs:
+            self.scheduler = Scheduler(self.nc, self.jobs)
         await self.query.start()  # notes the streams' ends before the projector folds anything
         await self.projector.start()
         self._joining = asyncio.ensure_future(self._join())
@@ -74,9 +85,14 @@ class Server:
         if self.settings.reactors:  # they ask the views: only once these are caught up
             self.reactors = Reactors(self.settings)
             await self.reactors.start()
+        if self.scheduler is not None:  # processors.run needs caught-up views too
+            await self.scheduler.start()
 
     async def stop(self) -> None:
-        """Stop the reactors and answering, let the projector commit its last batch, close the file."""
+        """Stop the scheduler, the reactors and answering, let the projector commit its last batch, close the file."""
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                await self.scheduler.stop()
         if self.reactors is not None:
             with contextlib.suppress(Exception):
                 await self.reactors.stop()
@@ -136,8 +152,9 @@ async def _connect_waiting(s: FleetSettings) -> Client:
     return nc
 
 
-async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None) -> None:
-    server = Server(settings)
+async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None,
+                    jobs: JobsConfig | None = None) -> None:
+    server = Server(settings, jobs=jobs)
     starting = asyncio.ensure_future(server.start())
     signalled = asyncio.ensure_future(_until_signalled())
     done, _ = await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
@@ -159,7 +176,12 @@ async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None)
         await server.stop()
 
 
-async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None) -> None:
+async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None, jobs: JobsConfig | None = None,
+                 cluster: int = 0) -> None:
+    """The embedded broker (or a `cluster`-node loopback cluster) and the services on it."""
+    if cluster:
+        await _run_up_cluster(settings, ready, cluster, jobs)
+        return
     broker = EmbeddedBroker(settings.data_dir / "broker", port=settings.port)
     await broker.start()
     if broker.reused:
@@ -167,6 +189,42 @@ async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None) ->
     else:
         log.info("started nats-server on %s (data in %s)", broker.url, broker.data_dir)
     try:
-        await run_serve(settings.model_copy(update={"nats_url": broker.url}), ready)
+        await run_serve(settings.model_copy(update={"nats_url": broker.url}), ready, jobs)
     finally:
         await broker.stop()
+
+
+async def run_scheduler(settings: FleetSettings, jobs: JobsConfig, ready: asyncio.Event | None = None) -> None:
+    """`fleetlog scheduler run`: the scheduler alone against NATS, until a signal (or cancelled)."""
+    check_tick(jobs)
+    nc = await _connect_waiting(settings)
+    try:
+        await ensure_streams(nc, settings)  # FLEET_SCHEDULER, should no `serve` have made it yet
+        sched = Scheduler(nc, jobs)
+        await sched.start()
+        if ready is not None:
+            ready.set()
+        try:
+            await _until_signalled()
+        finally:
+            await sched.stop()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+async def _run_up_cluster(settings: FleetSettings, ready: asyncio.Event | None, size: int,
+                          jobs: JobsConfig | None) -> None:
+    nodes = LocalCluster(settings.data_dir / "cluster", size, settings.port)
+    await nodes.start()  # returns once every node is healthy: a JetStream meta leader exists
+    for node, http_port in zip(nodes.nodes, nodes.http_ports, strict=True):
+        log.info("cluster node %s on %s (monitoring http://%s:%d, data in %s)", node.name, node.url,
+                 node.host, http_port, node.data_dir)
+    # R3 on a cluster unless told otherwise (never more copies than nodes).
+    replicas = settings.stream_replicas if "stream_replicas" in settings.model_fields_set else min(3, size)
+    log.info("services on %s, streams with %d replicas", nodes.nats_url, replicas)
+    try:
+        await run_serve(settings.model_copy(update={"nats_url": nodes.nats_url, "stream_replicas": replicas}), ready,
+                        jobs)
+    finally:
+        await nodes.stop()

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import duckdb
@@ -45,6 +46,10 @@ class Reject(NamedTuple):
     data: bytes
 
 
+def _no_hook(schema: str, stream: str, seq: int) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
 class BatchFolder:
     """Folds batches into the view store; one per projector (its lock serialises the writes)."""
 
@@ -52,6 +57,9 @@ class BatchFolder:
         self.store = store
         self.max_event_bytes = max_event_bytes
         self.write_lock = threading.Lock()
+        # Wraps each COMMIT (schema, stream, checkpoint): the projector's seqlock for readers
+        # (services/projector/committed.py), held around the COMMIT statement alone.
+        self.around_commit: Callable[[str, str, int], AbstractContextManager[None]] = _no_hook
         self.last_commit = time.monotonic()
         self.bulk_batches = 0  # batches folded by a projection's fold_raw
         self.bulk_fallbacks = 0  # batches whose fold_raw failed and were folded decoded
@@ -244,7 +252,8 @@ class BatchFolder:
                         " WHERE schema_name = ? AND stream = ? AND seq < ?",
                         [seq, schema, stream, seq],
                     )
-                    cur.execute("COMMIT")
+                    with self.around_commit(schema, stream, seq):
+                        cur.execute("COMMIT")
                     self.last_commit = time.monotonic()
                 except BaseException:
                     cur.execute("ROLLBACK")

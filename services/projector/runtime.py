@@ -42,6 +42,8 @@ CATCHUP_BATCH_EVENTS = 50_000
 CATCHUP_BATCH_BYTES = 12 * 1024 * 1024
 # Read ahead while a batch folds (with record overhead counted; see OrderedReader).
 READER_BUFFER_BYTES = 16 * 1024 * 1024
+# How often an idle feed not known to be caught up asks the broker (one STREAM.INFO each).
+CHECK_IDLE_S = 0.5
 
 @dataclass
 class _Feed:
@@ -51,6 +53,7 @@ class _Feed:
     pending: int | None = None  # events after the checkpoint the broker reported, None = unknown
     last_ts_ns: int = 0
     caught_up: bool = False
+    checked_at: float = 0.0  # monotonic time the broker was last asked (`_check_caught_up`)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Projector:
         self._aux: list[asyncio.Task[None]] = []
         self.folded_events = 0
         self.committed = Committed()  # which checkpoints a read saw, without a transaction
+        self.folder.around_commit = self.committed.committing
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -197,7 +201,10 @@ class Projector:
                 if running.gen.state == "retired":
                     return
                 if batch is None:
-                    if running.gen.state == "building" and not feed.caught_up:
+                    # Idle and not known caught up (live or building): ask the broker, at most
+                    # every CHECK_IDLE_S. A live view restarted after its last messages were
+                    # deleted is delivered nothing, so only the broker can say it is done.
+                    if not feed.caught_up and time.monotonic() - feed.checked_at >= CHECK_IDLE_S:
                         await self._check_caught_up(running, stream)
                     continue
                 await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
@@ -225,6 +232,7 @@ class Projector:
         if self.nc is None or not self.nc.is_connected:
             return
         feed = running.feeds[stream]
+        feed.checked_at = time.monotonic()
         try:
             info = await self.nc.jetstream().stream_info(stream)
         except Exception:
@@ -238,11 +246,22 @@ class Projector:
                 self._fold_thread, self._advance, running.gen.schema, stream, last_seq
             )
             feed.checkpoint = last_seq
-        if last_seq <= feed.checkpoint:
+        if last_seq <= feed.checkpoint or not await self._any_after(stream, feed.checkpoint):
             feed.caught_up = True
             feed.pending = 0
             if running.gen.state == "building":
                 await self._maybe_promote(running)
+
+    async def _any_after(self, stream: str, seq: int) -> bool:
+        """Whether `stream` holds a message after `seq` (the last ones may have been deleted:
+        last_seq then stays beyond anything that will ever be delivered). True if unsure."""
+        assert self.nc is not None
+        body = json.dumps({"seq": seq + 1, "next_by_subj": ">"}).encode()
+        try:
+            msg = await self.nc.request(f"$JS.API.DIRECT.GET.{stream}", body, timeout=2)
+        except Exception:
+            return True
+        return (msg.headers or {}).get("Status") != "404"
 
     async def _maybe_promote(self, running: _Running) -> None:
         if not all(f.caught_up for f in running.feeds.values()):
@@ -275,16 +294,11 @@ class Projector:
         return json.dumps({"compared": True, "equal": a == b, "live": a, "rebuilt": b})
 
     def _apply(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
-        """`folder.apply` on the fold thread, inside the readers' seqlock."""
-        with self.committed.committing():
-            rejects = self.folder.apply(projection, schema, stream, batch)
-            self.committed.moved(schema, stream, batch.last_seq)
-            return rejects
+        """`folder.apply` on the fold thread (its COMMITs inside the readers' seqlock)."""
+        return self.folder.apply(projection, schema, stream, batch)
 
     def _advance(self, schema: str, stream: str, seq: int) -> None:
-        with self.committed.committing():
-            self.folder.advance(schema, stream, seq)
-            self.committed.moved(schema, stream, seq)
+        self.folder.advance(schema, stream, seq)
 
     # -- checkpoints -------------------------------------------------------------
     async def _checkpoint_when_idle(self) -> None:

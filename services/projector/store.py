@@ -98,6 +98,10 @@ class ViewStore:
         assert row is not None
         self.catalog: str = row[0]
         self._lock = threading.Lock()
+        # Schemas of generations dropped by this process, and how many: reader threads close
+        # the cursors they keep on them (services/query/cursors.py).
+        self.dropped: set[str] = set()
+        self.drops = 0
         for stmt in META_DDL:
             self.con.execute(stmt)
 
@@ -155,6 +159,15 @@ class ViewStore:
             )
             self.con.execute("DELETE FROM fleetlog_checkpoints WHERE schema_name = ?", [gen.schema])
             self.con.execute(f'DROP SCHEMA IF EXISTS "{gen.schema}" CASCADE')
+            self._dropped(gen.schema)
+
+    def _dropped(self, schema: str) -> None:  # under _lock
+        self.dropped.add(schema)
+        self.drops += 1
+
+    def dropped_schemas(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self.dropped)
 
     def promote(self, new: Generation, old: Generation | None, report: str | None) -> None:
         """Make `new` the live generation in one transaction, then drop the old tables."""
@@ -185,6 +198,7 @@ class ViewStore:
             with self._lock:
                 self.con.execute("DELETE FROM fleetlog_checkpoints WHERE schema_name = ?", [old.schema])
                 self.con.execute(f'DROP SCHEMA IF EXISTS "{old.schema}" CASCADE')
+                self._dropped(old.schema)
 
     # -- reading -------------------------------------------------------------
     def checkpoints(self, schema: str) -> dict[str, int]:

@@ -75,18 +75,17 @@ class Builtins:
         arrived = time.monotonic_ns()
         q, projector = self.q, self.q.projector
         query = msgspec.json.decode(req.data or b"{}", type=SqlQuery)
-        live = [projector.live(name) for name in projector.projections]
-        check_select(query.sql, [t for r in live for t in r.projection.tables])
-        for running in live:
-            await projector.wait_for(running.projection.name, query.min_seq, q.wait_max_s)
+        names = list(projector.projections)
+        check_select(query.sql, [t for name in names for t in projector.projections[name].tables])
+        for name in names:
+            await projector.wait_for(name, query.min_seq, q.wait_max_s)
         store = projector.store
-        schemas = [r.gen.schema for r in live]
-        path = ",".join(f"{store.catalog}.{s}" for s in schemas)
         max_rows = min(query.max_rows or q.sql_max_rows, q.sql_max_rows)
 
-        def run() -> tuple[dict[str, int], tuple[list[str], list[list[Any]], bool]]:
+        def run(schemas: list[str]) -> tuple[dict[str, int], tuple[list[str], list[list[Any]], bool]]:
             cur = store.cursor(None)
             try:
+                path = ",".join(f"{store.catalog}.{s}" for s in schemas)
                 cur.execute(f"SET search_path = '{path}'")
                 # Straight into a transaction: an ad-hoc statement may run for seconds, likely
                 # across a fold's commit, and running it twice would double that.
@@ -94,9 +93,18 @@ class Builtins:
             finally:
                 cur.close()
 
-        streams = {s for r in live for s in r.projection.streams}
+        streams = {s for name in names for s in projector.projections[name].streams}
         heads = asyncio.ensure_future(q.heads.last_seqs(streams, arrived))  # looked up while the query runs
-        as_of, (columns, rows, truncated) = await q.read(run)
+        # The live generations are chosen after the min_seq wait (a rebuild promoted during it
+        # dropped the schemas chosen before), and chosen again if one is promoted meanwhile.
+        schemas = [projector.live(name).gen.schema for name in names]
+        try:
+            as_of, (columns, rows, truncated) = await q.read(run, schemas)
+        except duckdb.CatalogException:
+            again = [projector.live(name).gen.schema for name in names]
+            if again == schemas:
+                raise
+            as_of, (columns, rows, truncated) = await q.read(run, again)
         answer = SqlAnswer(columns=columns, rows=rows, truncated=truncated,
                            truncated_by="max_rows" if truncated else "")
         await q.stamp(answer, as_of, streams, arrived, heads)
@@ -128,13 +136,17 @@ class Builtins:
         rejects_total = 0
         for running in q.projector.running():
             gen = running.gen
-            checkpoints = {s: f.checkpoint for s, f in running.feeds.items()}
-            lag = {s: max(0, last_seq.get(s, 0) - c) for s, c in checkpoints.items()}
-            # Age of the lag: how long the oldest event not folded has waited.
-            lag_s = {s: (await q.heads.age(s, c) if lag[s] else 0.0) for s, c in checkpoints.items()}
-            rows = await q.read(self._counts, gen.schema, running.projection.tables)
-            if not rows:
+            # The counts and the checkpoints they reflect come from one transaction: the
+            # in-memory feeds move on after a commit, and counts taken apart from them could
+            # exceed the as_of the answer claimed.
+            counted = await q.read(self._counts, gen.schema, running.projection.tables)
+            if counted is None:
                 continue  # a promotion retired (dropped) this generation meanwhile
+            checkpoints, rows = counted
+            # A stream whose last seq the broker did not give has no lag figure (not 0).
+            lag = {s: max(0, last_seq[s] - c) for s, c in checkpoints.items() if s in last_seq}
+            # Age of the lag: how long the oldest event not folded has waited.
+            lag_s = {s: (await q.heads.age(s, checkpoints[s]) if n else 0.0) for s, n in lag.items()}
             rejects = rows.pop("_rejects")
             projections.append(ProjectionStatus(
                 name=gen.name, version=gen.version, generation=gen.generation, state=gen.state,
@@ -153,20 +165,25 @@ class Builtins:
         answer.lag, answer.lag_s = await q.heads.lag(as_of, {s: last_seq.get(s) for s in as_of})
         return answer
 
-    def _counts(self, schema: str, tables: tuple[str, ...]) -> dict[str, int]:
-        """Row counts of one generation; empty if a promotion retired (dropped) it meanwhile."""
+    def _counts(self, schema: str, tables: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]] | None:
+        """(checkpoints, row counts) of one generation as one transaction sees them; None if
+        a promotion retired (dropped) it meanwhile."""
         try:
             cur = self.q.projector.store.cursor(schema)
         except duckdb.CatalogException:
-            return {}
-        try:
+            return None
+
+        def count(c: duckdb.DuckDBPyConnection) -> dict[str, int]:
             out = {}
             for table in (*tables, "_rejects"):
-                row = cur.execute(f"SELECT count(*) FROM {table}").fetchone()
+                row = c.execute(f"SELECT count(*) FROM {table}").fetchone()
                 out[table] = int(row[0]) if row else 0
             return out
+
+        try:
+            return read_at_snapshot(cur, [schema], count)
         except duckdb.CatalogException:
-            return {}
+            return None
         finally:
             cur.close()
 
@@ -177,7 +194,7 @@ class Builtins:
         query = msgspec.json.decode(req.data or b"{}", type=RejectsQuery)
         if query.limit < 1:
             raise ValueError(f"limit: must be at least 1, got {query.limit}")
-        items: list[RejectRow] = []
+        found: list[tuple[str, Any]] = []
         as_of: dict[str, int] | None = None
         names = [query.projection] if query.projection else list(projector.projections)
         where, params = _rejects_where(query)
@@ -185,28 +202,38 @@ class Builtins:
             if name not in projector.projections:
                 raise KeyError(f"unknown projection {name!r}")
             await projector.wait_for(name, query.min_seq, q.wait_max_s)
-            schema = projector.live(name).gen.schema
             sql = (f"SELECT stream, seq, subject, reason, data[1:{REJECT_PREVIEW_BYTES}], octet_length(data),"
-                   f" CAST(rejected_at AS VARCHAR) FROM _rejects {where}"
+                   f" CAST(rejected_at AS VARCHAR), epoch_us(rejected_at) FROM _rejects {where}"
                    " ORDER BY rejected_at DESC, seq DESC LIMIT ?")
 
-            def run(schema: str = schema, sql: str = sql) -> tuple[dict[str, int], list[Any]]:
+            def run(schema: str, sql: str = sql) -> tuple[dict[str, int], list[Any]]:
                 cur = projector.store.cursor(schema)
                 try:
+                    # One more than asked: whether there are more (`has_more`).
                     return read_consistent(cur, projector, [schema],
-                                           lambda c: c.execute(sql, [*params, query.limit]).fetchall())
+                                           lambda c: c.execute(sql, [*params, query.limit + 1]).fetchall())
                 finally:
                     cur.close()
 
-            seen, rows = await q.read(run)
+            schema = projector.live(name).gen.schema
+            try:
+                seen, rows = await q.read(run, schema)
+            except duckdb.CatalogException:  # promoted meanwhile: its schema is gone, read the new one
+                if projector.live(name).gen.schema == schema:
+                    raise
+                seen, rows = await q.read(run, projector.live(name).gen.schema)
             as_of = merge_as_of(as_of, seen)
-            items.extend(
-                RejectRow(projection=name, stream=r[0], seq=r[1], subject=r[2], reason=r[3],
-                          data=bytes(r[4]).decode("utf-8", "replace"), rejected_at=r[6], data_bytes=int(r[5]),
-                          data_truncated=int(r[5]) > len(bytes(r[4])))
-                for r in rows
-            )
-        answer = RejectsAnswer(items=items[: query.limit])
+            found.extend((name, r) for r in rows)
+        # Newest first across projections (each view's newest `limit`, merged): concatenating
+        # them hid newer rejects of later projections behind [:limit].
+        found.sort(key=lambda f: (f[1][7], f[1][1]), reverse=True)
+        items = [
+            RejectRow(projection=name, stream=r[0], seq=r[1], subject=r[2], reason=r[3],
+                      data=bytes(r[4]).decode("utf-8", "replace"), rejected_at=r[6], data_bytes=int(r[5]),
+                      data_truncated=int(r[5]) > len(bytes(r[4])))
+            for name, r in found[: query.limit]
+        ]
+        answer = RejectsAnswer(items=items, has_more=len(found) > query.limit)
         await q.stamp(answer, as_of or {}, (as_of or {}).keys(), arrived)
         await req.respond(fit_reply(answer, q.max_payload, _cut_rejects))
 

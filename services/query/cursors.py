@@ -46,6 +46,12 @@ class ReaderCursors:
 
     def get(self, schema: str) -> duckdb.DuckDBPyConnection:
         mine = self._mine()
+        if getattr(self._local, "drops", 0) != self._store.drops:
+            # A generation was dropped (promotion, retirement): close this thread's cursors on
+            # it now rather than when the thread holds MAX_PER_THREAD.
+            self._local.drops = self._store.drops
+            for gone in self._store.dropped_schemas() & mine.keys():
+                self.drop(gone)
         cur = mine.get(schema)
         if cur is None:
             if len(mine) >= self.MAX_PER_THREAD:
@@ -54,6 +60,10 @@ class ReaderCursors:
                 mine.clear()
             cur = mine[schema] = self._store.cursor(schema)
         return cur
+
+    def held(self) -> set[str]:
+        """The schemas this thread keeps cursors on."""
+        return set(self._mine())
 
     def drop(self, schema: str) -> None:
         cur = self._mine().pop(schema, None)
@@ -70,7 +80,7 @@ def read_consistent(
     before = projector.committed.view(schemas)
     if before is not None:
         out = fn(cur)
-        if projector.committed.commits == before[0]:  # no fold committed while fn read: it saw `before`
+        if projector.committed.commits(schemas) == before[0]:  # no fold committed while fn read: it saw `before`
             return before[1], out
     return read_at_snapshot(cur, schemas, fn)
 

@@ -42,6 +42,11 @@ class _Counters:
     errors: int = 0
     last_error: str | None = None
     processing_ns: int = 0
+    epoch: int = 0  # bumped by a reset: a request that arrived before it is not counted after
+
+    def clear(self) -> None:
+        self.errors, self.last_error, self.processing_ns = 0, None, 0
+        self.epoch += 1
 
 
 class HonestService(Service):
@@ -62,6 +67,16 @@ class HonestService(Service):
             ep.processing_time = mine.processing_ns
             ep.average_processing_time = mine.processing_ns // max(1, ep.num_requests)
         return stats
+
+    async def reset(self) -> None:
+        """Zero every endpoint's counters and ours (nats-py's reset only moved `started`, so
+        requests counted before a reset stayed, and our errors could exceed them after)."""
+        await super().reset()
+        for ep in self._endpoints:
+            ep._reset()
+            ep._last_error = None
+        for mine in self.counters.values():
+            mine.clear()
 
 
 Handler = Callable[[Request], Awaitable[None]]
@@ -87,6 +102,7 @@ class Dispatcher:
 
     async def _run(self, fn: Handler, req: Request, counters: _Counters, started: int) -> None:
         failed: tuple[str, str] | None = None
+        epoch = counters.epoch
         try:
             await fn(req)
         except StaleError as exc:
@@ -103,15 +119,25 @@ class Dispatcher:
             log.exception("query %s failed", req.subject)
             failed = ("500", f"{type(exc).__name__}: {exc}")
         if failed is not None:
+            await _error(req, *failed)
+        if counters.epoch != epoch:
+            return  # the counters were reset while this request ran: it belongs to before
+        if failed is not None:
             counters.errors += 1
             counters.last_error = f"{failed[0]}: {failed[1]}"[:1000]
-            await _error(req, *failed)
         counters.processing_ns += time.perf_counter_ns() - started
 
     async def drain(self, timeout_s: float = 5.0) -> None:
-        for task in list(self.tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, timeout_s)
+        """Let the requests in hand finish, all within `timeout_s` (not that much each in
+        turn), then cancel what is left."""
+        tasks = list(self.tasks)
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
 
 
 async def _error(req: Request, code: str, message: str) -> None:
@@ -122,18 +148,20 @@ async def _error(req: Request, code: str, message: str) -> None:
 
 
 def fit_reply(answer: Any, limit: int, cut: Callable[[Any, int], Any] | None = None, *,
-              items: str = "items", keep_at_least: int = 0) -> bytes:
+              items: str = "items", keep_at_least: int = 0, count: Callable[[Any], int] | None = None) -> bytes:
     """The encoded answer, within `limit` bytes (the connection's max_payload).
 
     Too big: with `cut(answer, n)` (the answer with only the first n of its `items`, saying
-    there are more) the largest n (at least `keep_at_least`) that fits, else ReplyTooBig
-    naming the limit — never a MaxPayloadError on the way out.
+    there are more) the largest n (at least `keep_at_least`, at most `count(answer)`, by
+    default the length of `items`) that fits, else ReplyTooBig naming the limit — never a
+    MaxPayloadError on the way out.
     """
     data = _encode(answer)
     if len(data) <= limit:
         return data
     if cut is not None:
-        lo, hi, best = keep_at_least, len(getattr(answer, items)) - 1, None
+        total = count(answer) if count is not None else len(getattr(answer, items))
+        lo, hi, best = keep_at_least, total - 1, None
         while lo <= hi:  # binary search on the item count: each try is one encode
             mid = (lo + hi) // 2
             tried = _encode(cut(answer, mid))

@@ -6,7 +6,8 @@ writer's token was ahead. Here each answer asks the broker for the stream's last
 (`$JS.API.STREAM.INFO`), shared among answers: a request joins a lookup that was sent
 after it arrived, else the next one, so the figure is never older than the request.
 `lag_s` is the age of the oldest event not folded (its broker timestamp), looked up only
-while behind and remembered per position, so a stuck view costs one lookup.
+while behind, one shared lookup per position (started beside the head lookup when the
+stream was last seen ahead), so a stuck view costs one lookup.
 """
 
 from __future__ import annotations
@@ -20,18 +21,43 @@ from datetime import UTC, datetime
 import msgspec
 from nats.aio.client import Client
 
-__all__ = ["StreamHeads"]
+__all__ = ["STREAM_NOT_FOUND", "StreamHeads", "last_seq_of"]
 
 
 class _State(msgspec.Struct):
-    last_seq: int = 0
+    last_seq: int
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
 
 
 class _Info(msgspec.Struct):
-    state: _State = msgspec.field(default_factory=_State)
+    state: _State | None = None
+    error: _ApiError | None = None
 
 
 _decode_info = msgspec.json.Decoder(_Info).decode
+
+STREAM_NOT_FOUND = 10059  # JetStream's err_code: the stream does not exist (so it holds nothing)
+
+
+def last_seq_of(reply: bytes) -> int | None:
+    """The last seq in a `$JS.API.STREAM.INFO` reply; None unless the broker really said.
+
+    An error reply (`{"error": {...}}`, e.g. 503 "JetStream system temporarily unavailable")
+    used to decode with a default state of 0: a node then took 0 as its catch-up target and
+    joined the query group at once. Only "stream not found" means 0 (nothing to catch up).
+    """
+    try:
+        info = _decode_info(reply)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if info.error is not None:
+        return 0 if info.error.err_code == STREAM_NOT_FOUND else None
+    return info.state.last_seq if info.state is not None else None
 
 
 class StreamHeads:
@@ -40,7 +66,10 @@ class StreamHeads:
         self.timeout_s = timeout_s
         self._inflight: dict[str, tuple[int, asyncio.Future[int | None]]] = {}
         self._next: dict[str, asyncio.Future[int | None]] = {}
-        self._born: dict[tuple[str, int], float] = {}  # (stream, seq) -> broker timestamp, s
+        # (stream, seq) -> the lookup of its broker timestamp (s), shared by every answer at
+        # that position; a lookup that found nothing is not kept (a message may come there).
+        self._born: dict[tuple[str, int], asyncio.Future[float | None]] = {}
+        self._head: dict[str, int] = {}  # the last seq each stream's latest lookup gave
 
     async def last_seq(self, stream: str, since_ns: int) -> int | None:
         """The stream's last seq from a lookup sent at or after `since_ns` (monotonic); None if
@@ -78,35 +107,47 @@ class StreamHeads:
     async def _info(self, stream: str) -> int | None:
         try:
             msg = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=self.timeout_s)
-            return _decode_info(msg.data).state.last_seq
-        except Exception:
+        except Exception:  # timed out, no responders, connection gone: the broker did not say
             return None
+        seq = last_seq_of(msg.data)
+        if seq is not None:
+            self._head[stream] = seq
+        return seq
+
+    def prefetch_ages(self, folded: dict[str, int]) -> None:
+        """Start the age lookups an answer at `folded` will likely need, beside its head lookup
+        (no round trip after the read): only for streams last seen ahead of `folded`."""
+        for stream, seq in folded.items():
+            if self._head.get(stream, 0) > seq:
+                self._stored_lookup(stream, seq + 1)
 
     async def lag(self, as_of: dict[str, int], heads: dict[str, int | None]) -> tuple[dict[str, int], dict[str, float]]:
         """(lag, lag_s) of an answer that saw `as_of`. A stream whose last seq the broker did not
-        give (within `timeout_s`; the request itself came through it) counts as caught up."""
+        give (within `timeout_s`) is left out of both: its lag is unknown, not 0."""
         lag: dict[str, int] = {}
         for stream, seen in as_of.items():
             head = heads.get(stream)
-            lag[stream] = max(0, head - seen) if head is not None else 0
+            if head is not None:
+                lag[stream] = max(0, head - seen)
         behind = [s for s, n in lag.items() if n]
         ages = await asyncio.gather(*(self.age(s, as_of[s]) for s in behind))
-        lag_s = dict.fromkeys(as_of, 0.0)
+        lag_s = dict.fromkeys(lag, 0.0)
         lag_s.update(zip(behind, ages, strict=True))
         return lag, lag_s
 
     async def age(self, stream: str, folded: int) -> float:
         """Seconds since the broker stored the first message after `folded` (0 if none)."""
-        key = (stream, folded + 1)
-        born = self._born.get(key)
-        if born is None:
-            born = await self._stored_at(stream, folded + 1)
-            if born is None:
-                return 0.0
+        born = await asyncio.shield(self._stored_lookup(stream, folded + 1))
+        return 0.0 if born is None else max(0.0, time.time() - born)
+
+    def _stored_lookup(self, stream: str, seq: int) -> asyncio.Future[float | None]:
+        key = (stream, seq)
+        fut = self._born.get(key)
+        if fut is None or (fut.done() and (fut.cancelled() or fut.result() is None)):
             if len(self._born) > 1024:
                 self._born.clear()
-            self._born[key] = born
-        return max(0.0, time.time() - born)
+            fut = self._born[key] = asyncio.ensure_future(self._stored_at(stream, seq))
+        return fut
 
     async def _stored_at(self, stream: str, seq: int) -> float | None:
         body = msgspec.json.encode({"seq": seq, "next_by_subj": ">"})

@@ -70,10 +70,9 @@ class _Context(QueryContext):
 
     async def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
         projector = self._service.projector
-        schema = projector.live(self._projection.name).gen.schema
         cursors = self._service.cursors
 
-        def run() -> tuple[dict[str, int], Any]:
+        def run(schema: str) -> tuple[dict[str, int], Any]:
             cur = cursors.get(schema)
             try:
                 return read_consistent(cur, projector, [schema], fn)
@@ -81,7 +80,16 @@ class _Context(QueryContext):
                 cursors.drop(schema)  # its generation may be gone; a fresh cursor next time
                 raise
 
-        seen, out = await self._service.read(run)
+        schema = projector.live(self._projection.name).gen.schema
+        try:
+            seen, out = await self._service.read(run, schema)
+        except duckdb.CatalogException:
+            # A rebuild was promoted between choosing the generation and reading it, and its
+            # schema dropped: read the one that is live now (once; a second failure is real).
+            again = projector.live(self._projection.name).gen.schema
+            if again == schema:
+                raise
+            seen, out = await self._service.read(run, again)
         self.as_of = merge_as_of(self.as_of, seen)
         return out
 
@@ -135,9 +143,6 @@ class QueryService:
     async def start(self) -> None:
         """Note the streams' ends (the catch-up target) and answer status; call before the
         projector starts, so anything it reports caught up is at least this recent."""
-        streams = {s for p in self.projector.projections.values() for s in p.streams}
-        ends = await self.heads.last_seqs(streams, time.monotonic_ns())
-        self.targets = {s: seq or 0 for s, seq in ends.items()}
         svc = HonestService(self.nc, ServiceConfig(
             name=SERVICE_NAME, version=SERVICE_VERSION, queue_group=QUEUE_GROUP,
             description="fleetlog views: attempts, runs, state, snapshots, processors",
@@ -150,6 +155,30 @@ class QueryService:
         node_status = self._dispatch.handler("node-status", self.builtins.status_endpoint)
         await svc.add_endpoint(name="node-status", subject=node_status_subject(self.node), handler=node_status)
         await self.nc.flush()
+        try:
+            await self._note_targets()
+        except BaseException:  # a signal while the broker does not answer: leave no service behind
+            await self.stop()
+            raise
+
+    async def _note_targets(self, first_wait_s: float = 0.1, max_wait_s: float = 2.0) -> None:
+        """Each stream's last seq as the broker gives it, asked again until it does.
+
+        Never a stand-in: a lookup that timed out or got an error reply used to count as 0,
+        and a node with target 0 joined the query group at once, answering from an empty
+        view. Until every target is known the node stays "catching up" (status answers).
+        """
+        streams = {s for p in self.projector.projections.values() for s in p.streams}
+        wait_s = first_wait_s
+        while True:
+            ends = await self.heads.last_seqs(streams - self.targets.keys(), time.monotonic_ns())
+            self.targets.update({s: seq for s, seq in ends.items() if seq is not None})
+            missing = sorted(streams - self.targets.keys())
+            if not missing:
+                return
+            log.warning("the broker did not give the last seq of %s; asking again in %.1fs", missing, wait_s)
+            await asyncio.sleep(wait_s)
+            wait_s = min(wait_s * 2, max_wait_s)
 
     def catch_up(self) -> tuple[bool, list[CatchUp]]:
         """(caught up, progress per stream) of the live views towards `targets`."""
@@ -157,18 +186,23 @@ class QueryService:
         done = True
         for name, projection in self.projector.projections.items():
             try:
-                feeds = self.projector.live(name).feeds
+                live = self.projector.live(name)
             except KeyError:  # the projector has not started yet
-                feeds = {}
+                live = None
+            feeds = live.feeds if live is not None else {}
             for stream in projection.streams:
                 feed = feeds.get(stream)
                 folded = feed.checkpoint if feed else 0
-                target = self.targets.get(stream, 0)
-                # `caught_up`: the broker said nothing is pending after a fold made after
-                # `targets` were read (a deleted last message leaves last_seq unreachable).
-                if feed is None or not (folded >= target or feed.caught_up):
+                target = self.targets.get(stream)  # None: the broker has not said yet
+                # `caught_up`: the broker said nothing is left after a fold made after `targets`
+                # were read (a deleted last message leaves last_seq unreachable). A live view
+                # that does not fold (its code version is gone; the new one rebuilds beside it)
+                # will never move: waiting for it would keep the node out for the whole
+                # rebuild, so it serves as it stands, its lag saying how far behind it is.
+                if target is None or feed is None or not (
+                        folded >= target or feed.caught_up or (live is not None and not live.folds)):
                     done = False
-                progress.append(CatchUp(stream=f"{name}:{stream}", folded=folded, target=target))
+                progress.append(CatchUp(stream=f"{name}:{stream}", folded=folded, target=target or 0))
         return done, progress
 
     async def join(self, progress: Callable[[list[CatchUp]], None] | None = None,
@@ -237,6 +271,7 @@ class QueryService:
             await self.projector.wait_for(projection.name, token, self.wait_max_s)
             # The streams' ends are looked up while the view is read: lag costs no extra wait.
             heads = asyncio.ensure_future(self.heads.last_seqs(projection.streams, arrived))
+            self.heads.prefetch_ages(self.projector.checkpoints(projection.name))
             ctx = _Context(self, projection)
             if cached:
                 answer, as_of = await self._cached_answer(projection, ep, ctx, request)
@@ -245,7 +280,8 @@ class QueryService:
                 # No read (a command that only publishes): what the view held when it answered.
                 as_of = ctx.as_of if ctx.as_of is not None else self.projector.checkpoints(projection.name)
             await self.stamp(answer, as_of, projection.streams, arrived, heads)
-            await req.respond(fit_reply(answer, self.max_payload, ep.cut, keep_at_least=1))
+            await req.respond(fit_reply(answer, self.max_payload, ep.cut, keep_at_least=ep.cut_min,
+                                        count=ep.cut_count))
 
         return handle
 

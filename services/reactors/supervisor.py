@@ -2,8 +2,8 @@
 
 Every effect is a guarded command: two sweepers racing over the same expired
 lease produce one `run.lease_expired` (the other loses on the expected sequence);
-a stale mark loses to a heartbeat that landed first; two snapshot differs never
-publish two diffs for one snapshot (services/reactors/snapshot_differ.py).
+a stale mark loses to a heartbeat that landed first. (Snapshot diffs are made by the
+taker at take time since issue 11: no reactor diffs snapshots.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.client.fleet import Fleet
-from fleetlog.services.reactors.snapshot_differ import SnapshotDiffer
 
 __all__ = ["Reactors"]
 
@@ -24,13 +23,12 @@ log = logging.getLogger("fleetlog.reactors")
 
 
 class Reactors:
-    """The claim-lease sweeper, the stale-runtime marker and the snapshot differ, on their own connection."""
+    """The claim-lease sweeper and the stale-runtime marker, on their own connection."""
 
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings
         self._tasks: list[asyncio.Task[None]] = []
         self.fleet: Fleet | None = None
-        self.differ: SnapshotDiffer | None = None
         self._stopping = asyncio.Event()
         self.swept = 0
         self.marked = 0
@@ -41,8 +39,6 @@ class Reactors:
             asyncio.create_task(self._every("lease sweeper", self.sweep_leases)),
             asyncio.create_task(self._every("stale-runtime marker", self.mark_stale)),
         ]
-        self.differ = SnapshotDiffer(await self.fleet.nats(), max_event_bytes=self.settings.max_event_bytes)
-        self._tasks.append(asyncio.create_task(self._every("snapshot differ", self.diff_snapshots)))
         if self.settings.processor_sessions is not None:  # processors.run on the machine with the sessions
             runs = self.fleet.processors.serve_runs(self.settings.processor_sessions)
             self._tasks.append(asyncio.create_task(runs, name="processor runs"))
@@ -58,12 +54,6 @@ class Reactors:
     async def mark_stale(self) -> None:
         assert self.fleet is not None
         self.marked += len(await self.fleet.runtimes.mark_stale_runtimes())
-
-    async def diff_snapshots(self) -> None:
-        """Diff every snapshot waiting (each fetch waits up to 1 s for new ones), then rest a tick."""
-        assert self.differ is not None
-        while not self._stopping.is_set() and await self.differ.run_once(timeout=1.0):
-            pass
 
     async def _every(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         interval = self.settings.reactor_interval_s
@@ -83,7 +73,5 @@ class Reactors:
     async def stop(self) -> None:
         self._stopping.set()
         await stop_tasks(self._tasks)  # cancels again if a cancellation is swallowed (backbone/tasks.py)
-        if self.differ is not None:
-            await self.differ.stop()
         if self.fleet is not None:
             await self.fleet.close()

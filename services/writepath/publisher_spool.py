@@ -26,7 +26,7 @@ from fleetlog.services.writepath.spool import Spool, SpoolRecord
 from fleetlog.services.writepath.wire import PubWire
 from nats.aio.client import Client
 
-__all__ = ["BURST", "MAX_BROKER_REFUSALS", "DrainChunk", "SpoolSide", "fleet_identity"]
+__all__ = ["BURST", "MAX_BROKER_REFUSALS", "RETRY_EVERY_S", "DrainChunk", "SpoolSide", "fleet_identity"]
 
 log = logging.getLogger("fleetlog.publisher")
 
@@ -37,6 +37,10 @@ MAX_BROKER_REFUSALS = 10
 
 # At most this many events framed into one socket write.
 BURST = 512
+
+# Transient refusals (a cluster's stream leader away: 503, ack timeout) are sent again this
+# often, for the publisher's retry_s, before they go to the spool.
+RETRY_EVERY_S = 0.25
 
 
 async def fleet_identity(nc: Client) -> str | None:
@@ -86,6 +90,34 @@ class SpoolSide:
     _closed: bool
     _loop: asyncio.AbstractEventLoop | None
     _loop_thread: int
+    _retry: list[Receipt]  # refused as transient (a cluster's leader away), to be sent again
+    _retry_since: dict[str, float]  # event id -> first transient refusal
+    _retry_at: float
+    _retry_wait: float
+    _retry_s: float
+
+    def _retry_later(self, receipt: Receipt) -> bool:
+        """Hold a transiently refused receipt for a retry (same Nats-Msg-Id); False once it has
+        waited `retry_s`: the outage lasts, it goes to the spool."""
+        now = time.monotonic()
+        first = self._retry_since.setdefault(receipt.id, now)
+        if now - first >= self._retry_s:
+            del self._retry_since[receipt.id]
+            return False
+        if not self._retry:
+            # Each round that fails again waits twice as long (to 2 s): a leader election of a few
+            # seconds costs a handful of rounds, not a resend storm. An ack resets it.
+            self._retry_at = now + self._retry_wait
+            self._retry_wait = min(self._retry_wait * 2, 2.0)
+        self._retry.append(receipt)
+        self._stats.retried += 1
+        return True
+
+    def _unretry(self) -> None:
+        """Put the receipts waiting for a retry back at the head of the queue (they came first)."""
+        if self._retry:
+            self._queue.extendleft(reversed(self._retry))
+            self._retry.clear()
 
     foreign_spools: list[str]
 
@@ -98,6 +130,42 @@ class SpoolSide:
     async def _slots(self) -> bool:
         raise NotImplementedError  # Publisher._slots
 
+    _slot_free: asyncio.Event
+    _ack_timeout_s: float
+
+    def _failed(self, receipt: Receipt, chunk: DrainChunk | None, *, broker_refused: bool, reason: str = "",
+                transient: bool = False) -> None:
+        raise NotImplementedError  # Publisher._failed
+
+    # -- in-flight publishes that fail (connection lost, ack timeout) -------------
+    def _fail_all_pending(self) -> None:
+        """Everything in flight is in doubt (connection lost): spool it. A late ack is ignored;
+        a copy that did land is deduplicated by Nats-Msg-Id and by the projections."""
+        entries = list(self._pending.values())
+        self._pending.clear()
+        for receipt, chunk in entries:
+            self._failed(receipt, chunk, broker_refused=False)
+        self._slot_free.set()
+        self._progress.set()
+
+    async def _reap(self) -> None:
+        """Ack timeouts: the oldest pending publishes are first in the dict."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            expired = []
+            for token, (receipt, _chunk) in self._pending.items():
+                if receipt.deadline > now:
+                    break
+                expired.append(token)
+            for token in expired:
+                entry = self._pending.pop(token, None)
+                if entry is not None:
+                    self._failed(entry[0], entry[1], broker_refused=False, transient=True)
+            if expired:
+                self._slot_free.set()
+                self._progress.set()
+
     # -- the process ends without close() (services/writepath/exitsafe.py) --------
     async def _exit_flush(self) -> None:
         """Cancelled without close() (`asyncio.run()` ending, normally or not): deliver for up to
@@ -109,9 +177,11 @@ class SpoolSide:
         next client drains the spool."""
         deadline = time.monotonic() + self._exit_flush_s
         try:
-            while (self._queue or self._pending) and not self._spool.pending and self._wire.connected:
+            while (self._queue or self._pending or self._retry) and not self._spool.pending and self._wire.connected:
                 if time.monotonic() >= deadline:
                     break
+                if not self._pending:
+                    self._unretry()
                 room = self._max_inflight - len(self._pending)
                 if self._queue and room > 0:
                     self._send(self._take(min(len(self._queue), room, BURST)), None)
@@ -204,6 +274,7 @@ class SpoolSide:
         """Write the unacked in-flight events, then the queue, to the spool, synchronously;
         only then take them out of memory (whatever interrupts this leaves them somewhere).
         In-flight events may have landed too: the copy is deduplicated (Nats-Msg-Id, event id)."""
+        self._unretry()  # held for a retry (a cluster's leader away): back at the head of the queue
         tokens = list(self._pending)
         inflight = [self._pending[t][0] for t in tokens if self._pending[t][1] is None]  # chunks: on disk
         queued = list(self._queue)  # one C call: atomic against other threads' appends
@@ -228,6 +299,7 @@ class SpoolSide:
         return kept
 
     def _spill_queue(self) -> None:
+        self._unretry()
         if self._queue:
             batch = list(self._queue)  # on disk first, then out of memory (`_spill_now`)
             self._to_spool(batch)

@@ -67,6 +67,7 @@ class PublisherStats:
     accepted: int = 0
     acked: int = 0
     duplicates: int = 0
+    retried: int = 0  # publishes sent again after a transient refusal (no stream leader for a moment)
     spooled: int = 0
     dropped_spool_full: int = 0
     dead_lettered: int = 0

@@ -1,0 +1,140 @@
+"""A JetStream cluster on loopback: `fleetlog up --cluster 3`, the cluster fault tests, the bench.
+
+Each node is an `EmbeddedBroker` (nats-server from the wheel, dying with its parent) with
+its own server name, store dir, client port, route port and monitoring port; every node
+solicits routes to the others. JetStream in a cluster needs server names and, for R3
+streams, at least three nodes. A node answering on its client port is not enough: until
+the nodes elect a JetStream meta leader, stream API calls fail. `start()` therefore waits
+for a plain `/healthz` of every node to say ok — the plain check includes the meta leader
+(and, on a restarted node, that its streams caught up), unlike `?js-enabled-only`, which
+answers as soon as JetStream is switched on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fleetlog.services.node.broker import BrokerError, EmbeddedBroker, free_port
+
+__all__ = ["CLUSTER_NAME", "LocalCluster", "cluster_args", "healthz"]
+
+log = logging.getLogger("fleetlog.cluster")
+
+CLUSTER_NAME = "fleetlog"
+
+
+def cluster_args(cluster_url: str, routes: list[str], http_port: int, cluster_name: str = CLUSTER_NAME) -> list[str]:
+    """The nats-server flags that make a node of the cluster (compose.yaml uses the same ones;
+    tests/test_cluster_compose.py checks that)."""
+    return ["--cluster_name", cluster_name, "--cluster", cluster_url, "--routes", ",".join(routes),
+            "--http_port", str(http_port)]
+
+
+async def healthz(host: str, http_port: int, timeout_s: float = 2.0) -> tuple[int, str]:
+    """(HTTP status, body) of the node's plain `/healthz`; (0, reason) if it does not answer."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, http_port)
+            writer.write(f"GET /healthz HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            raw = await reader.read()
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        return 0, str(exc) or type(exc).__name__
+    head, _, body = raw.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    return status, body.decode("utf-8", "replace").strip()
+
+
+class LocalCluster:
+    """`size` nats-server nodes on loopback under `data_dir/node-N`; the first on `port`."""
+
+    def __init__(self, data_dir: Path, size: int = 3, port: int = 4222, host: str = "127.0.0.1", *,
+                 sync_always: bool = False) -> None:
+        """`sync_always`: fsync every write (`jetstream { sync_interval: always }`) instead of the
+        file store's default interval (docs/operations.md: what that protects, what it costs)."""
+        if size < 1:
+            raise ValueError(f"cluster size must be at least 1, got {size}")
+        self.host = host
+        taken = {port}
+
+        def fresh() -> int:
+            while True:
+                p = free_port(host)
+                if p not in taken:
+                    taken.add(p)
+                    return p
+
+        client_ports = [port] + [fresh() for _ in range(size - 1)]
+        route_ports = [fresh() for _ in range(size)]
+        self.http_ports = [fresh() for _ in range(size)]
+        self.nodes: list[EmbeddedBroker] = []
+        for i in range(size):
+            routes = [f"nats://{host}:{p}" for j, p in enumerate(route_ports) if j != i]
+            args = cluster_args(f"nats://{host}:{route_ports[i]}", routes, self.http_ports[i])
+            node_dir = Path(data_dir) / f"node-{i + 1}"
+            if sync_always:
+                node_dir.mkdir(parents=True, exist_ok=True)
+                (node_dir / "nats.conf").write_text("jetstream {\n  sync_interval: always\n}\n")
+                args += ["-c", str(node_dir / "nats.conf")]
+            self.nodes.append(EmbeddedBroker(node_dir, client_ports[i], host,
+                                             name=f"fleetlog-{i + 1}", cluster_args=args))
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    @property
+    def nats_url(self) -> str:
+        """All nodes, comma separated (`FLEETLOG_NATS_URL`, `--nats`)."""
+        return ",".join(self.urls)
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Start every node, then wait until all of them report healthy (meta leader elected)."""
+        try:
+            await asyncio.gather(*(n.start(timeout_s) for n in self.nodes))
+            await self.wait_healthy(timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_healthy(self, timeout_s: float = 60.0, nodes: list[int] | None = None) -> None:
+        """Until the plain `/healthz` of the given nodes (default: every running one) says ok."""
+        which = nodes if nodes is not None else [i for i, n in enumerate(self.nodes) if self.running(i)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        last: dict[int, str] = {}
+        while True:
+            for i in which:
+                if i in last and last[i] == "ok":
+                    continue
+                status, body = await healthz(self.host, self.http_ports[i])
+                last[i] = "ok" if status == 200 else f"{status} {body[:200]}"
+            if all(last.get(i) == "ok" for i in which):
+                return
+            if loop.time() > deadline:
+                said = "; ".join(f"{self.nodes[i].name}: {last[i]}" for i in which if last[i] != "ok")
+                raise BrokerError(f"the cluster is not healthy after {timeout_s}s (no JetStream meta leader?): {said}")
+            await asyncio.sleep(0.2)
+
+    def running(self, i: int) -> bool:
+        proc = self.nodes[i].process
+        return proc is not None and proc.poll() is None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node i (fault tests)."""
+        self.nodes[i].kill()
+
+    async def terminate(self, i: int) -> None:
+        """SIGTERM node i and wait for it to end."""
+        await self.nodes[i].stop()
+
+    async def restart(self, i: int, timeout_s: float = 60.0) -> None:
+        """Start node i again (same name, ports and store) and wait until it is healthy."""
+        await self.nodes[i].start(timeout_s)
+        await self.wait_healthy(timeout_s, [i])
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
