@@ -226,7 +226,7 @@ async def test_rejects_of_every_view_come_newest_first(fleet: Fleet, server: Ser
         newer = (await js.publish("fleet.snapshot.h.a", b"{not json either")).seq
     finally:
         await nc.close()
-    await fleet.snapshots.latest(min_seq={"FLEET_SNAPSHOTS": newer})
+    await fleet.snapshots.all_latest(min_seq={"FLEET_SNAPSHOTS": newer})
     top = await fleet.rejects(limit=1)
     assert [(r.projection, r.seq) for r in top.items] == [("snapshots", newer)] and top.has_more
     every = await fleet.rejects(limit=10)
