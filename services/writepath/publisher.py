@@ -48,17 +48,16 @@ from pathlib import Path
 from fleetlog.schemas import Event
 from fleetlog.services.backbone.link import Link, within
 from fleetlog.services.writepath import exitsafe
+from fleetlog.services.writepath.publisher_acks import AckSide
 from fleetlog.services.writepath.publisher_spool import (
     BURST,
-    MAX_BROKER_REFUSALS,
     RETRY_EVERY_S,
     DrainChunk,
-    SpoolSide,
     fleet_identity,
 )
 from fleetlog.services.writepath.receipt import Position, PublisherStats, Receipt, Token
 from fleetlog.services.writepath.spool import Spool
-from fleetlog.services.writepath.wire import PubWire, decode_ack, frame_hpub
+from fleetlog.services.writepath.wire import PubWire, frame_hpub
 from nats.aio.client import Client
 
 __all__ = ["Position", "Publisher", "PublisherStats", "Receipt", "Token"]
@@ -70,7 +69,7 @@ log = logging.getLogger("fleetlog.publisher")
 _LINGER_S = 0.002
 
 
-class Publisher(SpoolSide):
+class Publisher(AckSide):
     """Fire-and-forget publishing with acks, a disk spool and flush (module docstring)."""
 
     def __init__(
@@ -288,75 +287,7 @@ class Publisher(SpoolSide):
         if frames:
             wire.write(b"".join(frames))
 
-    def _refused(self, receipt: Receipt, chunk: DrainChunk | None, reason: str) -> None:
-        """Can never be published: set aside at once (a spooled one by the drain)."""
-        receipt.attempts = MAX_BROKER_REFUSALS - 1
-        self._failed(receipt, chunk, broker_refused=True, reason=reason)
-
-    def _on_ack(self, token: bytes, body: bytes, _headers: bytes | None) -> None:
-        entry = self._pending.pop(token, None)
-        if entry is None:
-            return  # late ack for something already timed out and spooled
-        receipt, chunk = entry
-        if not body:
-            # Status-only reply (503 no responders: no stream, or, on a cluster, no leader yet).
-            self._failed(receipt, chunk, broker_refused=False, transient=True)
-            return
-        ack = decode_ack(body)
-        if ack.error is not None:
-            if ack.error.get("code") == 503:  # JetStream temporarily unavailable (an election)
-                self._failed(receipt, chunk, broker_refused=False, transient=True)
-                return
-            log.warning("JetStream refused %s: %s", receipt.subject, ack.error)
-            self._failed(receipt, chunk, broker_refused=True, reason=str(ack.error))
-            return
-        receipt.stream = ack.stream
-        receipt.seq = ack.seq
-        receipt.payload = None
-        if self._retry_since:
-            self._retry_since.pop(receipt.id, None)
-            self._retry_wait = RETRY_EVERY_S
-        stats = self._stats
-        stats.acked += 1
-        if ack.duplicate:
-            stats.duplicates += 1
-        if ack.seq > self._acked_max.get(ack.stream, 0):
-            self._acked_max[ack.stream] = ack.seq
-        if chunk is not None:
-            chunk.left -= 1
-            if chunk.left == 0:
-                chunk.done.set()
-
-    def _on_acks_done(self) -> None:
-        self._slot_free.set()
-        self._progress.set()
-
-    def _failed(
-        self, receipt: Receipt, chunk: DrainChunk | None, *, broker_refused: bool, reason: str = "",
-        transient: bool = False,
-    ) -> None:
-        if transient and chunk is None and not self._closing and self._retry_later(receipt):
-            return
-        if chunk is not None:
-            # Spooled records stay in the spool; the drain retries them (and counts refusals).
-            chunk.failed = True
-            chunk.left -= 1
-            if broker_refused:
-                receipt.attempts += 1
-            if chunk.left == 0:
-                chunk.done.set()
-            return
-        if broker_refused:
-            receipt.attempts += 1
-            if receipt.attempts >= MAX_BROKER_REFUSALS:
-                self._dead_letter(receipt, reason)
-                return
-        self._to_spool([receipt])
-
     # -- flush / close ---------------------------------------------------------
-    def acked_token(self) -> Token:
-        return dict(self._acked_max)
-
     async def flush(self, timeout: float | None = 30.0) -> Token:
         """Wait until every event submitted so far is acked (or set aside); return the token.
 
