@@ -23,6 +23,17 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+http_option = click.option(
+    "--http", "http", default=None, metavar="HOST:PORT",
+    help="serve the dashboard and /metrics here [env FLEETLOG_HTTP; default 127.0.0.1:4280]",
+)
+no_http_option = click.option("--no-http", is_flag=True, help="no dashboard, no /metrics")
+
+
+def _http(http: str | None, no_http: bool) -> str | None:
+    return "off" if no_http else http
+
+
 sessions_option = click.option(
     "--sessions", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="also answer processors.run requests over this session dir [env FLEETLOG_PROCESSOR_SESSIONS]",
@@ -38,12 +49,15 @@ sessions_option = click.option(
                    "the others on free ports (all printed); the services use all of them")
 @sessions_option
 @jobs_option
+@http_option
+@no_http_option
 @click.option("-v", "--verbose", is_flag=True)
 def up(port: int | None, data_dir: Path | None, cluster: int | None, sessions: Path | None, jobs_path: Path | None,
-       verbose: bool) -> None:
-    """Start nats-server (JetStream, 127.0.0.1) plus projector and query service; Ctrl-C stops all."""
+       http: str | None, no_http: bool, verbose: bool) -> None:
+    """Start nats-server (JetStream, 127.0.0.1) plus projector, query service and dashboard; Ctrl-C stops all."""
     _logging(verbose)
-    settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions)
+    settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions,
+                             http=_http(http, no_http))
     jobs = load_jobs_or_fail(jobs_path)
     try:
         asyncio.run(run_up(settings, jobs=jobs, cluster=cluster or 0))
@@ -64,12 +78,14 @@ def up(port: int | None, data_dir: Path | None, cluster: int | None, sessions: P
               help="where the view files live [env FLEETLOG_DATA_DIR]")
 @sessions_option
 @jobs_option
+@http_option
+@no_http_option
 @click.option("-v", "--verbose", is_flag=True)
 def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, jobs_path: Path | None,
-          verbose: bool) -> None:
-    """Projector + query service against an external NATS (broker deployed separately)."""
+          http: str | None, no_http: bool, verbose: bool) -> None:
+    """Projector + query service (+ dashboard) against an external NATS (broker deployed separately)."""
     _logging(verbose)
-    settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions)
+    settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions, http=_http(http, no_http))
     jobs = load_jobs_or_fail(jobs_path)
     try:
         asyncio.run(run_serve(settings, jobs=jobs))
