@@ -20,6 +20,8 @@ from fleetlog.services.dashboard.fleet_page import fleet_page
 from fleetlog.services.dashboard.http import HttpServer, Request, Response, text
 from fleetlog.services.dashboard.live import LiveFeed
 from fleetlog.services.dashboard.metrics import CONTENT_TYPE, NodeProbe, render
+from fleetlog.services.dashboard.runs_page import run_page, runs_page
+from fleetlog.services.dashboard.runtimes_page import processors_page, runtimes_page
 from fleetlog.services.dashboard.system_page import system_page
 
 __all__ = ["Dashboard"]
@@ -35,6 +37,7 @@ class Dashboard:
         self.probe = probe or NodeProbe()
         self.http = HttpServer({
             "/": self._fleet, "/attempts": self._attempts, "/system": self._system,
+            "/runs": self._runs, "/run": self._run, "/runtimes": self._runtimes, "/processors": self._processors,
             "/events": self._events, "/metrics": self._metrics, "/healthz": self._healthz,
         }, host, port)
 
@@ -71,6 +74,22 @@ class Dashboard:
             return Response(body=await attempts_page(self.fleet, req.query))
         except FleetValidationError as exc:  # a filter the view refuses: say which and why
             return text(400, str(exc))
+
+    async def _runs(self, req: Request) -> Response:
+        return Response(body=await runs_page(self.fleet))
+
+    async def _run(self, req: Request) -> Response:
+        run_id = req.query.get("id", "")
+        if not run_id:
+            return text(400, "id: the run's id is required (/run?id=RUN_ID)")
+        body = await run_page(self.fleet, run_id)
+        return text(404, f"no run {run_id!r} in the view") if body is None else Response(body=body)
+
+    async def _runtimes(self, req: Request) -> Response:
+        return Response(body=await runtimes_page(self.fleet))
+
+    async def _processors(self, req: Request) -> Response:
+        return Response(body=await processors_page(self.fleet))
 
     async def _system(self, req: Request) -> Response:
         status = await self._node_status()

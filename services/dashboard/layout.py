@@ -12,7 +12,8 @@ from typing import Any
 
 __all__ = ["ago", "esc", "page", "seconds"]
 
-PAGES = (("/", "Fleet"), ("/attempts", "Attempts"), ("/system", "System"))
+PAGES = (("/", "Fleet"), ("/attempts", "Attempts"), ("/runs", "Runs"), ("/runtimes", "Runtimes"),
+         ("/processors", "Processors"), ("/system", "System"))
 
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
