@@ -21,6 +21,7 @@ LATEST_PAGE = 500  # snapshots.latest's own limit
 
 
 def agents_sql(last_n: int = P95_LAST_N) -> str:
+    """One row per agent (the sql endpoint caps rows: one per (agent, action) would not fit)."""
     n = int(last_n)
     return f"""
 WITH r AS (
@@ -28,13 +29,18 @@ WITH r AS (
          row_number() OVER (PARTITION BY agent ORDER BY ts_utc DESC, seq DESC) AS newest,
          row_number() OVER (PARTITION BY agent, action ORDER BY ts_utc DESC, seq DESC) AS nth
   FROM attempts
+), per_action AS (
+  SELECT agent, action,
+         list_sort(list(elapsed_s))[CAST(greatest(0, floor(0.95 * (count(*) - 1))) AS BIGINT) + 1] AS p95,
+         max(CASE WHEN newest = 1 THEN outcome END) AS last_outcome,
+         max(CASE WHEN newest = 1 THEN ts END) AS last_ts
+  FROM r WHERE nth <= {n} GROUP BY agent, action
 )
-SELECT agent, action, count(*) AS n,
-       list_sort(list(elapsed_s))[CAST(greatest(0, floor(0.95 * (count(*) - 1))) AS BIGINT) + 1] AS p95,
-       max(CASE WHEN newest = 1 THEN outcome END) AS last_outcome,
-       max(CASE WHEN newest = 1 THEN ts END) AS last_ts
-FROM r WHERE nth <= {n}
-GROUP BY agent, action ORDER BY agent, action"""
+SELECT agent,
+       string_agg(action || ' ' || printf('%.2f', p95) || 's', ' · ' ORDER BY action) AS p95,
+       max(CASE WHEN last_ts IS NOT NULL THEN action END) AS last_action,
+       max(last_outcome) AS last_outcome, max(last_ts) AS last_ts
+FROM per_action GROUP BY agent ORDER BY agent"""
 
 
 def _figure(name: str, value: Any) -> str:
@@ -48,14 +54,9 @@ def _figure(name: str, value: Any) -> str:
 
 
 async def _agents(fleet: Fleet) -> dict[str, dict[str, Any]]:
-    answer = await fleet.sql(agents_sql(), max_rows=MAX_AGENTS * 20)
-    agents: dict[str, dict[str, Any]] = {}
-    for agent, action, n, p95, last_outcome, last_ts in answer.rows:
-        row = agents.setdefault(agent, {"agent": agent, "p95": [], "last_ts": None})
-        row["p95"].append((action, n, p95))
-        if last_ts is not None:  # the agent's newest attempt is of this action
-            row.update(last_action=action, last_outcome=last_outcome, last_ts=last_ts)
-    return agents
+    answer = await fleet.sql(agents_sql(), max_rows=MAX_AGENTS)
+    return {agent: {"p95": p95, "last_action": action, "last_outcome": outcome, "last_ts": ts}
+            for agent, p95, action, outcome, ts in answer.rows}
 
 
 async def _snapshots(fleet: Fleet) -> dict[str, dict[str, Any]]:
@@ -82,7 +83,7 @@ def _row(agent: str, a: dict[str, Any], s: dict[str, Any]) -> str:
         for k in KEY_FIGURES
     )
     other = ", ".join(sorted(changed - set(KEY_FIGURES)))
-    p95 = " · ".join(f"{esc(action)} {p:.2f}s" for action, _, p in a.get("p95", ()))
+    p95 = esc(a.get("p95", ""))
     outcome = a.get("last_outcome") or ""
     return (
         f'<tr data-agent="{esc(agent)}"><td class=agent>{esc(agent)}</td><td class=host>{esc(s.get("host", ""))}</td>'
