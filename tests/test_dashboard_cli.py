@@ -4,6 +4,7 @@ the real command in its own process, stopped by SIGINT as Ctrl-C would."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -53,9 +54,9 @@ async def test_up_serves_the_dashboard_on_http(tmp_path: Path) -> None:
     assert "dashboard on http://127.0.0.1:" in (tmp_path / "up.log").read_text()
 
 
-async def test_up_no_http_serves_queries_but_no_page(tmp_path: Path) -> None:
+async def test_up_no_http_serves_queries_but_no_page_and_logs_json_lines(tmp_path: Path) -> None:
     http = free_port()
-    proc, port = _up(tmp_path, "--http", f"127.0.0.1:{http}", "--no-http")
+    proc, port = _up(tmp_path, "--http", f"127.0.0.1:{http}", "--no-http", "--log-json")
     try:
         async with Fleet.connect(f"nats://127.0.0.1:{port}", data_dir=tmp_path / "client", connect_wait_s=30) as fleet:
             async def serving() -> bool:
@@ -68,7 +69,10 @@ async def test_up_no_http_serves_queries_but_no_page(tmp_path: Path) -> None:
             await get(f"http://127.0.0.1:{http}/healthz")
     finally:
         assert await _stop(proc) == 0
-    assert "dashboard on" not in (tmp_path / "up.log").read_text()
+    lines = [json.loads(line) for line in (tmp_path / "up.log").read_text().splitlines() if line.strip()]
+    assert not any("dashboard on" in line["msg"] for line in lines)
+    assert any(line["logger"] == "fleetlog.server" and line["msg"].startswith("fleetlog serving") for line in lines)
+    assert all({"ts", "level", "logger", "msg"} <= line.keys() for line in lines)
 
 
 async def test_up_refuses_an_http_address_it_cannot_bind(tmp_path: Path) -> None:
