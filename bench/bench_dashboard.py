@@ -129,7 +129,8 @@ async def main() -> None:
                 await page.goto(dash.url + "/")
                 await page.wait_for_selector("body[data-live='1']")
                 on = await _fold(b.url, server, fac, a.n + a.more, a.more)
-                on["delivered_to_page"], on["dropped_for_page"] = dash.live.delivered, dash.live.dropped
+                on["facts_seen"], on["sent_to_page"], on["dropped_for_page"] = (
+                    dash.live.received, dash.live.delivered, dash.live.dropped)
                 await page.close()
                 await browser.close()
         finally:

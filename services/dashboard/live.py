@@ -25,6 +25,10 @@ log = logging.getLogger("fleetlog.dashboard")
 
 SUBJECTS = ("fleet.attempt.*.*", "fleet.snapshot.*.*", "fleet.diff.*.*")  # not fleet.attempt.purge
 QUEUE_MAX = 1000  # a page that cannot keep up loses events, never the server's memory
+# A page shows each agent's newest fact of each kind: facts arriving within one interval are
+# coalesced to the newest per (kind, agent) before they go out. At thousands of attempts a
+# second this bounds what the browser redraws (and what the node spends) by the fleet's size.
+COALESCE_S = 0.25
 KEEPALIVE_S = 15.0
 # The snapshot fields a Fleet row shows (the container dashboards' agent cards).
 KEY_FIGURES = ("load1", "mem_used_bytes", "mem_total_bytes", "context_percent", "claude_procs", "alive")
@@ -59,6 +63,9 @@ class LiveFeed:
         self._queues: set[asyncio.Queue[bytes]] = set()
         self._subs: list[Subscription] = []
         self._lock = asyncio.Lock()
+        self._pending: dict[tuple[str, str], bytes] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self.received = 0
         self.delivered = 0
         self.dropped = 0
 
@@ -70,25 +77,40 @@ class LiveFeed:
         fact = fact_of(msg.data)
         if fact is None:
             return
+        self.received += 1
         line = b"event: " + fact["kind"].encode() + b"\ndata: " + _json.encode(fact) + b"\n\n"
-        for queue in self._queues:
-            try:
-                queue.put_nowait(line)
-                self.delivered += 1
-            except asyncio.QueueFull:
-                self.dropped += 1
+        key = (fact["kind"], fact["agent"])
+        self._pending.pop(key, None)  # re-insert: the newest goes out last, after older facts
+        self._pending[key] = line
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(COALESCE_S)
+            lines, self._pending = list(self._pending.values()), {}
+            for queue in self._queues:
+                for line in lines:
+                    try:
+                        queue.put_nowait(line)
+                        self.delivered += 1
+                    except asyncio.QueueFull:
+                        self.dropped += 1
 
     async def _listen(self, queue: asyncio.Queue[bytes]) -> None:
         async with self._lock:
             self._queues.add(queue)
             if not self._subs:
                 self._subs = [await self.nc.subscribe(s, cb=self._on_msg) for s in SUBJECTS]
+                self._flusher = asyncio.create_task(self._flush_every(), name="dashboard live")
                 await self.nc.flush()  # subscribed before the page is told it is live
 
     async def _leave(self, queue: asyncio.Queue[bytes]) -> None:
         async with self._lock:
             self._queues.discard(queue)
             if not self._queues:
+                if self._flusher is not None:
+                    self._flusher.cancel()
+                    self._flusher = None
+                self._pending.clear()
                 subs, self._subs = self._subs, []
                 for sub in subs:
                     with contextlib.suppress(Exception):
