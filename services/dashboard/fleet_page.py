@@ -96,8 +96,9 @@ def _row(agent: str, a: dict[str, Any], s: dict[str, Any]) -> str:
 SCRIPT = """
 const body = document.querySelector('#agents tbody');
 const esc = s => String(s ?? '').replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
+const rows = new Map([...body.rows].map(r => [r.dataset.agent, r]));  // a thousand agents: no scans
 function rowOf(agent) {
-  let tr = [...body.rows].find(r => r.dataset.agent === agent);
+  let tr = rows.get(agent);
   if (!tr) {
     tr = document.createElement('tr');
     tr.dataset.agent = agent;
@@ -105,6 +106,7 @@ function rowOf(agent) {
       + `<td class=when></td><td class=p95></td>`
       + PAGE.figures.map(f => `<td class=num data-field="${f}"></td>`).join('') + '<td class=diff></td>';
     body.prepend(tr);
+    rows.set(agent, tr);
   }
   tr.classList.remove('fresh'); void tr.offsetWidth; tr.classList.add('fresh');
   return tr;
