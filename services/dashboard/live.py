@@ -24,7 +24,7 @@ __all__ = ["KEY_FIGURES", "LiveFeed", "fact_of"]
 log = logging.getLogger("fleetlog.dashboard")
 
 SUBJECTS = ("fleet.attempt.*.*", "fleet.snapshot.*.*", "fleet.diff.*.*")  # not fleet.attempt.purge
-QUEUE_MAX = 1000  # a page that cannot keep up loses events, never the server's memory
+QUEUE_MAX = 8192  # > one interval of a large fleet; a page that cannot keep up loses events, not our memory
 # A page shows each agent's newest fact of each kind: facts arriving within one interval are
 # coalesced to the newest per (kind, agent) before they go out. At thousands of attempts a
 # second this bounds what the browser redraws (and what the node spends) by the fleet's size.
