@@ -142,3 +142,23 @@ async def test_read_only_unknown_paths_and_bad_addresses(server: Server, setting
         FleetSettings(http="localhost")
     assert FleetSettings(http="off").http_address() is None
     assert FleetSettings().http_address() == ("127.0.0.1", 4280)
+
+
+async def test_events_coalesce_to_the_newest_fact_and_never_send_an_older_one_after_it(
+        server: Server, fleet: Fleet) -> None:
+    async with dashboard_of(server) as dash:
+        reader, writer = await asyncio.open_connection(dash.http.host, dash.http.port)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.wait_for(_read_event(reader, "ready"), 30)
+        for i in range(40):
+            fleet.attempts.record(agent="c", action="step", outcome=f"o{i:02d}", elapsed_s=float(i))
+        await fleet.flush()
+        seen: list[str] = []
+        while "o39" not in seen:
+            block = await asyncio.wait_for(_read_event(reader, "attempt"), 30)
+            seen.append(re.search(r'"outcome":"(o\d+)"', block).group(1))  # type: ignore[union-attr]
+        writer.close()
+        await writer.wait_closed()
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)  # newest last, none twice
+    assert dash.live.received == 40 and dash.live.delivered == len(seen) <= 40
