@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["FleetSettings", "default_data_dir"]
+__all__ = ["FleetSettings", "default_data_dir", "split_http"]
+
+
+def split_http(value: str) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as '[::1]:4280') → (host, port); ValueError naming the rule."""
+    parts = urlsplit(f"//{value.strip()}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ValueError(f"http must be HOST:PORT with a port 0-65535 (or 'off'), got {value!r}")
+    return parts.hostname, port
 
 
 def default_data_dir() -> Path:
@@ -78,6 +91,21 @@ class FleetSettings(BaseSettings):
     nats_wait_s: float | None = Field(
         None, ge=0, description="how long `serve` waits for NATS at start (None: until it comes or a signal)"
     )
+
+    # dashboard and /metrics (services/dashboard/): not 8222, nats-server's monitoring port
+    http: str = Field("127.0.0.1:4280", description="HOST:PORT of `up`/`serve`'s dashboard and /metrics; "
+                      "'off' (or empty) turns it off")
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if value.strip().lower() not in ("", "off"):
+            split_http(value)
+        return value.strip()
+
+    def http_address(self) -> tuple[str, int] | None:
+        """(host, port) of the dashboard, None when it is off."""
+        return None if self.http.lower() in ("", "off") else split_http(self.http)
 
     def servers(self) -> list[str]:
         return [s.strip() for s in self.nats_url.split(",") if s.strip()]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -18,9 +20,36 @@ from .scheduler import jobs_option, load_jobs_or_fail
 __all__ = ["serve", "up"]
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class _JsonLines(logging.Formatter):
+    """One JSON object per log record (`--log-json`): for log shippers, not for eyes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _logging(verbose: bool, as_json: bool = False) -> None:
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(_JsonLines() if as_json else text)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+log_json_option = click.option("--log-json", is_flag=True, help="log one JSON object per line (default: text)")
+
+
+http_option = click.option(
+    "--http", "http", default=None, metavar="HOST:PORT",
+    help="serve the dashboard and /metrics here [env FLEETLOG_HTTP; default 127.0.0.1:4280]",
+)
+no_http_option = click.option("--no-http", is_flag=True, help="no dashboard, no /metrics")
+
+
+def _http(http: str | None, no_http: bool) -> str | None:
+    return "off" if no_http else http
 
 
 sessions_option = click.option(
@@ -38,12 +67,16 @@ sessions_option = click.option(
                    "the others on free ports (all printed); the services use all of them")
 @sessions_option
 @jobs_option
+@http_option
+@no_http_option
+@log_json_option
 @click.option("-v", "--verbose", is_flag=True)
 def up(port: int | None, data_dir: Path | None, cluster: int | None, sessions: Path | None, jobs_path: Path | None,
-       verbose: bool) -> None:
-    """Start nats-server (JetStream, 127.0.0.1) plus projector and query service; Ctrl-C stops all."""
-    _logging(verbose)
-    settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions)
+       http: str | None, no_http: bool, log_json: bool, verbose: bool) -> None:
+    """Start nats-server (JetStream, 127.0.0.1) plus projector, query service and dashboard; Ctrl-C stops all."""
+    _logging(verbose, log_json)
+    settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions,
+                             http=_http(http, no_http))
     jobs = load_jobs_or_fail(jobs_path)
     try:
         asyncio.run(run_up(settings, jobs=jobs, cluster=cluster or 0))
@@ -64,12 +97,15 @@ def up(port: int | None, data_dir: Path | None, cluster: int | None, sessions: P
               help="where the view files live [env FLEETLOG_DATA_DIR]")
 @sessions_option
 @jobs_option
+@http_option
+@no_http_option
+@log_json_option
 @click.option("-v", "--verbose", is_flag=True)
 def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, jobs_path: Path | None,
-          verbose: bool) -> None:
-    """Projector + query service against an external NATS (broker deployed separately)."""
-    _logging(verbose)
-    settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions)
+          http: str | None, no_http: bool, log_json: bool, verbose: bool) -> None:
+    """Projector + query service (+ dashboard) against an external NATS (broker deployed separately)."""
+    _logging(verbose, log_json)
+    settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions, http=_http(http, no_http))
     jobs = load_jobs_or_fail(jobs_path)
     try:
         asyncio.run(run_serve(settings, jobs=jobs))

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from fleetlog.projections import ALL, Projection
 from fleetlog.schemas.answers import CatchUp
 from fleetlog.services.backbone.config import FleetSettings
+from fleetlog.services.backbone.errors import FleetError
 from fleetlog.services.backbone.link import connect_once
 from fleetlog.services.backbone.streams import ensure_streams
+from fleetlog.services.dashboard import Dashboard, NodeProbe
 from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.cluster import LocalCluster
 from fleetlog.services.projector.runtime import Projector
@@ -24,9 +26,10 @@ from fleetlog.services.query.service import QueryService
 from fleetlog.services.reactors.scheduler import Scheduler
 from fleetlog.services.reactors.scheduler_jobs import JobsConfig, check_tick
 from fleetlog.services.reactors.supervisor import Reactors
+from fleetlog.services.writepath.receipt import PublisherStats
 from nats.aio.client import Client
 
-__all__ = ["Server", "run_scheduler", "run_serve", "run_up"]
+__all__ = ["Server", "run_scheduler", "run_serve", "run_up", "start_dashboard"]
 
 log = logging.getLogger("fleetlog.server")
 
@@ -168,12 +171,50 @@ async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None,
         with contextlib.suppress(asyncio.CancelledError):
             await signalled
         raise starting.exception()  # type: ignore[misc]
+    try:
+        dashboard = await start_dashboard(server)
+    except BaseException:
+        signalled.cancel()
+        await server.stop()
+        raise
     if ready is not None:
         ready.set()
     try:
         await signalled
     finally:
+        if dashboard is not None:
+            await dashboard.stop()
         await server.stop()
+
+
+async def start_dashboard(server: Server) -> Dashboard | None:
+    """The web dashboard and /metrics on `settings.http` (services/dashboard/), unless off.
+
+    An address asked for (--http, FLEETLOG_HTTP) that cannot be bound stops the start; the
+    default one, taken (a second node on this host), only costs this node its dashboard."""
+    address = server.settings.http_address()
+    if address is None:
+        return None
+
+    def counters() -> dict[str, int]:
+        r = server.reactors
+        return {} if r is None else {"swept": r.swept, "marked": r.marked}
+
+    def publishers() -> list[tuple[str, PublisherStats]]:
+        fleet = server.reactors.fleet if server.reactors is not None else None
+        return [] if fleet is None else [("reactors", fleet.publisher_stats())]
+
+    probe = NodeProbe(node_id=lambda: server.query.node, folded=lambda: server.projector.folded_events,
+                      counters=counters, publishers=publishers)
+    dashboard = Dashboard(server.settings, *address, probe=probe)
+    try:
+        await dashboard.start()
+    except FleetError as exc:
+        if "http" in server.settings.model_fields_set:
+            raise
+        log.warning("no dashboard: %s", exc)
+        return None
+    return dashboard
 
 
 async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None, jobs: JobsConfig | None = None,

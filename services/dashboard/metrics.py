@@ -1,0 +1,150 @@
+"""`GET /metrics`: this node's figures in the Prometheus text format (prometheus-client).
+
+Nothing is counted twice: each scrape reads the counters that already exist, from where
+they live — this node's status (`fleetlog.node.<id>.status`: stream heads, checkpoints,
+lag in messages and seconds, rejects, rows), the query service's `$SRV.STATS` (requests,
+errors and processing time per endpoint), and the in-process counters a `NodeProbe` hands
+over (events folded, leases swept, runtimes marked stale, the node's publishers). Names are
+listed in docs/operations.md ("Metrics")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from fleetlog.schemas.answers import StatusAnswer
+from fleetlog.services.writepath.receipt import PublisherStats
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "NodeProbe", "render"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class NodeProbe:
+    """What the node process counts in memory, read at each scrape (cheap: no locks, no I/O)."""
+
+    node_id: Callable[[], str] = lambda: ""
+    folded: Callable[[], int] = lambda: 0
+    counters: Callable[[], dict[str, int]] = dict  # reactor counts: lease_sweeps, stale_marks, ...
+    publishers: Callable[[], list[tuple[str, PublisherStats]]] = list
+
+
+REACTOR_COUNTERS = {
+    "swept": ("fleetlog_lease_sweeps", "claimed runs whose lease had passed, released by the lease sweeper"),
+    "marked": ("fleetlog_stale_marks", "runtimes marked stale by the supervisor"),
+}
+
+
+class _Scrape(Collector):
+    def __init__(self, status: StatusAnswer | None, stats: dict[str, Any] | None, probe: NodeProbe,
+                 publishers: list[tuple[str, PublisherStats]]) -> None:
+        self.status, self.stats, self.probe, self.publishers = status, stats, probe, publishers
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._views()
+        yield from self._queries()
+        yield from self._node()
+
+    def _views(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("fleetlog_node_serving", "1 when this node answers queries (caught up)")
+        up.add_metric([], 1.0 if self.status is not None and self.status.node_state == "serving" else 0.0)
+        yield up
+        if self.status is None:
+            return
+        last = GaugeMetricFamily("fleetlog_stream_last_seq", "the stream's last sequence", labels=["stream"])
+        msgs = GaugeMetricFamily("fleetlog_stream_messages", "messages the stream holds", labels=["stream"])
+        size = GaugeMetricFamily("fleetlog_stream_bytes", "bytes the stream holds", labels=["stream"])
+        for s in self.status.streams:
+            last.add_metric([s.name], s.last_seq)
+            msgs.add_metric([s.name], s.messages)
+            size.add_metric([s.name], s.bytes)
+        yield from (last, msgs, size)
+        labels = ["projection", "stream"]
+        cp = GaugeMetricFamily("fleetlog_projection_checkpoint", "last folded stream sequence", labels=labels)
+        lag = GaugeMetricFamily("fleetlog_projection_lag_messages", "messages not folded yet", labels=labels)
+        lag_s = GaugeMetricFamily("fleetlog_projection_lag_seconds", "age of the oldest unfolded message",
+                                  labels=labels)
+        rej = CounterMetricFamily("fleetlog_projection_rejects", "events the projection refused (see `fleetlog "
+                                  "rejects` for reasons)", labels=["projection"])
+        rows = GaugeMetricFamily("fleetlog_projection_rows", "rows per table of the live view",
+                                 labels=["projection", "table"])
+        for p in self.status.projections:
+            if p.state != "live":
+                continue
+            for stream, seq in p.checkpoints.items():
+                cp.add_metric([p.name, stream], seq)
+            for stream, n in p.lag.items():
+                lag.add_metric([p.name, stream], n)
+            for stream, secs in p.lag_seconds.items():
+                lag_s.add_metric([p.name, stream], secs)
+            rej.add_metric([p.name], p.rejects)
+            for table, n in p.rows.items():
+                rows.add_metric([p.name, table], n)
+        yield from (cp, lag, lag_s, rej, rows)
+
+    def _queries(self) -> Iterator[Metric]:
+        if not self.stats:
+            return
+        req = CounterMetricFamily("fleetlog_query_requests", "requests answered, per endpoint", labels=["endpoint"])
+        err = CounterMetricFamily("fleetlog_query_errors", "requests answered with an error (stale included)",
+                                  labels=["endpoint"])
+        took = CounterMetricFamily("fleetlog_query_processing_seconds", "time spent answering, per endpoint",
+                                   labels=["endpoint"])
+        for ep in self.stats.get("endpoints") or ():
+            name = str(ep.get("name", ""))
+            req.add_metric([name], int(ep.get("num_requests", 0)))
+            err.add_metric([name], int(ep.get("num_errors", 0)))
+            took.add_metric([name], int(ep.get("processing_time", 0)) / 1e9)
+        yield from (req, err, took)
+
+    def _node(self) -> Iterator[Metric]:
+        folded = CounterMetricFamily("fleetlog_projector_events_folded", "events this node's projector folded")
+        folded.add_metric([], self.probe.folded())
+        yield folded
+        counts = self.probe.counters()
+        for key, (name, doc) in REACTOR_COUNTERS.items():
+            fam = CounterMetricFamily(name, doc)
+            fam.add_metric([], counts.get(key, 0))
+            yield fam
+        fams: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "accepted": CounterMetricFamily("fleetlog_publisher_enqueued", "events accepted by record()/emit()",
+                                            labels=["client"]),
+            "acked": CounterMetricFamily("fleetlog_publisher_acked", "events JetStream acknowledged",
+                                         labels=["client"]),
+            "retried": CounterMetricFamily("fleetlog_publisher_retried", "publishes sent again after a transient "
+                                           "refusal", labels=["client"]),
+            "spooled": CounterMetricFamily("fleetlog_publisher_spooled", "events written to the local spool",
+                                           labels=["client"]),
+            "dead_lettered": CounterMetricFamily("fleetlog_publisher_dead_lettered", "events set aside as "
+                                                 "undeliverable", labels=["client"]),
+            "inflight": GaugeMetricFamily("fleetlog_publisher_inflight", "publishes awaiting their ack",
+                                          labels=["client"]),
+            "queued": GaugeMetricFamily("fleetlog_publisher_queued", "events in memory, not yet sent",
+                                        labels=["client"]),
+            "spool_pending": GaugeMetricFamily("fleetlog_publisher_spool_pending", "events waiting in the spool",
+                                               labels=["client"]),
+        }
+        for client, stats in [*self.probe.publishers(), *self.publishers]:
+            for key, family in fams.items():
+                family.add_metric([client], getattr(stats, key))
+        yield from fams.values()
+
+
+def render(status: StatusAnswer | None, stats_reply: bytes | None, probe: NodeProbe,
+           publishers: list[tuple[str, PublisherStats]]) -> bytes:
+    """One scrape's text. `status` None: the node did not answer (fleetlog_node_serving 0)."""
+    stats: dict[str, Any] | None = None
+    if stats_reply:
+        try:
+            stats = msgspec.json.decode(stats_reply)
+        except msgspec.DecodeError:
+            stats = None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Scrape(status, stats, probe, publishers))
+    return generate_latest(registry)

@@ -1,0 +1,53 @@
+"""`GET /metrics`: this node's figures in the Prometheus text format, read from a real node."""
+
+from __future__ import annotations
+
+from fleetlog.services.node.server import Server
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleetlog import Fleet
+
+from .dashboard_helpers import dashboard_of, get
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+async def test_metrics_carry_checkpoints_lag_queries_folds_and_publishers(server: Server, fleet: Fleet) -> None:
+    for i in range(25):
+        fleet.attempts.record(agent="m", action="probe", outcome="success", elapsed_s=float(i))
+    token = await fleet.flush()
+    await fleet.attempts.query(limit=5, min_seq=token)
+    await fleet.attempts.stats()
+    async with dashboard_of(server) as dash:
+        status, ctype, text = await get(dash.url + "/metrics")
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+    got = _samples(text)
+    attempts = (("projection", "attempts"), ("stream", "FLEET_ATTEMPTS"))
+    assert got[("fleetlog_node_serving", ())] == 1
+    assert got[("fleetlog_stream_last_seq", (("stream", "FLEET_ATTEMPTS"),))] == 25
+    assert got[("fleetlog_projection_checkpoint", attempts)] == 25
+    assert got[("fleetlog_projection_lag_messages", attempts)] == 0
+    assert ("fleetlog_projection_lag_seconds", attempts) in got
+    assert got[("fleetlog_projection_rejects_total", (("projection", "attempts"),))] == 0
+    assert got[("fleetlog_projection_rows", (("projection", "attempts"), ("table", "attempts")))] == 25
+    assert got[("fleetlog_query_requests_total", (("endpoint", "attempts-query"),))] >= 1
+    assert got[("fleetlog_query_requests_total", (("endpoint", "attempts-stats"),))] >= 1
+    assert ("fleetlog_query_processing_seconds_total", (("endpoint", "attempts-stats"),)) in got
+    assert got[("fleetlog_projector_events_folded_total", ())] >= 25
+    assert got[("fleetlog_lease_sweeps_total", ())] == 0  # the suite's nodes run no reactors
+    assert ("fleetlog_publisher_acked_total", (("client", "dashboard"),)) in got
+    for name in ("enqueued", "retried", "spooled", "dead_lettered"):
+        assert (f"fleetlog_publisher_{name}_total", (("client", "dashboard"),)) in got
+    assert ("fleetlog_publisher_inflight", (("client", "dashboard"),)) in got
+
+
+async def test_metrics_say_when_the_node_does_not_answer(server: Server, fleet: Fleet) -> None:
+    async with dashboard_of(server) as dash:
+        await server.query.stop()  # the node's query service is gone; the scrape still answers
+        status, _, text = await get(dash.url + "/metrics")
+    got = _samples(text)
+    assert status == 200 and got[("fleetlog_node_serving", ())] == 0
+    assert not any(name == "fleetlog_projection_checkpoint" for name, _ in got)
