@@ -11,12 +11,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 from fleetlog.services.node.broker import die_with_parent
 
-from fleetlog import Fleet
+from fleetlog import Fleet, FleetSettings
+
+T = TypeVar("T")
 
 
 def fleetlog_cmd() -> list[str]:
@@ -111,3 +113,18 @@ async def rebuild_and_wait(fleet: Fleet, projection: str, timeout_s: float = 60.
                    for p in (await fleet.status()).projections)
 
     await wait_until(live, timeout_s=timeout_s, interval_s=0.05)
+
+
+async def in_compat_thread(settings: FleetSettings, work: Callable[[], T]) -> T:
+    """Run `work` in a plain thread holding fleetlog.compat's shared connection, as the
+    drop-in modules' callers do (they are synchronous); the loop stays free for the server."""
+    import fleetlog.compat as compat
+
+    def run() -> T:
+        compat.connect(settings=settings)
+        try:
+            return work()
+        finally:
+            compat.close()
+
+    return await asyncio.to_thread(run)

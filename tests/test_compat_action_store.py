@@ -3,11 +3,9 @@ broker and server, the store's module-level functions called synchronously from 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from fleetlog.services.node.server import Server
@@ -16,18 +14,7 @@ import fleetlog.compat as compat
 from fleetlog import FleetSettings
 from fleetlog.compat import action_store as store
 
-T = TypeVar("T")
-
-
-async def _in_thread(settings: FleetSettings, work: Callable[[], T]) -> T:
-    def run() -> T:
-        compat.connect(settings=settings)
-        try:
-            return work()
-        finally:
-            compat.close()
-
-    return await asyncio.to_thread(run)
+from .helpers import in_compat_thread
 
 
 def _rec(agent: str, action: str, outcome: str, elapsed: float, **extra: Any) -> dict[str, Any]:
@@ -41,7 +28,7 @@ async def test_append_then_query_reads_its_writes(settings: FleetSettings, serve
                              root=tmp_path)
         return store.query(agent="alpha", root=tmp_path)
 
-    rows = await _in_thread(settings, work)
+    rows = await in_compat_thread(settings, work)
     assert len(rows) == 1
     row = rows[0]
     assert set(row) == {"id", "ts", "agent", "action", "outcome", "elapsed_s", "pane_before", "pane_after", "extras"}
@@ -62,7 +49,7 @@ async def test_bad_records_never_raise_and_are_counted(settings: FleetSettings, 
         after = compat.error_counts().get("action_store.append_attempt", 0)
         return store.query(root=tmp_path), {"swallowed": after - before}
 
-    rows, counts = await _in_thread(settings, work)
+    rows, counts = await in_compat_thread(settings, work)
     assert [r["elapsed_s"] for r in rows] == [1.0]
     assert counts == {"swallowed": 3}
 
@@ -77,7 +64,7 @@ async def test_roots_are_separate_fleets(settings: FleetSettings, server: Server
         return (store.query(root=r1), store.query(root=r2), store.query(agent="alpha", root=r2),
                 store.stats(root=r1), store.summarize("beta", root=r1)["counts"])
 
-    q1, q2, q2a, s1, sum1 = await _in_thread(settings, work)
+    q1, q2, q2a, s1, sum1 = await in_compat_thread(settings, work)
     assert [(r["agent"], r["outcome"]) for r in q1] == [("alpha", "success")]
     assert sorted((r["agent"], r["outcome"]) for r in q2) == [("alpha", "send_error"), ("beta", "success")]
     assert [r["elapsed_s"] for r in q2a] == [2.0]
@@ -103,7 +90,7 @@ async def test_filters_order_paging_stats_and_summary(settings: FleetSettings, s
                 store.summarize("a", root=tmp_path),
                 store.summarize("nobody", root=tmp_path))
 
-    page, recent, errors, st_agent, st_root, summary, empty = await _in_thread(settings, work)
+    page, recent, errors, st_agent, st_root, summary, empty = await in_compat_thread(settings, work)
     assert [r["elapsed_s"] for r in page] == [9.0, 8.0, 7.0]          # newest first, offset 1
     assert len(recent) == 10 and all(r["action"] == "probe" for r in recent)
     assert [r["outcome"] for r in errors] == ["send_error"]
@@ -127,7 +114,7 @@ async def test_purge_old(settings: FleetSettings, server: Server, tmp_path: Path
         store.append_attempt(_rec("a", "probe", "success", 2.0), root=tmp_path)
         return store.purge_old(root=tmp_path), store.query(root=tmp_path)
 
-    deleted, rows = await _in_thread(settings, work)
+    deleted, rows = await in_compat_thread(settings, work)
     assert deleted == 1 and [r["elapsed_s"] for r in rows] == [2.0]
 
 
@@ -167,5 +154,5 @@ async def test_threads_share_one_connection(settings: FleetSettings, server: Ser
         rows = store.stats(root=tmp_path)
         return sum(r["count"] for r in rows), int(compat.shared() is sync)
 
-    total, same = await _in_thread(settings, work)
+    total, same = await in_compat_thread(settings, work)
     assert (total, same) == (400, 1)

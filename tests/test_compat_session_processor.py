@@ -4,33 +4,19 @@ the synchronous repository and runner called from a thread."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from fleetlog.services.node.server import Server
 
-import fleetlog.compat as compat
 from fleetlog import FleetSettings
 from fleetlog.compat import session_pipeline as pipeline
 from fleetlog.compat.session_processor_state import SessionProcessorStateRepository
 
-T = TypeVar("T")
-
-
-async def _in_thread(settings: FleetSettings, work: Callable[[], T]) -> T:
-    def run() -> T:
-        compat.connect(settings=settings)
-        try:
-            return work()
-        finally:
-            compat.close()
-
-    return await asyncio.to_thread(run)
+from .helpers import in_compat_thread
 
 
 def _session(root: Path, user: str, name: str, lines: int = 2, mtime: datetime | None = None) -> Path:
@@ -77,7 +63,7 @@ async def test_repository_round_trip(settings: FleetSettings, server: Server, tm
                 repo.processed_session_files("usage"), repo.processed_session_files("other"))
 
     (ok, bad, states, empty, files, latest, activity, none_deleted, deleted, after, other) = \
-        await _in_thread(settings, work)
+        await in_compat_thread(settings, work)
     assert (ok, bad) == (True, False)
     assert states == {"alice/a.jsonl": {"processed_at": read_at, "items_extracted": 3}}
     assert isinstance(states["alice/a.jsonl"]["processed_at"], datetime)
@@ -105,10 +91,10 @@ async def test_scan_rules(settings: FleetSettings, server: Server, tmp_path: Pat
                                 read_at=processed_at)
         return repo.scan_unprocessed_for("usage", sessions)
 
-    found = await _in_thread(settings, work)
+    found = await in_compat_thread(settings, work)
     assert sorted((u, p.name) for u, p in found) == [("alice", "new.jsonl"), ("bob", "touched.jsonl"),
                                                      ("bob", "window.jsonl")]
-    missing = await _in_thread(settings, lambda: SessionProcessorStateRepository().scan_unprocessed_for(
+    missing = await in_compat_thread(settings, lambda: SessionProcessorStateRepository().scan_unprocessed_for(
         "usage", tmp_path / "none"))
     assert missing == []
 
@@ -128,7 +114,7 @@ async def test_run_processor_passes_conn_and_marks(settings: FleetSettings, serv
         return first, second, repo.is_processed("usage", "alice/a.jsonl", pipeline.compute_file_hash(
             sessions / "alice" / "a.jsonl"))
 
-    first, second, marked = await _in_thread(settings, work)
+    first, second, marked = await in_compat_thread(settings, work)
     # user directories come in directory order (unsorted, as in the original): compare as a set
     assert set(proc.calls[:2]) == {("a.jsonl", "alice@x", "alice/a.jsonl", conn, "id-alice"),
                                    ("b.jsonl", "bob", "bob/b.jsonl", conn, None)}
@@ -148,7 +134,7 @@ async def test_the_budget_clock_is_the_modules_own(settings: FleetSettings, serv
     assert pipeline.time is not __import__("time")
     proc = Recorder()
 
-    stats = await _in_thread(settings, lambda: pipeline.run_processor(None, proc, session_dir=sessions,
+    stats = await in_compat_thread(settings, lambda: pipeline.run_processor(None, proc, session_dir=sessions,
                                                                       time_budget_seconds=10.0))
     assert (stats["processed"], stats["capped"]) == (2, 1)
     assert pipeline._DEFAULT_TIME_BUDGET_SECONDS == 150.0

@@ -4,10 +4,9 @@ diff rules, a tick that fires on_diff hooks and one that fails without raising."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 from fleetlog.services.node.server import Server
 
@@ -16,22 +15,11 @@ from fleetlog import FleetSettings
 from fleetlog.compat import snapshot
 from fleetlog.snapshots import unregister_sidecars
 
-T = TypeVar("T")
+from .helpers import in_compat_thread
 
 SEED_KEYS = {"agent", "timestamp", "host", "tmux_count", "tmux_names", "screen_count", "claude_procs", "bun_procs",
              "node_procs", "load1", "mem_total_bytes", "mem_used_bytes", "mem_free_bytes", "nproc_cur", "nproc_max",
              "fork_pressure_pct", "context_percent", "agent_meta", "pids"}
-
-
-async def _in_thread(settings: FleetSettings, work: Callable[[], T]) -> T:
-    def run() -> T:
-        compat.connect(settings=settings)
-        try:
-            return work()
-        finally:
-            compat.close()
-
-    return await asyncio.to_thread(run)
 
 
 def test_gather_and_the_diff_rules() -> None:
@@ -51,7 +39,7 @@ async def test_take_then_read_latest(settings: FleetSettings, server: Server) ->
         second = snapshot.take_snapshot("alpha", with_diff=False)
         return before, first, second, snapshot.read_latest("alpha")
 
-    before, first, second, latest = await _in_thread(settings, work)
+    before, first, second, latest = await in_compat_thread(settings, work)
     assert before is None
     assert (first["has_diff"], first["diff_fields"]) == (False, [])
     assert (second["has_diff"], second["diff_fields"]) == (False, [])
@@ -74,7 +62,7 @@ async def test_tick_fires_on_diff_hooks_and_never_raises(settings: FleetSettings
         return snapshot.read_latest("compat-tick"), after - before
 
     try:
-        latest, swallowed = await _in_thread(settings, work)
+        latest, swallowed = await in_compat_thread(settings, work)
     finally:
         unregister_sidecars("compat-tick")  # process-wide registry: leave nothing for other tests
     assert latest is not None and "pids.sidecars.other.pid" in latest["diff_fields"]
