@@ -1,0 +1,159 @@
+"""Roles on a secure broker: NATS itself refuses what a role may not publish or request.
+
+A real nats-server with generated users and permissions, the real services on it
+authenticated as `service`, and clients authenticated as each role."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso
+from fleetlog.services.backbone.config import read_credentials
+from fleetlog.services.backbone.errors import FleetError
+from fleetlog.services.node.broker import EmbeddedBroker, free_port, reload_secure_broker
+from fleetlog.services.node.identities import IdentityError, Registry, permissions, write_credentials
+from fleetlog.services.node.server import Server
+
+from fleetlog import Fleet, FleetSettings
+
+
+@pytest.fixture
+async def secure(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedBroker, Server, FleetSettings]]:
+    broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=True)
+    await broker.start()
+    settings = FleetSettings(nats_url=broker.url, data_dir=tmp_path / "data", spool_dir=tmp_path / "spool",
+                             batch_wait_s=0.01, reactors=False,
+                             credentials=broker.credentials_path("service-fleetlog"))
+    server = Server(settings)
+    await server.start()
+    try:
+        yield broker, server, settings
+    finally:
+        await server.stop()
+        await broker.stop()
+
+
+async def _identity(broker: EmbeddedBroker, role: str, name: str, host: str | None = None) -> Path:
+    entry = Registry(broker.data_dir).add(role, name, host)
+    out = write_credentials(entry, broker.data_dir / "out" / f"{entry['user']}.json")
+    assert await reload_secure_broker(broker.data_dir)
+    return out
+
+
+async def _raw(broker: EmbeddedBroker, creds: Path) -> nats.NATS:
+    user, password = read_credentials(creds)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(broker.url, user=user, password=password, error_cb=on_error,
+                            allow_reconnect=False)
+    nc._fleetlog_errors = errors  # type: ignore[attr-defined]
+    return nc
+
+
+def _attempt(agent: str) -> tuple[str, bytes]:
+    e = AttemptRecorded(id=new_event_id(), ts=now_iso(), agent=agent, action="probe", outcome="success",
+                        elapsed_s=0.1)
+    return e.subject(), encode_event(e)
+
+
+async def test_no_credentials_no_connection(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, _ = secure
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await nats.connect(broker.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+
+
+async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, settings = secure
+    creds = await _identity(broker, "agent", "alice")
+    nc = await _raw(broker, creds)
+    try:
+        js = nc.jetstream()
+        subject, payload = _attempt("alice")
+        ack = await js.publish(subject, payload, timeout=5)  # its own subject: stored
+        forged_subject, forged = _attempt("bob")
+        with pytest.raises(nats.errors.TimeoutError):  # another agent's subject: the broker drops it
+            await js.publish(forged_subject, forged, timeout=2)
+        await nc.flush()
+        texts = [str(e) for e in nc._fleetlog_errors]  # type: ignore[attr-defined]
+        assert any("fleet.attempt.bob.probe" in t for t in texts), texts
+        with pytest.raises(nats.errors.TimeoutError):  # nor purge, nor sql
+            await js.publish("fleet.attempt.purge", b"{}", timeout=2)
+        for denied in ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuild"):
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(denied, b"{}", timeout=1)
+        await nc.flush()
+        texts = [str(e) for e in nc._fleetlog_errors]  # type: ignore[attr-defined]
+        assert any('publish to "fleetlog.sql"' in t.lower() for t in texts), texts
+    finally:
+        await nc.close()
+
+    async with Fleet.connect(settings=settings.model_copy(update={"credentials": broker.credentials_path(
+            "admin-fleetlog")})) as admin:
+        page = await admin.attempts.query(min_seq={"FLEET_ATTEMPTS": ack.seq})
+        assert [(r.agent, r.action) for r in page.items] == [("alice", "probe")]  # nothing forged landed
+        assert (await admin.sql("SELECT count(*) FROM attempts")).rows == [[1]]
+
+
+async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, settings = secure
+    creds = await _identity(broker, "agent", "carol")
+    async with Fleet.connect(broker.url, credentials=creds, spool_dir=settings.spool_dir, ensure=False) as carol:
+        carol.attempts.record(agent="carol", action="x", outcome="success", elapsed_s=1.0)
+        token = await carol.flush()
+        page = await carol.attempts.query(agent="carol", min_seq=token)  # a read-only query endpoint
+        assert [r.action for r in page.items] == ["x"]
+        with pytest.raises(FleetError):  # sql is admin-only: refused by the broker, not answered
+            await carol.sql("SELECT 1", timeout=1)
+
+
+async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, settings = secure
+    reader = await _identity(broker, "reader", "dash")
+    async with Fleet.connect(broker.url, credentials=reader, spool_dir=settings.spool_dir, ensure=False) as fleet:
+        assert (await fleet.attempts.stats()).items == []
+        with pytest.raises(FleetError):
+            await fleet.sql("SELECT 1", timeout=1)
+    nc = await _raw(broker, reader)
+    try:
+        with pytest.raises(nats.errors.TimeoutError):  # a reader states no facts at all
+            await nc.jetstream().publish(*_attempt("dash"), timeout=2)
+    finally:
+        await nc.close()
+    async with Fleet.connect(broker.url, credentials=broker.credentials_path("admin-fleetlog"),
+                             spool_dir=settings.spool_dir) as admin:
+        assert (await admin.sql("SELECT 42")).rows == [[42]]
+
+
+async def test_revoked_identity_is_refused_without_a_restart(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, _ = secure
+    creds = await _identity(broker, "agent", "eve")
+    nc = await _raw(broker, creds)
+    await nc.close()
+    assert Registry(broker.data_dir).revoke("agent-eve")
+    assert await reload_secure_broker(broker.data_dir)
+    pid = broker.process.pid if broker.process else None
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await nats.connect(broker.url, user="agent-eve", password=read_credentials(creds)[1],
+                           allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    assert broker.process is not None and broker.process.pid == pid and broker.process.poll() is None
+
+
+def test_permissions_and_names_are_checked() -> None:
+    agent = permissions("agent", "alice", host="h1")
+    assert agent["publish"]["allow"][:3] == ["fleet.attempt.alice.>", "fleet.snapshot.h1.alice", "fleet.diff.h1.alice"]
+    assert "fleetlog.sql" in agent["publish"]["deny"] and agent["subscribe"]["allow"] == ["_INBOX.>"]
+    assert permissions("runtime", "r1")["publish"]["allow"][0] == "fleet.runtime.r1.>"
+    assert permissions("admin", "x") == {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    for role, name, host, rule in [("root", "a", None, "role: 'root'"), ("agent", "a.b", None, "name: 'a.b'"),
+                                   ("agent", "*", None, "name: '*'"), ("reader", "r", "h", "host: 'h'")]:
+        with pytest.raises(IdentityError, match=rule):
+            permissions(role, name, host)
+    assert json.loads(json.dumps(agent)) == agent
