@@ -13,7 +13,7 @@ import nats
 import pytest
 from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso
 from fleetlog.services.backbone.config import read_credentials
-from fleetlog.services.backbone.errors import FleetError
+from fleetlog.services.backbone.errors import FleetError, PermissionDenied
 from fleetlog.services.node.broker import EmbeddedBroker, free_port, reload_secure_broker
 from fleetlog.services.node.identities import IdentityError, Registry, permissions, write_credentials
 from fleetlog.services.node.server import Server
@@ -109,8 +109,10 @@ async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBro
         token = await carol.flush()
         page = await carol.attempts.query(agent="carol", min_seq=token)  # a read-only query endpoint
         assert [r.action for r in page.items] == ["x"]
-        with pytest.raises(FleetError):  # sql is admin-only: refused by the broker, not answered
+        with pytest.raises(PermissionDenied, match=r"may not publish to 'fleetlog\.sql'"):  # admin-only
             await carol.sql("SELECT 1", timeout=1)
+        with pytest.raises(PermissionDenied, match=r"'fleetlog\.attempts\.purge'"):
+            await carol.attempts.purge(days=0)
 
 
 async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
@@ -118,8 +120,9 @@ async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedB
     reader = await _identity(broker, "reader", "dash")
     async with Fleet.connect(broker.url, credentials=reader, spool_dir=settings.spool_dir, ensure=False) as fleet:
         assert (await fleet.attempts.stats()).items == []
-        with pytest.raises(FleetError):
+        with pytest.raises(PermissionDenied, match=r"'fleetlog\.sql'") as info:
             await fleet.sql("SELECT 1", timeout=1)
+        assert info.value.subject == "fleetlog.sql" and isinstance(info.value, FleetError)
     nc = await _raw(broker, reader)
     try:
         with pytest.raises(nats.errors.TimeoutError):  # a reader states no facts at all

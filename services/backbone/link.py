@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ from nats.aio.client import Client
 __all__ = ["Link", "connect_once", "reachable", "within"]
 
 log = logging.getLogger("fleetlog.connection")
+_DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
 
 OnConnect = Callable[[Client], Awaitable[None]]
 
@@ -92,6 +94,7 @@ class Link:
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.denied: dict[str, int] = {}  # subject -> publishes the broker refused (permissions)
 
     def on_connect(self, cb: OnConnect) -> None:
         """Run `cb` once, after the first successful connect (nats-py restores subscriptions after)."""
@@ -136,6 +139,7 @@ class Link:
                     nc = await connect_once(
                         self.servers,
                         self.name,
+                        error_cb=self._error,
                         disconnected_cb=self._disconnected,
                         reconnected_cb=self._reconnected,
                     )
@@ -154,6 +158,21 @@ class Link:
                     log.exception("an on-connect step of %s failed; continuing", self.name)
             self._up.set()
             return
+
+    async def _error(self, exc: Exception) -> None:
+        # nats-server answers a publish outside the user's permissions with an async -ERR, and
+        # drops the message: a request then only times out. Remember the subject so that the
+        # caller can say why (PermissionDenied) instead of "did not answer".
+        match = _DENIED.search(str(exc))
+        if match:
+            self.denied[match.group(1)] = self.denied.get(match.group(1), 0) + 1
+            log.warning("nats: %s", exc)
+        else:
+            log.debug("nats: %s", exc)
+
+    def denials(self, subject: str) -> int:
+        """How many publishes to `subject` the broker refused on this link so far."""
+        return self.denied.get(subject, 0)
 
     async def _disconnected(self) -> None:
         for cb in self._on_disconnect:
