@@ -160,3 +160,24 @@ def test_permissions_and_names_are_checked() -> None:
         with pytest.raises(IdentityError, match=rule):
             permissions(role, name, host)
     assert json.loads(json.dumps(agent)) == agent
+
+
+async def test_a_forbidden_record_is_dead_lettered_as_permission_denied(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
+    """record() for another agent: the broker drops it; the publisher dead-letters it at once
+    with the reason (never retried, never an endless spool), and its own events still land."""
+    broker, _, _ = secure
+    creds = await _identity(broker, "agent", "mallory")
+    spool = tmp_path / "mallory-spool"
+    async with Fleet.connect(broker.url, credentials=creds, spool_dir=spool, ensure=False) as mallory:
+        mallory.attempts.record(agent="victim", action="forged", outcome="success", elapsed_s=1.0)
+        own = mallory.attempts.record(agent="mallory", action="honest", outcome="success", elapsed_s=1.0)
+        token = await mallory.flush(timeout=30)
+        stats = mallory.publisher_stats()
+        assert stats.dead_lettered == 1 and stats.acked == 1 and stats.spool_pending == 0  # nothing left to retry
+        page = await mallory.attempts.query(min_seq=token)
+        assert [(r.agent, r.id) for r in page.items] == [("mallory", own.id)]  # nothing forged landed
+    letters = [json.loads(line) for f in spool.rglob("dead-letter.jsonl") for line in f.read_text().splitlines()]
+    assert [(d["subject"], d["reason"]) for d in letters] == [
+        ("fleet.attempt.victim.forged", "permission denied: this identity may not publish to "
+                                        "'fleet.attempt.victim.forged'")]
