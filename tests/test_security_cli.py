@@ -25,7 +25,7 @@ async def test_up_secure_identities_add_list_revoke(tmp_path: Path) -> None:
     env.pop("FLEETLOG_NATS_URL", None)
     env.pop("FLEETLOG_CREDENTIALS", None)
     log = open(tmp_path / "up.log", "ab")  # noqa: ASYNC230
-    proc = subprocess.Popen([*fleetlog_cmd(), "up", "--secure", "--port", str(port)],  # noqa: ASYNC220
+    proc = subprocess.Popen([*fleetlog_cmd(), "up", "--secure", "--port", str(port), "--no-http"],  # noqa: ASYNC220
                             stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
     url = f"nats://127.0.0.1:{port}"
     admin = data / "broker" / "credentials" / "admin-fleetlog.json"
