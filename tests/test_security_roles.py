@@ -181,3 +181,33 @@ async def test_a_forbidden_record_is_dead_lettered_as_permission_denied(
     assert [(d["subject"], d["reason"]) for d in letters] == [
         ("fleet.attempt.victim.forged", "permission denied: this identity may not publish to "
                                         "'fleet.attempt.victim.forged'")]
+
+
+async def test_runtime_claims_and_heartbeats_only_as_itself(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
+    """A runtime registers, heartbeats and claims as itself; registering as another runtime
+    and an agent's claim are refused, and nothing of theirs lands."""
+    broker, _, settings = secure
+    rt = await _identity(broker, "runtime", "rt1")
+    agent = await _identity(broker, "agent", "grace")
+    async with Fleet.connect(settings=settings.model_copy(update={
+            "credentials": broker.credentials_path("admin-fleetlog")})) as admin:
+        await admin.runs.create("sec-run", "runner", status="queued", queue_name="q")
+        await admin.runs.create("sec-run-2", "runner", status="queued", queue_name="q2")
+        folded = await admin.sql("SELECT count(*) FROM runs", min_seq={"FLEET_RUNS": admin.runs._seen})
+        assert folded.rows == [[2]]  # the candidates a claim reads come from the view
+    async with Fleet.connect(broker.url, credentials=rt, spool_dir=tmp_path / "rt", ensure=False) as fleet:
+        assert (await fleet.runtimes.register("rt1")).runtime_id == "rt1"
+        claimed = await fleet.runs.claim_next("rt1", queue_name="q")
+        assert claimed is not None and claimed.run_id == "sec-run" and claimed.claimed_by_runtime_id == "rt1"
+        # refused by the broker; the guarded write reports it as "did not answer" (FleetUnavailable)
+        with pytest.raises(FleetError, match=r"fleet\.runtime\.rt2\.registration"):
+            await fleet.runtimes.register("rt2")
+        assert await fleet.runtimes.get("rt2") is None
+    async with Fleet.connect(broker.url, credentials=agent, spool_dir=tmp_path / "ag", ensure=False) as fleet:
+        with pytest.raises(FleetError, match=r"fleet\.run\.sec-run-2\.state"):
+            await fleet.runs.claim_next("grace", queue_name="q2")
+    async with Fleet.connect(settings=settings.model_copy(update={
+            "credentials": broker.credentials_path("admin-fleetlog")})) as admin:
+        run = await admin.runs.get("sec-run-2")
+        assert run is not None and run.status == "queued" and run.claimed_by_runtime_id is None

@@ -31,7 +31,11 @@ ROLES: Final = ("agent", "runtime", "processor", "service", "reader", "admin")
 NAMED: Final = frozenset({"agent", "runtime", "processor"})
 # Requests that change or expose more than a view's rows: only `admin` (and `service`) may make them.
 ADMIN_ONLY: Final = ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuild", "fleetlog.processors.run",
-                     "fleetlog.retention", "$JS.API.STREAM.>", "$JS.API.CONSUMER.>")
+                     "fleetlog.retention", "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>",
+                     "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
+                     "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>", "$JS.API.CONSUMER.>")
+# Read-only JetStream API a guarded writer (runtime, processor) needs: stream info, message gets.
+JS_READ: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.MSG.GET.>")
 # The query service's endpoints (and nats.micro's discovery) every role may ask.
 QUERIES: Final = ("fleetlog.>", "$SRV.>")
 REPLIES: Final = ("_INBOX.>",)
@@ -61,10 +65,11 @@ def permissions(role: str, name: str, host: str | None = None) -> dict[str, Any]
         # its own facts only: the subject carries the identity and the fold checks the payload against it
         "agent": [f"fleet.attempt.{name}.>", f"fleet.snapshot.{h}.{name}", f"fleet.diff.{h}.{name}"],
         # the guarded run records and the direct gets a claim needs, its own heartbeats, scoped state
-        "runtime": [f"fleet.runtime.{name}.>", "fleet.run.>", "fleet.state.>",
+        "runtime": [f"fleet.runtime.{name}.>", "fleet.run.>", "fleet.state.>", *JS_READ,
                     "$JS.API.DIRECT.GET.FLEET_RUNS", "$JS.API.DIRECT.GET.FLEET_RUNS.>",
+                    "$JS.API.DIRECT.GET.FLEET_RUNTIMES", "$JS.API.DIRECT.GET.FLEET_RUNTIMES.>",
                     "$JS.API.DIRECT.GET.FLEET_STATE", "$JS.API.DIRECT.GET.FLEET_STATE.>"],
-        "processor": [f"fleet.proc.{name}.>", "$JS.API.DIRECT.GET.FLEET_PROCESSORS",
+        "processor": [f"fleet.proc.{name}.>", *JS_READ, "$JS.API.DIRECT.GET.FLEET_PROCESSORS",
                       "$JS.API.DIRECT.GET.FLEET_PROCESSORS.>"],
         "reader": [],
     }[role]
