@@ -200,12 +200,11 @@ async def test_runtime_claims_and_heartbeats_only_as_itself(
         assert (await fleet.runtimes.register("rt1")).runtime_id == "rt1"
         claimed = await fleet.runs.claim_next("rt1", queue_name="q")
         assert claimed is not None and claimed.run_id == "sec-run" and claimed.claimed_by_runtime_id == "rt1"
-        # refused by the broker; the guarded write reports it as "did not answer" (FleetUnavailable)
-        with pytest.raises(FleetError, match=r"fleet\.runtime\.rt2\.registration"):
+        with pytest.raises(PermissionDenied, match=r"may not publish to 'fleet\.runtime\.rt2\.registration'"):
             await fleet.runtimes.register("rt2")
         assert await fleet.runtimes.get("rt2") is None
     async with Fleet.connect(broker.url, credentials=agent, spool_dir=tmp_path / "ag", ensure=False) as fleet:
-        with pytest.raises(FleetError, match=r"fleet\.run\.sec-run-2\.state"):
+        with pytest.raises(PermissionDenied, match=r"'fleet\.run\.sec-run-2\.state'"):
             await fleet.runs.claim_next("grace", queue_name="q2")
     async with Fleet.connect(settings=settings.model_copy(update={
             "credentials": broker.credentials_path("admin-fleetlog")})) as admin:

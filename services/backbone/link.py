@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -21,6 +22,17 @@ __all__ = ["Link", "connect_once", "reachable", "within"]
 
 log = logging.getLogger("fleetlog.connection")
 _DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+# Per connection: subject -> publishes nats-server refused (permissions). Weak: dies with the connection.
+_denied: weakref.WeakKeyDictionary[Client, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def denials(nc: Client, subject: str) -> int:
+    """How many publishes to `subject` nats-server refused on `nc` so far (a Link's connection).
+
+    A publish outside the user's permissions is answered with an async -ERR and dropped: a
+    request then only times out. A caller compares the count before and after its request to
+    say PermissionDenied instead of "did not answer"."""
+    return _denied.get(nc, {}).get(subject, 0)
 
 OnConnect = Callable[[Client], Awaitable[None]]
 
@@ -94,7 +106,6 @@ class Link:
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self.denied: dict[str, int] = {}  # subject -> publishes the broker refused (permissions)
 
     def on_connect(self, cb: OnConnect) -> None:
         """Run `cb` once, after the first successful connect (nats-py restores subscriptions after)."""
@@ -160,19 +171,13 @@ class Link:
             return
 
     async def _error(self, exc: Exception) -> None:
-        # nats-server answers a publish outside the user's permissions with an async -ERR, and
-        # drops the message: a request then only times out. Remember the subject so that the
-        # caller can say why (PermissionDenied) instead of "did not answer".
         match = _DENIED.search(str(exc))
-        if match:
-            self.denied[match.group(1)] = self.denied.get(match.group(1), 0) + 1
+        if match and self.nc is not None:
+            counts = _denied.setdefault(self.nc, {})
+            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
             log.warning("nats: %s", exc)
         else:
             log.debug("nats: %s", exc)
-
-    def denials(self, subject: str) -> int:
-        """How many publishes to `subject` the broker refused on this link so far."""
-        return self.denied.get(subject, 0)
 
     async def _disconnected(self) -> None:
         for cb in self._on_disconnect:

@@ -29,7 +29,7 @@ from fleetlog.services.backbone.errors import (
     QueryError,
     StaleError,
 )
-from fleetlog.services.backbone.link import Link
+from fleetlog.services.backbone.link import Link, denials
 from fleetlog.services.backbone.streams import ensure_streams
 from fleetlog.services.client.attempts import AttemptsAPI
 from fleetlog.services.client.nodes import node_statuses
@@ -170,12 +170,12 @@ class Fleet:
     ) -> S:
         """One query-service request; errors come back as typed exceptions."""
         nc = await self.nats(min(timeout, 2.0))
-        denied_before = self._link.denials(subject)
+        denied_before = denials(nc, subject)
         try:
             try:
                 msg = await nc.request(subject, _encode(body), timeout=timeout)
             except NatsTimeout:
-                if self._link.denials(subject) > denied_before:
+                if denials(nc, subject) > denied_before:
                     raise PermissionDenied(subject) from None
                 if not nc._server_info.get("cluster"):
                     raise
@@ -188,7 +188,7 @@ class Fleet:
                 f"no fleetlog query service answers {subject} (is `fleetlog up` or `fleetlog serve` running?)"
             ) from None
         except NatsTimeout:
-            if self._link.denials(subject) > denied_before:
+            if denials(nc, subject) > denied_before:
                 raise PermissionDenied(subject) from None
             raise FleetUnavailable(f"the query service did not answer {subject} within {timeout}s") from None
         headers = msg.headers or {}
