@@ -210,3 +210,19 @@ async def test_runtime_claims_and_heartbeats_only_as_itself(
             "credentials": broker.credentials_path("admin-fleetlog")})) as admin:
         run = await admin.runs.get("sec-run-2")
         assert run is not None and run.status == "queued" and run.claimed_by_runtime_id is None
+
+
+async def test_processor_keeps_only_its_own_books_and_lock(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
+    broker, _, _ = secure
+    creds = await _identity(broker, "processor", "digest")
+    async with Fleet.connect(broker.url, credentials=creds, spool_dir=tmp_path / "p", ensure=False) as fleet:
+        token = await fleet.processors.mark_processed("digest", "u/a.jsonl", "u", 3, "h1")
+        assert await fleet.processors.is_processed("digest", "u/a.jsonl", "h1", min_seq=token)
+        lock = await fleet.processors.acquire("digest", holder="me")
+        assert lock is not None
+        with pytest.raises(PermissionDenied, match=r"'fleet\.proc\.other\.lock'"):
+            await fleet.processors.acquire("other", holder="me")
+        forged = await fleet.processors.mark_processed("other", "u/b.jsonl", "u", 1, "h2")  # dead-lettered
+        assert fleet.publisher_stats().dead_lettered == 1
+        assert not await fleet.processors.is_processed("other", "u/b.jsonl", "h2", min_seq=forged)
