@@ -8,7 +8,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from fleetlog.services.node.broker import die_with_parent, free_port, probe_nats
+from fleetlog.services.backbone.errors import FleetError
+from fleetlog.services.node.broker import EmbeddedBroker, die_with_parent, free_port, probe_nats, reload_secure_broker
+from fleetlog.services.node.identities import Registry, write_credentials
+
+from fleetlog import Fleet
 
 from .helpers import fleetlog_cmd, wait_until
 
@@ -77,3 +81,42 @@ async def test_up_secure_identities_add_list_revoke(tmp_path: Path) -> None:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 30)
         log.close()
+
+
+async def test_serve_with_credentials_on_a_secure_broker(tmp_path: Path) -> None:
+    """`fleetlog serve --credentials FILE` against a broker it did not start: without them it
+    cannot connect; with the service's it folds and answers (an agent's attempt, asked by a reader)."""
+    broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=True)
+    await broker.start()
+    registry = Registry(broker.data_dir)
+    agent = write_credentials(registry.add("agent", "a1"), tmp_path / "a1.json")
+    reader = write_credentials(registry.add("reader", "r1"), tmp_path / "r1.json")
+    assert await reload_secure_broker(broker.data_dir)
+    env = {**os.environ, "FLEETLOG_BATCH_WAIT_S": "0.01", "FLEETLOG_REACTORS": "false", "NO_COLOR": "1"}
+    env.pop("FLEETLOG_CREDENTIALS", None)
+    log = open(tmp_path / "serve.log", "ab")  # noqa: ASYNC230
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [*fleetlog_cmd(), "serve", "--nats", broker.url, "--data-dir", str(tmp_path / "serve"), "--no-http",
+         "--credentials", str(broker.credentials_path("service-fleetlog"))],
+        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
+    try:
+        async with Fleet.connect(broker.url, credentials=reader, spool_dir=tmp_path / "sr", ensure=False) as r1:
+            async def serving() -> bool:
+                try:
+                    await r1.status(timeout=2)
+                except FleetError:
+                    return False
+                return True
+
+            await wait_until(serving, timeout_s=60, interval_s=0.3)  # serve made the streams and answers
+            async with Fleet.connect(broker.url, credentials=agent, spool_dir=tmp_path / "sa", ensure=False) as a1:
+                a1.attempts.record(agent="a1", action="x", outcome="success", elapsed_s=1.0)
+                token = await a1.flush(timeout=60)
+                assert a1.publisher_stats().acked == 1
+            page = await r1.attempts.query(min_seq=token)
+            assert [r.agent for r in page.items] == ["a1"]
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+        log.close()
+        await broker.stop()
