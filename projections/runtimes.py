@@ -231,7 +231,10 @@ def _runtime_of(subject: str) -> str | None:
     parts = subject.split(".")
     if len(parts) != 4 or parts[:2] != ["fleet", "runtime"]:
         return None
-    return subjects.unescape_token(parts[2])
+    try:
+        return subjects.unescape_token(parts[2])
+    except ValueError:  # "%%", "%C3": no token escape_token writes, so no runtime's (its event was refused)
+        return None
 
 
 def _load(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, dict[str, Any]]:

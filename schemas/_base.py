@@ -21,6 +21,7 @@ __all__ = [
     "IsoTs",
     "Text",
     "UuidStr",
+    "Version",
     "new_event_id",
     "now_iso",
     "parse_ts",
@@ -36,6 +37,8 @@ Identity = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # Free text that must be present (outcome, status, ...).
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 IsoTs = Annotated[str, msgspec.Meta(min_length=10, max_length=64)]
+# A schema version: small and positive (an unbounded int let v=2**70 land as a fact).
+Version = Annotated[int, msgspec.Meta(ge=1, le=1_000)]
 
 
 class Event(msgspec.Struct, kw_only=True, tag_field="type", frozen=True, gc=False):
@@ -50,7 +53,7 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", frozen=True, gc=Fals
 
     id: UuidStr
     ts: IsoTs
-    v: int = 1
+    v: Version = 1
 
     def subject(self) -> str:
         """The subject this event must be published on (identities escaped)."""

@@ -25,7 +25,7 @@ from typing import Annotated, ClassVar, Final
 import msgspec
 
 from . import subjects
-from ._base import Event, Identity, Text
+from ._base import Event, Identity, Text, Version
 from .answers import Answer
 
 __all__ = [
@@ -61,7 +61,7 @@ class ProcessorEvent(Event, kw_only=True, frozen=True):
     STREAM: ClassVar[str] = "FLEET_PROCESSORS"
 
     processor: Identity
-    v: int = 2
+    v: Version = 2
 
 
 class ProcessorSessionMarked(ProcessorEvent, tag="proc.session", kw_only=True, frozen=True):

@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Final
 import msgspec
 
 from . import subjects
-from ._base import Event, Identity
+from ._base import Event, Identity, Version
 from .answers import Answer
 
 __all__ = [
@@ -61,7 +61,7 @@ class HostSnapshot(Event, tag="snapshot.taken", kw_only=True, frozen=True):
     # Set by the taker against the previous snapshot of (host, agent) in stream order.
     has_diff: bool = False
     diff_fields: list[str] = msgspec.field(default_factory=list)
-    v: int = EVENT_VERSION
+    v: Version = EVENT_VERSION
 
     def subject(self) -> str:
         return subjects.snapshot(self.host, self.agent)
@@ -78,7 +78,7 @@ class SnapshotDiff(Event, tag="snapshot.diff", kw_only=True, frozen=True):
     diff_fields: list[str] = msgspec.field(default_factory=list)
     changes: dict[str, Any] = msgspec.field(default_factory=dict)  # field -> {"from": old, "to": new}
     snapshot_id: str | None = None  # the snapshot.taken event this diff belongs to
-    v: int = EVENT_VERSION
+    v: Version = EVENT_VERSION
 
     def subject(self) -> str:
         return subjects.diff(self.host, self.agent)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["FleetSettings", "default_data_dir", "split_http"]
+__all__ = ["FleetSettings", "default_data_dir", "read_credentials", "split_http"]
 
 
 def split_http(value: str) -> tuple[str, int]:
@@ -36,6 +37,10 @@ class FleetSettings(BaseSettings):
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server(s), comma separated")
     data_dir: Path = Field(default_factory=default_data_dir, description="views, spool, embedded broker data")
     port: int = Field(4222, description="port of the embedded broker (`fleetlog up`)")
+    credentials: Path | None = Field(
+        None, description="a credentials file from `fleetlog identities add` (a secure broker's user); every "
+        "connection of this process authenticates with it"
+    )
     stream_replicas: int = Field(
         1, ge=1, le=5, description="JetStream replicas of every stream (1 on one server; 3 on a cluster)"
     )
@@ -108,10 +113,35 @@ class FleetSettings(BaseSettings):
         return None if self.http.lower() in ("", "off") else split_http(self.http)
 
     def servers(self) -> list[str]:
-        return [s.strip() for s in self.nats_url.split(",") if s.strip()]
+        """The server URLs, each with the credentials' user:password when there are credentials:
+        every connection (nats-py, the publisher's and the projector's raw wires) takes them
+        from the URL, so none needs its own way to authenticate."""
+        urls = [s.strip() for s in self.nats_url.split(",") if s.strip()]
+        if self.credentials is None:
+            return urls
+        user, password = read_credentials(self.credentials)
+        out = []
+        for url in urls:
+            parts = urlsplit(url if "://" in url else f"nats://{url}")
+            host = parts.netloc.rsplit("@", 1)[-1]
+            out.append(urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}")))
+        return out
 
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
 
     def views_path(self) -> Path:
         return self.data_dir / "views" / "fleetlog.duckdb"
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """(user, password) of a credentials file; ValueError naming the file and what is wrong."""
+    try:
+        body = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"credentials: cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ValueError(f"credentials: {path} is not a fleetlog credentials file (not JSON)") from None
+    if not isinstance(body, dict) or not isinstance(body.get("user"), str) or not isinstance(body.get("password"), str):
+        raise ValueError(f"credentials: {path} must hold a JSON object with string fields user and password")
+    return body["user"], body["password"]

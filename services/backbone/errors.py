@@ -27,6 +27,15 @@ class FleetRefused(FleetError, ValueError):
     class so that callers (the CLI's exit codes) can tell a refusal from bad input."""
 
 
+class PermissionDenied(FleetRefused, PermissionError):
+    """The broker refused this identity a publish or request (`fleetlog up --secure`): the
+    subject is outside its role's permissions (docs/security.md)."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        super().__init__(f"permission denied: this identity may not publish to {subject!r}")
+
+
 class StaleError(FleetError, TimeoutError):
     """The view had not folded the requested position (min_seq) within the bounded wait."""
 

@@ -26,7 +26,8 @@ import weakref
 from typing import Any, NamedTuple
 
 import msgspec
-from fleetlog.services.backbone.errors import FleetError, FleetUnavailable
+from fleetlog.services.backbone.errors import FleetError, FleetUnavailable, PermissionDenied
+from fleetlog.services.backbone.link import denials
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -102,6 +103,7 @@ class Guarded:
         clustered = bool(getattr(self.nc, "_server_info", {}).get("cluster"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.failover_s if clustered else 0.0)
+        denied_before = denials(self.nc, subject)
         while True:
             try:
                 return await self.nc.request(subject, payload, timeout=self.timeout_s, headers=headers)
@@ -109,6 +111,8 @@ class Guarded:
                 if loop.time() >= deadline:
                     raise FleetUnavailable(f"JetStream did not answer {subject} (is the stream there?)") from None
             except NatsTimeout:
+                if denials(self.nc, subject) > denied_before:  # a secure broker refused this identity
+                    raise PermissionDenied(subject) from None
                 if loop.time() >= deadline:
                     raise FleetUnavailable(f"JetStream did not answer {subject} within {self.timeout_s}s") from None
             self.failovers += 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import weakref
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -19,6 +21,18 @@ from nats.aio.client import Client
 __all__ = ["Link", "connect_once", "reachable", "within"]
 
 log = logging.getLogger("fleetlog.connection")
+_DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+# Per connection: subject -> publishes nats-server refused (permissions). Weak: dies with the connection.
+_denied: weakref.WeakKeyDictionary[Client, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def denials(nc: Client, subject: str) -> int:
+    """How many publishes to `subject` nats-server refused on `nc` so far (a Link's connection).
+
+    A publish outside the user's permissions is answered with an async -ERR and dropped: a
+    request then only times out. A caller compares the count before and after its request to
+    say PermissionDenied instead of "did not answer"."""
+    return _denied.get(nc, {}).get(subject, 0)
 
 OnConnect = Callable[[Client], Awaitable[None]]
 
@@ -136,6 +150,7 @@ class Link:
                     nc = await connect_once(
                         self.servers,
                         self.name,
+                        error_cb=self._error,
                         disconnected_cb=self._disconnected,
                         reconnected_cb=self._reconnected,
                     )
@@ -154,6 +169,15 @@ class Link:
                     log.exception("an on-connect step of %s failed; continuing", self.name)
             self._up.set()
             return
+
+    async def _error(self, exc: Exception) -> None:
+        match = _DENIED.search(str(exc))
+        if match and self.nc is not None:
+            counts = _denied.setdefault(self.nc, {})
+            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+            log.warning("nats: %s", exc)
+        else:
+            log.debug("nats: %s", exc)
 
     async def _disconnected(self) -> None:
         for cb in self._on_disconnect:

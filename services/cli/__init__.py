@@ -7,6 +7,7 @@ import click
 from ._common import CliOptions
 from .admin import rebuild, rejects, schemas, status
 from .attempts import attempts, emit_attempt
+from .identities import identities
 from .processors import processors
 from .replica import export, replica
 from .run import serve, up
@@ -42,7 +43,7 @@ def emit() -> None:
 
 emit.add_command(emit_attempt)
 for command in (up, serve, status, attempts, runs, runtimes, state, snapshots, processors, scheduler, sql, replica,
-                export, schemas, rejects, rebuild, spool):
+                export, schemas, rejects, rebuild, spool, identities):
     cli.add_command(command)
 
 

@@ -65,21 +65,24 @@ sessions_option = click.option(
 @click.option("--cluster", "cluster", type=click.IntRange(min=1), default=None,
               help="a loopback JetStream cluster of N nats-servers (3 for R3 streams): the first on --port, "
                    "the others on free ports (all printed); the services use all of them")
+@click.option("--secure", is_flag=True,
+              help="users and permissions: every client needs credentials (`fleetlog identities add`); "
+                   "admin and service identities are made on the first start (docs/security.md)")
 @sessions_option
 @jobs_option
 @http_option
 @no_http_option
 @log_json_option
 @click.option("-v", "--verbose", is_flag=True)
-def up(port: int | None, data_dir: Path | None, cluster: int | None, sessions: Path | None, jobs_path: Path | None,
-       http: str | None, no_http: bool, log_json: bool, verbose: bool) -> None:
+def up(port: int | None, data_dir: Path | None, cluster: int | None, secure: bool, sessions: Path | None,
+       jobs_path: Path | None, http: str | None, no_http: bool, log_json: bool, verbose: bool) -> None:
     """Start nats-server (JetStream, 127.0.0.1) plus projector, query service and dashboard; Ctrl-C stops all."""
     _logging(verbose, log_json)
     settings = settings_from(None, port=port, data_dir=data_dir, processor_sessions=sessions,
                              http=_http(http, no_http))
     jobs = load_jobs_or_fail(jobs_path)
     try:
-        asyncio.run(run_up(settings, jobs=jobs, cluster=cluster or 0))
+        asyncio.run(run_up(settings, jobs=jobs, cluster=cluster or 0, secure=secure))
     except duckdb.IOException as exc:
         err_console.print(f"[red]error:[/red] the views file is in use by another fleetlog process: {exc}")
         raise SystemExit(1) from None
@@ -95,17 +98,22 @@ def up(port: int | None, data_dir: Path | None, cluster: int | None, sessions: P
               help="NATS server URL(s), comma separated: nats://a:4222,nats://b:4222 (a cluster's nodes)")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where the view files live [env FLEETLOG_DATA_DIR]")
+@click.option("--credentials", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              envvar="FLEETLOG_CREDENTIALS",
+              help="connect as this identity (the `service` role's credentials file) [env FLEETLOG_CREDENTIALS]")
 @sessions_option
 @jobs_option
 @http_option
 @no_http_option
 @log_json_option
 @click.option("-v", "--verbose", is_flag=True)
-def serve(nats_url: str | None, data_dir: Path | None, sessions: Path | None, jobs_path: Path | None,
-          http: str | None, no_http: bool, log_json: bool, verbose: bool) -> None:
+def serve(nats_url: str | None, data_dir: Path | None, credentials: Path | None, sessions: Path | None,
+          jobs_path: Path | None, http: str | None, no_http: bool, log_json: bool, verbose: bool) -> None:
     """Projector + query service (+ dashboard) against an external NATS (broker deployed separately)."""
     _logging(verbose, log_json)
     settings = settings_from(nats_url, data_dir=data_dir, processor_sessions=sessions, http=_http(http, no_http))
+    if credentials is not None:
+        settings = settings.model_copy(update={"credentials": credentials})
     jobs = load_jobs_or_fail(jobs_path)
     try:
         asyncio.run(run_serve(settings, jobs=jobs))

@@ -22,8 +22,14 @@ import msgspec
 from fleetlog.schemas import Event, encode_event
 from fleetlog.schemas.answers import RejectsAnswer, RejectsQuery, SqlAnswer, SqlQuery, StatusAnswer, StatusQuery
 from fleetlog.services.backbone.config import FleetSettings
-from fleetlog.services.backbone.errors import FleetUnavailable, FleetValidationError, QueryError, StaleError
-from fleetlog.services.backbone.link import Link
+from fleetlog.services.backbone.errors import (
+    FleetUnavailable,
+    FleetValidationError,
+    PermissionDenied,
+    QueryError,
+    StaleError,
+)
+from fleetlog.services.backbone.link import Link, denials
 from fleetlog.services.backbone.streams import ensure_streams
 from fleetlog.services.client.attempts import AttemptsAPI
 from fleetlog.services.client.nodes import node_statuses
@@ -164,10 +170,13 @@ class Fleet:
     ) -> S:
         """One query-service request; errors come back as typed exceptions."""
         nc = await self.nats(min(timeout, 2.0))
+        denied_before = denials(nc, subject)
         try:
             try:
                 msg = await nc.request(subject, _encode(body), timeout=timeout)
             except NatsTimeout:
+                if denials(nc, subject) > denied_before:
+                    raise PermissionDenied(subject) from None
                 if not nc._server_info.get("cluster"):
                     raise
                 # On a cluster the request or its answer can be lost with a node (the connection
@@ -179,6 +188,8 @@ class Fleet:
                 f"no fleetlog query service answers {subject} (is `fleetlog up` or `fleetlog serve` running?)"
             ) from None
         except NatsTimeout:
+            if denials(nc, subject) > denied_before:
+                raise PermissionDenied(subject) from None
             raise FleetUnavailable(f"the query service did not answer {subject} within {timeout}s") from None
         headers = msg.headers or {}
         code = headers.get("Nats-Service-Error-Code")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+
+from .identities import Registry, broker_config, write_credentials
 
 # Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
 # os._exit (pytest-timeout), so no orphan nats-server outlives it. libc is loaded here, in
@@ -38,7 +41,8 @@ def die_with_parent() -> Callable[[], None]:
     return functools.partial(_die_with_parent, os.getpid())
 
 
-__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "find_nats_server", "free_port", "probe_nats"]
+__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "find_nats_server", "free_port", "probe_nats",
+           "reload_secure_broker"]
 
 
 class BrokerError(RuntimeError):
@@ -69,7 +73,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def probe_nats(host: str, port: int, timeout_s: float = 1.0) -> dict[str, object] | None:
     """None if nothing listens; the server's INFO if it is NATS; BrokerError if it is something else."""
-    import json
 
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as conn:
@@ -99,8 +102,11 @@ class EmbeddedBroker:
     """
 
     def __init__(self, data_dir: Path, port: int = 4222, host: str = "127.0.0.1", *,
-                 name: str | None = None, cluster_args: list[str] | None = None) -> None:
+                 name: str | None = None, cluster_args: list[str] | None = None, secure: bool = False) -> None:
+        if secure and cluster_args is not None:
+            raise BrokerError("a secure broker is one server: --secure does not combine with --cluster yet")
         self.data_dir = Path(data_dir)
+        self.secure = secure
         self.port = port
         self.host = host
         self.name = name or f"fleetlog-{port}"
@@ -125,11 +131,16 @@ class EmbeddedBroker:
             return
         binary = find_nats_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self._ensure_builtin_identities()
+            args = ["-c", str(self.write_config())]
+        else:
+            args = ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
+                    "-n", self.name, *(self.cluster_args or [])]
         # Spawning is quick and happens once at start-up: no need for asyncio's subprocess API.
         log = open(self.data_dir / "nats-server.log", "ab")  # noqa: ASYNC230
         self.process = subprocess.Popen(  # noqa: ASYNC220
-            [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
-             "-n", self.name, *(self.cluster_args or [])],
+            [binary, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the broker in order
@@ -152,6 +163,28 @@ class EmbeddedBroker:
                 raise BrokerError(f"nats-server did not answer on {self.host}:{self.port} within {timeout_s}s")
             await asyncio.sleep(0.05)
 
+    # -- secure mode: users and permissions from the identities registry (services/node/identities.py)
+
+    def credentials_path(self, user: str) -> Path:
+        return self.data_dir / "credentials" / f"{user}.json"
+
+    def _ensure_builtin_identities(self) -> None:
+        """The admin and service identities, created on the first secure start."""
+        registry = Registry(self.data_dir)
+        for role in ("admin", "service"):
+            entry = registry.get(f"{role}-fleetlog") or registry.add(role, "fleetlog")
+            write_credentials(entry, self.credentials_path(entry["user"]))
+
+    def write_config(self) -> Path:
+        path = self.data_dir / "nats.conf"
+        text = broker_config(self.host, self.port, self.name, self.data_dir / "jetstream",
+                             self.data_dir / "nats.pid", Registry(self.data_dir).load())
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # passwords inside
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(path.with_suffix(".tmp"), path)
+        return path
+
     def kill(self) -> None:
         """SIGKILL (fault tests)."""
         if self.process is not None and self.process.poll() is None:
@@ -171,3 +204,39 @@ class EmbeddedBroker:
                 break
             await asyncio.sleep(0.05)
         proc.wait()
+
+
+async def reload_secure_broker(data_dir: Path, timeout_s: float = 10.0) -> bool:
+    """Render the secure broker's config from its registry again and SIGHUP it; returns once
+    nats-server says it reloaded (users and permissions change without a restart). False when
+    no broker runs there."""
+    data_dir = Path(data_dir)
+    conf = data_dir / "nats.conf"
+    if not conf.exists():
+        return False
+    listen = json.loads(conf.read_text())
+    host, port = str(listen["listen"]).rsplit(":", 1)
+    broker = EmbeddedBroker(data_dir, int(port), host, name=str(listen["server_name"]), secure=True)
+    broker.write_config()
+    log_path = data_dir / "nats-server.log"
+    before = _reloads(log_path)
+    try:
+        pid = int((data_dir / "nats.pid").read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        return False
+    # The reload is asynchronous: a client connecting right after the signal could still meet
+    # the old users. nats-server logs each reload; wait for this one.
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while _reloads(log_path) <= before:
+        if asyncio.get_running_loop().time() > deadline:
+            raise BrokerError(f"nats-server did not reload {conf} within {timeout_s}s; see {log_path}")
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _reloads(log_path: Path) -> int:
+    try:
+        return log_path.read_bytes().count(b"Reloaded server configuration")
+    except OSError:
+        return 0

@@ -218,17 +218,21 @@ async def start_dashboard(server: Server) -> Dashboard | None:
 
 
 async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None, jobs: JobsConfig | None = None,
-                 cluster: int = 0) -> None:
-    """The embedded broker (or a `cluster`-node loopback cluster) and the services on it."""
+                 cluster: int = 0, secure: bool = False) -> None:
+    """The embedded broker (or a `cluster`-node loopback cluster) and the services on it.
+    `secure`: users and permissions (docs/security.md); the services connect as `service`."""
     if cluster:
         await _run_up_cluster(settings, ready, cluster, jobs)
         return
-    broker = EmbeddedBroker(settings.data_dir / "broker", port=settings.port)
+    broker = EmbeddedBroker(settings.data_dir / "broker", port=settings.port, secure=secure)
     await broker.start()
     if broker.reused:
         log.info("reusing the NATS server already on %s", broker.url)
     else:
         log.info("started nats-server on %s (data in %s)", broker.url, broker.data_dir)
+    if secure:
+        settings = settings.model_copy(update={"credentials": broker.credentials_path("service-fleetlog")})
+        log.info("secure: admin credentials in %s", broker.credentials_path("admin-fleetlog"))
     try:
         await run_serve(settings.model_copy(update={"nats_url": broker.url}), ready, jobs)
     finally:

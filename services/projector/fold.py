@@ -88,7 +88,9 @@ class BatchFolder:
             except msgspec.ValidationError as exc:
                 rejects.append(Reject(stream, seq, subject, f"invalid event: {exc}", data))
                 continue
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string raises the latter
+            # Bad UTF-8 in a string raises UnicodeDecodeError; JSON nested past msgspec's depth limit
+            # raises RecursionError, which escaped here and wedged the projector on that message.
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                 rejects.append(Reject(stream, seq, subject, f"not valid JSON: {exc}", data))
                 continue
             if not isinstance(event, types):

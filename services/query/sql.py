@@ -27,8 +27,11 @@ from fleetlog.services.backbone.errors import FleetValidationError
 __all__ = ["DENIED_FUNCTIONS", "TABLE_FUNCTIONS", "check_select", "run_select"]
 
 TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
+# Scalars that read the environment, settings or files, or change the cursor's session state
+# (sequences, the random seed, the log): a SELECT must leave nothing behind.
 DENIED_FUNCTIONS = frozenset({
-    "getenv", "current_setting", "read_text", "read_blob", "glob", "query", "query_table",
+    "getenv", "current_setting", "getvariable", "read_text", "read_blob", "glob", "query", "query_table",
+    "nextval", "currval", "setval", "setseed", "write_log",
 })
 
 
@@ -67,6 +70,10 @@ def check_select(sql: str, tables: Iterable[str]) -> None:
                 raise SqlRefused(f"table {name!r}: name the view's tables without a schema or catalog")
             if name.lower() not in allowed | ctes:
                 raise SqlRefused(f"unknown table {name!r}; the views are: {', '.join(sorted(allowed))}")
+        elif kind == "SHOW_REF":
+            name = str(node.get("table_name", ""))
+            if node.get("show_type") == "SHOW_SPECIAL" or (name and name.lower() not in allowed | ctes):
+                raise SqlRefused(f"SHOW {name.strip(chr(34))!r}: only the views' tables or a query may be shown")
         elif kind == "TABLE_FUNCTION":
             fn = str((node.get("function") or {}).get("function_name", "")).lower()
             if fn not in TABLE_FUNCTIONS:

@@ -112,6 +112,7 @@ class Publisher(AckSide):
         self._acked_max: Token = {}
         # Broker refusals of spooled records, by event id (the spool file is append-only).
         self._refusals: dict[str, int] = {}
+        self._refusal_reasons: dict[str, str] = {}  # why a spooled record was refused, by event id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._wake = asyncio.Event()
@@ -124,7 +125,7 @@ class Publisher(AckSide):
         self._tasks: list[asyncio.Task[None]] = []
         self._stats_lock = threading.Lock()
         self._wire = PubWire(link.servers, f"{link.name}-publisher", self._on_ack, self._on_acks_done,
-                             self._fail_all_pending)
+                             self._fail_all_pending, self._on_denied)
         # The wire connects once the client's link is up (its streams are ensured by then).
         link.on_connect(self._on_link_connect)
 

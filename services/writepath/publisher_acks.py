@@ -42,6 +42,19 @@ class AckSide(SpoolSide):
         receipt.attempts = MAX_BROKER_REFUSALS - 1
         self._failed(receipt, chunk, broker_refused=True, reason=reason)
 
+    def _on_denied(self, subject: str) -> None:
+        """The broker refused this identity `subject`: what is in flight there will never be
+        stored, so it is dead-lettered now (never retried, never spooled for ever)."""
+        for token, (receipt, chunk) in list(self._pending.items()):
+            if receipt.subject == subject:
+                del self._pending[token]
+                reason = f"permission denied: this identity may not publish to {subject!r}"
+                if chunk is not None:  # a spooled record: the drain sets it aside, with this reason
+                    self._refusal_reasons[receipt.id] = reason
+                self._refused(receipt, chunk, reason)
+        self._slot_free.set()
+        self._progress.set()
+
     def _on_ack(self, token: bytes, body: bytes, _headers: bytes | None) -> None:
         entry = self._pending.pop(token, None)
         if entry is None:

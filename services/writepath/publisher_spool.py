@@ -78,6 +78,7 @@ class SpoolSide:
     _queue: collections.deque[Receipt]
     _pending: dict[bytes, tuple[Receipt, DrainChunk | None]]
     _refusals: dict[str, int]  # broker refusals of spooled records, by event id
+    _refusal_reasons: dict[str, str]  # and why, when the broker said (permission denied)
     _stats: PublisherStats
     _stats_lock: threading.Lock
     _progress: asyncio.Event
@@ -338,7 +339,8 @@ class SpoolSide:
                 if receipt.attempts >= MAX_BROKER_REFUSALS:
                     self._refusals.pop(receipt.id, None)
                     self._durable_receipts.pop(receipt.id, None)
-                    self._dead_letter(receipt, "refused by JetStream while draining the spool")
+                    self._dead_letter(receipt, self._refusal_reasons.pop(
+                        receipt.id, "refused by JetStream while draining the spool"))
                 else:
                     if receipt.attempts:
                         self._refusals[receipt.id] = receipt.attempts

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import ssl
 from collections.abc import Callable
@@ -39,6 +40,7 @@ _MAX_CONTROL_LINE: Final = 64 * 1024
 _PING_EVERY_S: Final = 5.0
 _MAX_PINGS_OUT: Final = 3
 _CONNECT_TIMEOUT_S: Final = 2.0
+_DENIED: Final = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
 _BACKOFF_MAX_S: Final = 1.0
 
 # (token, body, header block or None); the token is what follows the inbox prefix.
@@ -199,6 +201,10 @@ class _Protocol(asyncio.Protocol):
         elif line.startswith(b"-ERR"):
             message = line[4:].strip().strip(b"'").decode("utf-8", "replace")
             log.warning("publisher wire: server error: %s", message)
+            denied = _DENIED.search(message)
+            if denied and self.wire.on_denied is not None:
+                # A publish outside this identity's permissions: dropped by the broker, never acked.
+                self.wire.on_denied(denied.group(1))
             if not self.pong.done():
                 self.pong.set_exception(ConnectionError(f"server refused the connection: {message}"))
         # +OK and anything else: nothing to do
@@ -213,7 +219,8 @@ class PubWire:
     """
 
     def __init__(self, servers: list[str], name: str, on_ack: OnAck, on_acks_done: Callable[[], None],
-                 on_lost: Callable[[], None]) -> None:
+                 on_lost: Callable[[], None], on_denied: Callable[[str], None] | None = None) -> None:
+        self.on_denied = on_denied  # nats-server refused a publish to this subject (permissions)
         self._servers = parse_servers(servers)
         self._name = name
         self.on_ack = on_ack

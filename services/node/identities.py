@@ -1,0 +1,150 @@
+"""Identities of a secure broker: roles, the NATS permissions fleetlog generates for them,
+and the registry the embedded broker's config is rendered from.
+
+Each identity is a NATS user (`<role>-<name>`, a random password) whose permissions say
+which subjects it may publish (and so which facts it may state, which requests it may
+make) and subscribe to. NATS enforces them; fleetlog adds no layer in front. The registry
+(`<data_dir>/identities.json`, mode 0600) holds the users; `broker_config` renders the
+nats-server config from it, and the broker reloads it on SIGHUP without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "ADMIN_ONLY",
+    "ROLES",
+    "IdentityError",
+    "Registry",
+    "broker_config",
+    "permissions",
+    "write_credentials",
+]
+
+ROLES: Final = ("agent", "runtime", "processor", "service", "reader", "admin")
+NAMED: Final = frozenset({"agent", "runtime", "processor"})
+# Requests that change or expose more than a view's rows: only `admin` (and `service`) may make them.
+ADMIN_ONLY: Final = ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuild", "fleetlog.processors.run",
+                     "fleetlog.retention", "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>",
+                     "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
+                     "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>", "$JS.API.CONSUMER.>")
+# Read-only JetStream API a guarded writer (runtime, processor) needs: stream info, message gets.
+JS_READ: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.MSG.GET.>")
+# The query service's endpoints (and nats.micro's discovery) every role may ask.
+QUERIES: Final = ("fleetlog.>", "$SRV.>")
+REPLIES: Final = ("_INBOX.>",)
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class IdentityError(ValueError):
+    """A bad role, name or registry; the message names which and the rule."""
+
+
+def _check(role: str, name: str, host: str | None) -> None:
+    if role not in ROLES:
+        raise IdentityError(f"role: {role!r} is not one of {', '.join(ROLES)}")
+    if not _NAME.match(name):
+        raise IdentityError(f"name: {name!r} must be 1-64 of A-Z a-z 0-9 _ - (it becomes a subject token)")
+    if host is not None and (role != "agent" or not _NAME.match(host)):
+        raise IdentityError(f"host: {host!r} is for agents only, 1-64 of A-Z a-z 0-9 _ -")
+
+
+def permissions(role: str, name: str, host: str | None = None) -> dict[str, Any]:
+    """The nats-server permissions block of one identity."""
+    _check(role, name, host)
+    if role in ("service", "admin"):
+        return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    h = host or "*"
+    own: list[str] = {
+        # its own facts only: the subject carries the identity and the fold checks the payload against it
+        "agent": [f"fleet.attempt.{name}.>", f"fleet.snapshot.{h}.{name}", f"fleet.diff.{h}.{name}"],
+        # the guarded run records and the direct gets a claim needs, its own heartbeats, scoped state
+        "runtime": [f"fleet.runtime.{name}.>", "fleet.run.>", "fleet.state.>", *JS_READ,
+                    "$JS.API.DIRECT.GET.FLEET_RUNS", "$JS.API.DIRECT.GET.FLEET_RUNS.>",
+                    "$JS.API.DIRECT.GET.FLEET_RUNTIMES", "$JS.API.DIRECT.GET.FLEET_RUNTIMES.>",
+                    "$JS.API.DIRECT.GET.FLEET_STATE", "$JS.API.DIRECT.GET.FLEET_STATE.>"],
+        "processor": [f"fleet.proc.{name}.>", *JS_READ, "$JS.API.DIRECT.GET.FLEET_PROCESSORS",
+                      "$JS.API.DIRECT.GET.FLEET_PROCESSORS.>"],
+        "reader": [],
+    }[role]
+    return {
+        "publish": {"allow": [*own, *QUERIES], "deny": list(ADMIN_ONLY)},
+        "subscribe": {"allow": list(REPLIES)},
+    }
+
+
+class Registry:
+    """The identities of one secure broker, kept in `<data_dir>/identities.json`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / "identities.json"
+
+    def load(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        try:
+            users: list[dict[str, Any]] = json.loads(self.path.read_text())["users"]
+        except (ValueError, KeyError, TypeError):
+            raise IdentityError(f"registry: {self.path} is not a fleetlog identities file") from None
+        return users
+
+    def _save(self, users: list[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # passwords: owner only
+        with os.fdopen(fd, "w") as f:
+            json.dump({"users": users}, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def add(self, role: str, name: str, host: str | None = None) -> dict[str, Any]:
+        """A new identity (its credentials: user, password, role, name). Refused if the user exists."""
+        _check(role, name, host)
+        users = self.load()
+        user = f"{role}-{name}"
+        if any(u["user"] == user for u in users):
+            raise IdentityError(f"name: {user!r} exists; revoke it first to issue new credentials")
+        entry = {"user": user, "password": secrets.token_urlsafe(24), "role": role, "name": name, "host": host}
+        self._save([*users, entry])
+        return entry
+
+    def get(self, user: str) -> dict[str, Any] | None:
+        return next((u for u in self.load() if u["user"] == user), None)
+
+    def revoke(self, user: str) -> bool:
+        users = self.load()
+        kept = [u for u in users if u["user"] != user]
+        if len(kept) == len(users):
+            return False
+        self._save(kept)
+        return True
+
+
+def write_credentials(entry: dict[str, Any], out: Path) -> Path:
+    """The credentials file of one identity (mode 0600): what `credentials=` / FLEETLOG_CREDENTIALS take."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({k: entry[k] for k in ("user", "password", "role", "name")}, f)
+    return out
+
+
+def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
+                  users: list[dict[str, Any]]) -> str:
+    """The nats-server config (JSON is valid nats-server config syntax)."""
+    conf = {
+        "listen": f"{host}:{port}",
+        "server_name": name,
+        "pid_file": str(pid_file),
+        "jetstream": {"store_dir": str(store_dir)},
+        "authorization": {"users": [
+            {"user": u["user"], "password": u["password"], "permissions": permissions(u["role"], u["name"], u["host"])}
+            for u in users
+        ]},
+    }
+    return json.dumps(conf, indent=1)

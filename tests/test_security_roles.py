@@ -1,0 +1,228 @@
+"""Roles on a secure broker: NATS itself refuses what a role may not publish or request.
+
+A real nats-server with generated users and permissions, the real services on it
+authenticated as `service`, and clients authenticated as each role."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso
+from fleetlog.services.backbone.config import read_credentials
+from fleetlog.services.backbone.errors import FleetError, PermissionDenied
+from fleetlog.services.node.broker import EmbeddedBroker, free_port, reload_secure_broker
+from fleetlog.services.node.identities import IdentityError, Registry, permissions, write_credentials
+from fleetlog.services.node.server import Server
+
+from fleetlog import Fleet, FleetSettings
+
+
+@pytest.fixture
+async def secure(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedBroker, Server, FleetSettings]]:
+    broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=True)
+    await broker.start()
+    settings = FleetSettings(nats_url=broker.url, data_dir=tmp_path / "data", spool_dir=tmp_path / "spool",
+                             batch_wait_s=0.01, reactors=False,
+                             credentials=broker.credentials_path("service-fleetlog"))
+    server = Server(settings)
+    await server.start()
+    try:
+        yield broker, server, settings
+    finally:
+        await server.stop()
+        await broker.stop()
+
+
+async def _identity(broker: EmbeddedBroker, role: str, name: str, host: str | None = None) -> Path:
+    entry = Registry(broker.data_dir).add(role, name, host)
+    out = write_credentials(entry, broker.data_dir / "out" / f"{entry['user']}.json")
+    assert await reload_secure_broker(broker.data_dir)
+    return out
+
+
+async def _raw(broker: EmbeddedBroker, creds: Path) -> nats.NATS:
+    user, password = read_credentials(creds)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(broker.url, user=user, password=password, error_cb=on_error,
+                            allow_reconnect=False)
+    nc._fleetlog_errors = errors  # type: ignore[attr-defined]
+    return nc
+
+
+def _attempt(agent: str) -> tuple[str, bytes]:
+    e = AttemptRecorded(id=new_event_id(), ts=now_iso(), agent=agent, action="probe", outcome="success",
+                        elapsed_s=0.1)
+    return e.subject(), encode_event(e)
+
+
+async def test_no_credentials_no_connection(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, _ = secure
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await nats.connect(broker.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+
+
+async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, settings = secure
+    creds = await _identity(broker, "agent", "alice")
+    nc = await _raw(broker, creds)
+    try:
+        js = nc.jetstream()
+        subject, payload = _attempt("alice")
+        ack = await js.publish(subject, payload, timeout=5)  # its own subject: stored
+        forged_subject, forged = _attempt("bob")
+        with pytest.raises(nats.errors.TimeoutError):  # another agent's subject: the broker drops it
+            await js.publish(forged_subject, forged, timeout=2)
+        await nc.flush()
+        texts = [str(e) for e in nc._fleetlog_errors]  # type: ignore[attr-defined]
+        assert any("fleet.attempt.bob.probe" in t for t in texts), texts
+        with pytest.raises(nats.errors.TimeoutError):  # nor purge, nor sql
+            await js.publish("fleet.attempt.purge", b"{}", timeout=2)
+        for denied in ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuild"):
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(denied, b"{}", timeout=1)
+        await nc.flush()
+        texts = [str(e) for e in nc._fleetlog_errors]  # type: ignore[attr-defined]
+        assert any('publish to "fleetlog.sql"' in t.lower() for t in texts), texts
+    finally:
+        await nc.close()
+
+    async with Fleet.connect(settings=settings.model_copy(update={"credentials": broker.credentials_path(
+            "admin-fleetlog")})) as admin:
+        page = await admin.attempts.query(min_seq={"FLEET_ATTEMPTS": ack.seq})
+        assert [(r.agent, r.action) for r in page.items] == [("alice", "probe")]  # nothing forged landed
+        assert (await admin.sql("SELECT count(*) FROM attempts")).rows == [[1]]
+
+
+async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, settings = secure
+    creds = await _identity(broker, "agent", "carol")
+    async with Fleet.connect(broker.url, credentials=creds, spool_dir=settings.spool_dir, ensure=False) as carol:
+        carol.attempts.record(agent="carol", action="x", outcome="success", elapsed_s=1.0)
+        token = await carol.flush()
+        page = await carol.attempts.query(agent="carol", min_seq=token)  # a read-only query endpoint
+        assert [r.action for r in page.items] == ["x"]
+        with pytest.raises(PermissionDenied, match=r"may not publish to 'fleetlog\.sql'"):  # admin-only
+            await carol.sql("SELECT 1", timeout=1)
+        with pytest.raises(PermissionDenied, match=r"'fleetlog\.attempts\.purge'"):
+            await carol.attempts.purge(days=0)
+
+
+async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, settings = secure
+    reader = await _identity(broker, "reader", "dash")
+    async with Fleet.connect(broker.url, credentials=reader, spool_dir=settings.spool_dir, ensure=False) as fleet:
+        assert (await fleet.attempts.stats()).items == []
+        with pytest.raises(PermissionDenied, match=r"'fleetlog\.sql'") as info:
+            await fleet.sql("SELECT 1", timeout=1)
+        assert info.value.subject == "fleetlog.sql" and isinstance(info.value, FleetError)
+    nc = await _raw(broker, reader)
+    try:
+        with pytest.raises(nats.errors.TimeoutError):  # a reader states no facts at all
+            await nc.jetstream().publish(*_attempt("dash"), timeout=2)
+    finally:
+        await nc.close()
+    async with Fleet.connect(broker.url, credentials=broker.credentials_path("admin-fleetlog"),
+                             spool_dir=settings.spool_dir) as admin:
+        assert (await admin.sql("SELECT 42")).rows == [[42]]
+
+
+async def test_revoked_identity_is_refused_without_a_restart(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
+    broker, _, _ = secure
+    creds = await _identity(broker, "agent", "eve")
+    nc = await _raw(broker, creds)
+    await nc.close()
+    assert Registry(broker.data_dir).revoke("agent-eve")
+    assert await reload_secure_broker(broker.data_dir)
+    pid = broker.process.pid if broker.process else None
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await nats.connect(broker.url, user="agent-eve", password=read_credentials(creds)[1],
+                           allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    assert broker.process is not None and broker.process.pid == pid and broker.process.poll() is None
+
+
+def test_permissions_and_names_are_checked() -> None:
+    agent = permissions("agent", "alice", host="h1")
+    assert agent["publish"]["allow"][:3] == ["fleet.attempt.alice.>", "fleet.snapshot.h1.alice", "fleet.diff.h1.alice"]
+    assert "fleetlog.sql" in agent["publish"]["deny"] and agent["subscribe"]["allow"] == ["_INBOX.>"]
+    assert permissions("runtime", "r1")["publish"]["allow"][0] == "fleet.runtime.r1.>"
+    assert permissions("admin", "x") == {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    for role, name, host, rule in [("root", "a", None, "role: 'root'"), ("agent", "a.b", None, "name: 'a.b'"),
+                                   ("agent", "*", None, "name: '*'"), ("reader", "r", "h", "host: 'h'")]:
+        with pytest.raises(IdentityError, match=rule):
+            permissions(role, name, host)
+    assert json.loads(json.dumps(agent)) == agent
+
+
+async def test_a_forbidden_record_is_dead_lettered_as_permission_denied(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
+    """record() for another agent: the broker drops it; the publisher dead-letters it at once
+    with the reason (never retried, never an endless spool), and its own events still land."""
+    broker, _, _ = secure
+    creds = await _identity(broker, "agent", "mallory")
+    spool = tmp_path / "mallory-spool"
+    async with Fleet.connect(broker.url, credentials=creds, spool_dir=spool, ensure=False) as mallory:
+        mallory.attempts.record(agent="victim", action="forged", outcome="success", elapsed_s=1.0)
+        own = mallory.attempts.record(agent="mallory", action="honest", outcome="success", elapsed_s=1.0)
+        token = await mallory.flush(timeout=30)
+        stats = mallory.publisher_stats()
+        assert stats.dead_lettered == 1 and stats.acked == 1 and stats.spool_pending == 0  # nothing left to retry
+        page = await mallory.attempts.query(min_seq=token)
+        assert [(r.agent, r.id) for r in page.items] == [("mallory", own.id)]  # nothing forged landed
+    letters = [json.loads(line) for f in spool.rglob("dead-letter.jsonl") for line in f.read_text().splitlines()]
+    assert [(d["subject"], d["reason"]) for d in letters] == [
+        ("fleet.attempt.victim.forged", "permission denied: this identity may not publish to "
+                                        "'fleet.attempt.victim.forged'")]
+
+
+async def test_runtime_claims_and_heartbeats_only_as_itself(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
+    """A runtime registers, heartbeats and claims as itself; registering as another runtime
+    and an agent's claim are refused, and nothing of theirs lands."""
+    broker, _, settings = secure
+    rt = await _identity(broker, "runtime", "rt1")
+    agent = await _identity(broker, "agent", "grace")
+    async with Fleet.connect(settings=settings.model_copy(update={
+            "credentials": broker.credentials_path("admin-fleetlog")})) as admin:
+        await admin.runs.create("sec-run", "runner", status="queued", queue_name="q")
+        await admin.runs.create("sec-run-2", "runner", status="queued", queue_name="q2")
+        folded = await admin.sql("SELECT count(*) FROM runs", min_seq={"FLEET_RUNS": admin.runs._seen})
+        assert folded.rows == [[2]]  # the candidates a claim reads come from the view
+    async with Fleet.connect(broker.url, credentials=rt, spool_dir=tmp_path / "rt", ensure=False) as fleet:
+        assert (await fleet.runtimes.register("rt1")).runtime_id == "rt1"
+        claimed = await fleet.runs.claim_next("rt1", queue_name="q")
+        assert claimed is not None and claimed.run_id == "sec-run" and claimed.claimed_by_runtime_id == "rt1"
+        with pytest.raises(PermissionDenied, match=r"may not publish to 'fleet\.runtime\.rt2\.registration'"):
+            await fleet.runtimes.register("rt2")
+        assert await fleet.runtimes.get("rt2") is None
+    async with Fleet.connect(broker.url, credentials=agent, spool_dir=tmp_path / "ag", ensure=False) as fleet:
+        with pytest.raises(PermissionDenied, match=r"'fleet\.run\.sec-run-2\.state'"):
+            await fleet.runs.claim_next("grace", queue_name="q2")
+    async with Fleet.connect(settings=settings.model_copy(update={
+            "credentials": broker.credentials_path("admin-fleetlog")})) as admin:
+        run = await admin.runs.get("sec-run-2")
+        assert run is not None and run.status == "queued" and run.claimed_by_runtime_id is None
+
+
+async def test_processor_keeps_only_its_own_books_and_lock(
+        secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
+    broker, _, _ = secure
+    creds = await _identity(broker, "processor", "digest")
+    async with Fleet.connect(broker.url, credentials=creds, spool_dir=tmp_path / "p", ensure=False) as fleet:
+        token = await fleet.processors.mark_processed("digest", "u/a.jsonl", "u", 3, "h1")
+        assert await fleet.processors.is_processed("digest", "u/a.jsonl", "h1", min_seq=token)
+        lock = await fleet.processors.acquire("digest", holder="me")
+        assert lock is not None
+        with pytest.raises(PermissionDenied, match=r"'fleet\.proc\.other\.lock'"):
+            await fleet.processors.acquire("other", holder="me")
+        forged = await fleet.processors.mark_processed("other", "u/b.jsonl", "u", 1, "h2")  # dead-lettered
+        assert fleet.publisher_stats().dead_lettered == 1
+        assert not await fleet.processors.is_processed("other", "u/b.jsonl", "h2", min_seq=forged)
