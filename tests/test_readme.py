@@ -5,8 +5,10 @@ and exits: the README stays true. A block that leaves a fact behind must find it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -71,12 +73,16 @@ async def test_a_tour_block_runs_as_written(lang: str, code: str, live_server: S
         (work / "snippet.sh").write_text(code)
         argv = ["bash", "-euo", "pipefail", "snippet.sh"]
     # The server runs in this test's event loop: the block runs beside it, never blocking it.
-    proc = await asyncio.create_subprocess_exec(*argv, cwd=work, env=env, stdout=PIPE, stderr=PIPE)
+    # Its own process group: a block that fails or hangs is ended with everything it started
+    # (a shell block's `fleetlog ... watch` would otherwise outlive it).
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=work, env=env, stdout=PIPE, stderr=PIPE,
+                                                start_new_session=True)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 180)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if proc.returncode is None:
-            proc.kill()
             await proc.wait()
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
 
