@@ -19,6 +19,7 @@ from fleetlog.services.client.rejects import RawReject, reject_raw
 from rich.table import Table
 
 from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client
+from .progress import FoldProgress
 from .scheduler import jobs_table, scheduler_status
 
 __all__ = ["rebuild", "rejects", "schemas", "status"]
@@ -200,19 +201,19 @@ def rebuild(projection: str, wait: bool, nats_url: str | None, as_json: bool) ->
         started = await fleet.rebuild(projection)
         if not wait:
             return started
-        from rich.progress import Progress
-
-        with Progress(console=console, transient=True, disable=as_json) as progress:
-            task = progress.add_task(f"rebuilding {projection}", total=None)
+        with FoldProgress(f"rebuild {projection}", as_json=as_json) as progress:
             while True:
                 answer = await fleet.status()
                 gens = [p for p in answer.projections if p.name == projection]
                 mine = next((p for p in gens if p.generation == started["generation"]), None)
-                if mine is None or mine.state == "live":
+                if mine is None:
                     break
+                # The building generation's checkpoints against the streams' last seqs (lag is their gap);
+                # reported once more when live, so even a rebuild done before the first look says so.
                 done = sum(mine.checkpoints.values())
-                total = done + sum(mine.lag.values())
-                progress.update(task, completed=done, total=max(total, 1))
+                progress.update(done, done + sum(mine.lag.values()))
+                if mine.state == "live":
+                    break
                 await asyncio.sleep(0.2)
         return {**started, "state": "live"}
 

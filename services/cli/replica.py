@@ -13,6 +13,7 @@ import duckdb
 from fleetlog.services.query.replica import ReplicaProgress, export_views, fold_replica
 
 from ._common import Exit, console, exit_code_of, fail, json_option, nats_option, print_json, settings_from
+from .progress import FoldProgress
 
 __all__ = ["export", "replica"]
 
@@ -40,8 +41,9 @@ def replica(path: Path, follow: bool, every_s: float, nats_url: str | None, as_j
     settings = settings_from(nats_url)
     report = _progress_json if as_json else _progress_text
     try:
-        position = asyncio.run(fold_replica(settings, path, follow=follow, interval_s=every_s,
-                                            on_progress=report if follow else None))
+        with FoldProgress(f"replica {path}", as_json=as_json) as progress:
+            position = asyncio.run(fold_replica(settings, path, follow=follow, interval_s=every_s,
+                                                on_progress=report if follow else None, on_fold=progress.update))
     except KeyboardInterrupt:
         return
     except duckdb.IOException as exc:
@@ -78,7 +80,8 @@ def export(directory: Path, replica_path: Path | None, nats_url: str | None, as_
     sequences they contain)."""
     settings = settings_from(nats_url)
     try:
-        watermark = asyncio.run(export_views(settings, directory, replica=replica_path))
+        with FoldProgress(f"export {directory}", as_json=as_json) as progress:
+            watermark = asyncio.run(export_views(settings, directory, replica=replica_path, on_fold=progress.update))
     except duckdb.IOException as exc:
         _io_failed(replica_path or directory, exc)
     except (OSError, TimeoutError) as exc:

@@ -70,10 +70,12 @@ async def fold_replica(
     settings: FleetSettings, path: Path, *, follow: bool = False, projections: Sequence[Projection] = ALL,
     timeout_s: float | None = None, interval_s: float = 5.0,
     on_progress: Callable[[ReplicaProgress], None] | None = None,
+    on_fold: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
     """Fold the views up to the streams' end as of now and publish a copy at `path` (and on,
     with `follow`, until cancelled: a new copy every `interval_s` when something was folded);
-    returns the folded position per stream of the last copy."""
+    returns the folded position per stream of the last copy. `on_fold(folded, target)` is
+    called while catching up (sequences summed over every generation's feeds)."""
     working = working_path(path)
     await asyncio.to_thread(_seed, path, working)
     nc = await connect_once(settings.servers(), "fleetlog-replica", timeout_s=5.0)
@@ -91,9 +93,13 @@ async def fold_replica(
         await projector.start()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not _reached(projector, ends):
+            if on_fold is not None:
+                on_fold(*_fold_progress(projector, ends))
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"replica: not caught up with {ends} within {timeout_s}s")
             await asyncio.sleep(0.05)
+        if on_fold is not None:
+            on_fold(*_fold_progress(projector, ends))
 
         async def publish(copies: int) -> ReplicaProgress:
             _publish_views(projector)  # a rebuild may have promoted a new generation
@@ -124,12 +130,13 @@ async def fold_replica(
 
 
 async def export_views(settings: FleetSettings, directory: Path, *, replica: Path | None = None,
-                       projections: Sequence[Projection] = ALL, timeout_s: float | None = None) -> dict[str, object]:
+                       projections: Sequence[Projection] = ALL, timeout_s: float | None = None,
+                       on_fold: Callable[[int, int], None] | None = None) -> dict[str, object]:
     """Fold (into `replica`, else a file in `directory`) and write each table as Parquet
     plus watermark.json; returns the watermark."""
     await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
     path = replica or directory / ".replica.duckdb"
-    position = await fold_replica(settings, path, projections=projections, timeout_s=timeout_s)
+    position = await fold_replica(settings, path, projections=projections, timeout_s=timeout_s, on_fold=on_fold)
     return await asyncio.to_thread(_write_parquet, path, directory, projections, position)
 
 
@@ -243,6 +250,17 @@ def _reached(projector: Projector, ends: dict[str, int]) -> bool:
         if r.gen.state == "live" and any(f.checkpoint < ends.get(s, 0) for s, f in r.feeds.items()):
             return False
     return True
+
+
+def _fold_progress(projector: Projector, ends: dict[str, int]) -> tuple[int, int]:
+    """(folded, target): every running generation's checkpoints against the ends caught up to."""
+    folded = target = 0
+    for r in projector.running():
+        for s, f in r.feeds.items():
+            end = ends.get(s, 0)
+            folded += min(f.checkpoint, end)
+            target += end
+    return folded, target
 
 
 def _position(projector: Projector) -> dict[str, int]:
