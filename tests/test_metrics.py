@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+from fleetlog.services.backbone.errors import FleetError
 from fleetlog.services.node.server import Server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,3 +53,23 @@ async def test_metrics_say_when_the_node_does_not_answer(server: Server, fleet: 
     got = _samples(text)
     assert status == 200 and got[("fleetlog_node_serving", ())] == 0
     assert not any(name == "fleetlog_projection_checkpoint" for name, _ in got)
+
+
+async def test_query_latency_is_a_histogram_per_endpoint_and_outcome(server: Server, fleet: Fleet) -> None:
+    fleet.attempts.record(agent="m", action="probe", outcome="success", elapsed_s=1.0)
+    token = await fleet.flush()
+    for _ in range(3):
+        await fleet.attempts.query(limit=5, min_seq=token)
+    with pytest.raises(FleetError, match=r"(?i)select"):
+        await fleet.sql("DELETE FROM attempts")  # refused by the endpoint: an error outcome
+    async with dashboard_of(server) as dash:
+        _, _, text = await get(dash.url + "/metrics")
+    got = _samples(text)
+    ok = (("endpoint", "attempts-query"), ("outcome", "ok"))
+    assert got[("fleetlog_query_latency_seconds_count", ok)] == 3
+    assert got[("fleetlog_query_latency_seconds_bucket", (*ok[:1], ("le", "+Inf"), ok[1]))] == 3
+    assert got[("fleetlog_query_latency_seconds_sum", ok)] > 0
+    assert got[("fleetlog_query_latency_seconds_count", (("endpoint", "attempts-query"), ("outcome", "error")))] == 0
+    err = (("endpoint", "sql"), ("outcome", "error"))
+    assert got[("fleetlog_query_latency_seconds_count", err)] == 1
+    assert got[("fleetlog_query_latency_seconds_count", (("endpoint", "sql"), ("outcome", "ok")))] == 0

@@ -17,7 +17,7 @@ import msgspec
 from fleetlog.schemas.answers import StatusAnswer
 from fleetlog.services.writepath.receipt import PublisherStats
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "NodeProbe", "render"]
@@ -102,6 +102,16 @@ class _Scrape(Collector):
             err.add_metric([name], int(ep.get("num_errors", 0)))
             took.add_metric([name], int(ep.get("processing_time", 0)) / 1e9)
         yield from (req, err, took)
+        latency = HistogramMetricFamily("fleetlog_query_latency_seconds", "time from a request's arrival to its "
+                                        "reply, per endpoint and outcome (ok, stale, error)",
+                                        labels=["endpoint", "outcome"])
+        for ep in self.stats.get("endpoints") or ():
+            data = ep.get("data") or {}
+            bounds = data.get("latency_buckets_s") or []
+            for outcome, hist in sorted((data.get("latency") or {}).items()):
+                latency.add_metric([str(ep.get("name", "")), outcome], _cumulative(bounds, hist["counts"]),
+                                   float(hist["sum_s"]))
+        yield latency
 
     def _node(self) -> Iterator[Metric]:
         folded = CounterMetricFamily("fleetlog_projector_events_folded", "events this node's projector folded")
@@ -134,6 +144,16 @@ class _Scrape(Collector):
             for key, family in fams.items():
                 family.add_metric([client], getattr(stats, key))
         yield from fams.values()
+
+
+def _cumulative(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (the last is +Inf) as Prometheus' cumulative `le` buckets."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+        total += n
+        out.append((bound, float(total)))
+    return out
 
 
 def render(status: StatusAnswer | None, stats_reply: bytes | None, probe: NodeProbe,

@@ -6,17 +6,19 @@ handed to its own task (a slow query or a read-your-writes wait must not hold up
 next). `nats.micro` times and counts only its callback, which then returned at once and
 never raised: `$SRV.STATS` said ~30 µs and 0 errors whatever happened. `HonestService`
 reports what the tasks measured instead: every error (refused, stale, timed out,
-oversize, failed) and the time from the request's arrival to its reply.
+oversize, failed) and the time from the request's arrival to its reply, and in each
+endpoint's `data` a latency histogram per outcome (ok / stale / error) for /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -37,16 +39,40 @@ class ReplyTooBig(Exception):
     """The answer cannot be cut to fit the connection's max_payload (a 413)."""
 
 
+# Upper bounds (seconds) of the latency histogram's buckets; the last, +Inf, is implied.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+OUTCOMES = ("ok", "stale", "error")
+
+
+@dataclass
+class _Latency:
+    """One outcome's histogram: requests per bucket (not cumulative; the last is +Inf), their sum."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    sum_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.sum_s += seconds
+
+
 @dataclass
 class _Counters:
     errors: int = 0
     last_error: str | None = None
     processing_ns: int = 0
     epoch: int = 0  # bumped by a reset: a request that arrived before it is not counted after
+    latency: dict[str, _Latency] = field(default_factory=lambda: {o: _Latency() for o in OUTCOMES})
 
     def clear(self) -> None:
         self.errors, self.last_error, self.processing_ns = 0, None, 0
+        self.latency = {o: _Latency() for o in OUTCOMES}
         self.epoch += 1
+
+    def data(self) -> dict[str, Any]:
+        """The endpoint's `data` in `$SRV.STATS`: what /metrics turns into a histogram."""
+        return {"latency_buckets_s": list(LATENCY_BUCKETS_S),
+                "latency": {o: {"counts": list(h.counts), "sum_s": h.sum_s} for o, h in self.latency.items()}}
 
 
 class HonestService(Service):
@@ -66,6 +92,7 @@ class HonestService(Service):
             ep.last_error = mine.last_error or ep.last_error
             ep.processing_time = mine.processing_ns
             ep.average_processing_time = mine.processing_ns // max(1, ep.num_requests)
+            ep.data = mine.data()
         return stats
 
     async def reset(self) -> None:
@@ -125,7 +152,10 @@ class Dispatcher:
         if failed is not None:
             counters.errors += 1
             counters.last_error = f"{failed[0]}: {failed[1]}"[:1000]
-        counters.processing_ns += time.perf_counter_ns() - started
+        took = time.perf_counter_ns() - started
+        counters.processing_ns += took
+        outcome = "ok" if failed is None else "stale" if failed[0] == "stale" else "error"
+        counters.latency[outcome].observe(took / 1e9)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Let the requests in hand finish, all within `timeout_s` (not that much each in
