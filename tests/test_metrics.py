@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import nats
 import pytest
 from fleetlog.services.backbone.errors import FleetError
 from fleetlog.services.node.server import Server
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetlog import Fleet
+from fleetlog import Fleet, FleetSettings
 
 from .dashboard_helpers import dashboard_of, get
 
@@ -73,3 +74,33 @@ async def test_query_latency_is_a_histogram_per_endpoint_and_outcome(server: Ser
     err = (("endpoint", "sql"), ("outcome", "error"))
     assert got[("fleetlog_query_latency_seconds_count", err)] == 1
     assert got[("fleetlog_query_latency_seconds_count", (("endpoint", "sql"), ("outcome", "ok")))] == 0
+
+
+async def test_fold_batches_durations_and_rejects_by_kind(
+        server: Server, fleet: Fleet, settings: FleetSettings) -> None:
+    for i in range(40):
+        fleet.attempts.record(agent="m", action="fold", outcome="success", elapsed_s=float(i))
+    await fleet.flush()
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        await js.publish("fleet.attempt.m.a", b"not json")
+        await js.publish("fleet.attempt.m.b", b"{also not json")
+        last = (await js.publish("fleet.attempt.m.c", b"[]")).seq  # JSON, but no event
+    finally:
+        await nc.drain()
+    await fleet.attempts.query(limit=1, min_seq={"FLEET_ATTEMPTS": last})  # folded up to the last reject
+    async with dashboard_of(server) as dash:
+        _, _, text = await get(dash.url + "/metrics")
+    got = _samples(text)
+    attempts = (("projection", "attempts"),)
+    batches = got[("fleetlog_fold_batch_events_count", attempts)]
+    assert batches >= 1
+    assert got[("fleetlog_fold_batch_events_sum", attempts)] == 43  # every event, folded once, in some batches
+    assert got[("fleetlog_fold_batch_events_bucket", (("le", "+Inf"), *attempts))] == batches
+    assert got[("fleetlog_fold_duration_seconds_count", attempts)] == batches
+    assert got[("fleetlog_fold_duration_seconds_sum", attempts)] > 0
+    kinds = {dict(labels)["reason"]: v for (name, labels), v in got.items()
+             if name == "fleetlog_rejects_total" and dict(labels)["projection"] == "attempts"}
+    assert sum(kinds.values()) == 3 == got[("fleetlog_projection_rejects_total", attempts)]
+    assert kinds["invalid_json"] == 2

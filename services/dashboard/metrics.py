@@ -4,7 +4,9 @@ Nothing is counted twice: each scrape reads the counters that already exist, fro
 they live — this node's status (`fleetlog.node.<id>.status`: stream heads, checkpoints,
 lag in messages and seconds, rejects, rows), the query service's `$SRV.STATS` (requests,
 errors and processing time per endpoint), and the in-process counters a `NodeProbe` hands
-over (events folded, leases swept, runtimes marked stale, the node's publishers). Names are
+over (events folded, the projector's batch size / fold time histograms and rejects by kind,
+leases swept, runtimes marked stale, the node's publishers); the query latency histograms
+come in each endpoint's `data` of `$SRV.STATS`. Names are
 listed in docs/operations.md ("Metrics")."""
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import msgspec
 from fleetlog.schemas.answers import StatusAnswer
+from fleetlog.services.projector.fold_stats import FoldStats, Histogram
 from fleetlog.services.writepath.receipt import PublisherStats
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -33,6 +36,7 @@ class NodeProbe:
     folded: Callable[[], int] = lambda: 0
     counters: Callable[[], dict[str, int]] = dict  # reactor counts: lease_sweeps, stale_marks, ...
     publishers: Callable[[], list[tuple[str, PublisherStats]]] = list
+    fold_stats: Callable[[], FoldStats | None] = lambda: None  # the projector's batch/fold/reject counters
 
 
 REACTOR_COUNTERS = {
@@ -144,6 +148,25 @@ class _Scrape(Collector):
             for key, family in fams.items():
                 family.add_metric([client], getattr(stats, key))
         yield from fams.values()
+        yield from self._folds()
+
+    def _folds(self) -> Iterator[Metric]:
+        stats = self.probe.fold_stats()
+        if stats is None:
+            return
+        size = HistogramMetricFamily("fleetlog_fold_batch_events", "events per folded batch, per projection",
+                                     labels=["projection"])
+        took = HistogramMetricFamily("fleetlog_fold_duration_seconds", "time to fold and commit one batch, "
+                                     "per projection", labels=["projection"])
+        for fam, hists in ((size, stats.batch_events), (took, stats.duration_s)):
+            for name, hist in sorted(hists.items()):
+                fam.add_metric([name], _buckets(hist), hist.total)
+        rej = CounterMetricFamily("fleetlog_rejects", "events a live view refused on this node, per projection "
+                                  "and reason kind (`fleetlog rejects` gives the reasons)",
+                                  labels=["projection", "reason"])
+        for (name, kind), n in sorted(stats.rejects.items()):
+            rej.add_metric([name, kind], n)
+        yield from (size, took, rej)
 
 
 def _cumulative(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
@@ -154,6 +177,10 @@ def _cumulative(bounds: list[float], counts: list[int]) -> list[tuple[str, float
         total += n
         out.append((bound, float(total)))
     return out
+
+
+def _buckets(hist: Histogram) -> list[tuple[str, float]]:
+    return _cumulative(list(hist.bounds), hist.counts)
 
 
 def render(status: StatusAnswer | None, stats_reply: bytes | None, probe: NodeProbe,

@@ -205,7 +205,7 @@ async def start_dashboard(server: Server) -> Dashboard | None:
         return [] if fleet is None else [("reactors", fleet.publisher_stats())]
 
     probe = NodeProbe(node_id=lambda: server.query.node, folded=lambda: server.projector.folded_events,
-                      counters=counters, publishers=publishers)
+                      counters=counters, publishers=publishers, fold_stats=lambda: server.projector.fold_stats)
     dashboard = Dashboard(server.settings, *address, probe=probe)
     try:
         await dashboard.start()

@@ -28,6 +28,7 @@ from fleetlog.services.backbone.errors import StaleError
 from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.projector.committed import Committed
 from fleetlog.services.projector.fold import BatchFolder, Reject
+from fleetlog.services.projector.fold_stats import FoldStats
 from fleetlog.services.projector.retention import keep_to_streams
 from fleetlog.services.projector.store import Generation, ViewStore
 from fleetlog.services.projector.stream_reader import OrderedReader, StreamBatch
@@ -108,6 +109,7 @@ class Projector:
         self._reject_queue: asyncio.Queue[tuple[str, Reject]] = asyncio.Queue(maxsize=100_000)
         self._aux: list[asyncio.Task[None]] = []
         self.folded_events = 0
+        self.fold_stats = FoldStats()  # batch sizes, fold times, rejects by kind: for /metrics
         self.committed = Committed()  # which checkpoints a read saw, without a transaction
         self.folder.around_commit = self.committed.committing
 
@@ -208,9 +210,12 @@ class Projector:
                         await self._check_caught_up(running, stream)
                     continue
                 await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
+                started = time.perf_counter()
                 rejects = await asyncio.get_running_loop().run_in_executor(
                     self._fold_thread, self._apply, running.projection, running.gen.schema, stream, batch
                 )
+                self.fold_stats.observe(running.projection.name, len(batch), time.perf_counter() - started,
+                                        [r.reason for r in rejects] if running.gen.state == "live" else [])
                 feed.checkpoint = batch.last_seq
                 feed.pending = batch.pending()
                 feed.last_ts_ns = batch.ts_ns()
