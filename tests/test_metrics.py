@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nats
 import pytest
-from fleetlog.services.backbone.errors import FleetError
+from fleetlog.services.backbone.errors import FleetError, StaleError
 from fleetlog.services.node.server import Server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -63,6 +63,8 @@ async def test_query_latency_is_a_histogram_per_endpoint_and_outcome(server: Ser
         await fleet.attempts.query(limit=5, min_seq=token)
     with pytest.raises(FleetError, match=r"(?i)select"):
         await fleet.sql("DELETE FROM attempts")  # refused by the endpoint: an error outcome
+    with pytest.raises(StaleError):  # a position the view never reaches: answered "stale"
+        await fleet.attempts.query(limit=1, min_seq={"FLEET_ATTEMPTS": token["FLEET_ATTEMPTS"] + 1000})
     async with dashboard_of(server) as dash:
         _, _, text = await get(dash.url + "/metrics")
     got = _samples(text)
@@ -71,6 +73,7 @@ async def test_query_latency_is_a_histogram_per_endpoint_and_outcome(server: Ser
     assert got[("fleetlog_query_latency_seconds_bucket", (*ok[:1], ("le", "+Inf"), ok[1]))] == 3
     assert got[("fleetlog_query_latency_seconds_sum", ok)] > 0
     assert got[("fleetlog_query_latency_seconds_count", (("endpoint", "attempts-query"), ("outcome", "error")))] == 0
+    assert got[("fleetlog_query_latency_seconds_count", (("endpoint", "attempts-query"), ("outcome", "stale")))] == 1
     err = (("endpoint", "sql"), ("outcome", "error"))
     assert got[("fleetlog_query_latency_seconds_count", err)] == 1
     assert got[("fleetlog_query_latency_seconds_count", (("endpoint", "sql"), ("outcome", "ok")))] == 0
