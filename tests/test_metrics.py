@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import msgspec
 import nats
 import pytest
 from fleetlog.services.backbone.errors import FleetError, StaleError
+from fleetlog.services.client.snapshot_watch import diff_subject, serve_hooks
+from fleetlog.services.node.broker import free_port
 from fleetlog.services.node.server import Server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -107,3 +112,78 @@ async def test_fold_batches_durations_and_rejects_by_kind(
              if name == "fleetlog_rejects_total" and dict(labels)["projection"] == "attempts"}
     assert sum(kinds.values()) == 3 == got[("fleetlog_projection_rejects_total", attempts)]
     assert kinds["invalid_json"] == 2
+
+
+def _delta(before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+           after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """How far a process-wide counter moved (the client activity counts are cumulative over
+    the test process: other tests' claims and diffs count too)."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+async def test_claims_lost_races_diffs_and_hook_runs_move_when_they_happen(
+        server: Server, fleet: Fleet, settings: FleetSettings) -> None:
+    async with dashboard_of(server) as dash:
+        before = _samples((await get(dash.url + "/metrics"))[2])
+        await fleet.runs.create("r1", "runner", status="queued")
+        await fleet.runs.create("r2", "runner", status="queued")
+        await fleet.runs.list(min_seq=await fleet.flush())  # the view proposes both
+        # A real race: with the fold held, the view still proposes r1 after `a` claimed it;
+        # `b`'s guarded claim of r1 then loses to `a`'s, and `b` goes on to r2 once it folds.
+        async with Fleet.connect(settings=settings) as a, Fleet.connect(settings=settings) as b:
+            server.projector.pause()
+            try:
+                first = await a.runs.claim_next("rt-a")
+                racing = asyncio.ensure_future(b.runs.claim_next("rt-b"))
+                while b.runs.counters.conflicts == 0 and not racing.done():  # noqa: ASYNC110 (a counter, no event)
+                    await asyncio.sleep(0.02)
+            finally:
+                server.projector.resume()
+            second = await racing
+        assert first is not None and second is not None and {first.run_id, second.run_id} == {"r1", "r2"}
+        # A real diff, and hook runs on it through the watch path (`watch --exec`): one ok, one failed.
+        await fleet.snapshots.take("m", {"load1": 1.0}, host="h")
+        await fleet.snapshots.take("m", {"load1": 2.0}, host="h")
+        await fleet.flush()
+        nc = await fleet.nats()
+        handled = await serve_hooks(nc, diff_subject("h", "m"), ["true", "false"], durable="metrics-test",
+                                    after_seq=0, count=1)
+        after = _samples((await get(dash.url + "/metrics"))[2])
+    assert handled == 1
+    assert _delta(before, after, "fleetlog_claims_total") == 2
+    assert _delta(before, after, "fleetlog_lost_races_total", write="claim") >= 1
+    assert _delta(before, after, "fleetlog_diffs_published_total") == 1
+    assert _delta(before, after, "fleetlog_hook_runs_total", hook="on_diff", outcome="ok") == 1
+    assert _delta(before, after, "fleetlog_hook_runs_total", hook="on_diff", outcome="failed") == 1
+
+
+async def test_spool_bytes_and_the_lag_in_srv_stats(server: Server, fleet: Fleet, settings: FleetSettings) -> None:
+    # A client of this node whose broker is away spools to the node's spool directory.
+    away = settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{free_port()}"})
+    async with dashboard_of(server) as dash:
+        empty = _samples((await get(dash.url + "/metrics"))[2])
+        offline = await Fleet.connect(settings=away)
+        try:
+            for i in range(5):
+                offline.attempts.record(agent="away", action="probe", outcome="success", elapsed_s=float(i))
+            while offline.publisher_stats().spooled < 5:  # noqa: ASYNC110 (a counter, no event)
+                await asyncio.sleep(0.02)
+            spooled = _samples((await get(dash.url + "/metrics"))[2])
+        finally:
+            await offline.close(timeout=0.5)
+    assert spooled[("fleetlog_publisher_spool_bytes", ())] > empty[("fleetlog_publisher_spool_bytes", ())]
+    # $SRV.STATS: each endpoint's data carries the lag of its latest answer.
+    server.projector.pause()
+    try:
+        for i in range(3):
+            fleet.attempts.record(agent="lag", action="probe", outcome="success", elapsed_s=float(i))
+        await fleet.flush()
+        answer = await fleet.attempts.query(limit=1)
+        nc = await fleet.nats()
+        stats = msgspec.json.decode((await nc.request(f"$SRV.STATS.fleetlog.{server.query.node}", b"")).data)
+    finally:
+        server.projector.resume()
+    [ep] = [e for e in stats["endpoints"] if e["name"] == "attempts-query"]
+    assert answer.lag == {"FLEET_ATTEMPTS": 3}
+    assert ep["data"]["lag"] == {"FLEET_ATTEMPTS": 3} and ep["data"]["lag_s"]["FLEET_ATTEMPTS"] > 0

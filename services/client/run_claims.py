@@ -23,6 +23,7 @@ from fleetlog.schemas import RunCancelRequested, RunClaimed, RunState
 from fleetlog.schemas.runs import CandidatesQuery, ClaimedRun, Proposal, Proposals, RunLifecycle, claimed_run
 from fleetlog.services.backbone.errors import StaleError
 from fleetlog.services.backbone.guarded import Guarded, WrongLastSequence
+from fleetlog.services.client import activity
 from fleetlog.services.client import run_rules as rules
 from fleetlog.services.client.seam import FleetClient
 
@@ -186,10 +187,12 @@ class Claimer:
                     fence = await api._write(g, RunClaimed, state, seq_now, runtime_id=runtime_id)
                 except WrongLastSequence as exc:
                     self.counters.conflicts += 1
+                    activity.count(activity.LOST_RACES, "claim")
                     need_seq = max(need_seq, _actual_seq(exc))
                     state_now = None
                     continue
                 self.counters.claims += 1
+                activity.count(activity.CLAIMS)
                 return claimed_run(msgspec.structs.replace(state, fence=fence), token)
         raise TimeoutError(f"claim_next: rivals took every proposal in {MAX_ROUNDS} rounds (heavy contention)")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from fleetlog.services.client import activity
 
 __all__ = ["fire", "hook_commands", "load_hooks_file", "run_hook"]
 
@@ -93,10 +94,11 @@ def run_hook(agent: str, hook: str, command: str, context: Mapping[str, Any]) ->
             ok = done.returncode == 0
         if not ok:
             log.warning("%s hook for %s failed: %s", hook, agent, _redact(command))
-        return ok
     except Exception as exc:
         log.warning("%s hook for %s failed: %s: %s", hook, agent, _redact(command), exc)
-        return False
+        ok = False
+    activity.count(activity.HOOK_RUNS, hook, "ok" if ok else "failed")
+    return ok
 
 
 def _redact(command: str) -> str:
@@ -118,6 +120,7 @@ def fire(agent: str, hook: str, commands: list[str], context: Mapping[str, Any])
     for command in commands:
         if not _pending.acquire(blocking=False):
             log.warning("%s hook for %s dropped: %d runs already pending", hook, agent, MAX_PENDING)
+            activity.count(activity.HOOK_RUNS, hook, "dropped")
             continue
         try:
             future = _get_pool().submit(run_hook, agent, hook, command, dict(context))

@@ -27,6 +27,7 @@ from fleetlog.schemas import encode_event, new_event_id, now_iso, subjects
 from fleetlog.schemas.snapshots import HostSnapshot, SnapshotDiff, compute_diff_fields, diff_changes
 from fleetlog.services.backbone.errors import FleetUnavailable, FleetValidationError
 from fleetlog.services.backbone.guarded import Guarded, WrongLastSequence
+from fleetlog.services.client import activity
 from fleetlog.services.writepath.receipt import Receipt
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class Taker:
                 _, seq, _ = await guarded.publish(subject, payload, msg_id=event.id,
                                                   expected_last_seq=last.seq if last is not None else 0)
             except WrongLastSequence:
+                activity.count(activity.LOST_RACES, "snapshot")
                 continue  # another taker stored first: diff against it
             self.seen = max(self.seen, seq)
             self._remember(subject, seq, data)
@@ -138,6 +140,7 @@ class Taker:
             # The values would not fit one event: the fields still say what changed (the snapshots say to what).
             record = msgspec.structs.replace(record, changes={})
         self._fleet.emit_validated(record)
+        activity.count(activity.DIFFS)
 
 
 def _data(payload: bytes) -> dict[str, Any] | None:

@@ -16,13 +16,14 @@ from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.errors import FleetError, FleetValidationError
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.dashboard.attempts_page import attempts_page
-from fleetlog.services.dashboard.fleet_page import fleet_page
+from fleetlog.services.dashboard.fleet_page import fleet_page, newest_facts
+from fleetlog.services.dashboard.fleet_summary import AgentSummary
 from fleetlog.services.dashboard.http import HttpServer, Request, Response, text
 from fleetlog.services.dashboard.live import LiveFeed
-from fleetlog.services.dashboard.metrics import CONTENT_TYPE, NodeProbe, render
+from fleetlog.services.dashboard.metrics import CONTENT_TYPE, Local, NodeProbe, render
 from fleetlog.services.dashboard.runs_page import run_page, runs_page
 from fleetlog.services.dashboard.runtimes_page import processors_page, runtimes_page
-from fleetlog.services.dashboard.system_page import system_page
+from fleetlog.services.dashboard.system_page import spool_bytes, system_page
 
 __all__ = ["Dashboard"]
 
@@ -49,8 +50,10 @@ class Dashboard:
     async def start(self) -> None:
         self.fleet = await Fleet.connect(settings=self.settings, name="fleetlog-dashboard", ensure=False)
         try:
-            self.live = LiveFeed(await self.fleet.nats())
+            self.summary = AgentSummary(self.fleet)
+            self.live = LiveFeed(self.settings, lambda nc: newest_facts(self.fleet, self.summary, nc))
             await self.http.start()
+            self.summary.warm()  # the Fleet page's rows, loaded before anyone asks
         except OSError as exc:
             await self.fleet.close()
             raise FleetError(f"cannot serve the dashboard on {self.http.host}:{self.http.port}: {exc} "
@@ -62,12 +65,14 @@ class Dashboard:
 
     async def stop(self) -> None:
         await self.http.stop()
+        await self.summary.stop()
+        await self.live.close()
         with contextlib.suppress(Exception):
             await self.fleet.close()
 
     # -- pages -----------------------------------------------------------------------
     async def _fleet(self, req: Request) -> Response:
-        return Response(body=await fleet_page(self.fleet))
+        return Response(body=await fleet_page(self.fleet, self.summary))
 
     async def _attempts(self, req: Request) -> Response:
         try:
@@ -107,7 +112,8 @@ class Dashboard:
     async def _metrics(self, req: Request) -> Response:
         status, stats = await asyncio.gather(self._node_status(), self._service_stats())
         mine = [("dashboard", self.fleet.publisher_stats())]
-        return Response(body=render(status, stats, self.probe, mine), content_type=CONTENT_TYPE)
+        local = Local(await asyncio.to_thread(spool_bytes, self.settings.resolved_spool_dir()), self.live.figures())
+        return Response(body=render(status, stats, self.probe, mine, local), content_type=CONTENT_TYPE)
 
     # -- this node's figures ---------------------------------------------------------
     async def _node_status(self) -> StatusAnswer | None:

@@ -1,46 +1,25 @@
 """The Fleet page: one row per agent, kept live by the facts as they are published.
 
 Per agent: host, last action, its outcome and when, p95 elapsed per action over the agent's
-last N attempts of it (one `fleetlog.sql` request: the house p95, the sorted sample at
-max(0, floor(0.95·(n−1)))), and its latest snapshot's key figures with the fields of its
-last diff highlighted (`fleetlog.snapshots.latest`)."""
+last N attempts of it (the rows the dashboard keeps, fleet_summary.py: the house p95, the
+sorted sample at max(0, floor(0.95·(n−1)))), and its latest snapshot's key figures with the
+fields of its last diff highlighted (`fleetlog.snapshots.latest`, read at each load)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fleetlog.services.client.fleet import Fleet
+from fleetlog.services.dashboard.fleet_summary import MAX_AGENTS, P95_LAST_N, STREAM, AgentSummary
 from fleetlog.services.dashboard.layout import ago, esc, page
 from fleetlog.services.dashboard.live import KEY_FIGURES
+from nats.aio.client import Client
 
-__all__ = ["P95_LAST_N", "agents_sql", "fleet_page"]
+__all__ = ["fleet_page", "newest_facts"]
 
-P95_LAST_N = 100
-MAX_AGENTS = 5000
 LATEST_PAGE = 500  # snapshots.latest's own limit
-
-
-def agents_sql(last_n: int = P95_LAST_N) -> str:
-    """One row per agent (the sql endpoint caps rows: one per (agent, action) would not fit)."""
-    n = int(last_n)
-    return f"""
-WITH r AS (
-  SELECT agent, action, outcome, ts, elapsed_s,
-         row_number() OVER (PARTITION BY agent ORDER BY ts_utc DESC, seq DESC) AS newest,
-         row_number() OVER (PARTITION BY agent, action ORDER BY ts_utc DESC, seq DESC) AS nth
-  FROM attempts
-), per_action AS (
-  SELECT agent, action,
-         list_sort(list(elapsed_s))[CAST(greatest(0, floor(0.95 * (count(*) - 1))) AS BIGINT) + 1] AS p95,
-         max(CASE WHEN newest = 1 THEN outcome END) AS last_outcome,
-         max(CASE WHEN newest = 1 THEN ts END) AS last_ts
-  FROM r WHERE nth <= {n} GROUP BY agent, action
-)
-SELECT agent,
-       string_agg(action || ' ' || printf('%.2f', p95) || 's', ' · ' ORDER BY action) AS p95,
-       max(CASE WHEN last_ts IS NOT NULL THEN action END) AS last_action,
-       max(last_outcome) AS last_outcome, max(last_ts) AS last_ts
-FROM per_action GROUP BY agent ORDER BY agent"""
+SNAPSHOTS = "FLEET_SNAPSHOTS"
 
 
 def _figure(name: str, value: Any) -> str:
@@ -53,17 +32,12 @@ def _figure(name: str, value: Any) -> str:
     return str(value)
 
 
-async def _agents(fleet: Fleet) -> dict[str, dict[str, Any]]:
-    answer = await fleet.sql(agents_sql(), max_rows=MAX_AGENTS)
-    return {agent: {"p95": p95, "last_action": action, "last_outcome": outcome, "last_ts": ts}
-            for agent, p95, action, outcome, ts in answer.rows}
-
-
-async def _snapshots(fleet: Fleet) -> dict[str, dict[str, Any]]:
+async def _snapshots(fleet: Fleet, min_seq: int = 0) -> dict[str, dict[str, Any]]:
     newest: dict[str, dict[str, Any]] = {}
     after: list[str] | None = None
     while len(newest) < MAX_AGENTS:
-        got = await fleet.snapshots.all_latest(limit=LATEST_PAGE, after=after)
+        got = await fleet.snapshots.all_latest(limit=LATEST_PAGE, after=after,
+                                               min_seq={SNAPSHOTS: min_seq} if min_seq else None)
         for s in got.items:
             mine = newest.get(s.agent)
             if mine is None or s.taken_at >= mine["taken_at"]:  # an agent seen on two hosts: the newer
@@ -142,9 +116,8 @@ live.onerror = () => { delete document.body.dataset.live; say(' reconnecting'); 
 """
 
 
-async def fleet_page(fleet: Fleet) -> bytes:
-    agents = await _agents(fleet)
-    snapshots = await _snapshots(fleet)
+async def fleet_page(fleet: Fleet, summary: AgentSummary) -> bytes:
+    agents, snapshots = await asyncio.gather(summary.current(), _snapshots(fleet))
     names = sorted(set(agents) | set(snapshots), key=lambda n: (agents.get(n, {}).get("last_ts") or "", n),
                    reverse=True)
     head = ("<tr><th>agent</th><th>host</th><th>last action</th><th>outcome</th><th>when</th>"
@@ -154,3 +127,20 @@ async def fleet_page(fleet: Fleet) -> bytes:
     body = (f"<p class=muted>{len(names)} agents; highlighted: the fields of each agent's last snapshot diff.</p>"
             f"<table id=agents><thead>{head}</thead><tbody>{rows}</tbody></table>")
     return page("Fleet", "/", body, SCRIPT, {"figures": list(KEY_FIGURES)})
+
+
+async def newest_facts(fleet: Fleet, summary: AgentSummary, nc: Client) -> list[dict[str, Any]]:
+    """Each agent's newest attempt and snapshot as the views hold them once they have folded
+    up to the streams' ends as of now, in the live events' shapes: what the live view sends
+    after it missed facts, so that an open page converges (live.py)."""
+    js = nc.jetstream()
+    ends = {name: (await js.stream_info(name)).state.last_seq for name in (STREAM, SNAPSHOTS)}
+    rows, snaps = await asyncio.gather(summary.fresh(ends[STREAM]), _snapshots(fleet, ends[SNAPSHOTS]))
+    facts: list[dict[str, Any]] = [
+        {"kind": "attempt", "agent": agent, "action": r["last_action"], "outcome": r["last_outcome"],
+         "ts": r["last_ts"]}
+        for agent, r in rows.items() if r.get("last_action") is not None]
+    facts += [{"kind": "snapshot", "ts": s["taken_at"], "host": s["host"], "agent": agent,
+               "figures": {k: s["data"][k] for k in KEY_FIGURES if k in s["data"]},
+               "diff_fields": list(s["diff_fields"])} for agent, s in snaps.items()]
+    return facts

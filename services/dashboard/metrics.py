@@ -17,13 +17,14 @@ from typing import Any
 
 import msgspec
 from fleetlog.schemas.answers import StatusAnswer
+from fleetlog.services.client import activity
 from fleetlog.services.projector.fold_stats import FoldStats, Histogram
 from fleetlog.services.writepath.receipt import PublisherStats
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "NodeProbe", "render"]
+__all__ = ["CONTENT_TYPE", "Local", "NodeProbe", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -37,6 +38,16 @@ class NodeProbe:
     counters: Callable[[], dict[str, int]] = dict  # reactor counts: lease_sweeps, stale_marks, ...
     publishers: Callable[[], list[tuple[str, PublisherStats]]] = list
     fold_stats: Callable[[], FoldStats | None] = lambda: None  # the projector's batch/fold/reject counters
+    # What this process's clients did (claims, lost races, diffs, hook runs): services/client/activity.py.
+    activity: Callable[[], dict[tuple[str, tuple[str, ...]], int]] = activity.counts
+
+
+@dataclass
+class Local:
+    """Figures of the dashboard itself, read by the scrape: the spool on disk, the live feed."""
+
+    spool_bytes: int = 0
+    live: dict[str, int] | None = None  # LiveFeed.figures()
 
 
 REACTOR_COUNTERS = {
@@ -45,10 +56,27 @@ REACTOR_COUNTERS = {
 }
 
 
+ACTIVITY = {
+    activity.CLAIMS: ("fleetlog_claims", "runs claimed by this process's clients", ()),
+    activity.LOST_RACES: ("fleetlog_lost_races", "guarded writes of this process's clients that lost to "
+                          "another writer, per write (claim, snapshot)", ("write",)),
+    activity.DIFFS: ("fleetlog_diffs_published", "snapshot diff records this process's clients published", ()),
+    activity.HOOK_RUNS: ("fleetlog_hook_runs", "snapshot hook runs (on_diff, watch --exec/--post) in this "
+                         "process, per hook and outcome (ok, failed, dropped)", ("hook", "outcome")),
+}
+LIVE = {
+    "received": "facts the live view decoded",
+    "sent": "coalesced updates queued to open pages",
+    "dropped_page": "updates a page did not read in time (its queue was full)",
+    "dropped_nats": "facts NATS dropped to the live view's subscription (slow consumer)",
+    "resyncs": "times the live view re-read the newest per agent after NATS dropped facts",
+}
+
+
 class _Scrape(Collector):
     def __init__(self, status: StatusAnswer | None, stats: dict[str, Any] | None, probe: NodeProbe,
-                 publishers: list[tuple[str, PublisherStats]]) -> None:
-        self.status, self.stats, self.probe, self.publishers = status, stats, probe, publishers
+                 publishers: list[tuple[str, PublisherStats]], local: Local) -> None:
+        self.status, self.stats, self.probe, self.publishers, self.local = status, stats, probe, publishers, local
 
     def collect(self) -> Iterable[Metric]:
         yield from self._views()
@@ -148,7 +176,25 @@ class _Scrape(Collector):
             for key, family in fams.items():
                 family.add_metric([client], getattr(stats, key))
         yield from fams.values()
+        spool = GaugeMetricFamily("fleetlog_publisher_spool_bytes", "bytes on disk in this node's spool "
+                                  "directory: events not yet in JetStream, and the spool's bookkeeping")
+        spool.add_metric([], self.local.spool_bytes)
+        yield spool
         yield from self._folds()
+        yield from self._activity()
+
+    def _activity(self) -> Iterator[Metric]:
+        got = self.probe.activity()
+        for key, (name, doc, labels) in ACTIVITY.items():
+            fam = CounterMetricFamily(name, doc, labels=list(labels))
+            seen = sorted((values, n) for (k, values), n in got.items() if k == key)
+            for values, n in seen or ([((), 0)] if not labels else []):
+                fam.add_metric(list(values), n)
+            yield fam
+        for key, doc in LIVE.items():
+            fam = CounterMetricFamily(f"fleetlog_dashboard_live_{key}", doc)
+            fam.add_metric([], (self.local.live or {}).get(key, 0))
+            yield fam
 
     def _folds(self) -> Iterator[Metric]:
         stats = self.probe.fold_stats()
@@ -184,7 +230,7 @@ def _buckets(hist: Histogram) -> list[tuple[str, float]]:
 
 
 def render(status: StatusAnswer | None, stats_reply: bytes | None, probe: NodeProbe,
-           publishers: list[tuple[str, PublisherStats]]) -> bytes:
+           publishers: list[tuple[str, PublisherStats]], local: Local | None = None) -> bytes:
     """One scrape's text. `status` None: the node did not answer (fleetlog_node_serving 0)."""
     stats: dict[str, Any] | None = None
     if stats_reply:
@@ -193,5 +239,5 @@ def render(status: StatusAnswer | None, stats_reply: bytes | None, probe: NodePr
         except msgspec.DecodeError:
             stats = None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Scrape(status, stats, probe, publishers))
+    registry.register(_Scrape(status, stats, probe, publishers, local or Local()))
     return generate_latest(registry)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 from nats.micro.service import Service, ServiceConfig, ServiceStats
 
-__all__ = ["Dispatcher", "HonestService", "ReplyTooBig", "fit_reply"]
+__all__ = ["Dispatcher", "HonestService", "ReplyTooBig", "fit_reply", "note_lag"]
 
 log = logging.getLogger("fleetlog.query")
 
@@ -63,6 +64,10 @@ class _Counters:
     processing_ns: int = 0
     epoch: int = 0  # bumped by a reset: a request that arrived before it is not counted after
     latency: dict[str, _Latency] = field(default_factory=lambda: {o: _Latency() for o in OUTCOMES})
+    # The lag (messages, seconds per stream) stamped on the endpoint's latest answer: how far
+    # behind the streams the view was when it last answered here.
+    lag: dict[str, int] = field(default_factory=dict)
+    lag_s: dict[str, float] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.errors, self.last_error, self.processing_ns = 0, None, 0
@@ -72,7 +77,20 @@ class _Counters:
     def data(self) -> dict[str, Any]:
         """The endpoint's `data` in `$SRV.STATS`: what /metrics turns into a histogram."""
         return {"latency_buckets_s": list(LATENCY_BUCKETS_S),
-                "latency": {o: {"counts": list(h.counts), "sum_s": h.sum_s} for o, h in self.latency.items()}}
+                "latency": {o: {"counts": list(h.counts), "sum_s": h.sum_s} for o, h in self.latency.items()},
+                "lag": dict(self.lag), "lag_s": dict(self.lag_s)}
+
+
+# The counters of the endpoint whose request the current task answers (each request runs in
+# its own task, so this is per request): lets `stamp` note the lag without knowing the endpoint.
+_answering: ContextVar[_Counters | None] = ContextVar("fleetlog_answering", default=None)
+
+
+def note_lag(lag: dict[str, int], lag_s: dict[str, float]) -> None:
+    """Record an answer's lag in its endpoint's `$SRV.STATS` data (no-op outside a request)."""
+    counters = _answering.get()
+    if counters is not None:
+        counters.lag, counters.lag_s = dict(lag), dict(lag_s)
 
 
 class HonestService(Service):
@@ -130,6 +148,7 @@ class Dispatcher:
     async def _run(self, fn: Handler, req: Request, counters: _Counters, started: int) -> None:
         failed: tuple[str, str] | None = None
         epoch = counters.epoch
+        _answering.set(counters)
         try:
             await fn(req)
         except StaleError as exc:

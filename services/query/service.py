@@ -38,7 +38,7 @@ from fleetlog.schemas.answers import CatchUp, node_status_subject
 from fleetlog.services.projector.runtime import Projector
 from fleetlog.services.query.builtins import Builtins
 from fleetlog.services.query.cursors import ReaderCursors, merge_as_of, read_consistent
-from fleetlog.services.query.dispatch import Dispatcher, HonestService, fit_reply
+from fleetlog.services.query.dispatch import Dispatcher, HonestService, fit_reply, note_lag
 from fleetlog.services.query.heads import StreamHeads
 from nats.aio.client import Client
 from nats.micro.request import Request
@@ -259,6 +259,7 @@ class QueryService:
         got = await heads if heads is not None else await self.heads.last_seqs(streams, since_ns)
         answer.as_of = as_of
         answer.lag, answer.lag_s = await self.heads.lag(as_of, got)
+        note_lag(answer.lag, answer.lag_s)
 
     def _projection_handler(self, projection: Projection, ep: Endpoint) -> Callable[[Request], Awaitable[None]]:
         decoder = msgspec.json.Decoder(ep.request)
