@@ -72,6 +72,7 @@ async def test_up_no_http_serves_queries_but_no_page_and_logs_json_lines(tmp_pat
     lines = [json.loads(line) for line in (tmp_path / "up.log").read_text().splitlines() if line.strip()]
     assert not any("dashboard on" in line["msg"] for line in lines)
     assert any(line["logger"] == "fleetlog.server" and line["msg"].startswith("fleetlog serving") for line in lines)
+    assert any(line["logger"] == "fleetlog.server" and line["msg"].startswith("fleetlog stopped") for line in lines)
     assert all({"ts", "level", "logger", "msg"} <= line.keys() for line in lines)
 
 

@@ -180,11 +180,13 @@ class Link:
             log.debug("nats: %s", exc)
 
     async def _disconnected(self) -> None:
+        if not self._closed:  # closing calls this too: not a loss
+            log.warning("NATS connection lost (%s); reconnecting", self.name)
         for cb in self._on_disconnect:
             cb()
 
     async def _reconnected(self) -> None:
-        log.info("reconnected to NATS")
+        log.info("NATS reconnected (%s)", self.name)
 
     async def close(self) -> None:
         self._closed = True

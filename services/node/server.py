@@ -17,9 +17,11 @@ from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.errors import FleetError
 from fleetlog.services.backbone.link import connect_once
 from fleetlog.services.backbone.streams import ensure_streams
+from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.dashboard import Dashboard, NodeProbe
 from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.cluster import LocalCluster
+from fleetlog.services.node.reject_bursts import REJECT_LOG_S, watch_reject_bursts
 from fleetlog.services.projector.runtime import Projector
 from fleetlog.services.projector.store import ViewStore
 from fleetlog.services.query.service import QueryService
@@ -49,9 +51,11 @@ class Server:
     projections: Sequence[Projection] = ALL
     fold_paused: bool = False
     jobs: JobsConfig | None = None
+    reject_log_s: float = REJECT_LOG_S  # at most one log line per this many seconds about rejects
 
     async def start(self, *, wait: bool = True) -> None:
         s = self.settings
+        self._watchers: list[asyncio.Task[None]] = []
         if self.jobs is not None:
             check_tick(self.jobs)  # a bad tick is refused before anything starts
         self.nc = await _connect_waiting(s)
@@ -85,6 +89,8 @@ class Server:
 
     async def _join(self) -> None:
         await self.query.join(progress=_log_progress)
+        self._watchers.append(asyncio.create_task(
+            watch_reject_bursts(self.nc, lambda: self.projector.fold_stats, self.reject_log_s), name="reject bursts"))
         if self.settings.reactors:  # they ask the views: only once these are caught up
             self.reactors = Reactors(self.settings)
             await self.reactors.start()
@@ -93,6 +99,8 @@ class Server:
 
     async def stop(self) -> None:
         """Stop the scheduler, the reactors and answering, let the projector commit its last batch, close the file."""
+        log.info("fleetlog stopping (views in %s)", self.settings.views_path())
+        await stop_tasks(self._watchers)
         if self.scheduler is not None:
             with contextlib.suppress(Exception):
                 await self.scheduler.stop()
@@ -108,6 +116,7 @@ class Server:
         with contextlib.suppress(Exception):
             await self.nc.drain()
         self.store.close()
+        log.info("fleetlog stopped: folded %d events since the start", self.projector.folded_events)
 
 
 def _log_progress(where: list[CatchUp]) -> None:
@@ -144,7 +153,15 @@ async def _connect_waiting(s: FleetSettings) -> Client:
         if failures == 1 or failures % 20 == 0:
             log.warning("waiting for NATS at %s (%d attempts): %s", s.nats_url, failures, exc or type(exc).__name__)
 
-    connecting = connect_once(s.servers(), "fleetlog-server", timeout_s=5.0, error_cb=on_error)
+    async def on_disconnect() -> None:
+        if connected and not nc.is_closed:  # closing calls this too: not a loss
+            log.warning("NATS connection lost (fleetlog-server, %s); reconnecting", s.nats_url)
+
+    async def on_reconnect() -> None:
+        log.info("NATS reconnected (fleetlog-server) to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+    connecting = connect_once(s.servers(), "fleetlog-server", timeout_s=5.0, error_cb=on_error,
+                              disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
     try:
         nc = await (connecting if s.nats_wait_s is None else asyncio.wait_for(connecting, s.nats_wait_s))
     except TimeoutError:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
@@ -32,6 +33,8 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 
 __all__ = ["REJECT_PREVIEW_BYTES", "Builtins", "Host"]
+
+log = logging.getLogger("fleetlog.query")
 
 T = TypeVar("T")
 
@@ -244,6 +247,8 @@ class Builtins:
         if name not in self.q.projector.projections:
             raise KeyError(f"unknown projection {name!r}")
         gen = await self.q.projector.rebuild(name)
+        log.info("rebuild of %s started: generation %d folds from the streams' start beside the live one",
+                 name, gen.generation)
         reply = {"projection": name, "generation": gen.generation, "schema": gen.schema}
         await req.respond(fit_reply(reply, self.q.max_payload))
 

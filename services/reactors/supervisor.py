@@ -45,15 +45,24 @@ class Reactors:
 
     async def sweep_leases(self) -> None:
         assert self.fleet is not None
-        while True:
-            released = await self.fleet.runs.release_expired(limit=500)
-            self.swept += len(released)
-            if len(released) < 500:
-                return
+        swept = 0
+        try:
+            while True:
+                released = await self.fleet.runs.release_expired(limit=500)
+                self.swept += len(released)
+                swept += len(released)
+                if len(released) < 500:
+                    return
+        finally:
+            if swept:  # one line per sweep that released something, never one per idle tick
+                log.info("lease sweep: released %d claimed runs whose lease had passed", swept)
 
     async def mark_stale(self) -> None:
         assert self.fleet is not None
-        self.marked += len(await self.fleet.runtimes.mark_stale_runtimes())
+        marked = len(await self.fleet.runtimes.mark_stale_runtimes())
+        self.marked += marked
+        if marked:
+            log.info("stale marker: marked %d runtimes stale (no heartbeat in time)", marked)
 
     async def _every(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         interval = self.settings.reactor_interval_s
