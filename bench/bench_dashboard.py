@@ -6,8 +6,11 @@ with the dashboard open and live compared with it off, in the same run.
    bare acked publisher of bench/_common.py, one snapshot per agent; a `Server` in this
    process folds them, and its dashboard (services/dashboard/, as `up` starts it) listens
    on a free loopback port.
-2. refresh: the Fleet page's two reads (`fleetlog.sql` per agent and action, every agent's
-   latest snapshot) timed --repeat times, and GET / (the whole page, server side).
+2. refresh: the Fleet page's reads timed --repeat times: the per-agent `fleetlog.sql` over
+   the whole view (what the dashboard's kept rows cost to load once, and every
+   FULL_EVERY_S; the earlier window-function query beside it, same run), the incremental
+   refresh after --touch new attempts (what a page load waits for, at most WAIT_S), every
+   agent's latest snapshot.
 3. paint: headless chromium (Playwright, Debian's /usr/bin/chromium) opens the page; the
    browser's own first-contentful-paint and the time until the page is live (EventSource
    subscribed).
@@ -30,12 +33,32 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import AttemptFactory, CpuMonitor, broker, emit_json, raw_publish_attempts, settings_for, table
-from fleetlog.services.dashboard.fleet_page import agents_sql
+from fleetlog.services.dashboard.fleet_summary import agents_sql
 from fleetlog.services.node.server import Server, start_dashboard
 
 from fleetlog import Fleet
 
 AGENTS = 1000
+# The query the Fleet page ran on every load before the dashboard kept its rows (two windows
+# over every attempt): measured beside today's (one window), same run, same view.
+WINDOW_SQL = """
+WITH r AS (
+  SELECT agent, action, outcome, ts, elapsed_s,
+         row_number() OVER (PARTITION BY agent ORDER BY ts_utc DESC, seq DESC) AS newest,
+         row_number() OVER (PARTITION BY agent, action ORDER BY ts_utc DESC, seq DESC) AS nth
+  FROM attempts
+), per_action AS (
+  SELECT agent, action,
+         list_sort(list(elapsed_s))[CAST(greatest(0, floor(0.95 * (count(*) - 1))) AS BIGINT) + 1] AS p95,
+         max(CASE WHEN newest = 1 THEN outcome END) AS last_outcome,
+         max(CASE WHEN newest = 1 THEN ts END) AS last_ts
+  FROM r WHERE nth <= 100 GROUP BY agent, action
+)
+SELECT agent,
+       string_agg(action || ' ' || printf('%.2f', p95) || 's', ' · ' ORDER BY action) AS p95,
+       max(CASE WHEN last_ts IS NOT NULL THEN action END) AS last_action,
+       max(last_outcome) AS last_outcome, max(last_ts) AS last_ts
+FROM per_action GROUP BY agent ORDER BY agent"""
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
@@ -70,6 +93,7 @@ async def main() -> None:
     ap.add_argument("--more", type=int, default=200_000)
     ap.add_argument("--pane-bytes", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--touch", type=int, default=1000, help="new attempts before each incremental refresh")
     a = ap.parse_args()
     from playwright.async_api import async_playwright
 
@@ -91,11 +115,22 @@ async def main() -> None:
             load["folded_s"] = round(time.perf_counter() - t0, 2)
             print(f"loaded {a.n} attempts, {AGENTS} agents: {load}")
 
-            sql_ms, latest_ms, page_ms = [], [], []
+            sql_ms, window_ms, incr_ms, latest_ms, page_ms = [], [], [], [], []
+            seq = a.n
             for _ in range(a.repeat):
                 t = time.perf_counter()
                 answer = await fleet.sql(agents_sql(), max_rows=100_000)
                 sql_ms.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                before = await fleet.sql(WINDOW_SQL, max_rows=100_000)
+                window_ms.append((time.perf_counter() - t) * 1000)
+                assert before.rows == answer.rows  # the same numbers, the house p95
+                await raw_publish_attempts(b.url, a.touch, fac)
+                seq += a.touch
+                await _folded_to(server, seq)
+                t = time.perf_counter()
+                await dash.summary.fresh(seq)
+                incr_ms.append((time.perf_counter() - t) * 1000)
                 t = time.perf_counter()
                 after: list[str] | None = None
                 while True:
@@ -124,13 +159,12 @@ async def main() -> None:
                     assert rows == AGENTS, rows
                     await page.close()
 
-                off = await _fold(b.url, server, fac, a.n, a.more)
+                off = await _fold(b.url, server, fac, seq, a.more)
                 page = await browser.new_page()
                 await page.goto(dash.url + "/")
                 await page.wait_for_selector("body[data-live='1']")
-                on = await _fold(b.url, server, fac, a.n + a.more, a.more)
-                on["facts_seen"], on["sent_to_page"], on["dropped_for_page"] = (
-                    dash.live.received, dash.live.delivered, dash.live.dropped)
+                on = await _fold(b.url, server, fac, seq + a.more, a.more)
+                on["live"] = dash.live.figures()
                 await page.close()
                 await browser.close()
         finally:
@@ -140,7 +174,9 @@ async def main() -> None:
 
     med = statistics.median
     rows_out = [
-        ["refresh: per-agent sql (ms, median)", f"{med(sql_ms):.0f}"],
+        ["full load: per-agent sql, one window (ms, median)", f"{med(sql_ms):.0f}"],
+        ["the same rows by the earlier window query (ms, median)", f"{med(window_ms):.0f}"],
+        [f"incremental refresh after {a.touch} new attempts (ms, median)", f"{med(incr_ms):.0f}"],
         ["refresh: latest snapshots, all pages (ms, median)", f"{med(latest_ms):.0f}"],
         ["GET / until load event (ms, median)", f"{med(page_ms):.0f}"],
         ["first contentful paint (ms, median)", f"{med([p for p in paint if p is not None]):.0f}"],
@@ -149,7 +185,8 @@ async def main() -> None:
         ["fold, dashboard open and live (events/s)", on["events_per_s"]],
     ]
     print(table(rows_out, ["measure", "value"]))
-    emit_json("dashboard", {"n": a.n, "agents": AGENTS, "load": load, "sql_ms": sql_ms, "latest_ms": latest_ms,
+    emit_json("dashboard", {"n": a.n, "agents": AGENTS, "load": load, "sql_ms": sql_ms, "window_ms": window_ms,
+                            "incremental_ms": incr_ms, "latest_ms": latest_ms,
                             "page_ms": page_ms, "fcp_ms": paint, "live_ms": live, "fold_off": off, "fold_on": on})
 
 

@@ -158,7 +158,8 @@ async def _connect_waiting(s: FleetSettings) -> Client:
             log.warning("NATS connection lost (fleetlog-server, %s); reconnecting", s.nats_url)
 
     async def on_reconnect() -> None:
-        log.info("NATS reconnected (fleetlog-server) to %s", nc.connected_url.netloc if nc.connected_url else "?")
+        url = nc.connected_url  # host and port only: the URL may carry the credentials' password
+        log.info("NATS reconnected (fleetlog-server) to %s", f"{url.hostname}:{url.port}" if url else "?")
 
     connecting = connect_once(s.servers(), "fleetlog-server", timeout_s=5.0, error_cb=on_error,
                               disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
