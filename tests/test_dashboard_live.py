@@ -30,6 +30,8 @@ async def test_fleet_rows_refresh_only_agents_with_new_attempts(server: Server, 
     for i in range(10):  # p95 of 1..10: index floor(0.95*9) = 8 -> 9.0
         fleet.attempts.record(agent="steady", action="probe", outcome="success", elapsed_s=float(i + 1))
         fleet.attempts.record(agent="moving", action="probe", outcome="success", elapsed_s=1.0)
+    for action in ("zeta", "Alpha", "beta"):  # a quote in the name; actions in code point order
+        fleet.attempts.record(agent="o'neil", action=action, outcome="success", elapsed_s=2.0)
     await fleet.attempts.query(limit=1, min_seq=await fleet.flush())
     async with dashboard_of(server) as dash:
         _, _, first = await get(dash.url + "/")
@@ -40,6 +42,7 @@ async def test_fleet_rows_refresh_only_agents_with_new_attempts(server: Server, 
         rows = await dash.summary.fresh(token["FLEET_ATTEMPTS"])  # what a page load waits for (or not)
         _, _, second = await get(dash.url + "/")
     assert _p95(first, "moving") == "probe 1.00s" and _p95(first, "steady") == "probe 9.00s"
+    assert _p95(first, "o&#x27;neil") == "Alpha 2.00s · beta 2.00s · zeta 2.00s"
     assert _p95(second, "moving") == "probe 50.00s" and _p95(second, "steady") == "probe 9.00s"
     assert rows["moving"]["last_outcome"] == "failure"
     assert dash.summary.full_at == full_at and dash.summary.refreshes > refreshes  # incremental, not full
