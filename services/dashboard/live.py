@@ -134,6 +134,11 @@ class LiveFeed:
         else:
             log.debug("dashboard live view: nats: %s", exc)
 
+    async def _on_disconnect(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:  # closing calls this too: not a loss
+            log.warning("dashboard live view: NATS connection lost (a server-side slow consumer, or the "
+                        "broker went away); reconnecting")
+
     async def _on_reconnect(self) -> None:
         self._missed = True  # facts published while disconnected never came
         log.info("dashboard live view reconnected to NATS; re-reading the views")
@@ -175,7 +180,8 @@ class LiveFeed:
                 return
             if self.nc is None:
                 self.nc = await connect_once(self.settings.servers(), "fleetlog-dashboard-live",
-                                             error_cb=self._on_error, reconnected_cb=self._on_reconnect)
+                                             error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+                                             reconnected_cb=self._on_reconnect)
             self._subs = [await self.nc.subscribe(s, cb=self._on_msg, pending_msgs_limit=self.pending_msgs,
                                                   pending_bytes_limit=PENDING_BYTES) for s in SUBJECTS]
             self._flusher = asyncio.create_task(self._flush_every(), name="dashboard live")
