@@ -12,49 +12,20 @@ from pathlib import Path
 import nats
 import pytest
 from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso
-from fleetlog.services.backbone.config import read_credentials
 from fleetlog.services.backbone.errors import FleetError, PermissionDenied
-from fleetlog.services.node.broker import EmbeddedBroker, free_port, reload_secure_broker
-from fleetlog.services.node.identities import IdentityError, Registry, permissions, write_credentials
+from fleetlog.services.node.broker import EmbeddedBroker, reload_secure_broker
+from fleetlog.services.node.identities import IdentityError, Registry, permissions
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
 
+from .security_helpers import errors_of, identity, raw, secure_node
+
 
 @pytest.fixture
 async def secure(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedBroker, Server, FleetSettings]]:
-    broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=True)
-    await broker.start()
-    settings = FleetSettings(nats_url=broker.url, data_dir=tmp_path / "data", spool_dir=tmp_path / "spool",
-                             batch_wait_s=0.01, reactors=False,
-                             credentials=broker.credentials_path("service-fleetlog"))
-    server = Server(settings)
-    await server.start()
-    try:
-        yield broker, server, settings
-    finally:
-        await server.stop()
-        await broker.stop()
-
-
-async def _identity(broker: EmbeddedBroker, role: str, name: str, host: str | None = None) -> Path:
-    entry = Registry(broker.data_dir).add(role, name, host)
-    out = write_credentials(entry, broker.data_dir / "out" / f"{entry['user']}.json")
-    assert await reload_secure_broker(broker.data_dir)
-    return out
-
-
-async def _raw(broker: EmbeddedBroker, creds: Path) -> nats.NATS:
-    user, password = read_credentials(creds)
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    nc = await nats.connect(broker.url, user=user, password=password, error_cb=on_error,
-                            allow_reconnect=False)
-    nc._fleetlog_errors = errors  # type: ignore[attr-defined]
-    return nc
+    async with secure_node(tmp_path) as node:
+        yield node
 
 
 def _attempt(agent: str) -> tuple[str, bytes]:
@@ -71,8 +42,8 @@ async def test_no_credentials_no_connection(secure: tuple[EmbeddedBroker, Server
 
 async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, settings = secure
-    creds = await _identity(broker, "agent", "alice")
-    nc = await _raw(broker, creds)
+    creds = await identity(broker, "agent", "alice")
+    nc = await raw(broker, creds)
     try:
         js = nc.jetstream()
         subject, payload = _attempt("alice")
@@ -81,7 +52,7 @@ async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server
         with pytest.raises(nats.errors.TimeoutError):  # another agent's subject: the broker drops it
             await js.publish(forged_subject, forged, timeout=2)
         await nc.flush()
-        texts = [str(e) for e in nc._fleetlog_errors]  # type: ignore[attr-defined]
+        texts = errors_of(nc)
         assert any("fleet.attempt.bob.probe" in t for t in texts), texts
         with pytest.raises(nats.errors.TimeoutError):  # nor purge, nor sql
             await js.publish("fleet.attempt.purge", b"{}", timeout=2)
@@ -89,7 +60,7 @@ async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server
             with pytest.raises(nats.errors.TimeoutError):
                 await nc.request(denied, b"{}", timeout=1)
         await nc.flush()
-        texts = [str(e) for e in nc._fleetlog_errors]  # type: ignore[attr-defined]
+        texts = errors_of(nc)
         assert any('publish to "fleetlog.sql"' in t.lower() for t in texts), texts
     finally:
         await nc.close()
@@ -103,7 +74,7 @@ async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server
 
 async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, settings = secure
-    creds = await _identity(broker, "agent", "carol")
+    creds = await identity(broker, "agent", "carol")
     async with Fleet.connect(broker.url, credentials=creds, spool_dir=settings.spool_dir, ensure=False) as carol:
         carol.attempts.record(agent="carol", action="x", outcome="success", elapsed_s=1.0)
         token = await carol.flush()
@@ -117,13 +88,13 @@ async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBro
 
 async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, settings = secure
-    reader = await _identity(broker, "reader", "dash")
+    reader = await identity(broker, "reader", "dash")
     async with Fleet.connect(broker.url, credentials=reader, spool_dir=settings.spool_dir, ensure=False) as fleet:
         assert (await fleet.attempts.stats()).items == []
         with pytest.raises(PermissionDenied, match=r"'fleetlog\.sql'") as info:
             await fleet.sql("SELECT 1", timeout=1)
         assert info.value.subject == "fleetlog.sql" and isinstance(info.value, FleetError)
-    nc = await _raw(broker, reader)
+    nc = await raw(broker, reader)
     try:
         with pytest.raises(nats.errors.TimeoutError):  # a reader states no facts at all
             await nc.jetstream().publish(*_attempt("dash"), timeout=2)
@@ -137,28 +108,28 @@ async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedB
 async def test_revoked_identity_is_refused_without_a_restart(
         secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, _ = secure
-    creds = await _identity(broker, "agent", "eve")
-    nc = await _raw(broker, creds)
+    creds = await identity(broker, "agent", "eve")
+    nc = await raw(broker, creds)
     await nc.close()
     assert Registry(broker.data_dir).revoke("agent-eve")
     assert await reload_secure_broker(broker.data_dir)
     pid = broker.process.pid if broker.process else None
     with pytest.raises(Exception, match=r"[Aa]uthorization"):
-        await nats.connect(broker.url, user="agent-eve", password=read_credentials(creds)[1],
-                           allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+        await nats.connect(broker.url, nkeys_seed=str(creds), allow_reconnect=False, max_reconnect_attempts=0,
+                           connect_timeout=2)
     assert broker.process is not None and broker.process.pid == pid and broker.process.poll() is None
 
 
 def test_permissions_and_names_are_checked() -> None:
-    agent = permissions("agent", "alice", host="h1")
+    agent = permissions("agent", "alice", host="h1", public_key="UALICE")
     assert agent["publish"]["allow"][:3] == ["fleet.attempt.alice.>", "fleet.snapshot.h1.alice", "fleet.diff.h1.alice"]
-    assert "fleetlog.sql" in agent["publish"]["deny"] and agent["subscribe"]["allow"] == ["_INBOX.>"]
-    assert permissions("runtime", "r1")["publish"]["allow"][0] == "fleet.runtime.r1.>"
-    assert permissions("admin", "x") == {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    assert "fleetlog.sql" in agent["publish"]["deny"] and agent["subscribe"]["allow"] == ["_INBOX.UALICE.>"]
+    assert permissions("runtime", "r1", public_key="U1")["publish"]["allow"][0] == "fleet.runtime.r1.>"
+    assert permissions("admin", "x", public_key="U2") == {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
     for role, name, host, rule in [("root", "a", None, "role: 'root'"), ("agent", "a.b", None, "name: 'a.b'"),
                                    ("agent", "*", None, "name: '*'"), ("reader", "r", "h", "host: 'h'")]:
         with pytest.raises(IdentityError, match=rule):
-            permissions(role, name, host)
+            permissions(role, name, host, public_key="U3")
     assert json.loads(json.dumps(agent)) == agent
 
 
@@ -167,7 +138,7 @@ async def test_a_forbidden_record_is_dead_lettered_as_permission_denied(
     """record() for another agent: the broker drops it; the publisher dead-letters it at once
     with the reason (never retried, never an endless spool), and its own events still land."""
     broker, _, _ = secure
-    creds = await _identity(broker, "agent", "mallory")
+    creds = await identity(broker, "agent", "mallory")
     spool = tmp_path / "mallory-spool"
     async with Fleet.connect(broker.url, credentials=creds, spool_dir=spool, ensure=False) as mallory:
         mallory.attempts.record(agent="victim", action="forged", outcome="success", elapsed_s=1.0)
@@ -188,8 +159,8 @@ async def test_runtime_claims_and_heartbeats_only_as_itself(
     """A runtime registers, heartbeats and claims as itself; registering as another runtime
     and an agent's claim are refused, and nothing of theirs lands."""
     broker, _, settings = secure
-    rt = await _identity(broker, "runtime", "rt1")
-    agent = await _identity(broker, "agent", "grace")
+    rt = await identity(broker, "runtime", "rt1")
+    agent = await identity(broker, "agent", "grace")
     async with Fleet.connect(settings=settings.model_copy(update={
             "credentials": broker.credentials_path("admin-fleetlog")})) as admin:
         await admin.runs.create("sec-run", "runner", status="queued", queue_name="q")
@@ -215,7 +186,7 @@ async def test_runtime_claims_and_heartbeats_only_as_itself(
 async def test_processor_keeps_only_its_own_books_and_lock(
         secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
     broker, _, _ = secure
-    creds = await _identity(broker, "processor", "digest")
+    creds = await identity(broker, "processor", "digest")
     async with Fleet.connect(broker.url, credentials=creds, spool_dir=tmp_path / "p", ensure=False) as fleet:
         token = await fleet.processors.mark_processed("digest", "u/a.jsonl", "u", 3, "h1")
         assert await fleet.processors.is_processed("digest", "u/a.jsonl", "h1", min_seq=token)

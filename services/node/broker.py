@@ -20,7 +20,7 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from .identities import Registry, broker_config, write_credentials
+from .identities import Registry, broker_config
 
 # Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
 # os._exit (pytest-timeout), so no orphan nats-server outlives it. libc is loaded here, in
@@ -166,20 +166,28 @@ class EmbeddedBroker:
     # -- secure mode: users and permissions from the identities registry (services/node/identities.py)
 
     def credentials_path(self, user: str) -> Path:
-        return self.data_dir / "credentials" / f"{user}.json"
+        """The seed file of fleetlog's own identities (`admin-fleetlog`, `service-fleetlog`): the
+        only secrets kept in the broker's dir."""
+        return self.data_dir / "credentials" / f"{user}.nk"
 
     def _ensure_builtin_identities(self) -> None:
-        """The admin and service identities, created on the first secure start."""
+        """The admin and service identities, created on the first secure start (again if their
+        seed file is gone: a key nobody holds is useless)."""
         registry = Registry(self.data_dir)
         for role in ("admin", "service"):
-            entry = registry.get(f"{role}-fleetlog") or registry.add(role, "fleetlog")
-            write_credentials(entry, self.credentials_path(entry["user"]))
+            user = f"{role}-fleetlog"
+            seed = self.credentials_path(user)
+            if registry.get(user) is not None and seed.exists():
+                continue
+            registry.revoke(user)
+            seed.unlink(missing_ok=True)
+            registry.add(role, "fleetlog", out=seed)
 
     def write_config(self) -> Path:
         path = self.data_dir / "nats.conf"
         text = broker_config(self.host, self.port, self.name, self.data_dir / "jetstream",
                              self.data_dir / "nats.pid", Registry(self.data_dir).load())
-        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # passwords inside
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the broker's own
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(path.with_suffix(".tmp"), path)

@@ -1,10 +1,12 @@
 """Identities of a secure broker: roles, the NATS permissions fleetlog generates for them,
 and the registry the embedded broker's config is rendered from.
 
-Each identity is a NATS user (`<role>-<name>`, a random password) whose permissions say
-which subjects it may publish (and so which facts it may state, which requests it may
-make) and subscribe to. NATS enforces them; fleetlog adds no layer in front. The registry
-(`<data_dir>/identities.json`, mode 0600) holds the users; `broker_config` renders the
+Each identity (`<role>-<name>`) is an nkey user: the broker knows only its public key
+(`U...`), whose permissions say which subjects it may publish (and so which facts it may
+state, which requests it may make) and subscribe to (its own reply inboxes,
+`_INBOX.<public key>.>`). NATS enforces them; fleetlog adds no layer in front. The seed
+is written once, to the file `identities add --out` names, and kept nowhere else. The
+registry (`<data_dir>/identities.json`) holds the public keys; `broker_config` renders the
 nats-server config from it, and the broker reloads it on SIGHUP without a restart.
 """
 
@@ -13,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Final
+
+from fleetlog.services.backbone.nkeyauth import inbox_prefix, new_seed, write_seed
 
 __all__ = [
     "ADMIN_ONLY",
@@ -24,7 +27,6 @@ __all__ = [
     "Registry",
     "broker_config",
     "permissions",
-    "write_credentials",
 ]
 
 ROLES: Final = ("agent", "runtime", "processor", "service", "reader", "admin")
@@ -38,7 +40,6 @@ ADMIN_ONLY: Final = ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuil
 JS_READ: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.MSG.GET.>")
 # The query service's endpoints (and nats.micro's discovery) every role may ask.
 QUERIES: Final = ("fleetlog.>", "$SRV.>")
-REPLIES: Final = ("_INBOX.>",)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -55,8 +56,8 @@ def _check(role: str, name: str, host: str | None) -> None:
         raise IdentityError(f"host: {host!r} is for agents only, 1-64 of A-Z a-z 0-9 _ -")
 
 
-def permissions(role: str, name: str, host: str | None = None) -> dict[str, Any]:
-    """The nats-server permissions block of one identity."""
+def permissions(role: str, name: str, host: str | None = None, *, public_key: str) -> dict[str, Any]:
+    """The nats-server permissions block of one identity (its public key roots its reply inboxes)."""
     _check(role, name, host)
     if role in ("service", "admin"):
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
@@ -75,7 +76,8 @@ def permissions(role: str, name: str, host: str | None = None) -> dict[str, Any]
     }[role]
     return {
         "publish": {"allow": [*own, *QUERIES], "deny": list(ADMIN_ONLY)},
-        "subscribe": {"allow": list(REPLIES)},
+        # Its own replies only: every connection of this identity roots its inboxes there.
+        "subscribe": {"allow": [f"{inbox_prefix(public_key)}.>"]},
     }
 
 
@@ -92,24 +94,34 @@ class Registry:
             users: list[dict[str, Any]] = json.loads(self.path.read_text())["users"]
         except (ValueError, KeyError, TypeError):
             raise IdentityError(f"registry: {self.path} is not a fleetlog identities file") from None
+        if not all(isinstance(u, dict) and isinstance(u.get("nkey"), str) for u in users):
+            raise IdentityError(f"registry: {self.path} has users without an nkey (an older fleetlog's passwords): "
+                                "move it away and add the identities again")
         return users
 
     def _save(self, users: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # passwords: owner only
+        # Public keys only, but who may connect is the broker's business: owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"users": users}, f, indent=1)
         os.replace(tmp, self.path)
 
-    def add(self, role: str, name: str, host: str | None = None) -> dict[str, Any]:
-        """A new identity (its credentials: user, password, role, name). Refused if the user exists."""
+    def add(self, role: str, name: str, host: str | None = None, *, out: Path) -> dict[str, Any]:
+        """A new identity: its seed goes to `out` (mode 0600, never overwritten), its public key
+        to the registry. Refused if the user exists."""
         _check(role, name, host)
         users = self.load()
         user = f"{role}-{name}"
         if any(u["user"] == user for u in users):
             raise IdentityError(f"name: {user!r} exists; revoke it first to issue new credentials")
-        entry = {"user": user, "password": secrets.token_urlsafe(24), "role": role, "name": name, "host": host}
+        seed, public_key = new_seed()
+        try:
+            write_seed(seed, out)
+        except ValueError as exc:
+            raise IdentityError(str(exc)) from None
+        entry: dict[str, Any] = {"user": user, "nkey": public_key, "role": role, "name": name, "host": host}
         self._save([*users, entry])
         return entry
 
@@ -125,15 +137,6 @@ class Registry:
         return True
 
 
-def write_credentials(entry: dict[str, Any], out: Path) -> Path:
-    """The credentials file of one identity (mode 0600): what `credentials=` / FLEETLOG_CREDENTIALS take."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({k: entry[k] for k in ("user", "password", "role", "name")}, f)
-    return out
-
-
 def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
                   users: list[dict[str, Any]]) -> str:
     """The nats-server config (JSON is valid nats-server config syntax)."""
@@ -143,7 +146,7 @@ def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Pa
         "pid_file": str(pid_file),
         "jetstream": {"store_dir": str(store_dir)},
         "authorization": {"users": [
-            {"user": u["user"], "password": u["password"], "permissions": permissions(u["role"], u["name"], u["host"])}
+            {"nkey": u["nkey"], "permissions": permissions(u["role"], u["name"], u["host"], public_key=u["nkey"])}
             for u in users
         ]},
     }
