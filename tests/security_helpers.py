@@ -22,9 +22,9 @@ Node = tuple[EmbeddedBroker, Server, FleetSettings]
 async def secure_node(tmp_path: Path, **settings: object) -> AsyncIterator[Node]:
     broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=True)
     await broker.start()
-    s = FleetSettings(nats_url=broker.url, data_dir=tmp_path / "data", spool_dir=tmp_path / "spool",
-                      batch_wait_s=0.01, reactors=False, credentials=broker.credentials_path("service-fleetlog"),
-                      **settings)  # type: ignore[arg-type]
+    s = FleetSettings(**{"nats_url": broker.url, "data_dir": tmp_path / "data", "spool_dir": tmp_path / "spool",
+                         "batch_wait_s": 0.01, "reactors": False,
+                         "credentials": broker.credentials_path("service-fleetlog"), **settings})
     server = Server(s)
     await server.start()
     try:

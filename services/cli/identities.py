@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 from fleetlog.services.node.broker import BrokerError, reload_secure_broker
-from fleetlog.services.node.identities import ROLES, IdentityError, Registry
+from fleetlog.services.node.identities import ROLES, IdentityError, Registry, password_path
 
 from ._common import Exit, fail, print_json, settings_from
 
@@ -58,7 +58,8 @@ def add(role: str, name: str, host: str | None, out: Path | None, data_dir: Path
         entry = Registry(broker_dir).add(role, name, host, out=path)
     except IdentityError as exc:
         fail(Exit.USAGE, str(exc))
-    click.echo(f"{entry['user']}: seed in {path} (public key {entry['nkey']}); {_reload(broker_dir)}")
+    login = f"; dashboard password in {password_path(path)}" if "http" in entry else ""
+    click.echo(f"{entry['user']}: seed in {path} (public key {entry['nkey']}){login}; {_reload(broker_dir)}")
 
 
 @identities.command("list")

@@ -20,7 +20,7 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from .identities import Registry, broker_config
+from .identities import Registry, broker_config, password_path
 
 # Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
 # os._exit (pytest-timeout), so no orphan nats-server outlives it. libc is loaded here, in
@@ -181,7 +181,8 @@ class EmbeddedBroker:
                 continue
             registry.revoke(user)
             seed.unlink(missing_ok=True)
-            registry.add(role, "fleetlog", out=seed)
+            password_path(seed).unlink(missing_ok=True)
+            registry.add(role, "fleetlog", out=seed)  # admin: its dashboard password beside the seed
 
     def write_config(self) -> Path:
         path = self.data_dir / "nats.conf"

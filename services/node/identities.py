@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Final
 
+from fleetlog.services.backbone.logins import LOGIN_ROLES, hash_password, new_password, write_password
 from fleetlog.services.backbone.nkeyauth import inbox_prefix, new_seed, write_seed
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "IdentityError",
     "Registry",
     "broker_config",
+    "password_path",
     "permissions",
 ]
 
@@ -110,18 +112,27 @@ class Registry:
 
     def add(self, role: str, name: str, host: str | None = None, *, out: Path) -> dict[str, Any]:
         """A new identity: its seed goes to `out` (mode 0600, never overwritten), its public key
-        to the registry. Refused if the user exists."""
+        to the registry; a reader or admin also gets a dashboard password, written beside the
+        seed (`password_path(out)`) and kept in the registry only as a salted hash. Refused if
+        the user exists."""
         _check(role, name, host)
         users = self.load()
         user = f"{role}-{name}"
         if any(u["user"] == user for u in users):
             raise IdentityError(f"name: {user!r} exists; revoke it first to issue new credentials")
+        login = role in LOGIN_ROLES
+        if login and password_path(out).exists():
+            raise IdentityError(f"out: {password_path(out)} exists; a password file is never overwritten")
         seed, public_key = new_seed()
         try:
             write_seed(seed, out)
         except ValueError as exc:
             raise IdentityError(str(exc)) from None
         entry: dict[str, Any] = {"user": user, "nkey": public_key, "role": role, "name": name, "host": host}
+        if login:
+            password = new_password()
+            write_password(password, password_path(out))
+            entry["http"] = hash_password(password)
         self._save([*users, entry])
         return entry
 
@@ -135,6 +146,11 @@ class Registry:
             return False
         self._save(kept)
         return True
+
+
+def password_path(seed_file: Path) -> Path:
+    """Where a reader's or admin's dashboard password is written: beside its seed."""
+    return Path(seed_file).with_suffix(".password")
 
 
 def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
