@@ -59,7 +59,7 @@ async def test_up_secure_identities_add_list_revoke(tmp_path: Path) -> None:
         as_agent = {**env, "FLEETLOG_CREDENTIALS": str(creds)}
         own = await _cli(as_agent, "emit", "attempt", "--agent", "a1", "--action", "x", "--outcome", "success",
                          "--elapsed", "1", "--nats", url)
-        assert own.returncode == 0, own.stderr
+        assert own.returncode == 0 and "spooled" not in own.stdout.lower(), (own.stdout, own.stderr)  # published
         refused = await _cli(as_agent, "--timeout", "2", "sql", "SELECT 1", "--nats", url)
         assert refused.returncode == 4 and "permission denied" in refused.stderr, refused.stderr  # Exit.REFUSED
         answered = await _cli({**env, "FLEETLOG_CREDENTIALS": str(admin)}, "sql",

@@ -26,6 +26,7 @@ __all__ = [
     "ROLES",
     "IdentityError",
     "Registry",
+    "authorization",
     "broker_config",
     "password_path",
     "permissions",
@@ -39,7 +40,11 @@ ADMIN_ONLY: Final = ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuil
                      "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
                      "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>", "$JS.API.CONSUMER.>")
 # Read-only JetStream API a guarded writer (runtime, processor) needs: stream info, message gets.
-JS_READ: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.MSG.GET.>")
+# Stream metadata every role may read: each client's publisher keys its spool by the attempts
+# stream's identity, read at connect; refused, every connect waited out a timeout first (and a
+# one-shot `emit` spooled instead of publishing).
+STREAM_META: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>")
+JS_READ: Final = (*STREAM_META, "$JS.API.STREAM.MSG.GET.>")
 # The query service's endpoints (and nats.micro's discovery) every role may ask.
 QUERIES: Final = ("fleetlog.>", "$SRV.>")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -77,7 +82,7 @@ def permissions(role: str, name: str, host: str | None = None, *, public_key: st
         "reader": [],
     }[role]
     return {
-        "publish": {"allow": [*own, *QUERIES], "deny": list(ADMIN_ONLY)},
+        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])), "deny": list(ADMIN_ONLY)},
         # Its own replies only: every connection of this identity roots its inboxes there.
         "subscribe": {"allow": [f"{inbox_prefix(public_key)}.>"]},
     }
@@ -153,17 +158,25 @@ def password_path(seed_file: Path) -> Path:
     return Path(seed_file).with_suffix(".password")
 
 
+def authorization(users: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `authorization` block of a secure node's config: each identity by public key."""
+    return {"users": [
+        {"nkey": u["nkey"], "permissions": permissions(u["role"], u["name"], u["host"], public_key=u["nkey"])}
+        for u in users
+    ]}
+
+
 def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
-                  users: list[dict[str, Any]]) -> str:
-    """The nats-server config (JSON is valid nats-server config syntax)."""
-    conf = {
+                  users: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+    """The nats-server config (JSON is valid nats-server config syntax); `extra`: a cluster
+    node's `cluster` block and monitoring port (services/node/cluster.py)."""
+    conf: dict[str, Any] = {
         "listen": f"{host}:{port}",
         "server_name": name,
         "pid_file": str(pid_file),
         "jetstream": {"store_dir": str(store_dir)},
-        "authorization": {"users": [
-            {"nkey": u["nkey"], "permissions": permissions(u["role"], u["name"], u["host"], public_key=u["nkey"])}
-            for u in users
-        ]},
+        "authorization": authorization(users),
     }
+    for key, value in (extra or {}).items():
+        conf[key] = {**conf[key], **value} if isinstance(conf.get(key), dict) else value
     return json.dumps(conf, indent=1)
