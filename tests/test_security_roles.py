@@ -197,3 +197,30 @@ async def test_processor_keeps_only_its_own_books_and_lock(
         forged = await fleet.processors.mark_processed("other", "u/b.jsonl", "u", 1, "h2")  # dead-lettered
         assert fleet.publisher_stats().dead_lettered == 1
         assert not await fleet.processors.is_processed("other", "u/b.jsonl", "h2", min_seq=forged)
+
+
+def test_credentials_and_registry_files_are_checked(tmp_path: Path) -> None:
+    """A file that is not a seed, a damaged seed, an older fleetlog's password registry: each
+    refused with an error naming the file and what is wrong; a seed file is never overwritten."""
+    old = tmp_path / "alice.json"
+    old.write_text(json.dumps({"user": "agent-alice", "password": "x", "role": "agent", "name": "alice"}))
+    with pytest.raises(ValueError, match=r"alice\.json is not an nkey user seed file"):
+        FleetSettings(nats_url="nats://127.0.0.1:1", credentials=old).servers()
+    entry = Registry(tmp_path / "reg").add("agent", "alice", out=tmp_path / "alice.nk")
+    seed = (tmp_path / "alice.nk").read_text().strip()
+    servers = FleetSettings(nats_url="nats://127.0.0.1:1", credentials=tmp_path / "alice.nk").servers()
+    assert servers == ["nats://127.0.0.1:1"] and servers.identity is not None
+    assert servers.identity.public_key == entry["nkey"]
+    assert seed not in (tmp_path / "reg" / "identities.json").read_text()
+    damaged = tmp_path / "damaged.nk"
+    damaged.write_text(seed[:-3] + ("AAA" if not seed.endswith("AAA") else "BBB"))
+    with pytest.raises(ValueError, match=r"damaged\.nk holds a damaged nkey seed"):
+        FleetSettings(nats_url="nats://127.0.0.1:1", credentials=damaged).servers()
+    with pytest.raises(IdentityError, match=r"never overwritten"):
+        Registry(tmp_path / "reg").add("agent", "bob", out=tmp_path / "alice.nk")
+    assert (tmp_path / "alice.nk").read_text().strip() == seed and Registry(tmp_path / "reg").get("agent-bob") is None
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "identities.json").write_text(json.dumps({"users": [{"user": "agent-a", "password": "p"}]}))
+    with pytest.raises(IdentityError, match=r"users without an nkey"):
+        Registry(legacy).load()

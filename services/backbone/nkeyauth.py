@@ -17,6 +17,7 @@ which its permissions allow it to subscribe to, so no identity can read another'
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,13 @@ def _keypair(path: Path) -> nkeys.KeyPair:
         raise ValueError(f"credentials: {path} is not an nkey user seed file (it must hold one 'SU...' seed, "
                          "as `fleetlog identities add` writes)")
     try:
+        # nkeys decodes without checking the seed's CRC-16: a damaged seed would make another
+        # key, and the broker would only say "Authorization Violation". Check it here.
+        raw = base64.b32decode(bytes(seed) + b"=" * (-len(seed) % 8))
+        if len(raw) < 4 or nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
+            raise ValueError("checksum")
         return nkeys.from_seed(seed)
-    except (nkeys.NkeysError, ValueError, TypeError, IndexError):
+    except (nkeys.NkeysError, ValueError, TypeError, IndexError, binascii.Error):
         raise ValueError(f"credentials: {path} holds a damaged nkey seed (bad encoding or checksum)") from None
 
 
