@@ -1,7 +1,9 @@
 """Roles on a secure broker: NATS itself refuses what a role may not publish or request.
 
 A real nats-server with generated users and permissions, the real services on it
-authenticated as `service`, and clients authenticated as each role."""
+authenticated as `service`, and clients authenticated as each role. One node serves the
+module (a node per test cost ~9 s each): each test has identities, runs and spools of its
+own and asserts only on them, in any order."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import nats
 import pytest
+import pytest_asyncio
 from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso
 from fleetlog.services.backbone.errors import FleetError, PermissionDenied
 from fleetlog.services.node.broker import EmbeddedBroker, reload_secure_broker
@@ -19,12 +22,15 @@ from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings
 
-from .security_helpers import errors_of, identity, raw, secure_node
+from .security_helpers import Node, errors_of, identity, raw, secure_node
+
+# The async tests run in the module's loop, the one the shared node lives in.
+shared_node = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest.fixture
-async def secure(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedBroker, Server, FleetSettings]]:
-    async with secure_node(tmp_path) as node:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Node]:
+    async with secure_node(tmp_path_factory.mktemp("secure")) as node:
         yield node
 
 
@@ -34,12 +40,14 @@ def _attempt(agent: str) -> tuple[str, bytes]:
     return e.subject(), encode_event(e)
 
 
+@shared_node
 async def test_no_credentials_no_connection(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, _ = secure
     with pytest.raises(Exception, match=r"[Aa]uthorization"):
         await nats.connect(broker.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
 
 
+@shared_node
 async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, settings = secure
     creds = await identity(broker, "agent", "alice")
@@ -67,11 +75,13 @@ async def test_agent_speaks_only_for_itself(secure: tuple[EmbeddedBroker, Server
 
     async with Fleet.connect(settings=settings.model_copy(update={"credentials": broker.credentials_path(
             "admin-fleetlog")})) as admin:
-        page = await admin.attempts.query(min_seq={"FLEET_ATTEMPTS": ack.seq})
-        assert [(r.agent, r.action) for r in page.items] == [("alice", "probe")]  # nothing forged landed
-        assert (await admin.sql("SELECT count(*) FROM attempts")).rows == [[1]]
+        page = await admin.attempts.query(agent="alice", min_seq={"FLEET_ATTEMPTS": ack.seq})
+        assert [(r.agent, r.action) for r in page.items] == [("alice", "probe")]
+        forged = await admin.sql("SELECT count(*) FROM attempts WHERE agent IN ('alice', 'bob')")
+        assert forged.rows == [[1]]  # nothing forged landed
 
 
+@shared_node
 async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, settings = secure
     creds = await identity(broker, "agent", "carol")
@@ -86,11 +96,12 @@ async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBro
             await carol.attempts.purge(days=0)
 
 
+@shared_node
 async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, settings = secure
     reader = await identity(broker, "reader", "dash")
     async with Fleet.connect(broker.url, credentials=reader, spool_dir=settings.spool_dir, ensure=False) as fleet:
-        assert (await fleet.attempts.stats()).items == []
+        assert (await fleet.attempts.query(agent="dash")).items == []  # a read-only query endpoint
         with pytest.raises(PermissionDenied, match=r"'fleetlog\.sql'") as info:
             await fleet.sql("SELECT 1", timeout=1)
         assert info.value.subject == "fleetlog.sql" and isinstance(info.value, FleetError)
@@ -105,6 +116,7 @@ async def test_reader_reads_but_no_sql_and_admin_has_sql(secure: tuple[EmbeddedB
         assert (await admin.sql("SELECT 42")).rows == [[42]]
 
 
+@shared_node
 async def test_revoked_identity_is_refused_without_a_restart(
         secure: tuple[EmbeddedBroker, Server, FleetSettings]) -> None:
     broker, _, _ = secure
@@ -133,6 +145,7 @@ def test_permissions_and_names_are_checked() -> None:
     assert json.loads(json.dumps(agent)) == agent
 
 
+@shared_node
 async def test_a_forbidden_record_is_dead_lettered_as_permission_denied(
         secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
     """record() for another agent: the broker drops it; the publisher dead-letters it at once
@@ -146,14 +159,16 @@ async def test_a_forbidden_record_is_dead_lettered_as_permission_denied(
         token = await mallory.flush(timeout=30)
         stats = mallory.publisher_stats()
         assert stats.dead_lettered == 1 and stats.acked == 1 and stats.spool_pending == 0  # nothing left to retry
-        page = await mallory.attempts.query(min_seq=token)
-        assert [(r.agent, r.id) for r in page.items] == [("mallory", own.id)]  # nothing forged landed
+        page = await mallory.attempts.query(agent="mallory", min_seq=token)
+        assert [(r.agent, r.id) for r in page.items] == [("mallory", own.id)]
+        assert (await mallory.attempts.query(agent="victim", min_seq=token)).items == []  # nothing forged landed
     letters = [json.loads(line) for f in spool.rglob("dead-letter.jsonl") for line in f.read_text().splitlines()]
     assert [(d["subject"], d["reason"]) for d in letters] == [
         ("fleet.attempt.victim.forged", "permission denied: this identity may not publish to "
                                         "'fleet.attempt.victim.forged'")]
 
 
+@shared_node
 async def test_runtime_claims_and_heartbeats_only_as_itself(
         secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
     """A runtime registers, heartbeats and claims as itself; registering as another runtime
@@ -165,7 +180,8 @@ async def test_runtime_claims_and_heartbeats_only_as_itself(
             "credentials": broker.credentials_path("admin-fleetlog")})) as admin:
         await admin.runs.create("sec-run", "runner", status="queued", queue_name="q")
         await admin.runs.create("sec-run-2", "runner", status="queued", queue_name="q2")
-        folded = await admin.sql("SELECT count(*) FROM runs", min_seq={"FLEET_RUNS": admin.runs._seen})
+        folded = await admin.sql("SELECT count(*) FROM runs WHERE run_id IN ('sec-run', 'sec-run-2')",
+                                 min_seq={"FLEET_RUNS": admin.runs._seen})
         assert folded.rows == [[2]]  # the candidates a claim reads come from the view
     async with Fleet.connect(broker.url, credentials=rt, spool_dir=tmp_path / "rt", ensure=False) as fleet:
         assert (await fleet.runtimes.register("rt1")).runtime_id == "rt1"
@@ -183,6 +199,7 @@ async def test_runtime_claims_and_heartbeats_only_as_itself(
         assert run is not None and run.status == "queued" and run.claimed_by_runtime_id is None
 
 
+@shared_node
 async def test_processor_keeps_only_its_own_books_and_lock(
         secure: tuple[EmbeddedBroker, Server, FleetSettings], tmp_path: Path) -> None:
     broker, _, _ = secure
