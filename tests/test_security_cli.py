@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fleetlog.services.backbone.errors import FleetError
 from fleetlog.services.node.broker import EmbeddedBroker, die_with_parent, free_port, probe_nats, reload_secure_broker
-from fleetlog.services.node.identities import Registry, write_credentials
+from fleetlog.services.node.identities import Registry
 
 from fleetlog import Fleet
 
@@ -32,7 +32,7 @@ async def test_up_secure_identities_add_list_revoke(tmp_path: Path) -> None:
     proc = subprocess.Popen([*fleetlog_cmd(), "up", "--secure", "--port", str(port), "--no-http"],  # noqa: ASYNC220
                             stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
     url = f"nats://127.0.0.1:{port}"
-    admin = data / "broker" / "credentials" / "admin-fleetlog.json"
+    admin = data / "broker" / "credentials" / "admin-fleetlog.nk"
     try:
         async def ready() -> bool:
             if not admin.exists():
@@ -47,14 +47,19 @@ async def test_up_secure_identities_add_list_revoke(tmp_path: Path) -> None:
         anonymous = await _cli(env, "--timeout", "3", "sql", "SELECT 1", "--nats", url)
         assert anonymous.returncode == 5, anonymous.stderr  # Exit.UNAVAILABLE: no connection without credentials
 
-        creds = tmp_path / "agent-a1.json"
+        creds = tmp_path / "agent-a1.nk"
         added = await _cli(env, "identities", "add", "agent", "a1", "--out", str(creds))
         assert added.returncode == 0, added.stderr
         assert "the broker reloaded its permissions" in added.stdout and oct(creds.stat().st_mode)[-3:] == "600"
+        seed = creds.read_text().strip()
+        assert seed.startswith("SU") and seed not in (data / "broker" / "identities.json").read_text()
+        assert seed not in (data / "broker" / "nats.conf").read_text()  # the broker keeps public keys only
+        again = await _cli(env, "identities", "add", "agent", "a2", "--out", str(creds))
+        assert again.returncode == 2 and "never overwritten" in again.stderr  # nor a live seed lost
         as_agent = {**env, "FLEETLOG_CREDENTIALS": str(creds)}
         own = await _cli(as_agent, "emit", "attempt", "--agent", "a1", "--action", "x", "--outcome", "success",
                          "--elapsed", "1", "--nats", url)
-        assert own.returncode == 0, own.stderr
+        assert own.returncode == 0 and "spooled" not in own.stdout.lower(), (own.stdout, own.stderr)  # published
         refused = await _cli(as_agent, "--timeout", "2", "sql", "SELECT 1", "--nats", url)
         assert refused.returncode == 4 and "permission denied" in refused.stderr, refused.stderr  # Exit.REFUSED
         answered = await _cli({**env, "FLEETLOG_CREDENTIALS": str(admin)}, "sql",
@@ -66,7 +71,7 @@ async def test_up_secure_identities_add_list_revoke(tmp_path: Path) -> None:
         listed = json.loads((await _cli(env, "identities", "list", "--json")).stdout)
         assert {(u["user"], u["role"]) for u in listed} == {
             ("admin-fleetlog", "admin"), ("service-fleetlog", "service"), ("agent-a1", "agent")}
-        assert all("password" not in u for u in listed)
+        assert all(u["nkey"].startswith("U") and "seed" not in u for u in listed)
         revoked = await _cli(env, "identities", "revoke", "agent-a1")
         assert revoked.returncode == 0 and "revoked" in revoked.stdout
         gone = await _cli(as_agent, "--timeout", "3", "emit", "attempt", "--agent", "a1", "--action", "x",
@@ -89,8 +94,9 @@ async def test_serve_with_credentials_on_a_secure_broker(tmp_path: Path) -> None
     broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=True)
     await broker.start()
     registry = Registry(broker.data_dir)
-    agent = write_credentials(registry.add("agent", "a1"), tmp_path / "a1.json")
-    reader = write_credentials(registry.add("reader", "r1"), tmp_path / "r1.json")
+    agent, reader = tmp_path / "a1.nk", tmp_path / "r1.nk"
+    registry.add("agent", "a1", out=agent)
+    registry.add("reader", "r1", out=reader)
     assert await reload_secure_broker(broker.data_dir)
     env = {**os.environ, "FLEETLOG_BATCH_WAIT_S": "0.01", "FLEETLOG_REACTORS": "false", "NO_COLOR": "1"}
     env.pop("FLEETLOG_CREDENTIALS", None)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["FleetSettings", "default_data_dir", "read_credentials", "split_http"]
+from .nkeyauth import Identity, Servers
+
+__all__ = ["FleetSettings", "default_data_dir", "split_http"]
 
 
 def split_http(value: str) -> tuple[str, int]:
@@ -38,7 +39,7 @@ class FleetSettings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir, description="views, spool, embedded broker data")
     port: int = Field(4222, description="port of the embedded broker (`fleetlog up`)")
     credentials: Path | None = Field(
-        None, description="a credentials file from `fleetlog identities add` (a secure broker's user); every "
+        None, description="an nkey seed file from `fleetlog identities add` (a secure broker's user); every "
         "connection of this process authenticates with it"
     )
     stream_replicas: int = Field(
@@ -112,36 +113,15 @@ class FleetSettings(BaseSettings):
         """(host, port) of the dashboard, None when it is off."""
         return None if self.http.lower() in ("", "off") else split_http(self.http)
 
-    def servers(self) -> list[str]:
-        """The server URLs, each with the credentials' user:password when there are credentials:
-        every connection (nats-py, the publisher's and the projector's raw wires) takes them
-        from the URL, so none needs its own way to authenticate."""
+    def servers(self) -> Servers:
+        """The server URLs and, with credentials, the identity: every connection (nats-py, the
+        publisher's and the projector's raw wires) takes both from this one list, so none needs
+        its own way to authenticate (services/backbone/nkeyauth.py)."""
         urls = [s.strip() for s in self.nats_url.split(",") if s.strip()]
-        if self.credentials is None:
-            return urls
-        user, password = read_credentials(self.credentials)
-        out = []
-        for url in urls:
-            parts = urlsplit(url if "://" in url else f"nats://{url}")
-            host = parts.netloc.rsplit("@", 1)[-1]
-            out.append(urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}")))
-        return out
+        return Servers(urls, None if self.credentials is None else Identity.load(self.credentials))
 
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
 
     def views_path(self) -> Path:
         return self.data_dir / "views" / "fleetlog.duckdb"
-
-
-def read_credentials(path: Path) -> tuple[str, str]:
-    """(user, password) of a credentials file; ValueError naming the file and what is wrong."""
-    try:
-        body = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ValueError(f"credentials: cannot read {path}: {exc.strerror}") from None
-    except ValueError:
-        raise ValueError(f"credentials: {path} is not a fleetlog credentials file (not JSON)") from None
-    if not isinstance(body, dict) or not isinstance(body.get("user"), str) or not isinstance(body.get("password"), str):
-        raise ValueError(f"credentials: {path} must hold a JSON object with string fields user and password")
-    return body["user"], body["password"]

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import nats
 from nats.aio.client import Client
 
+from .nkeyauth import identity_of
+
 __all__ = ["Link", "connect_once", "reachable", "within"]
 
 log = logging.getLogger("fleetlog.connection")
@@ -42,13 +44,17 @@ async def connect_once(
     error_cb: Callable[[Exception], Awaitable[None]] | None = None, **kwargs: object,
 ) -> Client:
     """One nats-py connection with fleetlog's reconnect policy (forever, 0.25 s apart; the
-    first connect too: it returns once a server answers)."""
+    first connect too: it returns once a server answers). A `Servers` list's identity signs
+    in with its nkey and takes its own reply-inbox root."""
+    identity = identity_of(servers)
+    if identity is not None:
+        kwargs = {**identity.nats_options(), **kwargs}
 
     async def _quiet(exc: Exception) -> None:
         log.debug("nats: %s", exc)
 
     return await nats.connect(
-        servers=servers,
+        servers=list(servers),
         name=name,
         connect_timeout=timeout_s,
         allow_reconnect=True,

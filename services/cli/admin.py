@@ -18,7 +18,8 @@ from fleetlog.services.client.nodes import node_statuses
 from fleetlog.services.client.rejects import RawReject, reject_raw
 from rich.table import Table
 
-from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client
+from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client, settings_from
+from .deadletters import DeadLetters, dead_letters
 from .progress import FoldProgress
 from .scheduler import jobs_table, scheduler_status
 
@@ -30,7 +31,8 @@ __all__ = ["rebuild", "rejects", "schemas", "status"]
 @nats_option
 @json_option
 def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
-    """Streams, projections, checkpoints, lag and rejects; the scheduler's jobs when one runs."""
+    """Streams, projections, checkpoints, lag and rejects; the scheduler's jobs when one runs; the events
+    this machine's publishers set aside (the spool dir's dead letters: "permission denied" and others)."""
     if nodes:
         _node_table(nats_url, as_json)
         return
@@ -41,8 +43,10 @@ def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
         return answer, await scheduler_status(fleet), placed
 
     answer, jobs, placed = run_client(nats_url, go)
+    letters = dead_letters(settings_from(nats_url).resolved_spool_dir())
     if as_json:  # "scheduler" only when one answered: the status answer's own keys stay as they are
-        print_json(answer if jobs is None else {**msgspec.to_builtins(answer), "scheduler": jobs})
+        extra = {"dead_letters": letters} if jobs is None else {"scheduler": jobs, "dead_letters": letters}
+        print_json({**msgspec.to_builtins(answer), **msgspec.to_builtins(extra)})
         return
     # Where each stream lives comes from JetStream itself (stream info), beside the node's answer.
     streams = Table("stream", "messages", "bytes", "first", "last", "replicas", "leader", "lagging",
@@ -64,6 +68,18 @@ def status(nodes: bool, nats_url: str | None, as_json: bool) -> None:
         console.print(f"node {answer.node}: {answer.node_state} (not answering queries yet): {_progress(answer)}")
     if jobs is not None:
         console.print(jobs_table(jobs))
+    _print_dead_letters(letters)
+
+
+def _print_dead_letters(letters: DeadLetters) -> None:
+    if not letters.count and not letters.unreadable:
+        console.print(f"dead letters: none ({letters.file})", markup=False, highlight=False)
+        return
+    console.print(f"dead letters: {letters.count} in {letters.file}, {letters.permission_denied} permission denied"
+                  + (f", {letters.unreadable} unreadable lines" if letters.unreadable else ""),
+                  markup=False, highlight=False)
+    for d in letters.newest:
+        console.print(f"  {d.subject}: {d.reason}", markup=False, highlight=False)
 
 
 def _node_table(nats_url: str | None, as_json: bool) -> None:

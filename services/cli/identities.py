@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 from fleetlog.services.node.broker import BrokerError, reload_secure_broker
-from fleetlog.services.node.identities import ROLES, IdentityError, Registry, write_credentials
+from fleetlog.services.node.identities import ROLES, IdentityError, Registry, password_path
 
 from ._common import Exit, fail, print_json, settings_from
 
@@ -46,33 +46,37 @@ def identities() -> None:
 @click.argument("name")
 @click.option("--host", default=None, help="agents: the one host whose snapshots it may publish (default any)")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="where to write the credentials file (default <data-dir>/broker/credentials/ROLE-NAME.json)")
+              help="where to write the nkey seed file, never overwritten (default ./ROLE-NAME.nk); the broker "
+                   "keeps only the public key")
 @data_dir_option
 def add(role: str, name: str, host: str | None, out: Path | None, data_dir: Path | None) -> None:
-    """Make an identity; writes its credentials file (mode 0600) for `credentials=` / FLEETLOG_CREDENTIALS."""
+    """Make an identity; writes its nkey seed file (mode 0600) for `credentials=` / FLEETLOG_CREDENTIALS
+    (and `nats.connect(url, nkeys_seed=FILE)`)."""
     broker_dir = _broker_dir(data_dir)
+    path = out or Path(f"{role}-{name}.nk")
     try:
-        entry = Registry(broker_dir).add(role, name, host)
+        entry = Registry(broker_dir).add(role, name, host, out=path)
     except IdentityError as exc:
         fail(Exit.USAGE, str(exc))
-    path = write_credentials(entry, out or broker_dir / "credentials" / f"{entry['user']}.json")
-    click.echo(f"{entry['user']}: credentials in {path}; {_reload(broker_dir)}")
+    login = f"; dashboard password in {password_path(path)}" if "http" in entry else ""
+    click.echo(f"{entry['user']}: seed in {path} (public key {entry['nkey']}){login}; {_reload(broker_dir)}")
 
 
 @identities.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @data_dir_option
 def list_(as_json: bool, data_dir: Path | None) -> None:
-    """The identities (never their passwords)."""
+    """The identities and their public keys (the registry holds no secret)."""
     try:
-        users = [{k: u[k] for k in ("user", "role", "name", "host")} for u in Registry(_broker_dir(data_dir)).load()]
+        users = [{k: u[k] for k in ("user", "role", "name", "host", "nkey")}
+                 for u in Registry(_broker_dir(data_dir)).load()]
     except IdentityError as exc:
         fail(Exit.ERROR, str(exc))
     if as_json:
         print_json(users)
         return
     for u in users:
-        click.echo(f"{u['user']}\t{u['role']}\t{u['name']}" + (f"\thost={u['host']}" if u["host"] else ""))
+        click.echo(f"{u['user']}\t{u['role']}\t{u['name']}\t{u['nkey']}" + (f"\thost={u['host']}" if u["host"] else ""))
 
 
 @identities.command("revoke")

@@ -14,6 +14,7 @@ import logging
 from fleetlog.schemas.answers import StatusAnswer, StatusQuery, node_status_subject
 from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.errors import FleetError, FleetValidationError
+from fleetlog.services.backbone.logins import Logins
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.dashboard.attempts_page import attempts_page
 from fleetlog.services.dashboard.fleet_page import fleet_page, newest_facts
@@ -36,11 +37,14 @@ class Dashboard:
     def __init__(self, settings: FleetSettings, host: str, port: int, probe: NodeProbe | None = None) -> None:
         self.settings = settings
         self.probe = probe or NodeProbe()
+        # A node that connects as an identity runs secure: its pages ask for a reader's or admin's
+        # login from the identities of its data dir (`identities add reader NAME`), none otherwise.
+        self.logins = None if settings.credentials is None else Logins(settings.data_dir / "broker" / "identities.json")
         self.http = HttpServer({
             "/": self._fleet, "/attempts": self._attempts, "/system": self._system,
             "/runs": self._runs, "/run": self._run, "/runtimes": self._runtimes, "/processors": self._processors,
             "/events": self._events, "/metrics": self._metrics, "/healthz": self._healthz,
-        }, host, port)
+        }, host, port, auth=None if self.logins is None else self.logins.check)
 
     @property
     def url(self) -> str:

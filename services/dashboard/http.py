@@ -1,5 +1,7 @@
 """A tiny read-only HTTP/1.1 server on asyncio streams: GET and HEAD, one request per
-connection (`Connection: close`), plus server-sent event streams.
+connection (`Connection: close`), plus server-sent event streams. With `auth`, every page
+but the open ones (/healthz) needs an `Authorization` the callable accepts (HTTP Basic):
+else 401 with `WWW-Authenticate`, so browsers and Prometheus' basic_auth both log in.
 
 The standard library is enough for a page, a metrics scrape and an event stream; a web
 framework would be the only reason to add one more dependency to every install.
@@ -41,6 +43,8 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Given the request's Authorization header (None: absent), whether it may see the pages.
+Auth = Callable[[str | None], bool]
 
 
 def text(status: int, message: str) -> Response:
@@ -48,8 +52,11 @@ def text(status: int, message: str) -> Response:
 
 
 class HttpServer:
-    def __init__(self, routes: dict[str, Handler], host: str, port: int) -> None:
+    def __init__(self, routes: dict[str, Handler], host: str, port: int, *, auth: Auth | None = None,
+                 open_paths: frozenset[str] = frozenset({"/healthz"})) -> None:
         self.routes = routes
+        self.auth = auth
+        self.open_paths = open_paths
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -101,6 +108,14 @@ class HttpServer:
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         handler = self.routes.get(url.path)
+        # In a thread: a login's first check is a deliberately slow hash (services/backbone/logins.py).
+        if self.auth is not None and url.path not in self.open_paths and not await asyncio.to_thread(
+                self.auth, _header(head, b"authorization")):
+            await _write(writer, Response(401, b"login required: a reader or admin identity's dashboard password\n",
+                                          "text/plain; charset=utf-8",
+                                          headers={"WWW-Authenticate": 'Basic realm="fleetlog", charset="UTF-8"'}),
+                         head_only=method == "HEAD")
+            return
         if handler is None:
             response = text(404, f"no page at {url.path}")
         else:
@@ -110,6 +125,14 @@ class HttpServer:
                 log.warning("dashboard %s failed: %s: %s", url.path, type(exc).__name__, exc)
                 response = text(503, f"{type(exc).__name__}: {exc}")
         await _write(writer, response, head_only=method == "HEAD")
+
+
+def _header(head: bytes, name: bytes) -> str | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return None
 
 
 async def _write(writer: asyncio.StreamWriter, response: Response, *, head_only: bool) -> None:

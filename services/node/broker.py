@@ -19,8 +19,9 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .identities import Registry, broker_config, write_credentials
+from .identities import Registry, authorization, broker_config, password_path
 
 # Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
 # os._exit (pytest-timeout), so no orphan nats-server outlives it. libc is loaded here, in
@@ -41,8 +42,8 @@ def die_with_parent() -> Callable[[], None]:
     return functools.partial(_die_with_parent, os.getpid())
 
 
-__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "find_nats_server", "free_port", "probe_nats",
-           "reload_secure_broker"]
+__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "ensure_builtin_identities", "find_nats_server",
+           "free_port", "probe_nats", "reload_secure_broker", "seed_path"]
 
 
 class BrokerError(RuntimeError):
@@ -99,14 +100,20 @@ class EmbeddedBroker:
 
     `cluster_args` (services/node/cluster.py) make it a node of a cluster: it then never
     reuses a server already on its port (that one would not be a member of this cluster).
+    `secure`: users and permissions from the identities registry in `registry_dir` (default
+    `data_dir`); a secure cluster node takes its cluster block as `conf` (in the 0600 config,
+    not on the command line: the routes' password is in it) instead of `cluster_args`.
     """
 
     def __init__(self, data_dir: Path, port: int = 4222, host: str = "127.0.0.1", *,
-                 name: str | None = None, cluster_args: list[str] | None = None, secure: bool = False) -> None:
-        if secure and cluster_args is not None:
-            raise BrokerError("a secure broker is one server: --secure does not combine with --cluster yet")
+                 name: str | None = None, cluster_args: list[str] | None = None, secure: bool = False,
+                 registry_dir: Path | None = None, conf: dict[str, Any] | None = None) -> None:
+        if conf is not None and not secure:
+            raise BrokerError("conf is for a secure broker's config; a plain node takes cluster_args")
         self.data_dir = Path(data_dir)
+        self.registry_dir = Path(registry_dir) if registry_dir is not None else self.data_dir
         self.secure = secure
+        self.conf = conf
         self.port = port
         self.host = host
         self.name = name or f"fleetlog-{port}"
@@ -122,7 +129,7 @@ class EmbeddedBroker:
         """Start nats-server, or reuse a healthy JetStream-enabled NATS already on the port."""
         info = probe_nats(self.host, self.port)
         if info is not None:
-            if self.cluster_args is not None:
+            if self.cluster_args is not None or self.conf is not None:
                 raise BrokerError(f"port {self.port} on {self.host} is held by another NATS server: "
                                   "a cluster node needs its own port")
             if not info.get("jetstream"):
@@ -132,8 +139,9 @@ class EmbeddedBroker:
         binary = find_nats_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.secure:
-            self._ensure_builtin_identities()
-            args = ["-c", str(self.write_config())]
+            if self.conf is None:  # a cluster makes them once, before its nodes start
+                ensure_builtin_identities(self.registry_dir)
+            args = ["-c", str(self.write_config()), *(self.cluster_args or [])]
         else:
             args = ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
                     "-n", self.name, *(self.cluster_args or [])]
@@ -166,23 +174,13 @@ class EmbeddedBroker:
     # -- secure mode: users and permissions from the identities registry (services/node/identities.py)
 
     def credentials_path(self, user: str) -> Path:
-        return self.data_dir / "credentials" / f"{user}.json"
-
-    def _ensure_builtin_identities(self) -> None:
-        """The admin and service identities, created on the first secure start."""
-        registry = Registry(self.data_dir)
-        for role in ("admin", "service"):
-            entry = registry.get(f"{role}-fleetlog") or registry.add(role, "fleetlog")
-            write_credentials(entry, self.credentials_path(entry["user"]))
+        return seed_path(self.registry_dir, user)
 
     def write_config(self) -> Path:
         path = self.data_dir / "nats.conf"
         text = broker_config(self.host, self.port, self.name, self.data_dir / "jetstream",
-                             self.data_dir / "nats.pid", Registry(self.data_dir).load())
-        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # passwords inside
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(path.with_suffix(".tmp"), path)
+                             self.data_dir / "nats.pid", Registry(self.registry_dir).load(), self.conf)
+        _write_private(path, text)
         return path
 
     def kill(self) -> None:
@@ -206,22 +204,61 @@ class EmbeddedBroker:
         proc.wait()
 
 
+def seed_path(registry_dir: Path, user: str) -> Path:
+    """The seed file of fleetlog's own identities (`admin-fleetlog`, `service-fleetlog`): the
+    only secrets kept in the broker's dir."""
+    return Path(registry_dir) / "credentials" / f"{user}.nk"
+
+
+def ensure_builtin_identities(registry_dir: Path) -> None:
+    """The admin and service identities, created on the first secure start (again if their
+    seed file is gone: a key nobody holds is useless)."""
+    registry = Registry(registry_dir)
+    for role in ("admin", "service"):
+        user = f"{role}-fleetlog"
+        seed = seed_path(registry_dir, user)
+        if registry.get(user) is not None and seed.exists():
+            continue
+        registry.revoke(user)
+        seed.unlink(missing_ok=True)
+        password_path(seed).unlink(missing_ok=True)
+        registry.add(role, "fleetlog", out=seed)  # admin: its dashboard password beside the seed
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the broker's own
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 async def reload_secure_broker(data_dir: Path, timeout_s: float = 10.0) -> bool:
-    """Render the secure broker's config from its registry again and SIGHUP it; returns once
-    nats-server says it reloaded (users and permissions change without a restart). False when
-    no broker runs there."""
+    """Render the users of every secure node of this registry again (the broker in `data_dir`,
+    or the nodes of `up --secure --cluster` beside it, `<data_dir>/../cluster/node-N`) and
+    SIGHUP each; returns once each nats-server says it reloaded (users and permissions change
+    without a restart). False when no secure node runs there."""
     data_dir = Path(data_dir)
-    conf = data_dir / "nats.conf"
-    if not conf.exists():
+    users = authorization(Registry(data_dir).load())
+    reloaded = False
+    for node in [data_dir, *sorted((data_dir.parent / "cluster").glob("node-*"))]:
+        reloaded = await _reload_node(node, users, timeout_s) or reloaded
+    return reloaded
+
+
+async def _reload_node(node: Path, users: dict[str, Any], timeout_s: float) -> bool:
+    conf_path = node / "nats.conf"
+    try:
+        conf = json.loads(conf_path.read_text())
+    except (OSError, ValueError):  # no node, or a plain one (its config is not fleetlog's JSON)
         return False
-    listen = json.loads(conf.read_text())
-    host, port = str(listen["listen"]).rsplit(":", 1)
-    broker = EmbeddedBroker(data_dir, int(port), host, name=str(listen["server_name"]), secure=True)
-    broker.write_config()
-    log_path = data_dir / "nats-server.log"
+    if not isinstance(conf, dict) or "authorization" not in conf:
+        return False
+    conf["authorization"] = users  # the rest of the config (cluster, ports) stays as the node started
+    _write_private(conf_path, json.dumps(conf, indent=1))
+    log_path = node / "nats-server.log"
     before = _reloads(log_path)
     try:
-        pid = int((data_dir / "nats.pid").read_text().strip())
+        pid = int((node / "nats.pid").read_text().strip())
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError):
         return False
@@ -230,7 +267,7 @@ async def reload_secure_broker(data_dir: Path, timeout_s: float = 10.0) -> bool:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while _reloads(log_path) <= before:
         if asyncio.get_running_loop().time() > deadline:
-            raise BrokerError(f"nats-server did not reload {conf} within {timeout_s}s; see {log_path}")
+            raise BrokerError(f"nats-server did not reload {conf_path} within {timeout_s}s; see {log_path}")
         await asyncio.sleep(0.02)
     return True
 

@@ -8,15 +8,23 @@ the nodes elect a JetStream meta leader, stream API calls fail. `start()` theref
 for a plain `/healthz` of every node to say ok — the plain check includes the meta leader
 (and, on a restarted node, that its streams caught up), unlike `?js-enabled-only`, which
 answers as soon as JetStream is switched on.
+
+`secure` (`up --secure --cluster N`): every node serves the same identities (one registry,
+`registry_dir`), each from its own config, and the routes between nodes authenticate too
+(a random route password, kept 0600 beside the registry), so nothing joins the cluster
+that fleetlog did not start. `identities add|revoke` reload every node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from pathlib import Path
+from typing import Any
 
-from fleetlog.services.node.broker import BrokerError, EmbeddedBroker, free_port
+from fleetlog.services.node.broker import BrokerError, EmbeddedBroker, ensure_builtin_identities, free_port
 
 __all__ = ["CLUSTER_NAME", "LocalCluster", "cluster_args", "healthz"]
 
@@ -52,12 +60,16 @@ class LocalCluster:
     """`size` nats-server nodes on loopback under `data_dir/node-N`; the first on `port`."""
 
     def __init__(self, data_dir: Path, size: int = 3, port: int = 4222, host: str = "127.0.0.1", *,
-                 sync_always: bool = False) -> None:
+                 sync_always: bool = False, secure: bool = False, registry_dir: Path | None = None) -> None:
         """`sync_always`: fsync every write (`jetstream { sync_interval: always }`) instead of the
-        file store's default interval (docs/operations.md: what that protects, what it costs)."""
+        file store's default interval (docs/operations.md: what that protects, what it costs).
+        `secure`: users and permissions from `registry_dir` (default `<data_dir>/../broker`, where
+        `fleetlog identities` looks), routes authenticated."""
         if size < 1:
             raise ValueError(f"cluster size must be at least 1, got {size}")
         self.host = host
+        self.secure = secure
+        self.registry_dir = Path(registry_dir) if registry_dir is not None else Path(data_dir).parent / "broker"
         taken = {port}
 
         def fresh() -> int:
@@ -71,10 +83,16 @@ class LocalCluster:
         route_ports = [fresh() for _ in range(size)]
         self.http_ports = [fresh() for _ in range(size)]
         self.nodes: list[EmbeddedBroker] = []
+        secret = _route_secret(self.registry_dir) if secure else ""
         for i in range(size):
+            node_dir = Path(data_dir) / f"node-{i + 1}"
+            if secure:
+                conf = _secure_cluster_conf(host, route_ports, i, self.http_ports[i], secret, sync_always)
+                self.nodes.append(EmbeddedBroker(node_dir, client_ports[i], host, name=f"fleetlog-{i + 1}", secure=True,
+                                                 registry_dir=self.registry_dir, conf=conf))
+                continue
             routes = [f"nats://{host}:{p}" for j, p in enumerate(route_ports) if j != i]
             args = cluster_args(f"nats://{host}:{route_ports[i]}", routes, self.http_ports[i])
-            node_dir = Path(data_dir) / f"node-{i + 1}"
             if sync_always:
                 node_dir.mkdir(parents=True, exist_ok=True)
                 (node_dir / "nats.conf").write_text("jetstream {\n  sync_interval: always\n}\n")
@@ -93,6 +111,8 @@ class LocalCluster:
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start every node, then wait until all of them report healthy (meta leader elected)."""
+        if self.secure:  # once, before any node reads the registry
+            ensure_builtin_identities(self.registry_dir)
         try:
             await asyncio.gather(*(n.start(timeout_s) for n in self.nodes))
             await self.wait_healthy(timeout_s)
@@ -138,3 +158,32 @@ class LocalCluster:
 
     async def stop(self) -> None:
         await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
+
+
+def _route_secret(registry_dir: Path) -> str:
+    """The routes' password of a secure cluster (made once, 0600 beside the registry)."""
+    path = registry_dir / "route.secret"
+    if not path.exists():
+        registry_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def _secure_cluster_conf(host: str, route_ports: list[int], i: int, http_port: int, secret: str,
+                         sync_always: bool) -> dict[str, Any]:
+    """What `cluster_args` says on a plain node's command line, as config (the routes carry
+    the password) plus the routes' own authorization."""
+    conf: dict[str, Any] = {
+        "cluster": {
+            "name": CLUSTER_NAME,
+            "listen": f"{host}:{route_ports[i]}",
+            "routes": [f"nats://route:{secret}@{host}:{p}" for j, p in enumerate(route_ports) if j != i],
+            "authorization": {"user": "route", "password": secret},
+        },
+        "http_port": http_port,
+    }
+    if sync_always:
+        conf["jetstream"] = {"sync_interval": "always"}
+    return conf

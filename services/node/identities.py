@@ -1,10 +1,12 @@
 """Identities of a secure broker: roles, the NATS permissions fleetlog generates for them,
 and the registry the embedded broker's config is rendered from.
 
-Each identity is a NATS user (`<role>-<name>`, a random password) whose permissions say
-which subjects it may publish (and so which facts it may state, which requests it may
-make) and subscribe to. NATS enforces them; fleetlog adds no layer in front. The registry
-(`<data_dir>/identities.json`, mode 0600) holds the users; `broker_config` renders the
+Each identity (`<role>-<name>`) is an nkey user: the broker knows only its public key
+(`U...`), whose permissions say which subjects it may publish (and so which facts it may
+state, which requests it may make) and subscribe to (its own reply inboxes,
+`_INBOX.<public key>.>`). NATS enforces them; fleetlog adds no layer in front. The seed
+is written once, to the file `identities add --out` names, and kept nowhere else. The
+registry (`<data_dir>/identities.json`) holds the public keys; `broker_config` renders the
 nats-server config from it, and the broker reloads it on SIGHUP without a restart.
 """
 
@@ -13,18 +15,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Final
+
+from fleetlog.services.backbone.logins import LOGIN_ROLES, hash_password, new_password, write_password
+from fleetlog.services.backbone.nkeyauth import inbox_prefix, new_seed, write_seed
 
 __all__ = [
     "ADMIN_ONLY",
     "ROLES",
     "IdentityError",
     "Registry",
+    "authorization",
     "broker_config",
+    "password_path",
     "permissions",
-    "write_credentials",
 ]
 
 ROLES: Final = ("agent", "runtime", "processor", "service", "reader", "admin")
@@ -35,10 +40,13 @@ ADMIN_ONLY: Final = ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuil
                      "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
                      "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>", "$JS.API.CONSUMER.>")
 # Read-only JetStream API a guarded writer (runtime, processor) needs: stream info, message gets.
-JS_READ: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.MSG.GET.>")
+# Stream metadata every role may read: each client's publisher keys its spool by the attempts
+# stream's identity, read at connect; refused, every connect waited out a timeout first (and a
+# one-shot `emit` spooled instead of publishing).
+STREAM_META: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>")
+JS_READ: Final = (*STREAM_META, "$JS.API.STREAM.MSG.GET.>")
 # The query service's endpoints (and nats.micro's discovery) every role may ask.
 QUERIES: Final = ("fleetlog.>", "$SRV.>")
-REPLIES: Final = ("_INBOX.>",)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -55,8 +63,8 @@ def _check(role: str, name: str, host: str | None) -> None:
         raise IdentityError(f"host: {host!r} is for agents only, 1-64 of A-Z a-z 0-9 _ -")
 
 
-def permissions(role: str, name: str, host: str | None = None) -> dict[str, Any]:
-    """The nats-server permissions block of one identity."""
+def permissions(role: str, name: str, host: str | None = None, *, public_key: str) -> dict[str, Any]:
+    """The nats-server permissions block of one identity (its public key roots its reply inboxes)."""
     _check(role, name, host)
     if role in ("service", "admin"):
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
@@ -74,8 +82,9 @@ def permissions(role: str, name: str, host: str | None = None) -> dict[str, Any]
         "reader": [],
     }[role]
     return {
-        "publish": {"allow": [*own, *QUERIES], "deny": list(ADMIN_ONLY)},
-        "subscribe": {"allow": list(REPLIES)},
+        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])), "deny": list(ADMIN_ONLY)},
+        # Its own replies only: every connection of this identity roots its inboxes there.
+        "subscribe": {"allow": [f"{inbox_prefix(public_key)}.>"]},
     }
 
 
@@ -92,24 +101,43 @@ class Registry:
             users: list[dict[str, Any]] = json.loads(self.path.read_text())["users"]
         except (ValueError, KeyError, TypeError):
             raise IdentityError(f"registry: {self.path} is not a fleetlog identities file") from None
+        if not all(isinstance(u, dict) and isinstance(u.get("nkey"), str) for u in users):
+            raise IdentityError(f"registry: {self.path} has users without an nkey (an older fleetlog's passwords): "
+                                "move it away and add the identities again")
         return users
 
     def _save(self, users: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # passwords: owner only
+        # Public keys only, but who may connect is the broker's business: owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"users": users}, f, indent=1)
         os.replace(tmp, self.path)
 
-    def add(self, role: str, name: str, host: str | None = None) -> dict[str, Any]:
-        """A new identity (its credentials: user, password, role, name). Refused if the user exists."""
+    def add(self, role: str, name: str, host: str | None = None, *, out: Path) -> dict[str, Any]:
+        """A new identity: its seed goes to `out` (mode 0600, never overwritten), its public key
+        to the registry; a reader or admin also gets a dashboard password, written beside the
+        seed (`password_path(out)`) and kept in the registry only as a salted hash. Refused if
+        the user exists."""
         _check(role, name, host)
         users = self.load()
         user = f"{role}-{name}"
         if any(u["user"] == user for u in users):
             raise IdentityError(f"name: {user!r} exists; revoke it first to issue new credentials")
-        entry = {"user": user, "password": secrets.token_urlsafe(24), "role": role, "name": name, "host": host}
+        login = role in LOGIN_ROLES
+        if login and password_path(out).exists():
+            raise IdentityError(f"out: {password_path(out)} exists; a password file is never overwritten")
+        seed, public_key = new_seed()
+        try:
+            write_seed(seed, out)
+        except ValueError as exc:
+            raise IdentityError(str(exc)) from None
+        entry: dict[str, Any] = {"user": user, "nkey": public_key, "role": role, "name": name, "host": host}
+        if login:
+            password = new_password()
+            write_password(password, password_path(out))
+            entry["http"] = hash_password(password)
         self._save([*users, entry])
         return entry
 
@@ -125,26 +153,30 @@ class Registry:
         return True
 
 
-def write_credentials(entry: dict[str, Any], out: Path) -> Path:
-    """The credentials file of one identity (mode 0600): what `credentials=` / FLEETLOG_CREDENTIALS take."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({k: entry[k] for k in ("user", "password", "role", "name")}, f)
-    return out
+def password_path(seed_file: Path) -> Path:
+    """Where a reader's or admin's dashboard password is written: beside its seed."""
+    return Path(seed_file).with_suffix(".password")
+
+
+def authorization(users: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `authorization` block of a secure node's config: each identity by public key."""
+    return {"users": [
+        {"nkey": u["nkey"], "permissions": permissions(u["role"], u["name"], u["host"], public_key=u["nkey"])}
+        for u in users
+    ]}
 
 
 def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
-                  users: list[dict[str, Any]]) -> str:
-    """The nats-server config (JSON is valid nats-server config syntax)."""
-    conf = {
+                  users: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+    """The nats-server config (JSON is valid nats-server config syntax); `extra`: a cluster
+    node's `cluster` block and monitoring port (services/node/cluster.py)."""
+    conf: dict[str, Any] = {
         "listen": f"{host}:{port}",
         "server_name": name,
         "pid_file": str(pid_file),
         "jetstream": {"store_dir": str(store_dir)},
-        "authorization": {"users": [
-            {"user": u["user"], "password": u["password"], "permissions": permissions(u["role"], u["name"], u["host"])}
-            for u in users
-        ]},
+        "authorization": authorization(users),
     }
+    for key, value in (extra or {}).items():
+        conf[key] = {**conf[key], **value} if isinstance(conf.get(key), dict) else value
     return json.dumps(conf, indent=1)

@@ -240,7 +240,7 @@ async def run_up(settings: FleetSettings, ready: asyncio.Event | None = None, jo
     """The embedded broker (or a `cluster`-node loopback cluster) and the services on it.
     `secure`: users and permissions (docs/security.md); the services connect as `service`."""
     if cluster:
-        await _run_up_cluster(settings, ready, cluster, jobs)
+        await _run_up_cluster(settings, ready, cluster, jobs, secure)
         return
     broker = EmbeddedBroker(settings.data_dir / "broker", port=settings.port, secure=secure)
     await broker.start()
@@ -277,9 +277,14 @@ async def run_scheduler(settings: FleetSettings, jobs: JobsConfig, ready: asynci
 
 
 async def _run_up_cluster(settings: FleetSettings, ready: asyncio.Event | None, size: int,
-                          jobs: JobsConfig | None) -> None:
-    nodes = LocalCluster(settings.data_dir / "cluster", size, settings.port)
+                          jobs: JobsConfig | None, secure: bool) -> None:
+    # Secure: the identities live in <data_dir>/broker, as for one broker (`fleetlog identities`).
+    nodes = LocalCluster(settings.data_dir / "cluster", size, settings.port, secure=secure,
+                         registry_dir=settings.data_dir / "broker")
     await nodes.start()  # returns once every node is healthy: a JetStream meta leader exists
+    if secure:
+        settings = settings.model_copy(update={"credentials": nodes.nodes[0].credentials_path("service-fleetlog")})
+        log.info("secure: admin credentials in %s", nodes.nodes[0].credentials_path("admin-fleetlog"))
     for node, http_port in zip(nodes.nodes, nodes.http_ports, strict=True):
         log.info("cluster node %s on %s (monitoring http://%s:%d, data in %s)", node.name, node.url,
                  node.host, http_port, node.data_dir)

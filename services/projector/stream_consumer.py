@@ -11,6 +11,7 @@ import secrets
 from typing import Any
 
 import msgspec
+from fleetlog.services.backbone.nkeyauth import connect_auth, inbox_root
 from fleetlog.services.projector.stream_wire import (
     _BACKOFF_MAX_S,
     _BACKOFF_MIN_S,
@@ -191,12 +192,8 @@ class SupervisorMixin(ReaderState):
             "no_responders": True,
             "echo": False,
         }
-        if srv.user is not None:
-            connect["user"] = srv.user
-            connect["pass"] = srv.password
-        elif srv.token is not None:
-            connect["auth_token"] = srv.token
-        self._inbox = "_INBOX." + secrets.token_hex(11)
+        connect.update(connect_auth(info, self._identity, srv.user, srv.password, srv.token))
+        self._inbox = f"{inbox_root(self._identity)}.{secrets.token_hex(11)}"
         self._write(
             b"CONNECT %s\r\nPING\r\nSUB %s.* %s\r\n" % (msgspec.json.encode(connect), self._inbox.encode(), _INBOX_SID)
         )

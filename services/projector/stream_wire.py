@@ -19,7 +19,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
+
+from fleetlog.services.backbone.nkeyauth import Identity, identity_of, url_auth
 
 __all__ = ["ReaderState", "StreamReaderError"]
 
@@ -90,12 +92,7 @@ def _parse_servers(servers: str | list[str]) -> list[_Server]:
             raise StreamReaderError(f"unsupported URL scheme {scheme!r} in {raw!r}")
         if not parts.hostname:
             raise StreamReaderError(f"no host in NATS server URL {raw!r}")
-        user = password = token = None
-        if parts.username is not None and parts.password is not None:
-            user, password = unquote(parts.username), unquote(parts.password)
-        elif parts.username:
-            token = unquote(parts.username)
-        out.append(_Server(parts.hostname, port or _DEFAULT_PORT, user, password, token))
+        out.append(_Server(parts.hostname, port or _DEFAULT_PORT, *url_auth(parts)))
     if not out:
         raise StreamReaderError("no NATS server URL given")
     return out
@@ -180,6 +177,7 @@ class ReaderState:
             raise ValueError("idle_heartbeat_s and connect_timeout_s must be > 0")
         self._servers_spec = servers
         self._servers: list[_Server] = []
+        self._identity: Identity | None = identity_of(servers)  # signs CONNECT, roots the inbox
         self._stream = stream
         self._filters = list(filter_subjects) if filter_subjects else []
         self._max_buffer = max_buffer_bytes

@@ -11,8 +11,10 @@ acks are sliced out of socket reads with `bytes.find` and handed over as
 
 It is still an acked JetStream publish: every HPUB carries a reply subject on this
 connection's inbox and `Nats-Msg-Id`. `tls://` URLs (and servers that require TLS)
-are upgraded with the default SSL context, as nats-py does; `user:pass@` and
-`token@` URLs authenticate the same way.
+are upgraded with the default SSL context, as nats-py does. It authenticates as
+nats-py does: the `Servers` list's nkey identity signs the server's nonce (and the
+inbox is under the identity's own root), else `user:pass@` / `token@` URLs
+(services/backbone/nkeyauth.py, shared by every raw connection).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import msgspec
 from fleetlog.services.backbone.link import within
+from fleetlog.services.backbone.nkeyauth import Identity, connect_auth, identity_of, inbox_root, url_auth
 
 __all__ = ["Ack", "PubWire", "decode_ack", "frame_hpub"]
 
@@ -99,12 +102,7 @@ def parse_servers(servers: list[str]) -> list[_Server]:
         scheme = parts.scheme.lower()
         if scheme not in ("nats", "tls"):
             raise ValueError(f"unsupported NATS URL scheme {scheme!r} in {raw!r} (nats:// or tls://)")
-        user = password = token = None
-        if parts.username is not None and parts.password is not None:
-            user, password = unquote(parts.username), unquote(parts.password)
-        elif parts.username:
-            token = unquote(parts.username)
-        out.append(_Server(parts.hostname or "127.0.0.1", parts.port or 4222, scheme == "tls", user, password, token))
+        out.append(_Server(parts.hostname or "127.0.0.1", parts.port or 4222, scheme == "tls", *url_auth(parts)))
     if not out:
         raise ValueError("no NATS server given")
     return out
@@ -222,11 +220,12 @@ class PubWire:
                  on_lost: Callable[[], None], on_denied: Callable[[str], None] | None = None) -> None:
         self.on_denied = on_denied  # nats-server refused a publish to this subject (permissions)
         self._servers = parse_servers(servers)
+        self._identity: Identity | None = identity_of(servers)
         self._name = name
         self.on_ack = on_ack
         self.on_acks_done = on_acks_done
         self._on_lost = on_lost
-        self.inbox = b"_INBOX.%s." % secrets.token_hex(11).encode()
+        self.inbox = b"%s.%s." % (inbox_root(self._identity).encode(), secrets.token_hex(11).encode())
         self.max_payload = 1024 * 1024
         self._proto: _Protocol | None = None
         self._up = asyncio.Event()
@@ -328,10 +327,7 @@ class PubWire:
                 "name": self._name, "lang": "python/fleetlog-publisher", "version": "0.1.0", "protocol": 1,
                 "headers": True, "no_responders": True, "echo": False,
             }
-            if srv.user is not None:
-                connect["user"], connect["pass"] = srv.user, srv.password
-            elif srv.token is not None:
-                connect["auth_token"] = srv.token
+            connect.update(connect_auth(info, self._identity, srv.user, srv.password, srv.token))
             transport.write(b"CONNECT %s\r\nSUB %s* 1\r\nPING\r\n" % (json.dumps(connect).encode(), self.inbox))
             await proto.pong
         return info
