@@ -45,17 +45,17 @@ def spool() -> None:
 @_spool_dir_option
 @json_option
 def status_cmd(spool_dir: Path | None, as_json: bool) -> None:
-    """Each spool: for which fleet, how many events, whether a live process holds it."""
+    """Each spool: for which fleet and identity, how many events, whether a live process holds it."""
     settings = settings_from(None, spool_dir=spool_dir)
     root = settings.resolved_spool_dir()
     dirs = survey(root)
     if as_json:
         print_json({"spool_dir": str(root), "spools": [d._asdict() for d in dirs]})
         return
-    table = Table("spool", "fleet", "urls", "events", "bytes", "state")
+    table = Table("spool", "fleet", "identity", "urls", "events", "bytes", "state")
     for d in dirs:
-        table.add_row(d.name, d.fleet or "(not connected yet)", ",".join(d.urls), str(d.records), str(d.bytes),
-                      "live" if d.live else "orphaned")
+        table.add_row(d.name, d.fleet or "(not connected yet)", d.identity or "-", ",".join(d.urls), str(d.records),
+                      str(d.bytes), "live" if d.live else "orphaned")
     console.print(table)
     console.print(f"[dim]{root} · {sum(d.records for d in dirs)} events waiting[/dim]")
 

@@ -13,8 +13,10 @@ option), else a power cut can lose the last moments.
 A spool belongs to one fleet: `<instance>/fleet` names it (`{"fleet": id, "urls": [...]}`).
 The id is the broker's identity (`fleet_identity`), stamped once the publisher has
 connected; until then only the configured URL set is known. An adopter takes over only
-orphans of its own fleet, or unstamped ones spooled for the same URL set; any other
-orphan is left where it is (and reported by `fleetlog spool status`).
+orphans of its own fleet, or unstamped ones spooled for the same URL set, and only those
+spooled by the same identity (nkey public key, or none on an open broker): another identity's
+records would be refused by the broker's permissions. Any other orphan is left where it is
+(and reported by `fleetlog spool status`) until a process of its fleet and identity starts.
 When the spool reaches its byte cap, further records are dropped, counted
 (`dropped`) and logged: fleetlog never blocks or crashes an agent instead. So are records
 a disk error (ENOSPC, EFBIG, EIO) refuses; the segment is cut back to its last whole record.
@@ -38,6 +40,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
+from fleetlog.services.backbone.nkeyauth import identity_of
 from fleetlog.services.writepath.spool_files import (
     LEN,
     SpoolDir,
@@ -69,6 +72,10 @@ class Spool:
         self.dropped = 0
         self.urls = sorted(urls or [])
         self.fleet: str | None = None
+        # Records are published as the connection's identity: a spool of another identity's
+        # records drained with this one would be refused and dead-lettered, never delivered.
+        who = identity_of(urls)
+        self.identity = None if who is None else who.public_key
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         # Lock first, under a hidden name, then rename into view: an adopter scanning the
@@ -78,7 +85,7 @@ class Spool:
         hidden.mkdir()
         self._lock_file = open(hidden / "lock", "wb")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        write_owner(hidden, None, self.urls)
+        write_owner(hidden, None, self.urls, self.identity)
         self.dir = self.root / name
         hidden.rename(self.dir)
         self._write_seg = 0
@@ -229,11 +236,13 @@ class Spool:
         """This spool now belongs to `fleet` (the broker it connected to)."""
         with self._lock:
             self.fleet = fleet
-            write_owner(self.dir, fleet, self.urls)
+            write_owner(self.dir, fleet, self.urls, self.identity)
 
     def _mine(self, other: Path) -> bool:
-        """Whether an orphan belongs to this spool's fleet (module docstring)."""
-        fleet, urls = read_owner(other)
+        """Whether an orphan belongs to this spool's fleet and identity (module docstring)."""
+        fleet, urls, identity = read_owner(other)
+        if identity != self.identity:
+            return False
         if fleet is not None:
             return fleet == self.fleet
         return urls is None or urls == self.urls  # urls None: written before spools were keyed
@@ -242,7 +251,7 @@ class Spool:
         """Copy the records of this fleet's spools whose process died into this one.
 
         Returns the count adopted and the names of orphans left because they belong to
-        another fleet (never drained into this one). `only` names one orphan to take whatever
+        another fleet or identity (never drained into this one). `only` names one orphan to take whatever
         fleet it was stamped for (`fleetlog spool drain --adopt`: a fleet that no longer exists).
         Blocking file work: the publisher runs it in a worker thread."""
         adopted = 0
@@ -269,7 +278,7 @@ class Spool:
             finally:
                 fh.close()
         if foreign:
-            log.warning("left %d spool(s) of another fleet in %s: %s (see `fleetlog spool status`)",
+            log.warning("left %d spool(s) of another fleet or identity in %s: %s (see `fleetlog spool status`)",
                         len(foreign), self.root, ", ".join(foreign))
         return adopted, foreign
 

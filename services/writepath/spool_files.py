@@ -22,7 +22,7 @@ from typing import BinaryIO, NamedTuple
 import msgspec
 
 __all__ = [
-    "LEN", "SpoolDir", "SpoolRecord", "decode_record", "encode_record", "lock_exclusive", "read_owner",
+    "LEN", "Owner", "SpoolDir", "SpoolRecord", "decode_record", "encode_record", "lock_exclusive", "read_owner",
     "read_records", "scan", "survey", "write_cursor", "write_owner",
 ]
 
@@ -51,6 +51,7 @@ class SpoolDir(NamedTuple):
     records: int
     bytes: int
     live: bool  # a running publisher holds it
+    identity: str | None = None  # the nkey public key its records were to be published as
 
 
 def _cursor(directory: Path) -> tuple[int, int]:
@@ -130,20 +131,29 @@ def lock_exclusive(fh: BinaryIO) -> bool:
     return False
 
 
-def write_owner(directory: Path, fleet: str | None, urls: list[str]) -> None:
+class Owner(NamedTuple):
+    """Whose records a spool holds: the fleet (broker identity), the URL set, and the identity
+    (nkey public key; None: an open broker) the records were going to be published as."""
+
+    fleet: str | None
+    urls: list[str] | None
+    identity: str | None
+
+
+def write_owner(directory: Path, fleet: str | None, urls: list[str], identity: str | None) -> None:
     tmp = directory / "fleet.tmp"
-    tmp.write_text(json.dumps({"fleet": fleet, "urls": urls}))
+    tmp.write_text(json.dumps({"fleet": fleet, "urls": urls, "identity": identity}))
     tmp.replace(directory / "fleet")  # atomic: an adopter never reads half a file
 
 
-def read_owner(directory: Path) -> tuple[str | None, list[str] | None]:
+def read_owner(directory: Path) -> Owner:
     try:
         raw = json.loads((directory / "fleet").read_text())
     except (OSError, ValueError):
-        return None, None
-    fleet = raw.get("fleet")
-    urls = raw.get("urls")
-    return (fleet if isinstance(fleet, str) else None), (sorted(urls) if isinstance(urls, list) else None)
+        return Owner(None, None, None)
+    fleet, urls, identity = raw.get("fleet"), raw.get("urls"), raw.get("identity")
+    return Owner(fleet if isinstance(fleet, str) else None, sorted(urls) if isinstance(urls, list) else None,
+                 identity if isinstance(identity, str) else None)
 
 
 def survey(root: Path) -> list[SpoolDir]:
@@ -165,6 +175,6 @@ def survey(root: Path) -> list[SpoolDir]:
         for rec in read_records(d):  # a live spool's torn tail (a write under way) is skipped
             records += 1
             nbytes += len(rec.payload)
-        fleet, urls = read_owner(d)
-        out.append(SpoolDir(d.name, fleet, urls or [], records, nbytes, live))
+        owner = read_owner(d)
+        out.append(SpoolDir(d.name, owner.fleet, owner.urls or [], records, nbytes, live, owner.identity))
     return out
