@@ -23,7 +23,7 @@ from fleetlog.schemas import RunCancelRequested, RunClaimed, RunState
 from fleetlog.schemas.runs import CandidatesQuery, ClaimedRun, Proposal, Proposals, RunLifecycle, claimed_run
 from fleetlog.services.backbone.errors import StaleError
 from fleetlog.services.backbone.guarded import Guarded, WrongLastSequence
-from fleetlog.services.client import run_rules as rules
+from fleetlog.services.client.runs import rules
 from fleetlog.services.client.seam import FleetClient
 
 __all__ = ["ClaimCounters", "Claimer"]
