@@ -255,7 +255,7 @@ class CpuMonitor:
 def attempt_payloads(fac: AttemptFactory, start: int, count: int, n: int) -> list[tuple[str, str, bytes]]:
     """(event id, subject, payload) exactly as `fleet.attempts.record()` would publish them."""
     from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso
-    from fleetlog.services.client.panes import normalize_pane
+    from fleetlog.services.client.attempts.panes import normalize_pane
 
     out = []
     for i in range(start, start + count):

@@ -169,8 +169,8 @@ def components(variants: list[dict[str, Any]], rounds: int = 3) -> dict[str, flo
 
 
 async def bench_snapshots(args: argparse.Namespace) -> dict[str, Any]:
-    from fleetlog.services.client import snapshot_take
-    from fleetlog.services.client.snapshot_gather import gather
+    from fleetlog.services.client.snapshots import take as snapshot_take
+    from fleetlog.services.client.snapshots.gather import gather
     from fleetlog.services.node.server import Server
 
     variants = snapshot_variants(500)

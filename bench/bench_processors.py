@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CpuMonitor, broker, emit_json, percentiles, settings_for, table, wait_service
-from fleetlog.services.client.processor_files import list_session_files, select_unprocessed
+from fleetlog.services.client.processors.files import list_session_files, select_unprocessed
 
 from fleetlog import Fleet, ProcessorResult
 from fleetlog.processors import compute_file_hash, register

@@ -20,8 +20,8 @@ from fleetlog.services.backbone.errors import (
     StaleHolderError,
 )
 from fleetlog.services.client.fleet import Fleet
-from fleetlog.services.client.processor_lock import ProcessorLockBusy, ProcessorLockLost
-from fleetlog.services.client.processor_registry import Processor, ProcessorResult
+from fleetlog.services.client.processors.lock import ProcessorLockBusy, ProcessorLockLost
+from fleetlog.services.client.processors.registry import Processor, ProcessorResult
 from fleetlog.services.client.state import StatePolicyError
 from fleetlog.services.client.sync import FleetSync
 from fleetlog.services.writepath.receipt import Position, Receipt, Token

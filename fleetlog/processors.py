@@ -6,8 +6,8 @@
 `parse_jsonl` are here too.
 """
 
-from fleetlog.services.client.processor_files import compute_file_hash, parse_jsonl
-from fleetlog.services.client.processor_registry import (
+from fleetlog.services.client.processors.files import compute_file_hash, parse_jsonl
+from fleetlog.services.client.processors.registry import (
     ENTRY_POINT_GROUP,
     Processor,
     ProcessorResult,
@@ -16,7 +16,7 @@ from fleetlog.services.client.processor_registry import (
     register,
     unregister,
 )
-from fleetlog.services.client.processor_runner import UnknownProcessor
+from fleetlog.services.client.processors.runner import UnknownProcessor
 
 __all__ = [
     "ENTRY_POINT_GROUP",

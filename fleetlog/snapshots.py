@@ -8,7 +8,7 @@ diff rules `compute_diff_fields(prev, latest)`. Taking, reading and hooks are
 """
 
 from fleetlog.schemas.snapshots import compute_diff_fields, diff_changes, flatten
-from fleetlog.services.client.snapshot_gather import (
+from fleetlog.services.client.snapshots.gather import (
     META_KEYS,
     gather,
     register_sidecar,
@@ -16,7 +16,7 @@ from fleetlog.services.client.snapshot_gather import (
     sidecar_alive,
     unregister_sidecars,
 )
-from fleetlog.services.client.snapshot_hooks import hook_commands, load_hooks_file
+from fleetlog.services.client.snapshots.hooks import hook_commands, load_hooks_file
 
 __all__ = [
     "META_KEYS",

@@ -1,7 +1,7 @@
 """Host snapshots as agent containers take them, and the diff records made at take time.
 
 A snapshot (`snapshot.taken` on `fleet.snapshot.<host>.<agent>`) is one JSON object, the
-agent container's field set (services/client/snapshot_gather.py) or whatever the caller
+agent container's field set (services/client/snapshots/gather.py) or whatever the caller
 made. The taker diffs it against the previous snapshot of the same (host, agent) in
 stream order (`compute_diff_fields`, the seed's rules, below) and stores the result with
 it (`has_diff`, `diff_fields`); when something changed it also publishes one

@@ -24,7 +24,7 @@ from fleetlog.projections import Projection
 from fleetlog.projections.attempts import AttemptsProjection
 from fleetlog.schemas import AttemptRecorded, AttemptsPurged, RunCreated, RunState, encode_event, new_event_id
 from fleetlog.services.backbone.streams import ensure_streams
-from fleetlog.services.client.panes import normalize_pane
+from fleetlog.services.client.attempts.panes import normalize_pane
 from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.server import Server
 from fleetlog.services.projector import fold

@@ -26,7 +26,7 @@ from fleetlog.services.backbone.errors import (
     StaleHolderError,
 )
 from fleetlog.services.cli._common import Exit, exit_code_of
-from fleetlog.services.client.processor_lock import ProcessorLockLost
+from fleetlog.services.client.processors.lock import ProcessorLockLost
 from fleetlog.services.client.state import StatePolicyError
 from fleetlog.services.node.broker import EmbeddedBroker, free_port
 from fleetlog.services.node.server import Server

@@ -8,7 +8,7 @@ import msgspec
 import nats
 import pytest
 from fleetlog.services.backbone.errors import FleetError, StaleError
-from fleetlog.services.client.snapshot_watch import diff_subject, serve_hooks
+from fleetlog.services.client.snapshots.watch import diff_subject, serve_hooks
 from fleetlog.services.node.broker import free_port
 from fleetlog.services.node.server import Server
 from prometheus_client.parser import text_string_to_metric_families

@@ -12,7 +12,7 @@ import nats
 import pytest
 from fleetlog.schemas import subjects
 from fleetlog.services.backbone.errors import FleetValidationError
-from fleetlog.services.client.processors import ProcessorLockBusy, ProcessorLockLost, compute_file_hash, parse_jsonl
+from fleetlog.services.client.processors.api import ProcessorLockBusy, ProcessorLockLost, compute_file_hash, parse_jsonl
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings, FleetSync

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from fleetlog.services.client.processor_files import compute_file_hash
+from fleetlog.services.client.processors.files import compute_file_hash
 from fleetlog.services.node.broker import die_with_parent
 from fleetlog.services.node.server import Server
 

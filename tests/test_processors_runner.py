@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fleetlog.services.backbone.errors import FleetUnavailable, FleetValidationError
-from fleetlog.services.client.processor_runner import default_max_per_run
+from fleetlog.services.client.processors.runner import default_max_per_run
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, FleetSettings, ProcessorLockBusy, ProcessorResult

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fleetlog.schemas import new_event_id, now_iso
 from fleetlog.schemas.processors import ProcessorSessionMarked
-from fleetlog.services.client.processor_files import compute_file_hash
+from fleetlog.services.client.processors.files import compute_file_hash
 
 from fleetlog import Fleet
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from fleetlog.schemas.scheduler import PipelineHealth
 from fleetlog.services.backbone.errors import FleetValidationError, QueryError
-from fleetlog.services.client.processor_files import utcnow
-from fleetlog.services.client.processor_health import HEALTH_SUBJECT, HealthRequest, pipeline_health
+from fleetlog.services.client.processors.files import utcnow
+from fleetlog.services.client.processors.health import HEALTH_SUBJECT, HealthRequest, pipeline_health
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, ProcessorResult

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetlog.services.client import snapshot_gather as probes
+from fleetlog.services.client.snapshots import gather as probes
 
 from fleetlog import snapshots
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetlog.services.client.snapshot_hooks import fire, hook_commands
+from fleetlog.services.client.snapshots.hooks import fire, hook_commands
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet, snapshots

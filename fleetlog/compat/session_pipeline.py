@@ -23,8 +23,8 @@ from typing import Any
 
 from fleetlog.compat._shared import shared
 from fleetlog.services.backbone.errors import FleetValidationError
-from fleetlog.services.client.processor_files import compute_file_hash, parse_jsonl
-from fleetlog.services.client.processor_registry import (
+from fleetlog.services.client.processors.files import compute_file_hash, parse_jsonl
+from fleetlog.services.client.processors.registry import (
     Processor,
     ProcessorResult,
     check_processor,

@@ -16,7 +16,7 @@ from typing import Any
 
 from fleetlog.compat._shared import shared, swallowed
 from fleetlog.schemas.snapshots import compute_diff_fields, flatten
-from fleetlog.services.client.snapshot_gather import gather, register_sidecar
+from fleetlog.services.client.snapshots.gather import gather, register_sidecar
 
 __all__ = [
     "compute_diff_fields",

@@ -24,7 +24,7 @@ from fleetlog.services.backbone.errors import (
     StaleHolderError,
 )
 from fleetlog.services.client.fleet import Fleet
-from fleetlog.services.client.processor_lock import ProcessorLockBusy, ProcessorLockLost
+from fleetlog.services.client.processors.lock import ProcessorLockBusy, ProcessorLockLost
 from fleetlog.services.client.state import StatePolicyError
 from fleetlog.services.writepath.publisher import Token
 from nats.aio.client import Client

@@ -11,11 +11,11 @@ from typing import Any
 import click
 from fleetlog.schemas.scheduler import PipelineHealth
 from fleetlog.services.client.fleet import Fleet
-from fleetlog.services.client.processor_files import compute_file_hash
-from fleetlog.services.client.processor_health import HEALTH_SUBJECT, HealthRequest, pipeline_health
-from fleetlog.services.client.processor_registry import list_processor_names
-from fleetlog.services.client.processor_runner import UnknownProcessor
-from fleetlog.services.client.processors import ProcessorLock, ProcessorLockBusy
+from fleetlog.services.client.processors.api import ProcessorLock, ProcessorLockBusy
+from fleetlog.services.client.processors.files import compute_file_hash
+from fleetlog.services.client.processors.health import HEALTH_SUBJECT, HealthRequest, pipeline_health
+from fleetlog.services.client.processors.registry import list_processor_names
+from fleetlog.services.client.processors.runner import UnknownProcessor
 from rich.markup import escape
 from rich.table import Table
 

@@ -13,8 +13,8 @@ import click
 import msgspec
 from fleetlog.schemas.snapshots import SnapshotDiff
 from fleetlog.services.client.fleet import Fleet
-from fleetlog.services.client.snapshot_gather import gather
-from fleetlog.services.client.snapshot_hooks import load_hooks_file
+from fleetlog.services.client.snapshots.gather import gather
+from fleetlog.services.client.snapshots.hooks import load_hooks_file
 from rich.table import Table
 
 from ._common import Exit, console, fail, json_option, nats_option, print_json, run_client, show
@@ -50,7 +50,7 @@ def gather_cmd(agent: str, session: str | None, host_facts: bool, as_json: bool)
     """Print this agent's snapshot as gathered now (no broker needed)."""
     snap = gather(agent, session)
     if host_facts:
-        from fleetlog.services.client.collector import host_facts as facts
+        from fleetlog.services.client.snapshots.collector import host_facts as facts
 
         snap["host_facts"] = facts()
     click.echo(json.dumps(snap, indent=None if as_json else 2))

@@ -31,13 +31,13 @@ from fleetlog.services.backbone.errors import (
 )
 from fleetlog.services.backbone.link import Link, denials
 from fleetlog.services.backbone.streams import ensure_streams
-from fleetlog.services.client.attempts import AttemptsAPI
+from fleetlog.services.client.attempts.api import AttemptsAPI
 from fleetlog.services.client.nodes import node_statuses
-from fleetlog.services.client.processors import ProcessorsAPI
+from fleetlog.services.client.processors.api import ProcessorsAPI
 from fleetlog.services.client.rejects import RawReject, reject_raw
-from fleetlog.services.client.runs import RunsAPI
+from fleetlog.services.client.runs.api import RunsAPI
 from fleetlog.services.client.runtimes import RuntimesAPI
-from fleetlog.services.client.snapshots import SnapshotsAPI
+from fleetlog.services.client.snapshots.api import SnapshotsAPI
 from fleetlog.services.client.state import StateAPI
 from fleetlog.services.writepath import exitsafe
 from fleetlog.services.writepath.publisher import Publisher, PublisherStats, Receipt, Token

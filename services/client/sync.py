@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from fleetlog.schemas import Event
 from fleetlog.schemas.answers import RejectsAnswer, SqlAnswer, StatusAnswer
 from fleetlog.services.backbone.config import FleetSettings
-from fleetlog.services.client.attempts import AttemptsSyncAPI
+from fleetlog.services.client.attempts.api import AttemptsSyncAPI
 from fleetlog.services.client.fleet import Fleet
 from fleetlog.services.client.rejects import RawReject
 from fleetlog.services.client.state import StateSyncAPI

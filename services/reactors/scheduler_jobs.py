@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from fleetlog.services.client.processor_registry import get_processor
+from fleetlog.services.client.processors.registry import get_processor
 from fleetlog.services.reactors.schedules import Every, is_valid_schedule, parse_schedule, seconds_to_schedule
 
 __all__ = ["DEFAULT_TICK_S", "Job", "JobsConfig", "check_tick", "jobs_from_env", "load_jobs", "load_jobs_file",
@@ -46,7 +46,7 @@ log = logging.getLogger("fleetlog.scheduler")
 
 DEFAULT_TICK_S = 10.0
 ENV_PREFIX = "FLEETLOG_SCHEDULER_"
-PROCESSOR_RUN_SUBJECT = "fleetlog.processors.run"  # services/client/processor_runner.RUN_SUBJECT
+PROCESSOR_RUN_SUBJECT = "fleetlog.processors.run"  # services/client/processors/runner.RUN_SUBJECT
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 

@@ -1,9 +1,9 @@
 """Host snapshots' client API, as agent containers take them (issue 11).
 
-`gather` (no I/O to streams), `take` (the diff at take time, services/client/snapshot_take.py),
+`gather` (no I/O to streams), `take` (the diff at take time, services/client/snapshots/take.py),
 `tick` (take and fire `on_diff` hooks, never raising), `status`, the reads `latest`, `prev`,
 `history`, `all_latest`, `diffs`, and `watch` (an ordered consumer on FLEET_DIFFS);
-`serve_hooks` runs the hook contract for a subscriber (services/client/snapshot_watch.py).
+`serve_hooks` runs the hook contract for a subscriber (services/client/snapshots/watch.py).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from fleetlog.schemas.snapshots import (
     SnapshotsLatestQuery,
 )
 from fleetlog.services.backbone.errors import FleetValidationError, check_identity
-from fleetlog.services.client import snapshot_watch
-from fleetlog.services.client.collector import host_facts
 from fleetlog.services.client.seam import session_token
-from fleetlog.services.client.snapshot_gather import gather
-from fleetlog.services.client.snapshot_hooks import fire, hook_commands
-from fleetlog.services.client.snapshot_take import Taker
+from fleetlog.services.client.snapshots import watch as snapshot_watch
+from fleetlog.services.client.snapshots.collector import host_facts
+from fleetlog.services.client.snapshots.gather import gather
+from fleetlog.services.client.snapshots.hooks import fire, hook_commands
+from fleetlog.services.client.snapshots.take import Taker
 from fleetlog.services.writepath.publisher import Receipt, Token
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -65,7 +65,7 @@ class SnapshotsAPI:
 
     @staticmethod
     def gather(agent: str, session: str | None = None, *, with_host_facts: bool = False) -> dict[str, Any]:
-        """The container's snapshot of `agent` (services/client/snapshot_gather.py); no stream I/O.
+        """The container's snapshot of `agent` (services/client/snapshots/gather.py); no stream I/O.
 
         `with_host_facts` adds the general host facts (disk, python, uptime) under `host_facts`:
         opt-in, as they would change every diff."""

@@ -10,7 +10,7 @@ The pipeline's own check, kept: per processor, grace = 2 x its interval (cadence
 Overall "degraded" when any processor warns, else "ok".
 
 The files are on the machine that holds the sessions, so this is computed there: `serve_runs`
-(processor_runner.py) answers `fleetlog.processors.health` beside `processors.run`.
+(runner.py) answers `fleetlog.processors.health` beside `processors.run`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import msgspec
 from fleetlog.schemas.scheduler import PipelineHealth, ProcessorHealth
 from fleetlog.services.backbone.errors import FleetValidationError
-from fleetlog.services.client.processor_files import SessionFile, list_session_files, mtime_utc, utcnow
-from fleetlog.services.client.processor_registry import get_processor, list_processor_names
+from fleetlog.services.client.processors.files import SessionFile, list_session_files, mtime_utc, utcnow
+from fleetlog.services.client.processors.registry import get_processor, list_processor_names
 
 __all__ = ["HEALTH_SUBJECT", "STUCK_GRACE_ENV", "HealthRequest", "check_processor_health", "pipeline_health"]
 

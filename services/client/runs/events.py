@@ -14,7 +14,7 @@ from fleetlog.schemas import RunEventAppended, RunState, encode_event, new_event
 from fleetlog.schemas.runs import MaxSequence, MaxSequenceQuery, RunEventView
 from fleetlog.services.backbone.errors import FleetValidationError
 from fleetlog.services.backbone.guarded import Guarded, StoredMsg, WrongLastSequence
-from fleetlog.services.client import run_rules as rules
+from fleetlog.services.client.runs import rules
 from fleetlog.services.writepath.publisher import Receipt
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@
   store's this replaces (`mark_processed`, `is_processed`, `scan_unprocessed_for`, ...).
   A client reads its own writes: every query carries this client's last write as
   `min_seq` (or the token given).
-* **The runner** (`run`, `serve_runs`; services/client/processor_runner.py) and **the
-  lock** (`processor_lock.LockSide`: at most one holder per processor, decided by
+* **The runner** (`run`, `serve_runs`; services/client/processors/runner.py) and **the
+  lock** (`lock.LockSide`: at most one holder per processor, decided by
   JetStream; the runner's marks are fenced by it).
 """
 
@@ -39,8 +39,8 @@ from fleetlog.schemas.processors import (
     ProcSummaryQuery,
 )
 from fleetlog.services.backbone.errors import FleetValidationError, QueryError, check_identity
-from fleetlog.services.client import processor_runner
-from fleetlog.services.client.processor_files import (
+from fleetlog.services.client.processors import runner as processor_runner
+from fleetlog.services.client.processors.files import (
     SessionFile,
     compute_file_hash,
     list_session_files,
@@ -48,8 +48,8 @@ from fleetlog.services.client.processor_files import (
     select_unprocessed,
     utcnow,
 )
-from fleetlog.services.client.processor_lock import LockSide, ProcessorLock, ProcessorLockBusy, ProcessorLockLost
-from fleetlog.services.client.processor_registry import Processor
+from fleetlog.services.client.processors.lock import LockSide, ProcessorLock, ProcessorLockBusy, ProcessorLockLost
+from fleetlog.services.client.processors.registry import Processor
 from fleetlog.services.writepath.publisher import Receipt, Token
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ class ProcessorsAPI(LockSide):
 
     async def scan_unprocessed_for(self, processor: str, session_dir: str | Path, *,
                                    min_seq: Token | Receipt | None = None) -> list[tuple[str, Path]]:
-        """[(username, path)] of the session files to process (the rule: processor_files)."""
+        """[(username, path)] of the session files to process (the rule: files.py)."""
         todo, _ = await self.scan_rows(processor, session_dir, min_seq=min_seq)
         return [(f.username, f.path) for f in todo]
 
@@ -220,7 +220,7 @@ class ProcessorsAPI(LockSide):
                   max_sessions_per_run: int | None = None, time_budget_seconds: float = 150.0,
                   user_resolver: Callable[[str], tuple[Any, str | None] | None] | None = None,
                   clock: Callable[[], float] | None = None) -> dict[str, Any]:
-        """Run `processor` over session_dir under its lock; the stats (see processor_runner.run)."""
+        """Run `processor` over session_dir under its lock; the stats (see runner.run)."""
         return await processor_runner.run(self, processor, session_dir, max_sessions_per_run=max_sessions_per_run,
                                           time_budget_seconds=time_budget_seconds, user_resolver=user_resolver,
                                           clock=clock)

@@ -24,7 +24,7 @@ from fleetlog.schemas.runs import CandidatesQuery, ClaimedRun, Proposal, Proposa
 from fleetlog.services.backbone.errors import StaleError
 from fleetlog.services.backbone.guarded import Guarded, WrongLastSequence
 from fleetlog.services.client import activity
-from fleetlog.services.client import run_rules as rules
+from fleetlog.services.client.runs import rules
 from fleetlog.services.client.seam import FleetClient
 
 __all__ = ["ClaimCounters", "Claimer"]

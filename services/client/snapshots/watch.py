@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from fleetlog.schemas import subjects
 from fleetlog.schemas.snapshots import EVENT_VERSION, SnapshotDiff
-from fleetlog.services.client.snapshot_hooks import run_hook
+from fleetlog.services.client.snapshots.hooks import run_hook
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy

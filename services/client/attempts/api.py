@@ -20,7 +20,7 @@ from fleetlog.schemas.attempts import (
     PurgeResult,
 )
 from fleetlog.services.backbone.errors import FleetValidationError
-from fleetlog.services.client.panes import normalize_pane
+from fleetlog.services.client.attempts.panes import normalize_pane
 from fleetlog.services.client.timeparse import parse_since
 from fleetlog.services.writepath.publisher import Receipt, Token
 

@@ -2,7 +2,7 @@
 
 Commands (create, claim_next, renew, release, release_expired, finalize,
 request_cancel, append_event, reconcile) are guarded: read the run's last lifecycle message
-(direct get), apply `run_rules`, publish with the expected last subject sequence.
+(direct get), apply `rules`, publish with the expected last subject sequence.
 JetStream lets exactly one concurrent writer win; the others re-read and retry,
 or move on to the next candidate. The view only proposes claim candidates.
 
@@ -48,17 +48,17 @@ from fleetlog.schemas.runs import (
 )
 from fleetlog.services.backbone.errors import FleetValidationError
 from fleetlog.services.backbone.guarded import Guarded, StoredMsg, WrongLastSequence
-from fleetlog.services.client import run_rules as rules
-from fleetlog.services.client.run_claims import ClaimCounters, Claimer
-from fleetlog.services.client.run_events import ResultEvents, _dict, _text
-from fleetlog.services.client.run_stats import RunStatsReads, RuntimeRegistry
+from fleetlog.services.client.runs import rules
+from fleetlog.services.client.runs.claims import ClaimCounters, Claimer
+from fleetlog.services.client.runs.events import ResultEvents, _dict, _text
+from fleetlog.services.client.runs.stats import RunStatsReads, RuntimeRegistry
 from fleetlog.services.client.seam import session_token
 from fleetlog.services.writepath.publisher import Receipt, Token
 
 if TYPE_CHECKING:
     from fleetlog.services.client.seam import FleetClient
 
-__all__ = ["ClaimCounters", "RunsAPI"]  # ClaimCounters: from .run_claims
+__all__ = ["ClaimCounters", "RunsAPI"]  # ClaimCounters: from .claims
 
 STREAM = "FLEET_RUNS"
 _lifecycle = msgspec.json.Decoder(

@@ -1,6 +1,6 @@
 """The session-processor runner: `fleet.processors.run(...)` and the `processors.run` endpoint.
 
-A run holds the processor's lock (processor_lock: JetStream decides; non-blocking, a
+A run holds the processor's lock (lock.py: JetStream decides; non-blocking, a
 held lock fails at once with "already running") for its whole length, walks the
 candidates `scan_unprocessed_for` surfaces, and marks each processed session under
 the lock's fence. The rules are the store's (see `run`). Every run ends with one
@@ -8,7 +8,7 @@ audit record on the processor's run subject, the runner's own failure included.
 
 `serve_runs` answers `fleetlog.processors.run` requests with the same runner: a small
 nats.micro service on the machine that holds the sessions (`fleetlog processors serve`). It
-answers `fleetlog.processors.health` there too (processor_health.py: it reads the files' mtimes).
+answers `fleetlog.processors.health` there too (health.py: it reads the files' mtimes).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import msgspec
 from fleetlog.schemas import new_event_id, now_iso
 from fleetlog.schemas.processors import ProcessorRunRecorded, ProcRunRequest, ProcRunStats
 from fleetlog.services.backbone.errors import FleetError, FleetValidationError
-from fleetlog.services.client.processor_files import SessionFile, utcnow
-from fleetlog.services.client.processor_health import HEALTH_SUBJECT, HealthRequest, pipeline_health
-from fleetlog.services.client.processor_lock import ProcessorLock, ProcessorLockBusy
-from fleetlog.services.client.processor_registry import (
+from fleetlog.services.client.processors.files import SessionFile, utcnow
+from fleetlog.services.client.processors.health import HEALTH_SUBJECT, HealthRequest, pipeline_health
+from fleetlog.services.client.processors.lock import ProcessorLock, ProcessorLockBusy
+from fleetlog.services.client.processors.registry import (
     Processor,
     ProcessorResult,
     check_processor,
