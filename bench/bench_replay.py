@@ -44,6 +44,8 @@ from _common import (
     settings_for,
     stop_subprocess,
     table,
+    thread_cpu,
+    thread_cpu_per_event,
 )
 from fleetlog.services.node.server import Server
 from fleetlog.services.projector.stream_reader import OrderedReader
@@ -97,6 +99,7 @@ async def fold_in_process(url: str, data_dir: Path, last_seq: int) -> dict:
     rss0 = me.memory_info().rss
     peak = rss0
     mon = CpuMonitor().start()
+    threads0 = thread_cpu()
     t0 = time.perf_counter()
     server = Server(settings_for(url, data_dir))
     await server.start()
@@ -111,12 +114,14 @@ async def fold_in_process(url: str, data_dir: Path, last_seq: int) -> dict:
             next_rss = now + 0.05
     dt = time.perf_counter() - t0
     cpu = mon.stop()
+    per_thread = thread_cpu_per_event(threads0, thread_cpu(), last_seq)
     peak = max(peak, me.memory_info().rss)
     rows = server.store.cursor("attempts_g1").execute("SELECT count(*) FROM attempts").fetchone()[0]
     await server.stop()
     return {"events": last_seq, "seconds": round(dt, 2), "events_per_s": round(last_seq / dt),
             "startup_s": round(t_started - t0, 2), "rows": rows,
-            "bench_process_rss_mb": {"before": round(rss0 / 1e6), "peak": round(peak / 1e6)}, "cpu": cpu}
+            "bench_process_rss_mb": {"before": round(rss0 / 1e6), "peak": round(peak / 1e6)}, "cpu": cpu,
+            "cpu_us_per_event_by_thread": per_thread}
 
 
 async def fold_subprocess(url: str, data_dir: Path, last_seq: int, log_path: Path) -> dict:
@@ -201,6 +206,7 @@ async def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
             res["fold_inprocess"] = await fold_in_process(b.url, d, last_seq)
             print(f"  {res['fold_inprocess']['events_per_s']:,} ev/s", flush=True)
+            print(f"  CPU µs per event by thread: {res['fold_inprocess']['cpu_us_per_event_by_thread']}", flush=True)
             res["view_file_mb"] = round((d / "views" / "fleetlog.duckdb").stat().st_size / 1e6)
             shutil.rmtree(d, ignore_errors=True)
         if not args.skip_subprocess:

@@ -35,8 +35,6 @@ log = logging.getLogger("fleetlog.projector")
 
 _Row = tuple[int, str, bytes]  # (stream seq, subject, payload)
 
-BULK_MIN_EVENTS = 1000
-
 
 class Reject(NamedTuple):
     stream: str
@@ -64,10 +62,6 @@ class BatchFolder:
         self.bulk_batches = 0  # batches folded by a projection's fold_raw
         self.bulk_fallbacks = 0  # batches whose fold_raw failed and were folded decoded
         self.decoded_rows = 0  # rows a fold_raw handed back to the decoder
-        # Below this many events a batch is decoded and folded even when the projection has
-        # a bulk path: the bulk statements cost ~10-25 ms each whatever the batch size, the
-        # decoder ~15-60 µs per event (live tailing folds small batches).
-        self.bulk_min_events = BULK_MIN_EVENTS
 
     def decode(
         self, projection: Projection, stream: str, rows: Iterable[_Row]
@@ -125,7 +119,9 @@ class BatchFolder:
         """Fold one batch exactly once: fold, rejects and checkpoint in one transaction."""
         last_seq = batch.last_seq
         forget = _forgetter(projection, batch.subjects, batch.seqs)
-        if has_raw_fold(projection) and len(batch) >= self.bulk_min_events:
+        # A projection's bulk path takes every batch, however small: it has no fixed cost
+        # beyond the decoder's own INSERT (attempts: no SQL parse stage since issue 19).
+        if has_raw_fold(projection):
             try:
                 rejects = self._apply_raw(projection, schema, stream, batch, forget)
                 self.bulk_batches += 1
