@@ -252,12 +252,13 @@ class CpuMonitor:
         }
 
 
-def thread_cpu() -> dict[str, float]:
+def thread_cpu(labels: dict[int, str] | None = None) -> dict[str, float]:
     """CPU seconds (user + system) per thread of this process, summed by thread name
     (`/proc/self/task/*/stat`, `comm`), plus "children" (the broker, subprocesses).
 
-    The fold thread is `fleetlog-fold_0`, the event loop `MainThread`'s comm (`python`…),
-    DuckDB's workers are unnamed threads; diff two calls to see where a run's CPU went.
+    Python does not name OS threads, so `labels` maps native thread ids to names (e.g. the
+    projector's fold thread); the main thread is the event loop; other threads (DuckDB's
+    workers, pyarrow's) keep their OS name. Diff two calls to see where a run's CPU went.
     """
     import psutil
 
@@ -273,7 +274,7 @@ def thread_cpu() -> dict[str, float]:
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
         cpu = (int(fields[11]) + int(fields[12])) / hz  # utime, stime
-        key = "event loop (main thread)" if int(tid) == main_tid else name
+        key = "event loop (main thread)" if int(tid) == main_tid else (labels or {}).get(int(tid), name)
         out[key] = out.get(key, 0.0) + cpu
     children = 0.0
     for p in psutil.Process().children(recursive=True):

@@ -43,13 +43,13 @@ from ._base import DecodeRows, FoldReject, Projection, RawBatch
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["attempts_table", "fold_attempts_raw", "insert_attempts"]
+__all__ = ["POOL", "attempts_table", "fold_attempts_raw", "insert_attempts"]
 
 class _Pane(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """The client's pane (services/client/panes.py), its text located but not parsed."""
 
     format: str
-    text: msgspec.Raw  # a JSON string (checked by `_pane_bytes`), as it sits in the payload
+    text: msgspec.Raw  # a JSON string (checked by `_pane_parts`), as it sits in the payload
     truncated: bool | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -78,26 +78,38 @@ _NotAttempt = msgspec.defstruct("_NotAttempt", [], tag_field="type", tag="\x00",
 _wire: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_Wire | _NotAttempt)
 _extras = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.Encoder().encode
-_TRUNCATED = {True: b',"truncated":true}', False: b',"truncated":false}'}
+_TAILS = {msgspec.UNSET: "}", True: ',"truncated":true}', False: ',"truncated":false}'}
+_heads: dict[str, str] = {}  # format -> '{"format":<format as JSON>,"text":' (a handful of formats)
+_NO_PANE = (None, None, None)
+# The fold's Arrow buffers (~12 MB a batch with 2 KB panes) come from the system allocator:
+# pyarrow's default (mimalloc) hands freed pages back to the kernel at once, so each batch
+# page-faulted its buffers in again (table build 10-18 µs per 2 KB event against 3-4).
+POOL = pa.system_memory_pool()
 
 
 class _Unusual(Exception):
     """A row this path does not vouch for: the decoder judges it."""
 
 
-def _pane_bytes(pane: _Pane | None) -> bytes | None:
-    """The pane's JSON: its text's bytes as they came, never parsed or written again.
+def _pane_parts(pane: _Pane | None) -> tuple[str | None, memoryview | bytes | None, str | None]:
+    """The pane's JSON in three parts, joined by the INSERT: `{"format":F,"text":`, the text's
+    bytes as they came (a view into the payload: never copied into a Python object, parsed
+    or written again) and `}` (or the `truncated` member and `}`).
 
     msgspec has checked the text is one valid JSON value while locating it; it must be a
     string (anything else goes to the decoder, which may accept it: a pane is any object).
     """
     if pane is None:
-        return None
+        return _NO_PANE
     text = memoryview(pane.text)
-    if not text or text[0] != 0x22:  # '"'
+    if text[0] != 0x22:  # '"'
         raise _Unusual
-    end = b"}" if pane.truncated is msgspec.UNSET else _TRUNCATED[pane.truncated]
-    return b"".join((b'{"format":', _encode(pane.format), b',"text":', text, end))
+    head = _heads.get(pane.format)
+    if head is None:
+        head = '{"format":' + _encode(pane.format).decode() + ',"text":'
+        if len(_heads) < 256:
+            _heads[pane.format] = head
+    return head, text, _TAILS[pane.truncated]
 
 
 class _Columns:
@@ -112,26 +124,45 @@ class _Columns:
         self.actions: list[str] = []
         self.outcomes: list[str] = []
         self.elapsed: list[float] = []
-        self.before: list[bytes | None] = []
-        self.after: list[bytes | None] = []
+        # Each pane in three parts (`_pane_parts`); the decoder's path: "", its JSON, "".
+        self.before: tuple[list[str | None], list[memoryview | bytes | None], list[str | None]] = ([], [], [])
+        self.after: tuple[list[str | None], list[memoryview | bytes | None], list[str | None]] = ([], [], [])
         self.extras: list[bytes] = []
+
+    def pane(self, which: tuple[list[str | None], list[memoryview | bytes | None], list[str | None]],
+             parts: tuple[str | None, memoryview | bytes | None, str | None]) -> None:
+        which[0].append(parts[0])
+        which[1].append(parts[1])
+        which[2].append(parts[2])
 
     def table(self) -> pa.Table:
         return pa.table(
             {
-                "id": pa.array(self.ids, pa.string()),
-                "seq": pa.array(self.seqs, pa.int64()),
-                "ts": pa.array(self.ts, pa.string()),
-                "ts_utc": pa.array(self.at, pa.timestamp("us", tz="UTC")),
-                "agent": pa.array(self.agents, pa.string()),
-                "action": pa.array(self.actions, pa.string()),
-                "outcome": pa.array(self.outcomes, pa.string()),
-                "elapsed_s": pa.array(self.elapsed, pa.float64()),
-                "pane_before": pa.array(self.before, pa.string()),
-                "pane_after": pa.array(self.after, pa.string()),
-                "extras": pa.array(self.extras, pa.string()),
+                "id": pa.array(self.ids, pa.string(), memory_pool=POOL),
+                "seq": pa.array(self.seqs, pa.int64(), memory_pool=POOL),
+                "ts": pa.array(self.ts, pa.string(), memory_pool=POOL),
+                "ts_utc": pa.array(self.at, pa.timestamp("us", tz="UTC"), memory_pool=POOL),
+                "agent": pa.array(self.agents, pa.string(), memory_pool=POOL),
+                "action": pa.array(self.actions, pa.string(), memory_pool=POOL),
+                "outcome": pa.array(self.outcomes, pa.string(), memory_pool=POOL),
+                "elapsed_s": pa.array(self.elapsed, pa.float64(), memory_pool=POOL),
+                **_pane_columns("before", self.before),
+                **_pane_columns("after", self.after),
+                "extras": pa.array(self.extras, pa.string(), memory_pool=POOL),
             }
         )
+
+
+def _pane_columns(
+    name: str, parts: tuple[list[str | None], list[memoryview | bytes | None], list[str | None]]
+) -> dict[str, pa.Array]:
+    # The text parts are slices of payloads that are valid UTF-8 (checked when the batch
+    # became Arrow) cut at JSON token edges, or msgspec's output: no second check.
+    return {
+        f"{name}_head": pa.array(parts[0], pa.string(), memory_pool=POOL),
+        f"{name}_text": pa.array(parts[1], pa.binary(), memory_pool=POOL).view(pa.string()),
+        f"{name}_tail": pa.array(parts[2], pa.string(), memory_pool=POOL),
+    }
 
 
 def attempts_table(events: Sequence[tuple[int, AttemptRecorded, datetime]]) -> pa.Table:
@@ -146,8 +177,8 @@ def attempts_table(events: Sequence[tuple[int, AttemptRecorded, datetime]]) -> p
         c.actions.append(e.action)
         c.outcomes.append(e.outcome)
         c.elapsed.append(e.elapsed_s)
-        c.before.append(None if e.pane_before is None else _encode(e.pane_before))
-        c.after.append(None if e.pane_after is None else _encode(e.pane_after))
+        c.pane(c.before, _NO_PANE if e.pane_before is None else ("", _encode(e.pane_before), ""))
+        c.pane(c.after, _NO_PANE if e.pane_after is None else ("", _encode(e.pane_after), ""))
         c.extras.append(_encode(e.extras))
     return c.table()
 
@@ -174,8 +205,8 @@ def _decode_batch(table: pa.Table) -> tuple[_Columns, list[int], bool]:
             e: Any = decode(view[offsets[i] : offsets[i + 1]])
             if type(e) is not _Wire:
                 raise _Unusual
-            before = _pane_bytes(e.pane_before)
-            after = _pane_bytes(e.pane_after)
+            before = _pane_parts(e.pane_before)
+            after = _pane_parts(e.pane_after)
             extras = _encode(_extras.decode(e.extras))
             at = parse_ts(e.ts)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError, _Unusual):
@@ -192,8 +223,8 @@ def _decode_batch(table: pa.Table) -> tuple[_Columns, list[int], bool]:
         c.actions.append(e.action)
         c.outcomes.append(e.outcome)
         c.elapsed.append(e.elapsed_s)
-        c.before.append(before)
-        c.after.append(after)
+        c.pane(c.before, before)
+        c.pane(c.after, after)
         c.extras.append(extras)
     # The decoder keeps the first of a repeated id; ids compare as UUIDs (any letter case).
     repeats = len({i.lower() for i in c.ids}) != len(c.ids)
@@ -211,7 +242,8 @@ def _insert_sql(src: str, repeats: bool) -> str:
     span = f"BETWEEN (SELECT min(CAST(id AS UUID)) FROM {src}) AND (SELECT max(CAST(id AS UUID)) FROM {src})"
     sql = f"""
 INSERT INTO attempts (id, seq, ts, ts_utc, agent, action, outcome, elapsed_s, pane_before, pane_after, extras)
-SELECT CAST(b.id AS UUID), seq, ts, ts_utc, agent, action, outcome, elapsed_s, pane_before, pane_after, extras
+SELECT CAST(b.id AS UUID), seq, ts, ts_utc, agent, action, outcome, elapsed_s,
+    before_head || before_text || before_tail, after_head || after_text || after_tail, extras
 FROM {src} b
 WHERE seq > ? AND seq < ?
   AND CAST(b.id AS UUID) NOT IN (

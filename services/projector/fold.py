@@ -34,6 +34,9 @@ __all__ = ["BatchFolder", "Reject"]
 log = logging.getLogger("fleetlog.projector")
 
 _Row = tuple[int, str, bytes]  # (stream seq, subject, payload)
+# Batch payloads in Arrow: the system allocator reuses freed pages; pyarrow's default
+# (mimalloc) returned them to the kernel and every batch page-faulted them in again.
+_POOL = pa.system_memory_pool()
 
 
 class Reject(NamedTuple):
@@ -174,9 +177,9 @@ class BatchFolder:
     def _raw_table(self, batch: StreamBatch) -> tuple[pa.Table, pa.BinaryArray]:
         """seq, subject, data (text; NULL where oversize or not UTF-8: the decoder rejects those),
         and the payloads as they came."""
-        data = pa.array(batch.data, pa.binary())
+        data = pa.array(batch.data, pa.binary(), memory_pool=_POOL)
         try:
-            text = data.cast(pa.string())  # validates UTF-8
+            text = data.cast(pa.string(), memory_pool=_POOL)  # validates UTF-8
         except pa.ArrowInvalid:
             text = pa.array([_utf8_or_none(d) for d in batch.data], pa.string())
         oversize = pc.greater(pc.binary_length(data), self.max_event_bytes)
