@@ -121,7 +121,8 @@ async def fold_in_process(url: str, data_dir: Path, last_seq: int, duckdb_thread
     peak = max(peak, me.memory_info().rss)
     stats = server.projector.fold_stats
     batches = stats.batch_events["attempts"]
-    fold_busy = {"batches": sum(batches.counts), "mean_batch_events": round(batches.total / max(1, sum(batches.counts))),
+    n_batches = sum(batches.counts)
+    fold_busy = {"batches": n_batches, "mean_batch_events": round(batches.total / max(1, n_batches)),
                  "fold_seconds": round(stats.duration_s["attempts"].total, 2)}
     rows = server.store.cursor("attempts_g1").execute("SELECT count(*) FROM attempts").fetchone()[0]
     await server.stop()
