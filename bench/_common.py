@@ -273,9 +273,9 @@ def thread_cpu(labels: dict[int, str] | None = None) -> dict[str, float]:
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / hz  # utime, stime
         key = "event loop (main thread)" if int(tid) == main_tid else (labels or {}).get(int(tid), name)
-        out[key] = out.get(key, 0.0) + cpu
+        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / hz  # utime + stime
+        out[key + " (kernel)"] = out.get(key + " (kernel)", 0.0) + int(fields[12]) / hz
     children = 0.0
     for p in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -290,7 +290,7 @@ def thread_cpu_per_event(before: dict[str, float], after: dict[str, float], even
     ended in between are not counted)."""
     per = {k: (after[k] - before.get(k, 0.0)) * 1e6 / events for k in after}
     per = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}
-    per["total"] = round(sum(per.values()), 2)
+    per["total"] = round(sum(v for k, v in per.items() if not k.endswith("(kernel)")), 2)
     return per
 
 

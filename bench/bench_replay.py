@@ -116,7 +116,9 @@ async def fold_in_process(url: str, data_dir: Path, last_seq: int, duckdb_thread
             next_rss = now + 0.05
     dt = time.perf_counter() - t0
     cpu = mon.stop()
-    fold_threads = {t.native_id: "fold thread" for t in server.projector._fold_thread._threads if t.native_id}
+    projector = server.projector
+    fold_threads = {t.native_id: "fold thread" for t in projector._fold_thread._threads if t.native_id}
+    fold_threads.update({t.native_id: "prepare thread" for t in projector._prepare_thread._threads if t.native_id})
     per_thread = thread_cpu_per_event(threads0, thread_cpu(fold_threads), last_seq)
     peak = max(peak, me.memory_info().rss)
     stats = server.projector.fold_stats

@@ -36,7 +36,7 @@ from ._base import (
     RawBatch,
     StoredEvent,
 )
-from .attempts_raw import attempts_table, fold_attempts_raw, insert_attempts
+from .attempts_raw import attempts_table, fold_attempts_raw, insert_attempts, prepare_attempts
 
 if TYPE_CHECKING:
     import duckdb
@@ -104,6 +104,10 @@ class AttemptsProjection(Projection):
             else:
                 run.append(stored)
         self._insert(con, run)
+
+    def prepare_raw(self, batch: RawBatch) -> Any:
+        """The decode into columns, on another thread while the previous batch folds."""
+        return prepare_attempts(batch)
 
     def fold_raw(
         self, con: duckdb.DuckDBPyConnection, batch: RawBatch, decode: DecodeRows

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import pyarrow as pa
@@ -43,7 +43,7 @@ from ._base import DecodeRows, FoldReject, Projection, RawBatch
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["POOL", "attempts_table", "fold_attempts_raw", "insert_attempts"]
+__all__ = ["POOL", "Prepared", "attempts_table", "fold_attempts_raw", "insert_attempts", "prepare_attempts"]
 
 class _Pane(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """The client's pane (services/client/panes.py), its text located but not parsed."""
@@ -269,12 +269,26 @@ def insert_attempts(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
         con.unregister("_fleetlog_attempts_decoded")
 
 
+class Prepared(NamedTuple):
+    """A batch decoded into columns (`prepare_attempts`), ready for its INSERT."""
+
+    rows: pa.Table
+    others: list[int]  # seqs for the decoder
+    repeats: bool  # an id occurs twice among `rows`
+
+
+def prepare_attempts(batch: RawBatch) -> Prepared:
+    """The decode, off the fold thread (`Projection.prepare_raw`): it reads nothing from the view."""
+    columns, others, repeats = _decode_batch(batch.table)
+    return Prepared(columns.table(), others, repeats)
+
+
 def fold_attempts_raw(
     projection: Projection, con: duckdb.DuckDBPyConnection, batch: RawBatch, decode: DecodeRows
 ) -> Sequence[FoldReject] | None:
-    columns, others, repeats = _decode_batch(batch.table)
-    rows = columns.table()
-    del columns
+    prepared = batch.prepared if isinstance(batch.prepared, Prepared) else prepare_attempts(batch)
+    rows, others, repeats = prepared
+    del prepared
     sql = _BULK_REPEATS if repeats else _BULK
     refused: list[FoldReject] = []
     lo = 0
