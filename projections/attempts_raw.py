@@ -6,7 +6,7 @@ payload, one msgspec decode into `_Wire`: the attempt's own struct (its fields, 
 defaults and tag, derived from `AttemptRecorded` so they cannot drift), except that
 
 * a pane must have the client's shape, `{"format": str, "text": <JSON string>[,
-  "truncated": bool]}` (services/client/panes.py), and its text is `msgspec.Raw`: located
+  "truncated": bool]}` (services/client/attempts/panes.py), and its text is `msgspec.Raw`: located
   and checked as JSON, never turned into a `str`. The stored pane is
   `{"format":F,"text":T[,"truncated":B]}` with T the text's bytes as they came;
 * extras (small) are decoded with the decoder's own type and stored as msgspec writes them.
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["POOL", "Prepared", "attempts_table", "fold_attempts_raw", "insert_attempts", "prepare_attempts"]
 
 class _Pane(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
-    """The client's pane (services/client/panes.py), its text located but not parsed."""
+    """The client's pane (services/client/attempts/panes.py), its text located but not parsed."""
 
     format: str
     text: msgspec.Raw  # a JSON string (checked by `_pane_parts`), as it sits in the payload

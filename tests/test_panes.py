@@ -12,7 +12,7 @@ event lands once.
 from __future__ import annotations
 
 import msgspec
-from fleetlog.services.client.panes import normalize_pane
+from fleetlog.services.client.attempts.panes import normalize_pane
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
