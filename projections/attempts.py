@@ -36,7 +36,7 @@ from ._base import (
     RawBatch,
     StoredEvent,
 )
-from .attempts_raw import attempts_table, fold_attempts_raw, insert_attempts, prepare_attempts
+from .attempts_raw import another_body, attempts_table, fold_attempts_raw, insert_attempts, prepare_attempts
 
 if TYPE_CHECKING:
     import duckdb
@@ -94,16 +94,17 @@ class AttemptsProjection(Projection):
             )""",
         )
 
-    def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> None:
+    def fold(self, con: duckdb.DuckDBPyConnection, batch: Sequence[StoredEvent]) -> Sequence[FoldReject]:
         run: list[StoredEvent] = []
+        refused: list[FoldReject] = []
         for stored in batch:
             if isinstance(stored.event, AttemptsPurged):
-                self._insert(con, run)
+                refused += self._insert(con, run)
                 run = []
                 self._purge(con, stored, stored.event)
             else:
                 run.append(stored)
-        self._insert(con, run)
+        return refused + self._insert(con, run)
 
     def prepare_raw(self, batch: RawBatch) -> Any:
         """The decode into columns, on another thread while the previous batch folds."""
@@ -115,10 +116,13 @@ class AttemptsProjection(Projection):
         """Every batch: payloads decoded into columns, panes kept as bytes (see attempts_raw)."""
         return fold_attempts_raw(self, con, batch, decode)
 
-    def _insert(self, con: duckdb.DuckDBPyConnection, run: list[StoredEvent]) -> None:
-        if run:
-            rows = attempts_table([(st.seq, st.event, st.at) for st in run])  # type: ignore[misc]
-            insert_attempts(con, rows)
+    def _insert(self, con: duckdb.DuckDBPyConnection, run: list[StoredEvent]) -> list[FoldReject]:
+        """Insert a run of attempts; a copy of an id with another body is refused (the first stays)."""
+        if not run:
+            return []
+        rows = attempts_table([(st.seq, st.event, st.at) for st in run])  # type: ignore[misc]
+        by_seq = {st.seq: st for st in run}
+        return [(by_seq[seq], another_body(seq, i, kept)) for seq, i, kept in insert_attempts(con, rows)]
 
     def _purge(self, con: duckdb.DuckDBPyConnection, stored: StoredEvent, event: AttemptsPurged) -> None:
         from fleetlog.schemas import parse_ts

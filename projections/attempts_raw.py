@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 from fleetlog.schemas import AttemptRecorded, parse_ts, subjects
 
 from ._base import DecodeRows, FoldReject, Projection, RawBatch
@@ -43,7 +44,9 @@ from ._base import DecodeRows, FoldReject, Projection, RawBatch
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["POOL", "Prepared", "attempts_table", "fold_attempts_raw", "insert_attempts", "prepare_attempts"]
+__all__ = [
+    "POOL", "Prepared", "another_body", "attempts_table", "fold_attempts_raw", "insert_attempts", "prepare_attempts",
+]
 
 class _Pane(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """The client's pane (services/client/attempts/panes.py), its text located but not parsed."""
@@ -258,17 +261,56 @@ WHERE seq > ? AND seq < ?
     return sql + (" QUALIFY row_number() OVER (PARTITION BY CAST(b.id AS UUID) ORDER BY seq) = 1" if repeats else "")
 
 
+def _another_body_sql(src: str) -> str:
+    """The rows of `src` (? < seq < ?) whose id the view holds from another message with a
+    different body: (seq, id, the kept row's seq). Asked only when an INSERT skipped rows."""
+    span = f"BETWEEN (SELECT min(CAST(id AS UUID)) FROM {src}) AND (SELECT max(CAST(id AS UUID)) FROM {src})"
+    return f"""
+SELECT b.seq, CAST(t.id AS VARCHAR), t.seq FROM {src} b JOIN attempts t ON t.id = CAST(b.id AS UUID)
+WHERE b.seq > ? AND b.seq < ? AND t.id {span} AND t.seq <> b.seq
+  AND (t.ts IS DISTINCT FROM b.ts OR t.agent IS DISTINCT FROM b.agent OR t.action IS DISTINCT FROM b.action
+       OR t.outcome IS DISTINCT FROM b.outcome OR t.elapsed_s IS DISTINCT FROM b.elapsed_s
+       OR t.pane_before IS DISTINCT FROM (b.before_head || b.before_text || b.before_tail)
+       OR t.pane_after IS DISTINCT FROM (b.after_head || b.after_text || b.after_tail)
+       OR CAST(t.extras AS VARCHAR) IS DISTINCT FROM b.extras)
+ORDER BY b.seq"""
+
+
 _ALL = 1 << 62  # above any stream sequence
 _DECODED = _insert_sql("_fleetlog_attempts_decoded", repeats=False)  # the decoder removed repeats
 _BULK = _insert_sql("_fleetlog_attempts", repeats=False)
 _BULK_REPEATS = _insert_sql("_fleetlog_attempts", repeats=True)
+_DECODED_OTHER_BODY = _another_body_sql("_fleetlog_attempts_decoded")
+_BULK_OTHER_BODY = _another_body_sql("_fleetlog_attempts")
 
 
-def insert_attempts(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
-    """The decoder's path: insert `attempts_table` rows (no id repeats) not seen before."""
+def another_body(seq: int, event_id: str, kept_seq: int) -> str:
+    """The reject reason of a copy of an id that came with another body (the first body stays)."""
+    return (f"duplicate id with a different body: attempt {event_id} is in the view from seq {kept_seq}; "
+            f"this message (seq {seq}) changes it, so it is refused and the first body kept")
+
+
+def _insert_range(con: duckdb.DuckDBPyConnection, insert: str, other_body: str, rows: pa.Table,
+                  lo: int, hi: int) -> list[tuple[int, str, int]]:
+    """INSERT the rows lo < seq < hi not seen before; when some were skipped (an id the view
+    holds, or repeated in the batch), the skipped ones whose body differs from the kept row.
+    An identical copy (a spool or retry replay) is a silent duplicate."""
+    result = con.execute(insert, [lo, hi]).fetchone()
+    inserted = int(result[0]) if result else 0
+    seqs = rows.column("seq")
+    wanted = rows.num_rows if (lo, hi) == (0, _ALL) else int(
+        pc.sum(pc.and_(pc.greater(seqs, lo), pc.less(seqs, hi))).as_py() or 0)
+    if inserted == wanted:
+        return []
+    return [(int(s), str(i), int(k)) for s, i, k in con.execute(other_body, [lo, hi]).fetchall()]
+
+
+def insert_attempts(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> list[tuple[int, str, int]]:
+    """The decoder's path: insert `attempts_table` rows (no id repeats) not seen before; the
+    (seq, id, kept seq) of copies that came with another body."""
     con.register("_fleetlog_attempts_decoded", rows)
     try:
-        con.execute(_DECODED, [0, _ALL])
+        return _insert_range(con, _DECODED, _DECODED_OTHER_BODY, rows, 0, _ALL)
     finally:
         con.unregister("_fleetlog_attempts_decoded")
 
@@ -295,6 +337,7 @@ def fold_attempts_raw(
     del prepared
     sql = _BULK_REPEATS if repeats else _BULK
     refused: list[FoldReject] = []
+    other_body: list[tuple[int, str, int]] = []
     lo = 0
     con.register("_fleetlog_attempts", rows)
     try:
@@ -302,11 +345,15 @@ def fold_attempts_raw(
         # between the bulk rows.
         for event in decode(others) if others else ():
             if rows.num_rows:
-                con.execute(sql, [lo, event.seq])
+                other_body += _insert_range(con, sql, _BULK_OTHER_BODY, rows, lo, event.seq)
             refused.extend(projection.fold(con, [event]) or ())
             lo = event.seq
         if rows.num_rows:
-            con.execute(sql, [lo, _ALL])
+            other_body += _insert_range(con, sql, _BULK_OTHER_BODY, rows, lo, _ALL)
     finally:
         con.unregister("_fleetlog_attempts")
+    if other_body:
+        why = {seq: another_body(seq, i, kept) for seq, i, kept in other_body}
+        # One at a time: the decoder keeps only the first of a repeated id among what it is given.
+        refused.extend((event, why[event.seq]) for seq in sorted(why) for event in decode([seq]))
     return refused

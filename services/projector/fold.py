@@ -79,7 +79,7 @@ class BatchFolder:
         """The decoder: validation is the typed decode, plus the envelope rules every event obeys."""
         stored: list[StoredEvent] = []
         rejects: list[Reject] = []
-        seen: set[str] = set()
+        seen: dict[str, tuple[int, bytes]] = {}  # event id -> the first (seq, payload) of this batch
         decode = event_decoder.decode
         types = projection.event_types
         limit = self.max_event_bytes
@@ -119,9 +119,14 @@ class BatchFolder:
             except RejectEvent as exc:
                 rejects.append(Reject(stream, seq, subject, str(exc), data))
                 continue
-            if event.id in seen:
+            first = seen.get(event.id)
+            if first is not None:
+                if bytes(data) != first[1]:  # not a retry: another fact under a taken id
+                    rejects.append(Reject(stream, seq, subject, f"duplicate id with a different body: event "
+                                          f"{event.id} came at seq {first[0]} with another body; the first is kept",
+                                          data))
                 continue  # a retried publish inside one batch
-            seen.add(event.id)
+            seen[event.id] = (seq, bytes(data))
             stored.append(item)
         return stored, rejects
 
