@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Final
 
+from fleetlog.schemas.runs import RUNTIME_QUERIES
 from fleetlog.services.backbone.logins import LOGIN_ROLES, hash_password, new_password, write_password
 from fleetlog.services.backbone.nkeyauth import inbox_prefix, new_seed, write_seed
 
@@ -77,12 +78,13 @@ def permissions(role: str, name: str, host: str | None = None, *, public_key: st
                     "$JS.API.DIRECT.GET.FLEET_RUNS", "$JS.API.DIRECT.GET.FLEET_RUNS.>",
                     "$JS.API.DIRECT.GET.FLEET_RUNTIMES", "$JS.API.DIRECT.GET.FLEET_RUNTIMES.>",
                     "$JS.API.DIRECT.GET.FLEET_STATE", "$JS.API.DIRECT.GET.FLEET_STATE.>"],
-        "processor": [f"fleet.proc.{name}.>", *JS_READ, "$JS.API.DIRECT.GET.FLEET_PROCESSORS",
-                      "$JS.API.DIRECT.GET.FLEET_PROCESSORS.>"],
+        "processor": [f"fleet.proc.{name}.>", *STREAM_META, "$JS.API.STREAM.MSG.GET.FLEET_PROCESSORS",
+                      "$JS.API.DIRECT.GET.FLEET_PROCESSORS", "$JS.API.DIRECT.GET.FLEET_PROCESSORS.>"],
         "reader": [],
     }[role]
     return {
-        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])), "deny": list(ADMIN_ONLY)},
+        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])),
+                    "deny": [*ADMIN_ONLY, *([] if role == "runtime" else RUNTIME_QUERIES)]},  # runs' credentials
         # Its own replies only: every connection of this identity roots its inboxes there.
         "subscribe": {"allow": [f"{inbox_prefix(public_key)}.>"]},
     }
