@@ -107,14 +107,14 @@ class Guarded:
         while True:
             try:
                 return await self.nc.request(subject, payload, timeout=self.timeout_s, headers=headers)
-            except NoRespondersError:
-                if loop.time() >= deadline:
-                    raise FleetUnavailable(f"JetStream did not answer {subject} (is the stream there?)") from None
-            except NatsTimeout:
+            except (NoRespondersError, NatsTimeout) as exc:
+                # A refusal is final: never retried through a cluster's failover window.
                 if denials(self.nc, subject) > denied_before:  # a secure broker refused this identity
                     raise PermissionDenied(subject) from None
                 if loop.time() >= deadline:
-                    raise FleetUnavailable(f"JetStream did not answer {subject} within {self.timeout_s}s") from None
+                    what = "(is the stream there?)" if isinstance(exc, NoRespondersError) else (
+                        f"within {self.timeout_s}s")
+                    raise FleetUnavailable(f"JetStream did not answer {subject} {what}") from None
             self.failovers += 1
             await asyncio.sleep(0.25)
 

@@ -33,8 +33,13 @@ def denials(nc: Client, subject: str) -> int:
 
     A publish outside the user's permissions is answered with an async -ERR and dropped: a
     request then only times out. A caller compares the count before and after its request to
-    say PermissionDenied instead of "did not answer"."""
-    return _denied.get(nc, {}).get(subject, 0)
+    say PermissionDenied instead of "did not answer".
+
+    Compared case-insensitively: nats-py lowercases the -ERR text it hands the error
+    callback, so the subject it names is `$js.api...` or `fleet.runtime.rt1...` whatever the
+    request's case (NATS subjects are case-sensitive, but two subjects that differ only in
+    case both refused is no less a refusal)."""
+    return _denied.get(nc, {}).get(subject.lower(), 0)
 
 OnConnect = Callable[[Client], Awaitable[None]]
 
@@ -180,7 +185,8 @@ class Link:
         match = _DENIED.search(str(exc))
         if match and self.nc is not None:
             counts = _denied.setdefault(self.nc, {})
-            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+            subject = match.group(1).lower()  # nats-py lowercased it already; `denials` looks up lowercase
+            counts[subject] = counts.get(subject, 0) + 1
             log.warning("nats: %s", exc)
         else:
             log.debug("nats: %s", exc)
