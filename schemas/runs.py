@@ -24,6 +24,7 @@ __all__ = [
     "CandidatesQuery",
     "ClaimedRun",
     "ExpiredQuery",
+    "FoldedStateQuery",
     "MaxSequence",
     "MaxSequenceQuery",
     "Proposal",
@@ -351,6 +352,16 @@ class Candidate(msgspec.Struct, kw_only=True, array_like=True):
 
 class Candidates(Answer, kw_only=True):
     items: list[Candidate]
+
+
+class FoldedStateQuery(msgspec.Struct, kw_only=True):
+    """One run's state as the view folded it (`fleetlog.runs.state`: no item if the view has no
+    such run). A guarded reader's fallback when the run's last lifecycle message in the stream
+    is not a lifecycle event (docs/security.md, "Replies as a deputy"): pass that message's
+    seq as `min_seq`, so the view has folded (and refused) it."""
+
+    run_id: str
+    min_seq: dict[str, int] | None = None
 
 
 class Proposal(msgspec.Struct, kw_only=True, array_like=True):

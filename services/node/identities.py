@@ -99,8 +99,11 @@ def permissions(role: str, name: str, host: str | None = None, *, public_key: st
         "processor": [f"fleet.proc.{name}.>", *_reads("FLEET_PROCESSORS")],
         "reader": [],
     }[role]
+    # A run's whole folded state (its `authorization` too) is a guarded claimer's fallback:
+    # runtimes only (services/client/runs/api.py `_load`).
+    deny = [*ADMIN_ONLY, *([] if role == "runtime" else ["fleetlog.runs.state"])]
     return {
-        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])), "deny": list(ADMIN_ONLY)},
+        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])), "deny": deny},
         # Its own replies only: every connection of this identity roots its inboxes there.
         "subscribe": {"allow": [f"{inbox_prefix(public_key)}.>"]},
     }
