@@ -222,7 +222,8 @@ def authorization(users: list[dict[str, Any]]) -> dict[str, Any]:
 def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
                   users: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
     """The nats-server config (JSON is valid nats-server config syntax); `extra`: a cluster
-    node's `cluster` block and monitoring port (services/node/cluster.py)."""
+    node's `cluster` block (services/node/cluster.py). No monitoring port: nats-server serves it
+    without authentication (every user's nkey and inbox subjects in /connz)."""
     conf: dict[str, Any] = {
         "listen": f"{host}:{port}",
         "server_name": name,
