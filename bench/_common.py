@@ -252,6 +252,48 @@ class CpuMonitor:
         }
 
 
+def thread_cpu(labels: dict[int, str] | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) per thread of this process, summed by thread name
+    (`/proc/self/task/*/stat`, `comm`), plus "children" (the broker, subprocesses).
+
+    Python does not name OS threads, so `labels` maps native thread ids to names (e.g. the
+    projector's fold thread); the main thread is the event loop; other threads (DuckDB's
+    workers, pyarrow's) keep their OS name. Diff two calls to see where a run's CPU went.
+    """
+    import psutil
+
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    main_tid = os.getpid()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        key = "event loop (main thread)" if int(tid) == main_tid else (labels or {}).get(int(tid), name)
+        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / hz  # utime + stime
+        out[key + " (kernel)"] = out.get(key + " (kernel)", 0.0) + int(fields[12]) / hz
+    children = 0.0
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            children += t.user + t.system
+    out["children (nats-server)"] = children
+    return out
+
+
+def thread_cpu_per_event(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, float]:
+    """µs of CPU per event by thread name between two `thread_cpu()` readings (threads that
+    ended in between are not counted)."""
+    per = {k: (after[k] - before.get(k, 0.0)) * 1e6 / events for k in after}
+    per = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+    per["total"] = round(sum(v for k, v in per.items() if not k.endswith("(kernel)")), 2)
+    return per
+
+
 def attempt_payloads(fac: AttemptFactory, start: int, count: int, n: int) -> list[tuple[str, str, bytes]]:
     """(event id, subject, payload) exactly as `fleet.attempts.record()` would publish them."""
     from fleetlog.schemas import AttemptRecorded, encode_event, new_event_id, now_iso

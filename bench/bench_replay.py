@@ -44,6 +44,8 @@ from _common import (
     settings_for,
     stop_subprocess,
     table,
+    thread_cpu,
+    thread_cpu_per_event,
 )
 from fleetlog.services.node.server import Server
 from fleetlog.services.projector.stream_reader import OrderedReader
@@ -92,14 +94,17 @@ async def raw_rate(url: str, last_seq: int) -> dict:
             "mb_per_s": round(nbytes / dt / 1e6, 1), "cpu": mon.stop()}
 
 
-async def fold_in_process(url: str, data_dir: Path, last_seq: int) -> dict:
+async def fold_in_process(url: str, data_dir: Path, last_seq: int, duckdb_threads: int | None = None) -> dict:
     me = psutil.Process()
     rss0 = me.memory_info().rss
     peak = rss0
     mon = CpuMonitor().start()
+    threads0 = thread_cpu()
     t0 = time.perf_counter()
     server = Server(settings_for(url, data_dir))
     await server.start()
+    if duckdb_threads:  # probe: DuckDB's work on the fold thread (threads=1; set once started)
+        server.store.con.execute(f"SET threads = {int(duckdb_threads)}")
     t_started = time.perf_counter()
     feed = server.projector.live("attempts").feeds[STREAM]
     next_rss = 0.0
@@ -111,12 +116,22 @@ async def fold_in_process(url: str, data_dir: Path, last_seq: int) -> dict:
             next_rss = now + 0.05
     dt = time.perf_counter() - t0
     cpu = mon.stop()
+    projector = server.projector
+    fold_threads = {t.native_id: "fold thread" for t in projector._fold_thread._threads if t.native_id}
+    fold_threads.update({t.native_id: "prepare thread" for t in projector._prepare_thread._threads if t.native_id})
+    per_thread = thread_cpu_per_event(threads0, thread_cpu(fold_threads), last_seq)
     peak = max(peak, me.memory_info().rss)
+    stats = server.projector.fold_stats
+    batches = stats.batch_events["attempts"]
+    n_batches = sum(batches.counts)
+    fold_busy = {"batches": n_batches, "mean_batch_events": round(batches.total / max(1, n_batches)),
+                 "fold_seconds": round(stats.duration_s["attempts"].total, 2)}
     rows = server.store.cursor("attempts_g1").execute("SELECT count(*) FROM attempts").fetchone()[0]
     await server.stop()
     return {"events": last_seq, "seconds": round(dt, 2), "events_per_s": round(last_seq / dt),
             "startup_s": round(t_started - t0, 2), "rows": rows,
-            "bench_process_rss_mb": {"before": round(rss0 / 1e6), "peak": round(peak / 1e6)}, "cpu": cpu}
+            "bench_process_rss_mb": {"before": round(rss0 / 1e6), "peak": round(peak / 1e6)}, "cpu": cpu,
+            "cpu_us_per_event_by_thread": per_thread, "batches": fold_busy}
 
 
 async def fold_subprocess(url: str, data_dir: Path, last_seq: int, log_path: Path) -> dict:
@@ -185,6 +200,7 @@ async def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep broker data and the view here")
     ap.add_argument("--skip-inprocess", action="store_true")
     ap.add_argument("--skip-subprocess", action="store_true")
+    ap.add_argument("--duckdb-threads", type=int, default=None, help="in-process fold only (a probe)")
     args = ap.parse_args()
 
     res: dict = {"n": args.n, "pane_bytes": args.pane_bytes}
@@ -199,8 +215,10 @@ async def main() -> None:
             print("fold, in-process Server ...", flush=True)
             d = work / "view-inprocess"
             shutil.rmtree(d, ignore_errors=True)
-            res["fold_inprocess"] = await fold_in_process(b.url, d, last_seq)
+            res["fold_inprocess"] = await fold_in_process(b.url, d, last_seq, args.duckdb_threads)
             print(f"  {res['fold_inprocess']['events_per_s']:,} ev/s", flush=True)
+            print(f"  CPU µs per event by thread: {res['fold_inprocess']['cpu_us_per_event_by_thread']}", flush=True)
+            print(f"  {res['fold_inprocess']['batches']}, startup {res['fold_inprocess']['startup_s']} s", flush=True)
             res["view_file_mb"] = round((d / "views" / "fleetlog.duckdb").stat().st_size / 1e6)
             shutil.rmtree(d, ignore_errors=True)
         if not args.skip_subprocess:

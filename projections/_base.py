@@ -73,6 +73,8 @@ class RawBatch(NamedTuple):
 
     stream: str
     table: pa.Table
+    # What the projection's `prepare_raw` made of `table` (None if it has none or it failed).
+    prepared: Any = None
 
 
 # decode(seqs): run the runtime's decoder on these rows (stream seqs of the batch).
@@ -144,6 +146,12 @@ class Projection(abc.ABC):
         their stream position (e.g. a stale fencing token); the runtime records
         them as rejects in the same transaction.
         """
+
+    def prepare_raw(self, batch: RawBatch) -> Any:
+        """Optional, with `fold_raw`: the batch's work that reads nothing from the view (e.g.
+        decoding payloads into columns). The runtime runs it on another thread while the
+        previous batch folds and hands the result to `fold_raw` as `batch.prepared`."""
+        return None
 
     def fold_raw(
         self, con: duckdb.DuckDBPyConnection, batch: RawBatch, decode: DecodeRows

@@ -141,7 +141,8 @@ async def _list(ctx: QueryContext, req: RunsListQuery) -> RunPage:
         rows = cur.execute(
             f"SELECT state FROM runs {page.sql()} ORDER BY id DESC LIMIT ?", [*page.params, req.limit + 1]
         ).fetchall()
-        items = [run_view(_state(r[0])) for r in rows[: req.limit]]
+        # Any identity may ask: the runs' credentials stay out (RunView.authorization).
+        items = [run_view(_state(r[0]), public=True) for r in rows[: req.limit]]
         more = len(rows) > req.limit
         return RunPage(
             items=items,

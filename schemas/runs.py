@@ -17,6 +17,7 @@ from ._base import Event, Identity, Text, parse_ts
 from .answers import Answer
 
 __all__ = [
+    "RUNTIME_QUERIES",
     "RUN_STATUSES",
     "TERMINAL_RUN_STATUSES",
     "Candidate",
@@ -181,7 +182,13 @@ class RunEventAppended(Event, tag="run.event", kw_only=True, frozen=True):
 class RunView(msgspec.Struct, kw_only=True):
     """A run as every read shows it, with the keys of the ledger store fleetlog replaces:
     times in epoch seconds (int) or None, never the claim token. fleetlog adds `fence` (the
-    claim's fencing token) and `authorization` beside them."""
+    claim's fencing token) and `authorization` beside them.
+
+    `authorization` holds the credentials the run's holder works with (tokens): it is filled
+    only where the run was read from the stream itself — `get`, `create`, the commands' results
+    and the claimer's `ClaimedRun` — which the broker allows only `runtime`, `service` and
+    `admin` identities. A query answer any identity may ask (`fleetlog.runs.list`) carries None
+    (`run_view(..., public=True)`); the ledger store this replaces returned it from no read."""
 
     id: int  # the stream sequence of the run's creation: orders runs by creation
     run_id: str
@@ -249,9 +256,13 @@ def _view_fields(state: RunState, created_seq: int | None) -> dict[str, Any]:
     }
 
 
-def run_view(state: RunState, created_seq: int | None = None) -> RunView:
-    """The view of a run; `created_seq` stands in for a pre-v2 state's missing `created_seq`."""
-    return RunView(**_view_fields(state, created_seq))
+def run_view(state: RunState, created_seq: int | None = None, *, public: bool = False) -> RunView:
+    """The view of a run; `created_seq` stands in for a pre-v2 state's missing `created_seq`.
+    `public`: for an answer every identity may read, without the run's `authorization`."""
+    fields = _view_fields(state, created_seq)
+    if public:
+        fields["authorization"] = None
+    return RunView(**fields)
 
 
 def claimed_run(state: RunState, claim_token: str) -> ClaimedRun:
@@ -320,6 +331,12 @@ class RunEventPage(Answer, kw_only=True):
     next_cursor: int | None
     prev_cursor: int | None
     has_more: bool
+
+
+# Query endpoints whose answers carry whole run states, `authorization` included: the next
+# lifecycle message is written from them (a claim, an expiry), so they cannot leave it out.
+# Only identities that write runs may ask them (services/node/identities.py denies the others).
+RUNTIME_QUERIES: Final = ("fleetlog.runs.candidates", "fleetlog.runs.expired", "fleetlog.runs.state")
 
 
 class CandidatesQuery(msgspec.Struct, kw_only=True):

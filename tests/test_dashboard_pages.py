@@ -7,7 +7,8 @@ import asyncio
 import re
 
 import pytest
-from fleetlog.services.node.server import Server
+from fleetlog.services.backbone.errors import FleetError
+from fleetlog.services.node.server import Server, start_dashboard
 
 from fleetlog import Fleet, FleetSettings
 
@@ -162,3 +163,20 @@ async def test_events_coalesce_to_the_newest_fact_and_never_send_an_older_one_af
         await writer.wait_closed()
     assert seen == sorted(seen) and len(set(seen)) == len(seen)  # newest last, none twice
     assert dash.live.received == 40 and dash.live.delivered == len(seen) <= 40
+
+
+async def test_an_open_node_serves_its_dashboard_on_loopback_only(server: Server) -> None:
+    """No login on an open node, so no address others reach, unless asked for on purpose."""
+    base = server.settings
+    server.settings = base.model_copy(update={"http": "0.0.0.0:0"})
+    with pytest.raises(FleetError, match="an open node's dashboard has no login, so it binds to loopback only"):
+        await start_dashboard(server)
+    server.settings = base.model_copy(update={"http": "0.0.0.0:0", "http_open": True})
+    dash = await start_dashboard(server)
+    assert dash is not None
+    try:
+        status, _, _ = await get(f"http://127.0.0.1:{dash.http.port}/healthz")
+        assert status == 200
+    finally:
+        await dash.stop()
+        server.settings = base

@@ -191,7 +191,7 @@ async def test_runtime_claims_and_heartbeats_only_as_itself(
             await fleet.runtimes.register("rt2")
         assert await fleet.runtimes.get("rt2") is None
     async with Fleet.connect(broker.url, credentials=agent, spool_dir=tmp_path / "ag", ensure=False) as fleet:
-        with pytest.raises(PermissionDenied, match=r"'fleet\.run\.sec-run-2\.state'"):
+        with pytest.raises(PermissionDenied, match=r"'fleetlog\.runs\.candidates'"):  # runtime-only proposals
             await fleet.runs.claim_next("grace", queue_name="q2")
     async with Fleet.connect(settings=settings.model_copy(update={
             "credentials": broker.credentials_path("admin-fleetlog")})) as admin:

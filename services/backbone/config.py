@@ -101,6 +101,8 @@ class FleetSettings(BaseSettings):
     # dashboard and /metrics (services/dashboard/): not 8222, nats-server's monitoring port
     http: str = Field("127.0.0.1:4280", description="HOST:PORT of `up`/`serve`'s dashboard and /metrics; "
                       "'off' (or empty) turns it off")
+    http_open: bool = Field(False, description="serve the dashboard without a login on a non-loopback address "
+                            "of an open node (e.g. behind your own authenticating proxy)")
 
     @field_validator("http")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -25,6 +26,9 @@ log = logging.getLogger("fleetlog.dashboard")
 
 HEAD_LIMIT = 16 * 1024  # request line + headers; a read-only page needs no more
 READ_TIMEOUT_S = 10.0
+# An event stream's login is checked again at each SSE comment (the keepalive an idle stream
+# sends) and, while events flow without one, at least this often.
+RECHECK_S = 15.0
 
 
 @dataclass
@@ -131,6 +135,8 @@ class HttpServer:
             except Exception as exc:  # a page that cannot be made says why, the server stays up
                 log.warning("dashboard %s failed: %s: %s", url.path, type(exc).__name__, exc)
                 response = text(503, f"{type(exc).__name__}: {exc}")
+        if response.stream is not None and self.auth is not None and url.path not in self.open_paths:
+            response.stream = _rechecked(response.stream, self.auth, _header(head, b"authorization"))
         await _write(writer, response, head_only=method == "HEAD")
 
 
@@ -142,6 +148,26 @@ async def _allowed(auth: Auth, header: str | None) -> bool:
     if on_loop is not None:
         return bool(await on_loop(header))
     return await asyncio.to_thread(auth, header)
+
+
+async def _rechecked(stream: AsyncGenerator[bytes, None], auth: Auth,
+                     login: str | None) -> AsyncGenerator[bytes, None]:
+    """An event stream that ends once its login is no longer valid (a revoked reader, a new
+    password, a changed registry): the check at connect alone let a revoked reader's open page
+    follow the fleet for as long as it stayed open."""
+    checked = time.monotonic()
+    async with contextlib.aclosing(stream) as chunks:
+        async for chunk in chunks:
+            if chunk.startswith(b":") or time.monotonic() - checked >= RECHECK_S:
+                checked = time.monotonic()
+                try:
+                    valid = await _allowed(auth, login)  # as at connect: a changed registry costs a hash
+                except LoginsBusy:
+                    valid = False  # undecided: fail closed; the browser reconnects (a cached login at once)
+                if not valid:
+                    log.info("dashboard: an event stream's login is no longer valid; ending the stream")
+                    return
+            yield chunk
 
 
 def _header(head: bytes, name: bytes) -> str | None:

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import msgspec
-from fleetlog.schemas import AttemptRecorded, HostSnapshot, SnapshotDiff, decode_event
+from fleetlog.schemas import AttemptRecorded, Event, HostSnapshot, SnapshotDiff, decode_event
 from fleetlog.services.backbone.config import FleetSettings
 from fleetlog.services.backbone.link import connect_once
 from nats.aio.client import Client
@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import SlowConsumerError
 
-__all__ = ["KEY_FIGURES", "LiveFeed", "fact_of", "sse"]
+__all__ = ["KEY_FIGURES", "LiveFeed", "checked", "fact_of", "sse"]
 
 log = logging.getLogger("fleetlog.dashboard")
 
@@ -42,6 +42,7 @@ QUEUE_MAX = 8192  # > one interval of a large fleet; a page that cannot keep up 
 # second this bounds what the browser redraws (and what the node spends) by the fleet's size.
 COALESCE_S = 0.25
 KEEPALIVE_S = 15.0
+KEEPALIVE = b": keepalive\n\n"  # an SSE comment: the page ignores it
 # The subscription's pending limits: filing a message costs next to nothing, so these only
 # absorb bursts while the event loop is busy elsewhere (a page render, a scrape).
 PENDING_MSGS = 200_000
@@ -56,12 +57,8 @@ Resync = Callable[[Client], Awaitable[list[dict[str, Any]]]]
 _json = msgspec.json.Encoder()
 
 
-def fact_of(data: bytes) -> dict[str, Any] | None:
-    """What a page needs of one published fact; None for anything else (or undecodable)."""
-    try:
-        event = decode_event(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+def fact_of(event: Event) -> dict[str, Any] | None:
+    """What a page needs of one published fact; None for any other kind of event."""
     if isinstance(event, AttemptRecorded):
         return {"kind": "attempt", "id": event.id, "ts": event.ts, "agent": event.agent, "action": event.action,
                 "outcome": event.outcome, "elapsed_s": event.elapsed_s}
@@ -73,6 +70,19 @@ def fact_of(data: bytes) -> dict[str, Any] | None:
         return {"kind": "diff", "ts": event.ts, "host": event.host, "agent": event.agent,
                 "diff_fields": list(event.diff_fields), "changes": event.changes}
     return None
+
+
+def checked(subject: str, data: bytes) -> Event | None:
+    """The fact published on `subject`, or None: undecodable, or a payload that disagrees with
+    its subject. The broker lets an identity publish only on its own subjects, not its payload:
+    agent mallory may publish on fleet.attempt.mallory.x a payload saying agent "alice". The
+    fold refuses that ("subject mismatch", services/projector/fold.py); the live view, which
+    reads the facts before the fold, must refuse it the same way or show it as alice's."""
+    try:
+        event = decode_event(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return event if event.subject() == subject else None
 
 
 def sse(fact: dict[str, Any]) -> bytes:
@@ -94,17 +104,19 @@ class LiveFeed:
         self.settings = settings
         self.resync = resync
         self.pending_msgs = pending_msgs
+        self.keepalive_s = KEEPALIVE_S  # also how often an idle stream's login is checked again (http.py)
         self.nc: Client | None = None
         self._queues: set[asyncio.Queue[bytes]] = set()
         self._subs: list[Subscription] = []
         self._lock = asyncio.Lock()
-        self._pending: dict[tuple[str, str], bytes] = {}
+        self._pending: dict[tuple[str, str], tuple[str, bytes]] = {}  # key -> (subject, payload)
         self._flusher: asyncio.Task[None] | None = None
         self._missed = False  # facts were lost (slow consumer, reconnect): re-read before the next flush
         self.received = 0  # facts filed
         self.delivered = 0  # updates queued to pages
         self.dropped = 0  # updates a page's full queue refused
         self.dropped_nats = 0  # messages the NATS client dropped (slow consumer)
+        self.refused = 0  # undecodable, or a payload that disagrees with its subject (a forgery)
         self.resyncs = 0
 
     @property
@@ -114,7 +126,7 @@ class LiveFeed:
     def figures(self) -> dict[str, int]:
         """For /metrics (metrics.LIVE)."""
         return {"received": self.received, "sent": self.delivered, "dropped_page": self.dropped,
-                "dropped_nats": self.dropped_nats, "resyncs": self.resyncs}
+                "dropped_nats": self.dropped_nats, "resyncs": self.resyncs, "refused": self.refused}
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
@@ -123,7 +135,7 @@ class LiveFeed:
             return
         self.received += 1
         self._pending.pop(key, None)  # re-insert: the newest goes out last, after older facts
-        self._pending[key] = msg.data
+        self._pending[key] = (msg.subject, msg.data)
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
@@ -160,9 +172,21 @@ class LiveFeed:
                 self._fan_out([sse(f) for f in newest])
 
     def _take(self) -> list[bytes]:
+        """The coalesced facts as page updates. Checked here, not when filed: decoding in the
+        NATS callback is what falls behind at thousands of facts a second. A forgery is filed
+        under its subject's (own) key, so it can only displace its publisher's own newest fact
+        of that interval, never another agent's."""
         raw, self._pending = list(self._pending.values()), {}
-        facts = (fact_of(data) for data in raw)
-        return [sse(f) for f in facts if f is not None]
+        lines: list[bytes] = []
+        for subject, data in raw:
+            event = checked(subject, data)
+            if event is None:
+                self.refused += 1
+                continue
+            fact = fact_of(event)
+            if fact is not None:
+                lines.append(sse(fact))
+        return lines
 
     def _fan_out(self, lines: list[bytes]) -> None:
         for queue in self._queues:
@@ -215,8 +239,8 @@ class LiveFeed:
             yield b"retry: 2000\nevent: ready\ndata: {}\n\n"
             while True:
                 try:
-                    yield await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    yield await asyncio.wait_for(queue.get(), self.keepalive_s)
                 except TimeoutError:
-                    yield b": keepalive\n\n"  # finds a closed connection; proxies keep it open
+                    yield KEEPALIVE  # finds a closed connection; proxies keep it open
         finally:
             await self._leave(queue)

@@ -70,6 +70,7 @@ LIVE = {
     "dropped_page": "updates a page did not read in time (its queue was full)",
     "dropped_nats": "facts NATS dropped to the live view's subscription (slow consumer)",
     "resyncs": "times the live view re-read the newest per agent after NATS dropped facts",
+    "refused": "facts the live view did not show: undecodable, or a payload that disagrees with its subject",
 }
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from fleetlog.schemas.runs import RUNTIME_QUERIES
 from fleetlog.services.backbone.logins import LOGIN_ROLES, hash_password, new_password, write_password
 from fleetlog.services.backbone.nkeyauth import inbox_prefix, new_seed, write_seed
 
@@ -99,11 +100,11 @@ def permissions(role: str, name: str, host: str | None = None, *, public_key: st
         "processor": [f"fleet.proc.{name}.>", *_reads("FLEET_PROCESSORS")],
         "reader": [],
     }[role]
-    # A run's whole folded state (its `authorization` too) is a guarded claimer's fallback:
-    # runtimes only (services/client/runs/api.py `_load`).
-    deny = [*ADMIN_ONLY, *([] if role == "runtime" else ["fleetlog.runs.state"])]
     return {
-        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])), "deny": deny},
+        # Runs' whole states (`authorization` too: candidates, expired, a claimer's fallback
+        # `fleetlog.runs.state`) are for the identities that write runs.
+        "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])),
+                    "deny": [*ADMIN_ONLY, *([] if role == "runtime" else RUNTIME_QUERIES)]},
         # Its own replies only: every connection of this identity roots its inboxes there.
         "subscribe": {"allow": [f"{inbox_prefix(public_key)}.>"]},
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Sequence
@@ -205,6 +206,15 @@ async def run_serve(settings: FleetSettings, ready: asyncio.Event | None = None,
         await server.stop()
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 async def start_dashboard(server: Server) -> Dashboard | None:
     """The web dashboard and /metrics on `settings.http` (services/dashboard/), unless off.
 
@@ -213,6 +223,12 @@ async def start_dashboard(server: Server) -> Dashboard | None:
     address = server.settings.http_address()
     if address is None:
         return None
+    if server.settings.credentials is None and not _loopback(address[0]) and not server.settings.http_open:
+        # An open node has no logins to ask for: its pages (runs, panes, rejects) would be
+        # anyone's who reaches the port. Issue 18: a login, or loopback only.
+        raise FleetError(f"--http {address[0]}:{address[1]}: an open node's dashboard has no login, so it binds "
+                         "to loopback only; run secure (`up --secure`, `serve --credentials`) for a reader login, "
+                         "or set FLEETLOG_HTTP_OPEN=1 to serve it without one on purpose (behind your own proxy)")
 
     def counters() -> dict[str, int]:
         r = server.reactors

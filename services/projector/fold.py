@@ -29,13 +29,21 @@ from fleetlog.schemas import event_decoder, parse_ts
 from fleetlog.services.projector.store import ViewStore
 from fleetlog.services.projector.stream_reader import StreamBatch
 
-__all__ = ["BatchFolder", "Reject"]
+__all__ = ["BatchFolder", "Reject", "Staged"]
 
 log = logging.getLogger("fleetlog.projector")
 
 _Row = tuple[int, str, bytes]  # (stream seq, subject, payload)
+# Batch payloads in Arrow: the system allocator reuses freed pages; pyarrow's default
+# (mimalloc) returned them to the kernel and every batch page-faulted them in again.
+_POOL = pa.system_memory_pool()
 
-BULK_MIN_EVENTS = 1000
+
+class Staged(NamedTuple):
+    """A batch made ready for a projection's bulk path (`BatchFolder.prepare`)."""
+
+    raw: RawBatch  # with what the projection's prepare_raw made of it
+    payloads: pa.BinaryArray  # the payloads as they came (for the decoder)
 
 
 class Reject(NamedTuple):
@@ -64,10 +72,6 @@ class BatchFolder:
         self.bulk_batches = 0  # batches folded by a projection's fold_raw
         self.bulk_fallbacks = 0  # batches whose fold_raw failed and were folded decoded
         self.decoded_rows = 0  # rows a fold_raw handed back to the decoder
-        # Below this many events a batch is decoded and folded even when the projection has
-        # a bulk path: the bulk statements cost ~10-25 ms each whatever the batch size, the
-        # decoder ~15-60 µs per event (live tailing folds small batches).
-        self.bulk_min_events = BULK_MIN_EVENTS
 
     def decode(
         self, projection: Projection, stream: str, rows: Iterable[_Row]
@@ -75,7 +79,7 @@ class BatchFolder:
         """The decoder: validation is the typed decode, plus the envelope rules every event obeys."""
         stored: list[StoredEvent] = []
         rejects: list[Reject] = []
-        seen: set[str] = set()
+        seen: dict[str, tuple[int, bytes]] = {}  # event id -> the first (seq, payload) of this batch
         decode = event_decoder.decode
         types = projection.event_types
         limit = self.max_event_bytes
@@ -115,24 +119,56 @@ class BatchFolder:
             except RejectEvent as exc:
                 rejects.append(Reject(stream, seq, subject, str(exc), data))
                 continue
-            if event.id in seen:
+            first = seen.get(event.id)
+            if first is not None:
+                if bytes(data) != first[1]:  # not a retry: another fact under a taken id
+                    rejects.append(Reject(stream, seq, subject, f"duplicate id with a different body: event "
+                                          f"{event.id} came at seq {first[0]} with another body; the first is kept",
+                                          data))
                 continue  # a retried publish inside one batch
-            seen.add(event.id)
+            seen[event.id] = (seq, bytes(data))
             stored.append(item)
         return stored, rejects
 
-    def apply(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
-        """Fold one batch exactly once: fold, rejects and checkpoint in one transaction."""
+    def prepare(self, projection: Projection, stream: str, batch: StreamBatch) -> Staged | None:
+        """The work of `apply` that reads nothing from the view: the payloads into Arrow and the
+        projection's `prepare_raw` (e.g. decoding them into columns). Thread-safe, so the
+        runtime runs it for batch N+1 on its own thread while batch N folds.
+
+        The payload bytes move into Arrow: `batch.data` is emptied (one copy of a 12 MB batch
+        instead of two) and refilled by `apply` if the bulk fold fails.
+        """
+        if not has_raw_fold(projection):
+            return None
+        table, payloads = self._raw_table(batch)
+        batch.data = []
+        try:
+            prepared = projection.prepare_raw(RawBatch(stream, table))
+        except Exception as exc:  # fold_raw then works from the table alone
+            log.warning("prepare of %d events failed (%s)", len(batch), exc)
+            prepared = None
+        return Staged(RawBatch(stream, table, prepared), payloads)
+
+    def apply(
+        self, projection: Projection, schema: str, stream: str, batch: StreamBatch, staged: Staged | None = None
+    ) -> list[Reject]:
+        """Fold one batch exactly once: fold, rejects and checkpoint in one transaction.
+        `staged`: what `prepare` made of the batch (prepared here if not given)."""
         last_seq = batch.last_seq
         forget = _forgetter(projection, batch.subjects, batch.seqs)
-        if has_raw_fold(projection) and len(batch) >= self.bulk_min_events:
+        # A projection's bulk path takes every batch, however small: it has no fixed cost
+        # beyond the decoder's own INSERT (attempts: no SQL parse stage since issue 19).
+        if staged is None:
+            staged = self.prepare(projection, stream, batch)
+        if staged is not None:
             try:
-                rejects = self._apply_raw(projection, schema, stream, batch, forget)
+                rejects = self._apply_raw(projection, schema, stream, batch, staged, forget)
                 self.bulk_batches += 1
                 return rejects
             except Exception as exc:
                 self.bulk_fallbacks += 1
                 log.warning("bulk fold of %d events failed (%s); folding them decoded", len(batch), exc)
+                batch.data = staged.payloads.to_pylist()
         rows = zip(batch.seqs, batch.subjects, batch.data, strict=True)
         stored, rejects = self.decode(projection, stream, rows)
         try:
@@ -143,17 +179,11 @@ class BatchFolder:
         return rejects
 
     def _apply_raw(
-        self, projection: Projection, schema: str, stream: str, batch: StreamBatch, forget: _Forget | None
+        self, projection: Projection, schema: str, stream: str, batch: StreamBatch, staged: Staged,
+        forget: _Forget | None,
     ) -> list[Reject]:
-        """The projection's bulk path: raw payloads in one Arrow table, no object per event.
-
-        The payload bytes move into Arrow: `batch.data` is emptied while the batch folds
-        (one copy of a 12 MB batch instead of two) and refilled if the fold fails.
-        """
-        table, payloads = self._raw_table(batch)
-        raw = RawBatch(stream, table)
-        data, batch.data = batch.data, []
-        del data
+        """The projection's bulk path: raw payloads in one Arrow table, no object per event."""
+        payloads = staged.payloads
         rejects: list[Reject] = []
         index: dict[int, int] = {}
 
@@ -167,20 +197,16 @@ class BatchFolder:
             return stored
 
         def fold(cur: duckdb.DuckDBPyConnection) -> Sequence[FoldReject] | None:
-            return projection.fold_raw(cur, raw, decode)
+            return projection.fold_raw(cur, staged.raw, decode)
 
-        try:
-            return self._commit(schema, stream, fold, rejects, batch.last_seq, forget)
-        except BaseException:
-            batch.data = payloads.to_pylist()
-            raise
+        return self._commit(schema, stream, fold, rejects, batch.last_seq, forget)
 
     def _raw_table(self, batch: StreamBatch) -> tuple[pa.Table, pa.BinaryArray]:
         """seq, subject, data (text; NULL where oversize or not UTF-8: the decoder rejects those),
         and the payloads as they came."""
-        data = pa.array(batch.data, pa.binary())
+        data = pa.array(batch.data, pa.binary(), memory_pool=_POOL)
         try:
-            text = data.cast(pa.string())  # validates UTF-8
+            text = data.cast(pa.string(), memory_pool=_POOL)  # validates UTF-8
         except pa.ArrowInvalid:
             text = pa.array([_utf8_or_none(d) for d in batch.data], pa.string())
         oversize = pc.greater(pc.binary_length(data), self.max_event_bytes)

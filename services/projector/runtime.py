@@ -4,6 +4,7 @@ Per generation and stream, an `OrderedReader` delivers the stream in order from
 checkpoint + 1. Each batch (by count or time) is decoded and validated, then
 folded and its checkpoint written in ONE DuckDB transaction: a crash at any
 point resumes exactly where the last commit left off, with no acks needed.
+The loop (services/projector/pipeline.py) prepares batch N+1 while batch N folds.
 Events that cannot be decoded or break a rule go to `_rejects` (same
 transaction) and to FLEET_REJECTS; nothing blocks the stream.
 
@@ -20,7 +21,6 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from fleetlog.projections import Projection
 from fleetlog.schemas import subjects
@@ -29,44 +29,18 @@ from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.projector.committed import Committed
 from fleetlog.services.projector.fold import BatchFolder, Reject
 from fleetlog.services.projector.fold_stats import FoldStats
+from fleetlog.services.projector.pipeline import CATCHUP_BATCH_EVENTS, FoldPipeline
+from fleetlog.services.projector.pipeline import Feed as _Feed
+from fleetlog.services.projector.pipeline import Running as _Running
 from fleetlog.services.projector.retention import keep_to_streams
 from fleetlog.services.projector.store import Generation, ViewStore
-from fleetlog.services.projector.stream_reader import OrderedReader, StreamBatch
 from nats.aio.client import Client
 
 __all__ = ["Projector", "Reject", "StaleError"]
 
 log = logging.getLogger("fleetlog.projector")
 
-# Batch limits while a feed is more than `batch_max` behind (a replay or a backlog).
-CATCHUP_BATCH_EVENTS = 50_000
-CATCHUP_BATCH_BYTES = 12 * 1024 * 1024
-# Read ahead while a batch folds (with record overhead counted; see OrderedReader).
-READER_BUFFER_BYTES = 16 * 1024 * 1024
-# How often an idle feed not known to be caught up asks the broker (one STREAM.INFO each).
-CHECK_IDLE_S = 0.5
-
-@dataclass
-class _Feed:
-    """Progress of one generation on one stream (in memory; the durable copy is the checkpoint)."""
-
-    checkpoint: int
-    pending: int | None = None  # events after the checkpoint the broker reported, None = unknown
-    last_ts_ns: int = 0
-    caught_up: bool = False
-    checked_at: float = 0.0  # monotonic time the broker was last asked (`_check_caught_up`)
-
-
-@dataclass
-class _Running:
-    projection: Projection
-    gen: Generation
-    feeds: dict[str, _Feed] = field(default_factory=dict)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    folds: bool = True  # False for a live generation whose code version is gone
-
-
-class Projector:
+class Projector(FoldPipeline):
     def __init__(
         self,
         store: ViewStore,
@@ -97,6 +71,8 @@ class Projector:
         # One thread does every write (they are serialised by the write lock anyway): DuckDB's
         # allocator then keeps one thread cache warm instead of one per pool thread.
         self._fold_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetlog-fold")
+        # Decodes batch N+1 while the fold thread folds batch N (services/projector/pipeline.py).
+        self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetlog-prepare")
         self._running: dict[tuple[str, int], _Running] = {}
         self._write_lock = self.folder.write_lock
         self._stopping = asyncio.Event()
@@ -167,6 +143,7 @@ class Projector:
             await asyncio.gather(*tasks, return_exceptions=True)
         await stop_tasks(self._aux)  # cancels again if a cancellation is swallowed (backbone/tasks.py)
         self._fold_thread.shutdown(wait=True)
+        self._prepare_thread.shutdown(wait=True)
 
     async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:
         running = _Running(projection, gen, folds=folds)
@@ -180,57 +157,6 @@ class Projector:
                 running.tasks.append(
                     asyncio.create_task(self._consume(running, stream), name=f"fold-{gen.schema}-{stream}")
                 )
-
-    # -- the loop ------------------------------------------------------------
-    async def _consume(self, running: _Running, stream: str) -> None:
-        feed = running.feeds[stream]
-        reader = OrderedReader(
-            self.servers, stream, feed.checkpoint + 1, name=f"fleetlog-{running.gen.schema}",
-            max_buffer_bytes=READER_BUFFER_BYTES, keep_headers=False,
-        )
-        await reader.start()
-        await self._check_caught_up(running, stream)
-        try:
-            while not self._stopping.is_set():
-                # Far behind (a replay): bigger transactions, bounded by bytes. Each commit
-                # costs a WAL sync and ~8 statements, a few ms whatever its size.
-                behind = feed.pending is not None and feed.pending > self.batch_max
-                batch = await reader.next_columns(
-                    self.catchup_batch_max if behind else self.batch_max,
-                    self.batch_wait_s,
-                    CATCHUP_BATCH_BYTES if behind else None,
-                )
-                if running.gen.state == "retired":
-                    return
-                if batch is None:
-                    # Idle and not known caught up (live or building): ask the broker, at most
-                    # every CHECK_IDLE_S. A live view restarted after its last messages were
-                    # deleted is delivered nothing, so only the broker can say it is done.
-                    if not feed.caught_up and time.monotonic() - feed.checked_at >= CHECK_IDLE_S:
-                        await self._check_caught_up(running, stream)
-                    continue
-                await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
-                started = time.perf_counter()
-                rejects = await asyncio.get_running_loop().run_in_executor(
-                    self._fold_thread, self._apply, running.projection, running.gen.schema, stream, batch
-                )
-                self.fold_stats.observe(running.projection.name, len(batch), time.perf_counter() - started,
-                                        [r.reason for r in rejects] if running.gen.state == "live" else [])
-                feed.checkpoint = batch.last_seq
-                feed.pending = batch.pending()
-                feed.last_ts_ns = batch.ts_ns()
-                feed.caught_up = feed.pending == 0
-                self.folded_events += len(batch)
-                self._advanced.set()
-                if rejects and running.gen.state == "live" and self.publish_rejects:
-                    for r in rejects:
-                        with contextlib.suppress(asyncio.QueueFull):
-                            self._reject_queue.put_nowait((running.projection.name, r))
-                if running.gen.state == "building" and feed.caught_up:
-                    await self._maybe_promote(running)
-                del batch, rejects  # not alive while the next batch is read and folded
-        finally:
-            await reader.close()
 
     async def _check_caught_up(self, running: _Running, stream: str) -> None:
         """An empty or fully folded stream never delivers a record; ask the broker instead."""
@@ -297,10 +223,6 @@ class Projector:
             a = self.store.table_digest(old.gen.schema, tables)
             b = self.store.table_digest(new.gen.schema, tables)
         return json.dumps({"compared": True, "equal": a == b, "live": a, "rebuilt": b})
-
-    def _apply(self, projection: Projection, schema: str, stream: str, batch: StreamBatch) -> list[Reject]:
-        """`folder.apply` on the fold thread (its COMMITs inside the readers' seqlock)."""
-        return self.folder.apply(projection, schema, stream, batch)
 
     def _advance(self, schema: str, stream: str, seq: int) -> None:
         self.folder.advance(schema, stream, seq)

@@ -1,0 +1,187 @@
+"""The fold loop of one feed (generation × stream), pipelined: batch N+1 is prepared while N folds.
+
+Per batch: read it (`OrderedReader.next_columns`), prepare it on the prepare thread
+(`BatchFolder.prepare`: payloads into Arrow, the projection's decode into columns — Python,
+holding the GIL), then fold it on the fold thread (`BatchFolder.apply`: INSERT, rejects,
+checkpoint and COMMIT in one transaction — DuckDB, mostly without the GIL). The fold of
+batch N runs while batch N+1 is read and prepared, so the two threads overlap; folds
+still run one at a time and in stream order on the one fold thread, and each commits its
+own checkpoint, so exactly-once is unchanged. The in-memory progress (`_Feed`) moves in a
+callback as soon as a fold commits, not when the loop next looks: a query waiting for
+`min_seq` is woken at once.
+
+Measured on 2 KB panes (docs/benchmarks.md, issue 19): decode ~7 µs per event on the
+prepare thread, INSERT + COMMIT ~12 µs on the fold thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fleetlog.projections import Projection
+from fleetlog.services.projector.fold import BatchFolder, Reject
+from fleetlog.services.projector.fold_stats import FoldStats
+from fleetlog.services.projector.store import Generation
+from fleetlog.services.projector.stream_reader import OrderedReader, StreamBatch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["CATCHUP_BATCH_BYTES", "CATCHUP_BATCH_EVENTS", "Feed", "FoldPipeline", "Running"]
+
+# Batch limits while a feed is more than `batch_max` behind (a replay or a backlog). Two
+# batches are in memory (one prepared, one folding): 8 MB and a 12 MB reader buffer keep the
+# projector of a 1M replay of 2 KB panes under 400 MB (measured peak: 475 MB at 12 / 16 MB,
+# 423 at 8 / 16, 382 at 8 / 12 with DuckDB's memory_limit at 128 MB).
+CATCHUP_BATCH_EVENTS = 50_000
+CATCHUP_BATCH_BYTES = 8 * 1024 * 1024
+# Read ahead while a batch folds (with record overhead counted; see OrderedReader).
+READER_BUFFER_BYTES = 12 * 1024 * 1024
+# How often an idle feed not known to be caught up asks the broker (one STREAM.INFO each).
+CHECK_IDLE_S = 0.5
+
+
+@dataclass
+class Feed:
+    """Progress of one generation on one stream (in memory; the durable copy is the checkpoint)."""
+
+    checkpoint: int
+    pending: int | None = None  # events after the checkpoint the broker reported, None = unknown
+    last_ts_ns: int = 0
+    caught_up: bool = False
+    checked_at: float = 0.0  # monotonic time the broker was last asked (`_check_caught_up`)
+
+
+@dataclass
+class Running:
+    projection: Projection
+    gen: Generation
+    feeds: dict[str, Feed] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    folds: bool = True  # False for a live generation whose code version is gone
+
+
+class _InFlight:
+    """A batch handed to the fold thread: what the loop must know of it once it committed."""
+
+    __slots__ = ("events", "future", "last_seq", "pending", "started", "ts_ns")
+
+    def __init__(self, batch: StreamBatch, future: asyncio.Future[list[Reject]]) -> None:
+        self.events = len(batch)
+        self.last_seq = batch.last_seq
+        self.pending = batch.pending()
+        self.ts_ns = batch.ts_ns()
+        self.started = time.perf_counter()
+        self.future = future
+
+
+class FoldPipeline:
+    """The projector's fold loop (a mixin of `Projector`, which provides what is declared here)."""
+
+    servers: list[str]
+    folder: BatchFolder
+    fold_stats: FoldStats
+    folded_events: int
+    batch_max: int
+    catchup_batch_max: int
+    batch_wait_s: float
+    publish_rejects: bool
+    _fold_thread: ThreadPoolExecutor
+    _prepare_thread: ThreadPoolExecutor
+    _stopping: asyncio.Event
+    _folding: asyncio.Event
+    _advanced: asyncio.Event
+    _reject_queue: asyncio.Queue[tuple[str, Reject]]
+
+    async def _check_caught_up(self, running: Running, stream: str) -> None:
+        raise NotImplementedError  # Projector's
+
+    async def _maybe_promote(self, running: Running) -> None:
+        raise NotImplementedError  # Projector's
+
+    async def _consume(self, running: Running, stream: str) -> None:
+        feed = running.feeds[stream]
+        reader = OrderedReader(
+            self.servers, stream, feed.checkpoint + 1, name=f"fleetlog-{running.gen.schema}",
+            max_buffer_bytes=READER_BUFFER_BYTES, keep_headers=False,
+        )
+        await reader.start()
+        await self._check_caught_up(running, stream)
+        loop = asyncio.get_running_loop()
+        projection, schema = running.projection, running.gen.schema
+        folding: _InFlight | None = None
+        try:
+            while not self._stopping.is_set():
+                # Far behind (a replay): bigger transactions, bounded by bytes. Each commit
+                # costs a WAL sync and ~8 statements, a few ms whatever its size.
+                behind = feed.pending is not None and feed.pending > self.batch_max
+                batch = await reader.next_columns(
+                    self.catchup_batch_max if behind else self.batch_max,
+                    self.batch_wait_s,
+                    CATCHUP_BATCH_BYTES if behind else None,
+                )
+                if running.gen.state == "retired":
+                    return
+                if batch is None:
+                    if folding is not None:
+                        await self._landed(running, stream, folding)
+                        folding = None
+                    # Idle and not known caught up (live or building): ask the broker, at most
+                    # every CHECK_IDLE_S. A live view restarted after its last messages were
+                    # deleted is delivered nothing, so only the broker can say it is done.
+                    if not feed.caught_up and time.monotonic() - feed.checked_at >= CHECK_IDLE_S:
+                        await self._check_caught_up(running, stream)
+                    continue
+                await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
+                prepare = self.folder.prepare
+                staged = await loop.run_in_executor(self._prepare_thread, prepare, projection, stream, batch)
+                if folding is not None:
+                    await self._landed(running, stream, folding)
+                future = loop.run_in_executor(
+                    self._fold_thread, self.folder.apply, projection, schema, stream, batch, staged
+                )
+                folding = _InFlight(batch, future)
+                future.add_done_callback(self._progress(running, stream, folding))
+                del batch, staged  # the fold thread holds them; not kept while the next is read
+        finally:
+            if folding is not None:  # a batch in flight commits (or fails) before the reader closes
+                with contextlib.suppress(Exception):
+                    await folding.future
+            await reader.close()
+
+    def _progress(
+        self, running: Running, stream: str, done: _InFlight
+    ) -> Callable[[asyncio.Future[list[Reject]]], None]:
+        """Move the feed's progress once the fold committed (on the loop, straight away)."""
+
+        def moved(future: asyncio.Future[list[Reject]]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return  # raised to the loop by `_landed`
+            rejects = future.result()
+            feed = running.feeds[stream]
+            live = running.gen.state == "live"
+            self.fold_stats.observe(running.projection.name, done.events, time.perf_counter() - done.started,
+                                    [r.reason for r in rejects] if live else [])
+            feed.checkpoint = done.last_seq
+            feed.pending = done.pending
+            feed.last_ts_ns = done.ts_ns
+            feed.caught_up = feed.pending == 0
+            self.folded_events += done.events
+            self._advanced.set()
+            if rejects and live and self.publish_rejects:
+                for r in rejects:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self._reject_queue.put_nowait((running.projection.name, r))
+
+        return moved
+
+    async def _landed(self, running: Running, stream: str, done: _InFlight) -> None:
+        """Wait for the batch in flight (its progress moved in `_progress`); promote if it finished a rebuild."""
+        await done.future
+        if running.gen.state == "building" and running.feeds[stream].caught_up:
+            await self._maybe_promote(running)
