@@ -15,6 +15,7 @@ from fleetlog.schemas.runs import (
     Candidates,
     CandidatesQuery,
     ExpiredQuery,
+    FoldedStateQuery,
     MaxSequence,
     MaxSequenceQuery,
     Proposal,
@@ -200,6 +201,13 @@ async def _max_sequence(ctx: QueryContext, req: MaxSequenceQuery) -> MaxSequence
     return MaxSequence(sequence=await ctx.read(run))
 
 
+async def _folded_state(ctx: QueryContext, req: FoldedStateQuery) -> Candidates:
+    def run(cur: duckdb.DuckDBPyConnection) -> list[Candidate]:
+        rows = cur.execute("SELECT state, state_seq FROM runs WHERE run_id = ?", [req.run_id]).fetchall()
+        return [Candidate(state=_state(s), state_seq=q) for s, q in rows]
+
+    return Candidates(items=await ctx.read(run))
+
 
 # A page too big for the connection's max_payload is cut to its first n items (n >= 1), the
 # cursor continuing right after them (services/query/dispatch.py fit_reply).
@@ -227,5 +235,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("expired", ExpiredQuery, _expired, "claimed runs whose lease passed, oldest lease first",
              cut=_cut_front),
     Endpoint("max_sequence", MaxSequenceQuery, _max_sequence, "highest result-event sequence of a run"),
+    Endpoint("state", FoldedStateQuery, _folded_state, "a run's folded state (a guarded reader's fallback)"),
     *run_stats.ENDPOINTS,
 )

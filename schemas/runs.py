@@ -25,6 +25,7 @@ __all__ = [
     "CandidatesQuery",
     "ClaimedRun",
     "ExpiredQuery",
+    "FoldedStateQuery",
     "MaxSequence",
     "MaxSequenceQuery",
     "Proposal",
@@ -335,7 +336,7 @@ class RunEventPage(Answer, kw_only=True):
 # Query endpoints whose answers carry whole run states, `authorization` included: the next
 # lifecycle message is written from them (a claim, an expiry), so they cannot leave it out.
 # Only identities that write runs may ask them (services/node/identities.py denies the others).
-RUNTIME_QUERIES: Final = ("fleetlog.runs.candidates", "fleetlog.runs.expired")
+RUNTIME_QUERIES: Final = ("fleetlog.runs.candidates", "fleetlog.runs.expired", "fleetlog.runs.state")
 
 
 class CandidatesQuery(msgspec.Struct, kw_only=True):
@@ -368,6 +369,16 @@ class Candidate(msgspec.Struct, kw_only=True, array_like=True):
 
 class Candidates(Answer, kw_only=True):
     items: list[Candidate]
+
+
+class FoldedStateQuery(msgspec.Struct, kw_only=True):
+    """One run's state as the view folded it (`fleetlog.runs.state`: no item if the view has no
+    such run). A guarded reader's fallback when the run's last lifecycle message in the stream
+    is not a lifecycle event (docs/security.md, "Replies as a deputy"): pass that message's
+    seq as `min_seq`, so the view has folded (and refused) it."""
+
+    run_id: str
+    min_seq: dict[str, int] | None = None
 
 
 class Proposal(msgspec.Struct, kw_only=True, array_like=True):

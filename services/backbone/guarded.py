@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 from fleetlog.services.backbone.errors import FleetError, FleetUnavailable, PermissionDenied
-from fleetlog.services.backbone.link import denials
+from fleetlog.services.backbone.link import denials, request_or_refused
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -106,15 +106,17 @@ class Guarded:
         denied_before = denials(self.nc, subject)
         while True:
             try:
-                return await self.nc.request(subject, payload, timeout=self.timeout_s, headers=headers)
-            except NoRespondersError:
-                if loop.time() >= deadline:
-                    raise FleetUnavailable(f"JetStream did not answer {subject} (is the stream there?)") from None
-            except NatsTimeout:
+                return await request_or_refused(self.nc, subject, payload, self.timeout_s, headers)
+            except PermissionError:
+                raise PermissionDenied(subject) from None
+            except (NoRespondersError, NatsTimeout) as exc:
+                # A refusal is final: never retried through a cluster's failover window.
                 if denials(self.nc, subject) > denied_before:  # a secure broker refused this identity
                     raise PermissionDenied(subject) from None
                 if loop.time() >= deadline:
-                    raise FleetUnavailable(f"JetStream did not answer {subject} within {self.timeout_s}s") from None
+                    what = "(is the stream there?)" if isinstance(exc, NoRespondersError) else (
+                        f"within {self.timeout_s}s")
+                    raise FleetUnavailable(f"JetStream did not answer {subject} {what}") from None
             self.failovers += 1
             await asyncio.sleep(0.25)
 

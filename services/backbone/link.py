@@ -13,6 +13,7 @@ import logging
 import re
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -20,7 +21,7 @@ from nats.aio.client import Client
 
 from .nkeyauth import identity_of
 
-__all__ = ["Link", "connect_once", "reachable", "within"]
+__all__ = ["Link", "connect_once", "denials", "reachable", "request_or_refused", "within"]
 
 log = logging.getLogger("fleetlog.connection")
 _DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
@@ -33,8 +34,52 @@ def denials(nc: Client, subject: str) -> int:
 
     A publish outside the user's permissions is answered with an async -ERR and dropped: a
     request then only times out. A caller compares the count before and after its request to
-    say PermissionDenied instead of "did not answer"."""
-    return _denied.get(nc, {}).get(subject, 0)
+    say PermissionDenied instead of "did not answer".
+
+    Compared case-insensitively: nats-py lowercases the -ERR text it hands the error
+    callback, so the subject it names is `$js.api...` or `fleet.runtime.rt1...` whatever the
+    request's case (NATS subjects are case-sensitive, but two subjects that differ only in
+    case both refused is no less a refusal)."""
+    return _denied.get(nc, {}).get(subject.lower(), 0)
+
+# Per connection with an identity (only those can be refused): subject -> futures waiting for
+# its refusal (`request_or_refused`), woken by the Link's error callback.
+_waiting: weakref.WeakKeyDictionary[Client, dict[str, set[asyncio.Future[None]]]] = weakref.WeakKeyDictionary()
+
+
+def _note_denial(nc: Client, subject: str) -> None:
+    counts = _denied.setdefault(nc, {})
+    counts[subject] = counts.get(subject, 0) + 1
+    for fut in _waiting.get(nc, {}).get(subject, ()):
+        if not fut.done():
+            fut.set_result(None)
+
+
+async def request_or_refused(nc: Client, subject: str, payload: bytes, timeout_s: float,
+                             headers: dict[str, str] | None = None) -> Any:
+    """`nc.request`, but on a connection with an identity a refusal of `subject` by nats-server
+    ends it at once (PermissionError naming the subject) instead of after `timeout_s`: a
+    refused request is never answered, and waiting it out (on a cluster, retrying it for the
+    whole failover window) only hid the refusal. Other connections: a plain request."""
+    waiting = _waiting.get(nc)
+    if waiting is None:
+        return await nc.request(subject, payload, timeout=timeout_s, headers=headers)
+    refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    mine = waiting.setdefault(subject.lower(), set())
+    mine.add(refused)
+    ask = asyncio.ensure_future(nc.request(subject, payload, timeout=timeout_s, headers=headers))
+    try:
+        await asyncio.wait((ask, refused), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        ask.cancel()
+        raise
+    finally:
+        mine.discard(refused)
+    if ask.done():
+        return ask.result()
+    ask.cancel()
+    raise PermissionError(f"nats-server refused this identity's publish to {subject!r}")
+
 
 OnConnect = Callable[[Client], Awaitable[None]]
 
@@ -166,6 +211,8 @@ class Link:
                 delay = min(delay * 2, 2.0)
                 continue
             self.nc = nc
+            if identity_of(self.servers) is not None:  # only an identity's publishes can be refused
+                _waiting.setdefault(nc, {})
             for cb in self._on_connect:
                 # Each on its own: one failing (a broken spool) must not keep the others, or
                 # the link, from coming up.
@@ -179,8 +226,7 @@ class Link:
     async def _error(self, exc: Exception) -> None:
         match = _DENIED.search(str(exc))
         if match and self.nc is not None:
-            counts = _denied.setdefault(self.nc, {})
-            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+            _note_denial(self.nc, match.group(1).lower())  # nats-py lowercased it already; so do lookups
             log.warning("nats: %s", exc)
         else:
             log.debug("nats: %s", exc)

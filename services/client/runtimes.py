@@ -13,10 +13,11 @@ import math
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from fleetlog.schemas import (
+    Event,
     RuntimeHeartbeat,
     RuntimeRegistered,
     RuntimeStatusChanged,
@@ -36,7 +37,7 @@ from fleetlog.schemas.runtimes import (
     capabilities_of,
 )
 from fleetlog.services.backbone.errors import FleetValidationError
-from fleetlog.services.backbone.guarded import Guarded, WrongLastSequence
+from fleetlog.services.backbone.guarded import Guarded, StoredMsg, WrongLastSequence
 from fleetlog.services.client.seam import session_token
 from fleetlog.services.writepath.publisher import Receipt, Token
 
@@ -49,6 +50,7 @@ STREAM = "FLEET_RUNTIMES"
 _registration = msgspec.json.Decoder(RuntimeRegistered)
 _heartbeat = msgspec.json.Decoder(RuntimeHeartbeat)
 _Strs = list[str] | None
+E = TypeVar("E", bound=Event)
 _Views = list[RuntimeView]  # inside RuntimesAPI the name `list` is the list() method
 
 
@@ -85,10 +87,15 @@ class RuntimesAPI:
         prev_msg = await g.last(STREAM, subjects.runtime(runtime_id, "registration"))
         first_seq: int | None = None
         first_at: int | None = None
-        if prev_msg is not None:  # a re-registration: the stream keeps only this one, so carry them
-            prev = _registration.decode(prev_msg.data)
+        prev = _foreign_or(prev_msg, _registration.decode)
+        if prev is not None:  # a re-registration: the stream keeps only this one, so carry them
+            assert prev_msg is not None
             first_seq = prev.first_seq if prev.first_seq is not None else prev_msg.seq
             first_at = prev.first_registered_at if prev.first_registered_at is not None else _epoch(prev.ts)
+        elif prev_msg is not None:  # a foreign message there: the view still knows the first registration
+            known = await self.get(runtime_id, min_seq={STREAM: prev_msg.seq})
+            if known is not None:
+                first_seq, first_at = known.id, known.created_at
         event = RuntimeRegistered(
             id=new_event_id(), ts=now_iso(), runtime_id=runtime_id, display_name=display_name, endpoint=endpoint,
             version=version, capabilities=dict(capabilities or {}), labels=dict(labels or {}),
@@ -114,11 +121,17 @@ class RuntimesAPI:
         reg_msg = await g.last(STREAM, subjects.runtime(runtime_id, "registration"))
         if reg_msg is None:
             return None
-        reg = _registration.decode(reg_msg.data)
+        reg = _foreign_or(reg_msg, _registration.decode)
+        if reg is None:  # a foreign message on the subject: the registration as the view folded it
+            known = await self.get(runtime_id, min_seq={STREAM: reg_msg.seq})
+            if known is None:
+                return None
+            reg = _registration_of(known)
         base = reg.metadata
         hb_msg = await g.last(STREAM, subjects.runtime(runtime_id, "heartbeat"))
-        if hb_msg is not None and hb_msg.seq > reg_msg.seq:
-            base = _heartbeat.decode(hb_msg.data).metadata
+        hb = _foreign_or(hb_msg, _heartbeat.decode)
+        if hb is not None and hb_msg is not None and hb_msg.seq > reg_msg.seq:
+            base = hb.metadata
         mine = self._merged.get(runtime_id)
         if mine is not None and mine[0] == reg_msg.seq:
             # Our own previous heartbeat may still be queued (fire-and-forget): merge onto it.
@@ -187,6 +200,28 @@ class RuntimesAPI:
                 runtime, status=stale_status, status_reason=event.reason, updated_at=_epoch(event.ts)
             ))
         return marked
+
+
+def _foreign_or(msg: StoredMsg | None, decode: Callable[[bytes], E]) -> E | None:
+    """The event in a guarded read's last message; None for none, or for a foreign message: one
+    that is not this subject's event (nats-server stores its replies on whatever subject a
+    requester named; docs/security.md, "Replies as a deputy"). The fold refuses those too."""
+    if msg is None:
+        return None
+    try:
+        event = decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return event if event.subject() == msg.subject else None
+
+
+def _registration_of(view: RuntimeView) -> RuntimeRegistered:
+    """A registration standing for what the view folded (a foreign message replaced the last one)."""
+    return RuntimeRegistered(
+        id=new_event_id(), ts=now_iso(), runtime_id=view.runtime_id, display_name=view.display_name,
+        endpoint=view.endpoint, version=view.version, capabilities=view.capabilities, labels=view.labels,
+        metadata=view.metadata, heartbeat_deadline_s=view.heartbeat_deadline_s, first_seq=view.id,
+        first_registered_at=view.created_at)
 
 
 def _view(

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
+from fleetlog.services.backbone.logins import LoginsBusy
+
 __all__ = ["HttpServer", "Request", "Response"]
 
 log = logging.getLogger("fleetlog.dashboard")
@@ -112,9 +114,14 @@ class HttpServer:
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         handler = self.routes.get(url.path)
-        # In a thread: a login's first check is a deliberately slow hash (services/backbone/logins.py).
-        if self.auth is not None and url.path not in self.open_paths and not await asyncio.to_thread(
-                self.auth, _header(head, b"authorization")):
+        try:
+            allowed = self.auth is None or url.path in self.open_paths or await _allowed(
+                self.auth, _header(head, b"authorization"))
+        except LoginsBusy as exc:  # too many slow checks waiting: say so at once, queue nothing
+            await _write(writer, Response(503, f"{exc}\n".encode(), "text/plain; charset=utf-8",
+                                          headers={"Retry-After": "1"}), head_only=method == "HEAD")
+            return
+        if not allowed:
             await _write(writer, Response(401, b"login required: a reader or admin identity's dashboard password\n",
                                           "text/plain; charset=utf-8",
                                           headers={"WWW-Authenticate": 'Basic realm="fleetlog", charset="UTF-8"'}),
@@ -133,6 +140,16 @@ class HttpServer:
         await _write(writer, response, head_only=method == "HEAD")
 
 
+async def _allowed(auth: Auth, header: str | None) -> bool:
+    """A login check: on the loop when the check has an `on_loop` coroutine (services/backbone/
+    logins.py: a cached login costs no thread, a hash waits in its own small pool), else in a
+    thread (a deliberately slow hash must not stop the loop)."""
+    on_loop = getattr(auth, "on_loop", None)
+    if on_loop is not None:
+        return bool(await on_loop(header))
+    return await asyncio.to_thread(auth, header)
+
+
 async def _rechecked(stream: AsyncGenerator[bytes, None], auth: Auth,
                      login: str | None) -> AsyncGenerator[bytes, None]:
     """An event stream that ends once its login is no longer valid (a revoked reader, a new
@@ -143,7 +160,11 @@ async def _rechecked(stream: AsyncGenerator[bytes, None], auth: Auth,
         async for chunk in chunks:
             if chunk.startswith(b":") or time.monotonic() - checked >= RECHECK_S:
                 checked = time.monotonic()
-                if not await asyncio.to_thread(auth, login):  # as at connect: a changed registry costs a hash
+                try:
+                    valid = await _allowed(auth, login)  # as at connect: a changed registry costs a hash
+                except LoginsBusy:
+                    valid = False  # undecided: fail closed; the browser reconnects (a cached login at once)
+                if not valid:
                     log.info("dashboard: an event stream's login is no longer valid; ending the stream")
                     return
             yield chunk

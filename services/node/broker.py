@@ -7,6 +7,7 @@ interpreter's scripts), else `PATH`. Tests use the same class on free ports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import json
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .identities import Registry, authorization, broker_config, password_path
+from .identities import Registry, authorization, broker_config, password_path, registry_lock, write_private
 
 # Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
 # os._exit (pytest-timeout), so no orphan nats-server outlives it. libc is loaded here, in
@@ -225,11 +226,7 @@ def ensure_builtin_identities(registry_dir: Path) -> None:
         registry.add(role, "fleetlog", out=seed)  # admin: its dashboard password beside the seed
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the broker's own
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(path.with_suffix(".tmp"), path)
+_write_private = write_private  # the broker's own files: mode 0600, a temp file per write
 
 
 async def reload_secure_broker(data_dir: Path, timeout_s: float = 10.0) -> bool:
@@ -238,11 +235,21 @@ async def reload_secure_broker(data_dir: Path, timeout_s: float = 10.0) -> bool:
     SIGHUP each; returns once each nats-server says it reloaded (users and permissions change
     without a restart). False when no secure node runs there."""
     data_dir = Path(data_dir)
-    users = authorization(Registry(data_dir).load())
     reloaded = False
-    for node in [data_dir, *sorted((data_dir.parent / "cluster").glob("node-*"))]:
-        reloaded = await _reload_node(node, users, timeout_s) or reloaded
+    # Under the registry's lock, taken off the event loop: two reloads at once each render the
+    # registry as they read it, and the older could be written (and loaded) last.
+    with await asyncio.to_thread(_locked, data_dir):
+        users = authorization(Registry(data_dir).load())
+        for node in [data_dir, *sorted((data_dir.parent / "cluster").glob("node-*"))]:
+            reloaded = await _reload_node(node, users, timeout_s) or reloaded
     return reloaded
+
+
+def _locked(data_dir: Path) -> contextlib.ExitStack:
+    """`registry_lock(data_dir)`, entered (blocking: called in a thread), to be exited by a `with`."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(registry_lock(data_dir))
+    return stack
 
 
 async def _reload_node(node: Path, users: dict[str, Any], timeout_s: float) -> bool:

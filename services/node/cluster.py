@@ -12,21 +12,27 @@ answers as soon as JetStream is switched on.
 `secure` (`up --secure --cluster N`): every node serves the same identities (one registry,
 `registry_dir`), each from its own config, and the routes between nodes authenticate too
 (a random route password, kept 0600 beside the registry), so nothing joins the cluster
-that fleetlog did not start. `identities add|revoke` reload every node.
+that fleetlog did not start. `identities add|revoke` reload every node. A secure node has no
+monitoring port: nats-server serves it without authentication, and `/connz?subs=1&auth=1`
+lists every user's nkey and inbox subjects to anyone on the machine. Its health is asked
+over NATS instead, as the admin identity (`$JS.API.INFO` answers once a meta leader exists).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
+import nats
+from fleetlog.services.backbone.nkeyauth import Identity
 from fleetlog.services.node.broker import BrokerError, EmbeddedBroker, ensure_builtin_identities, free_port
 
-__all__ = ["CLUSTER_NAME", "LocalCluster", "cluster_args", "healthz"]
+__all__ = ["CLUSTER_NAME", "LocalCluster", "cluster_args", "healthz", "js_ready"]
 
 log = logging.getLogger("fleetlog.cluster")
 
@@ -56,6 +62,25 @@ async def healthz(host: str, http_port: int, timeout_s: float = 2.0) -> tuple[in
     return status, body.decode("utf-8", "replace").strip()
 
 
+async def js_ready(url: str, seed: Path, timeout_s: float = 2.0) -> tuple[int, str]:
+    """A secure node's health without its monitoring port: (200, "ok") once the node, asked as
+    `seed`'s identity, answers `$JS.API.INFO` without an error (a JetStream meta leader exists
+    and the node reaches it); else (0 or 503, the reason)."""
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=timeout_s,
+                                **Identity.load(seed).nats_options())
+    except Exception as exc:
+        return 0, str(exc) or type(exc).__name__
+    try:
+        reply = json.loads((await nc.request("$JS.API.INFO", b"", timeout=timeout_s)).data)
+    except Exception as exc:
+        return 0, str(exc) or type(exc).__name__
+    finally:
+        await nc.close()
+    error = reply.get("error") if isinstance(reply, dict) else {"description": "not JSON"}
+    return (503, str(error.get("description"))) if error else (200, "ok")
+
+
 class LocalCluster:
     """`size` nats-server nodes on loopback under `data_dir/node-N`; the first on `port`."""
 
@@ -81,13 +106,14 @@ class LocalCluster:
 
         client_ports = [port] + [fresh() for _ in range(size - 1)]
         route_ports = [fresh() for _ in range(size)]
-        self.http_ports = [fresh() for _ in range(size)]
+        # Plain nodes only: a secure node serves no monitoring port (module docstring).
+        self.http_ports = [] if secure else [fresh() for _ in range(size)]
         self.nodes: list[EmbeddedBroker] = []
         secret = _route_secret(self.registry_dir) if secure else ""
         for i in range(size):
             node_dir = Path(data_dir) / f"node-{i + 1}"
             if secure:
-                conf = _secure_cluster_conf(host, route_ports, i, self.http_ports[i], secret, sync_always)
+                conf = _secure_cluster_conf(host, route_ports, i, secret, sync_always)
                 self.nodes.append(EmbeddedBroker(node_dir, client_ports[i], host, name=f"fleetlog-{i + 1}", secure=True,
                                                  registry_dir=self.registry_dir, conf=conf))
                 continue
@@ -121,7 +147,8 @@ class LocalCluster:
             raise
 
     async def wait_healthy(self, timeout_s: float = 60.0, nodes: list[int] | None = None) -> None:
-        """Until the plain `/healthz` of the given nodes (default: every running one) says ok."""
+        """Until the plain `/healthz` of the given nodes (default: every running one) says ok; a
+        secure node's `$JS.API.INFO` as the admin (`js_ready`)."""
         which = nodes if nodes is not None else [i for i, n in enumerate(self.nodes) if self.running(i)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -130,7 +157,10 @@ class LocalCluster:
             for i in which:
                 if i in last and last[i] == "ok":
                     continue
-                status, body = await healthz(self.host, self.http_ports[i])
+                if self.secure:
+                    status, body = await js_ready(self.nodes[i].url, self.nodes[i].credentials_path("admin-fleetlog"))
+                else:
+                    status, body = await healthz(self.host, self.http_ports[i])
                 last[i] = "ok" if status == 200 else f"{status} {body[:200]}"
             if all(last.get(i) == "ok" for i in which):
                 return
@@ -171,10 +201,10 @@ def _route_secret(registry_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _secure_cluster_conf(host: str, route_ports: list[int], i: int, http_port: int, secret: str,
+def _secure_cluster_conf(host: str, route_ports: list[int], i: int, secret: str,
                          sync_always: bool) -> dict[str, Any]:
     """What `cluster_args` says on a plain node's command line, as config (the routes carry
-    the password) plus the routes' own authorization."""
+    the password) plus the routes' own authorization; no monitoring port."""
     conf: dict[str, Any] = {
         "cluster": {
             "name": CLUSTER_NAME,
@@ -182,7 +212,6 @@ def _secure_cluster_conf(host: str, route_ports: list[int], i: int, http_port: i
             "routes": [f"nats://route:{secret}@{host}:{p}" for j, p in enumerate(route_ports) if j != i],
             "authorization": {"user": "route", "password": secret},
         },
-        "http_port": http_port,
     }
     if sync_always:
         conf["jetstream"] = {"sync_interval": "always"}

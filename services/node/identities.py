@@ -12,9 +12,13 @@ nats-server config from it, and the broker reloads it on SIGHUP without a restar
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,6 +35,8 @@ __all__ = [
     "broker_config",
     "password_path",
     "permissions",
+    "registry_lock",
+    "write_private",
 ]
 
 ROLES: Final = ("agent", "runtime", "processor", "service", "reader", "admin")
@@ -40,14 +46,29 @@ ADMIN_ONLY: Final = ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuil
                      "fleetlog.retention", "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>",
                      "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
                      "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>", "$JS.API.CONSUMER.>")
-# Read-only JetStream API a guarded writer (runtime, processor) needs: stream info, message gets.
-# Stream metadata every role may read: each client's publisher keys its spool by the attempts
-# stream's identity, read at connect; refused, every connect waited out a timeout first (and a
-# one-shot `emit` spooled instead of publishing).
-STREAM_META: Final = ("$JS.API.INFO", "$JS.API.STREAM.INFO.>")
-JS_READ: Final = (*STREAM_META, "$JS.API.STREAM.MSG.GET.>")
-# The query service's endpoints (and nats.micro's discovery) every role may ask.
-QUERIES: Final = ("fleetlog.>", "$SRV.>")
+# Every answer nats-server gives (a JetStream ack, a JetStream API reply) goes to whatever
+# reply subject the requester named, and subject permissions cannot stop that inside one
+# account (docs/security.md, "Replies as a deputy"): each read-only API subject a role may
+# ask is a way to have the server write a JSON on a subject of its choosing. So each role
+# gets only the calls its SDK makes.
+# Stream metadata every role reads: the publisher keys its spool by the attempts stream's
+# identity at connect (refused, every connect waited out a timeout first and a one-shot `emit`
+# spooled instead of publishing), `Fleet.connect(ensure=True)` and `fleetlog status` read each
+# stream's info.
+STREAM_META: Final = ("$JS.API.STREAM.INFO.>",)
+
+
+def _reads(*streams: str) -> list[str]:
+    """The message gets a guarded writer makes on its own streams: direct gets, and the
+    leader's message get on a replicated stream (services/backbone/guarded.py)."""
+    return [s for st in streams for s in (f"$JS.API.DIRECT.GET.{st}", f"$JS.API.DIRECT.GET.{st}.>",
+                                          f"$JS.API.STREAM.MSG.GET.{st}")]
+
+
+# The query service's endpoints, and the one nats.micro verb a client uses: `fleetlog status
+# --nodes` pings every instance (services/client/nodes.py). `$SRV.INFO`/`$SRV.STATS` are the
+# trusted roles' (the dashboard's /metrics reads STATS as the service).
+QUERIES: Final = ("fleetlog.>", "$SRV.PING.fleetlog")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -74,27 +95,57 @@ def permissions(role: str, name: str, host: str | None = None, *, public_key: st
         # its own facts only: the subject carries the identity and the fold checks the payload against it
         "agent": [f"fleet.attempt.{name}.>", f"fleet.snapshot.{h}.{name}", f"fleet.diff.{h}.{name}"],
         # the guarded run records and the direct gets a claim needs, its own heartbeats, scoped state
-        "runtime": [f"fleet.runtime.{name}.>", "fleet.run.>", "fleet.state.>", *JS_READ,
-                    "$JS.API.DIRECT.GET.FLEET_RUNS", "$JS.API.DIRECT.GET.FLEET_RUNS.>",
-                    "$JS.API.DIRECT.GET.FLEET_RUNTIMES", "$JS.API.DIRECT.GET.FLEET_RUNTIMES.>",
-                    "$JS.API.DIRECT.GET.FLEET_STATE", "$JS.API.DIRECT.GET.FLEET_STATE.>"],
-        "processor": [f"fleet.proc.{name}.>", *STREAM_META, "$JS.API.STREAM.MSG.GET.FLEET_PROCESSORS",
-                      "$JS.API.DIRECT.GET.FLEET_PROCESSORS", "$JS.API.DIRECT.GET.FLEET_PROCESSORS.>"],
+        "runtime": [f"fleet.runtime.{name}.>", "fleet.run.>", "fleet.state.>",
+                    *_reads("FLEET_RUNS", "FLEET_RUNTIMES", "FLEET_STATE")],
+        "processor": [f"fleet.proc.{name}.>", *_reads("FLEET_PROCESSORS")],
         "reader": [],
     }[role]
     return {
+        # Runs' whole states (`authorization` too: candidates, expired, a claimer's fallback
+        # `fleetlog.runs.state`) are for the identities that write runs.
         "publish": {"allow": list(dict.fromkeys([*own, *STREAM_META, *QUERIES])),
-                    "deny": [*ADMIN_ONLY, *([] if role == "runtime" else RUNTIME_QUERIES)]},  # runs' credentials
+                    "deny": [*ADMIN_ONLY, *([] if role == "runtime" else RUNTIME_QUERIES)]},
         # Its own replies only: every connection of this identity roots its inboxes there.
         "subscribe": {"allow": [f"{inbox_prefix(public_key)}.>"]},
     }
 
 
+@contextlib.contextmanager
+def registry_lock(data_dir: Path) -> Iterator[None]:
+    """The registry's writers in turn: an exclusive flock on `<data_dir>/identities.lock`
+    around load-modify-save (and a reload's render of the config). Two `identities add`
+    at once each read the old list and the last save won: an identity was lost, a revoked
+    one could come back. A flock dies with its process: a killed writer leaves no stale lock."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(data_dir) / "identities.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, mode 0600, through a temp file of its own (a shared
+    temp name let two writers interleave into one file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class Registry:
-    """The identities of one secure broker, kept in `<data_dir>/identities.json`."""
+    """The identities of one secure broker, kept in `<data_dir>/identities.json`; `add` and
+    `revoke` hold `registry_lock` while they read, change and save it."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / "identities.json"
+        self.dir = Path(data_dir)
+        self.path = self.dir / "identities.json"
 
     def load(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -110,12 +161,8 @@ class Registry:
 
     def _save(self, users: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         # Public keys only, but who may connect is the broker's business: owner only.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"users": users}, f, indent=1)
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps({"users": users}, indent=1))
 
     def add(self, role: str, name: str, host: str | None = None, *, out: Path) -> dict[str, Any]:
         """A new identity: its seed goes to `out` (mode 0600, never overwritten), its public key
@@ -123,6 +170,10 @@ class Registry:
         seed (`password_path(out)`) and kept in the registry only as a salted hash. Refused if
         the user exists."""
         _check(role, name, host)
+        with registry_lock(self.dir):
+            return self._add(role, name, host, out)
+
+    def _add(self, role: str, name: str, host: str | None, out: Path) -> dict[str, Any]:
         users = self.load()
         user = f"{role}-{name}"
         if any(u["user"] == user for u in users):
@@ -147,12 +198,13 @@ class Registry:
         return next((u for u in self.load() if u["user"] == user), None)
 
     def revoke(self, user: str) -> bool:
-        users = self.load()
-        kept = [u for u in users if u["user"] != user]
-        if len(kept) == len(users):
-            return False
-        self._save(kept)
-        return True
+        with registry_lock(self.dir):
+            users = self.load()
+            kept = [u for u in users if u["user"] != user]
+            if len(kept) == len(users):
+                return False
+            self._save(kept)
+            return True
 
 
 def password_path(seed_file: Path) -> Path:
@@ -171,7 +223,8 @@ def authorization(users: list[dict[str, Any]]) -> dict[str, Any]:
 def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
                   users: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
     """The nats-server config (JSON is valid nats-server config syntax); `extra`: a cluster
-    node's `cluster` block and monitoring port (services/node/cluster.py)."""
+    node's `cluster` block (services/node/cluster.py). No monitoring port: nats-server serves it
+    without authentication (every user's nkey and inbox subjects in /connz)."""
     conf: dict[str, Any] = {
         "listen": f"{host}:{port}",
         "server_name": name,

@@ -301,9 +301,9 @@ async def _run_up_cluster(settings: FleetSettings, ready: asyncio.Event | None, 
     if secure:
         settings = settings.model_copy(update={"credentials": nodes.nodes[0].credentials_path("service-fleetlog")})
         log.info("secure: admin credentials in %s", nodes.nodes[0].credentials_path("admin-fleetlog"))
-    for node, http_port in zip(nodes.nodes, nodes.http_ports, strict=True):
-        log.info("cluster node %s on %s (monitoring http://%s:%d, data in %s)", node.name, node.url,
-                 node.host, http_port, node.data_dir)
+    for i, node in enumerate(nodes.nodes):  # a secure node has no monitoring port (cluster.py)
+        monitoring = f"monitoring http://{node.host}:{nodes.http_ports[i]}, " if nodes.http_ports else ""
+        log.info("cluster node %s on %s (%sdata in %s)", node.name, node.url, monitoring, node.data_dir)
     # R3 on a cluster unless told otherwise (never more copies than nodes).
     replicas = settings.stream_replicas if "stream_replicas" in settings.model_fields_set else min(3, size)
     log.info("services on %s, streams with %d replicas", nodes.nats_url, replicas)

@@ -25,15 +25,29 @@ from typing import Any, TypeVar
 import msgspec
 from fleetlog.services.backbone.errors import StaleError
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.micro.request import Request
 from nats.micro.service import Service, ServiceConfig, ServiceStats
 
-__all__ = ["Dispatcher", "HonestService", "ReplyTooBig", "fit_reply", "note_lag"]
+__all__ = ["REPLY_ROOT", "Dispatcher", "HonestService", "ReplyTooBig", "fit_reply", "note_lag", "private_reply"]
 
 log = logging.getLogger("fleetlog.query")
 
 _encode = msgspec.json.Encoder().encode
 A = TypeVar("A")
+
+
+# Every fleetlog client's replies live under this root (an identity's under `_INBOX.<its
+# public key>`). NATS checks a requester's permission on the subject it asks, never on the
+# reply subject it names: a service that may publish anywhere and answered any reply would
+# write for a reader into a stream (`reply=fleet.run.<id>.state`: a "confused deputy").
+REPLY_ROOT = "_INBOX."
+
+
+def private_reply(msg: Any) -> bool:
+    """Whether a request's reply subject is an inbox (else it is dropped, never answered)."""
+    reply = getattr(msg, "reply", "") or ""
+    return isinstance(reply, str) and reply.startswith(REPLY_ROOT)
 
 
 class ReplyTooBig(Exception):
@@ -99,6 +113,30 @@ class HonestService(Service):
     def __init__(self, client: Client, config: ServiceConfig) -> None:
         super().__init__(client, config)
         self.counters: dict[str, _Counters] = {}
+        # Requests whose reply subject was not an inbox: dropped unanswered (see REPLY_ROOT).
+        self.foreign_replies = 0
+
+    def refuse_reply(self, msg: Any) -> bool:
+        """True (and counted, logged) when `msg` names a reply outside the inboxes."""
+        if private_reply(msg):
+            return False
+        self.foreign_replies += 1
+        log.warning("dropped a request on %s: its reply subject %r is not an inbox (%s...); not answered",
+                    getattr(msg, "subject", "?"), getattr(msg, "reply", ""), REPLY_ROOT)
+        return True
+
+    # nats.micro's own PING / INFO / STATS handlers answer to the request's reply subject too.
+    async def _handle_ping_request(self, msg: Msg) -> None:
+        if not self.refuse_reply(msg):
+            await super()._handle_ping_request(msg)
+
+    async def _handle_info_request(self, msg: Msg) -> None:
+        if not self.refuse_reply(msg):
+            await super()._handle_info_request(msg)
+
+    async def _handle_stats_request(self, msg: Msg) -> None:
+        if not self.refuse_reply(msg):
+            await super()._handle_stats_request(msg)
 
     def stats(self) -> ServiceStats:
         stats = super().stats()
@@ -138,6 +176,8 @@ class Dispatcher:
         counters = self.service.counters.setdefault(endpoint, _Counters())
 
         async def handle(req: Request) -> None:
+            if self.service.refuse_reply(req._msg):
+                return
             started = time.perf_counter_ns()
             task = asyncio.create_task(self._run(fn, req, counters, started))
             self.tasks.add(task)

@@ -92,9 +92,19 @@ class LockSide:
         if last is None:
             return None, None
         try:
-            return last, _lock_decoder.decode(last.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return last, None  # garbage on the lock subject: the lock is free
+            event = _lock_decoder.decode(last.data)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            event = None
+        if event is None or event.subject() != last.subject:
+            # Not a lock change of this processor (garbage, or a reply nats-server stored there
+            # for whoever named the subject as a reply: docs/security.md, "Replies as a deputy").
+            # The processors view forgets a subject whose last message it refused, so the lock is
+            # free, as there; the next change is guarded on this seq and replaces it, and a
+            # holder learns it lost the lock at its next renewal or fenced write.
+            log.warning("processor lock %s: the last message (seq %d) is not a lock change: the lock is free",
+                        processor, last.seq)
+            return last, None
+        return last, event
 
     def _held(self, event: ProcessorLockChanged | None) -> bool:
         return (event is not None and event.state in _HELD and event.lease_expires_at is not None

@@ -12,6 +12,7 @@ default (session consistency); `get` reads the stream itself and is always fresh
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from fleetlog.schemas.runs import (
     Candidates,
     ClaimedRun,
     ExpiredQuery,
+    FoldedStateQuery,
     RunEventPage,
     RunEventsQuery,
     RunLifecycle,
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
     from fleetlog.services.client.seam import FleetClient
 
 __all__ = ["ClaimCounters", "RunsAPI"]  # ClaimCounters: from .claims
+
+log = logging.getLogger("fleetlog.runs")
 
 STREAM = "FLEET_RUNS"
 _lifecycle = msgspec.json.Decoder(
@@ -100,11 +104,30 @@ class RunsAPI(ResultEvents, RunStatsReads):
     def _token(self, min_seq: Token | Receipt | None) -> dict[str, int] | None:
         return session_token(min_seq, STREAM, self._seen)
 
-    async def _read(self, g: Guarded, run_id: str) -> tuple[RunState, int] | None:
+    async def _load(self, g: Guarded, run_id: str) -> tuple[RunState | None, int]:
+        """The run's state (None: no such run) and the sequence a write to it must expect.
+
+        The last message on the run's lifecycle subject is the run, unless it is none of its
+        lifecycle events: nats-server stores whatever it sends to a reply subject an identity
+        named (a JetStream ack, an API answer: docs/security.md, "Replies as a deputy"), and
+        the stream keeps one message per subject. Such a foreign message says nothing about
+        the run: its state is then the view's (which refused the message), and the next write
+        is guarded on the foreign message's sequence, so it replaces it."""
         msg = await g.last(STREAM, subjects.run_state(run_id))
         if msg is None:
-            return None
-        return _state_of(msg), msg.seq
+            return None, 0
+        state = _state_or_none(msg)
+        if state is None:
+            log.warning("run %s: the last lifecycle message (seq %d) is not a lifecycle event of the run; "
+                        "reading the view's state instead", run_id, msg.seq)
+            answer = await self._fleet.request(
+                "fleetlog.runs.state", FoldedStateQuery(run_id=run_id, min_seq={STREAM: msg.seq}), Candidates)
+            state = answer.items[0].state if answer.items else None
+        return state, msg.seq
+
+    async def _read(self, g: Guarded, run_id: str) -> tuple[RunState, int] | None:
+        state, seq = await self._load(g, run_id)
+        return None if state is None else (state, seq)
 
     async def _view(self, g: Guarded, state: RunState) -> RunView:
         """A run's view; a run whose lifecycle began before v2 carries no `created_seq`: its
@@ -152,10 +175,11 @@ class RunsAPI(ResultEvents, RunStatsReads):
             metadata=_dict("metadata", metadata),
         )
         g = await self._guarded()
-        current = await self._read(g, run_id)
+        have, guard = await self._load(g, run_id)
+        current = None if have is None else (have, guard)
         if current is None:
             try:
-                seq = await self._write(g, RunCreated, state, 0)
+                seq = await self._write(g, RunCreated, state, guard)  # 0, or over a foreign message
                 return run_view(msgspec.structs.replace(state, created_seq=seq))
             except WrongLastSequence:
                 current = await self._read(g, run_id)  # created concurrently: theirs stands
@@ -339,11 +363,20 @@ class RunsAPI(ResultEvents, RunStatsReads):
         )
         try:
             async for msg in sub.messages:
-                yield run_view(_state_of(StoredMsg(msg.metadata.sequence.stream, msg.subject, msg.data)))
+                state = _state_or_none(StoredMsg(msg.metadata.sequence.stream, msg.subject, msg.data))
+                if state is not None:  # a foreign message (see `_load`) is no change of the run
+                    yield run_view(state)
         finally:
             await sub.unsubscribe()
 
 
-def _state_of(msg: StoredMsg) -> RunState:
-    event: RunLifecycle = _lifecycle.decode(msg.data)
+def _state_or_none(msg: StoredMsg) -> RunState | None:
+    """The run's state in a lifecycle message; None for anything else stored on its subject
+    (undecodable, or another subject's event)."""
+    try:
+        event: RunLifecycle = _lifecycle.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    if event.subject() != msg.subject:
+        return None
     return state_at(event, msg.seq)

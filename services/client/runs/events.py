@@ -136,7 +136,10 @@ class ResultEvents:
         last = await g.last(STREAM, subjects.run_events(run_id))
         hint = -1
         if last is not None:
-            hint = _run_event.decode(last.data).sequence
+            try:
+                hint = _run_event.decode(last.data).sequence
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                pass  # not a result event (a server's reply stored there): the view's max decides
             token = {STREAM: max(last.seq, self._seen)}
             answer = await self._fleet.request(
                 "fleetlog.runs.max_sequence", MaxSequenceQuery(run_id=run_id, min_seq=token), MaxSequence
