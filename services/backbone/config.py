@@ -82,6 +82,11 @@ class FleetSettings(BaseSettings):
     # projector
     batch_max: int = Field(5000, ge=1, description="events per fold transaction")
     batch_wait_s: float = Field(0.02, gt=0, description="longest wait to fill a batch")
+    gil_switch_interval_s: float = Field(
+        0.0005, ge=0, le=0.1,
+        description="a node process's GIL hand-off interval (sys.setswitchinterval; 0: Python's 5 ms). The fold's "
+        "DuckDB threads re-take the GIL many times per batch while the prepare thread decodes the next one: "
+        "0.5 ms measured +12-15 % replay fold rate (docs/benchmarks.md, issue 19)")
 
     # query service
     query_wait_max_s: float = Field(5.0, ge=0, description="bounded wait for min_seq (read-your-writes)")

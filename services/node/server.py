@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ class Server:
         self._watchers: list[asyncio.Task[None]] = []
         if self.jobs is not None:
             check_tick(self.jobs)  # a bad tick is refused before anything starts
+        if s.gil_switch_interval_s > 0:  # the node owns its process (see the setting)
+            sys.setswitchinterval(s.gil_switch_interval_s)
         self.nc = await _connect_waiting(s)
         await ensure_streams(self.nc, s)
         self.store = ViewStore(s.views_path())
