@@ -83,7 +83,8 @@ _extras = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.Encoder().encode
 _TAILS = {msgspec.UNSET: "}", True: ',"truncated":true}', False: ',"truncated":false}'}
 _heads: dict[str, str] = {}  # format -> '{"format":<format as JSON>,"text":' (a handful of formats)
-_NO_PANE = (None, None, None)
+_PaneParts = tuple[str | None, bytes | None, str | None]  # head, the text's bytes, tail (`_pane_parts`)
+_NO_PANE: _PaneParts = (None, None, None)
 # The fold's Arrow buffers (~12 MB a batch with 2 KB panes) come from the system allocator:
 # pyarrow's default (mimalloc) hands freed pages back to the kernel at once, so each batch
 # page-faulted its buffers in again (table build 10-18 µs per 2 KB event against 3-4).
@@ -94,7 +95,7 @@ class _Unusual(Exception):
     """A row this path does not vouch for: the decoder judges it."""
 
 
-def _pane_parts(pane: _Pane | None) -> tuple[str | None, bytes | None, str | None]:
+def _pane_parts(pane: _Pane | None) -> _PaneParts:
     """The pane's JSON in three parts, joined by the INSERT: `{"format":F,"text":`, the text's
     bytes as they came (copied once, never parsed or written again) and `}` (or the
     `truncated` member and `}`).
@@ -135,11 +136,22 @@ class _Columns:
         self.after: tuple[list[str | None], list[bytes | None], list[str | None]] = ([], [], [])
         self.extras: list[bytes] = []
 
-    def pane(self, which: tuple[list[str | None], list[bytes | None], list[str | None]],
-             parts: tuple[str | None, bytes | None, str | None]) -> None:
-        which[0].append(parts[0])
-        which[1].append(parts[1])
-        which[2].append(parts[2])
+    def add(self, seq: int, e: Any, at: datetime, before: _PaneParts, after: _PaneParts,
+            extras: bytes) -> None:
+        """One row (both paths; `e` an AttemptRecorded or a `_Wire`): its fields, panes in parts, extras."""
+        self.ids.append(e.id)
+        self.seqs.append(seq)
+        self.ts.append(e.ts)
+        self.at.append(at)
+        self.agents.append(e.agent)
+        self.actions.append(e.action)
+        self.outcomes.append(e.outcome)
+        self.elapsed.append(e.elapsed_s)
+        for which, parts in ((self.before, before), (self.after, after)):
+            which[0].append(parts[0])
+            which[1].append(parts[1])
+            which[2].append(parts[2])
+        self.extras.append(extras)
 
     def table(self) -> pa.Table:
         return pa.table(
@@ -175,17 +187,8 @@ def attempts_table(events: Sequence[tuple[int, AttemptRecorded, datetime]]) -> p
     """The decoder's path: (seq, decoded event, parsed ts) rows, panes and extras encoded by msgspec."""
     c = _Columns()
     for seq, e, at in events:
-        c.ids.append(e.id)
-        c.seqs.append(seq)
-        c.ts.append(e.ts)
-        c.at.append(at)
-        c.agents.append(e.agent)
-        c.actions.append(e.action)
-        c.outcomes.append(e.outcome)
-        c.elapsed.append(e.elapsed_s)
-        c.pane(c.before, _NO_PANE if e.pane_before is None else ("", _encode(e.pane_before), ""))
-        c.pane(c.after, _NO_PANE if e.pane_after is None else ("", _encode(e.pane_after), ""))
-        c.extras.append(_encode(e.extras))
+        c.add(seq, e, at, _NO_PANE if e.pane_before is None else ("", _encode(e.pane_before), ""),
+              _NO_PANE if e.pane_after is None else ("", _encode(e.pane_after), ""), _encode(e.extras))
     return c.table()
 
 
@@ -222,17 +225,7 @@ def _decode_batch(table: pa.Table) -> tuple[_Columns, list[int], bool]:
         if subjects_[i] != subject_of(e.agent, e.action):
             others.append(seq)
             continue
-        c.ids.append(e.id)
-        c.seqs.append(seq)
-        c.ts.append(e.ts)
-        c.at.append(at)
-        c.agents.append(e.agent)
-        c.actions.append(e.action)
-        c.outcomes.append(e.outcome)
-        c.elapsed.append(e.elapsed_s)
-        c.pane(c.before, before)
-        c.pane(c.after, after)
-        c.extras.append(extras)
+        c.add(seq, e, at, before, after, extras)
     # The decoder keeps the first of a repeated id; ids compare as UUIDs (any letter case).
     repeats = len({i.lower() for i in c.ids}) != len(c.ids)
     return c, others, repeats
