@@ -94,6 +94,8 @@ async def test_agent_records_through_the_sdk_and_reads(secure: tuple[EmbeddedBro
             await carol.sql("SELECT 1", timeout=1)
         with pytest.raises(PermissionDenied, match=r"'fleetlog\.attempts\.purge'"):
             await carol.attempts.purge(days=0)
+        with pytest.raises(PermissionDenied, match=r"'fleetlog\.rejects'"):  # others' refused payloads
+            await carol.rejects("attempts")
 
 
 @shared_node

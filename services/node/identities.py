@@ -42,8 +42,10 @@ __all__ = [
 ROLES: Final = ("agent", "runtime", "processor", "service", "reader", "admin")
 NAMED: Final = frozenset({"agent", "runtime", "processor"})
 # Requests that change or expose more than a view's rows: only `admin` (and `service`) may make them.
+# `fleetlog.rejects` answers previews of any identity's refused payloads (a run's authorization,
+# a state value): reading them, and so re-driving them, is admin's.
 ADMIN_ONLY: Final = ("fleetlog.sql", "fleetlog.attempts.purge", "fleetlog.rebuild", "fleetlog.processors.run",
-                     "fleetlog.retention", "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>",
+                     "fleetlog.retention", "fleetlog.rejects", "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>",
                      "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
                      "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>", "$JS.API.CONSUMER.>")
 # Every answer nats-server gives (a JetStream ack, a JetStream API reply) goes to whatever
