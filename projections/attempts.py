@@ -128,8 +128,9 @@ class AttemptsProjection(Projection):
         from fleetlog.schemas import parse_ts
 
         cutoff = parse_ts(event.before)
-        row = con.execute("SELECT count(*) FROM attempt_purges WHERE event_id = ?", [event.id]).fetchone()
-        if row and row[0]:
+        # fetchall: a result left open would make the bulk path's unregister fail the batch
+        rows = con.execute("SELECT count(*) FROM attempt_purges WHERE event_id = ?", [event.id]).fetchall()
+        if rows and rows[0][0]:
             return  # the same purge delivered twice
         con.execute("INSERT INTO attempt_purged_ids SELECT id, ? FROM attempts WHERE ts_utc < ?", [stored.seq, cutoff])
         deleted = con.execute("DELETE FROM attempts WHERE ts_utc < ?", [cutoff]).fetchone()

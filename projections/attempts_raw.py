@@ -270,7 +270,9 @@ ORDER BY b.seq"""
 
 
 _ALL = 1 << 62  # above any stream sequence
-_DECODED = _insert_sql("_fleetlog_attempts_decoded", repeats=False)  # the decoder removed repeats
+# The decoder passes on a repeated id whose payload differs (it drops only exact copies): the
+# first by seq is kept and the others compared, as on the bulk path.
+_DECODED = _insert_sql("_fleetlog_attempts_decoded", repeats=True)
 _BULK = _insert_sql("_fleetlog_attempts", repeats=False)
 _BULK_REPEATS = _insert_sql("_fleetlog_attempts", repeats=True)
 _DECODED_OTHER_BODY = _another_body_sql("_fleetlog_attempts_decoded")
@@ -299,8 +301,8 @@ def _insert_range(con: duckdb.DuckDBPyConnection, insert: str, other_body: str, 
 
 
 def insert_attempts(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> list[tuple[int, str, int]]:
-    """The decoder's path: insert `attempts_table` rows (no id repeats) not seen before; the
-    (seq, id, kept seq) of copies that came with another body."""
+    """The decoder's path: insert `attempts_table` rows not seen before (of a repeated id, the
+    first); the (seq, id, kept seq) of copies that came with another body."""
     con.register("_fleetlog_attempts_decoded", rows)
     try:
         return _insert_range(con, _DECODED, _DECODED_OTHER_BODY, rows, 0, _ALL)

@@ -114,5 +114,8 @@ def parse_ts(value: str) -> datetime:
         raise ValueError(f"ts: {value!r} is not an ISO-8601 timestamp") from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it: no UTC datetime exists
+        raise ValueError(f"ts: {value!r} is outside the years 1-9999 in UTC") from None
 

@@ -79,7 +79,7 @@ class BatchFolder:
         """The decoder: validation is the typed decode, plus the envelope rules every event obeys."""
         stored: list[StoredEvent] = []
         rejects: list[Reject] = []
-        seen: dict[str, tuple[int, bytes]] = {}  # event id -> the first (seq, payload) of this batch
+        seen: dict[str, list[bytes]] = {}  # event id (any letter case) -> the payloads of this batch
         decode = event_decoder.decode
         types = projection.event_types
         limit = self.max_event_bytes
@@ -119,14 +119,19 @@ class BatchFolder:
             except RejectEvent as exc:
                 rejects.append(Reject(stream, seq, subject, str(exc), data))
                 continue
-            first = seen.get(event.id)
-            if first is not None:
-                if bytes(data) != first[1]:  # not a retry: another fact under a taken id
-                    rejects.append(Reject(stream, seq, subject, f"duplicate id with a different body: event "
-                                          f"{event.id} came at seq {first[0]} with another body; the first is kept",
-                                          data))
-                continue  # a retried publish inside one batch
-            seen[event.id] = (seq, bytes(data))
+            except Exception as exc:  # a rule that trips on an odd value refuses that event, not the batch
+                rejects.append(Reject(stream, seq, subject, f"invalid event: {type(exc).__name__}: {exc}", data))
+                continue
+            # An exact copy inside one batch (a retried publish) is dropped here; any other
+            # message under a taken id goes to the fold, as it would from another batch, so
+            # what a projection makes of it (attempts: a "duplicate id with a different body"
+            # reject; a compacted family: the last write wins, as on a rebuild) never depends
+            # on how the stream was cut into batches.
+            key = event.id.lower()
+            copies = seen.setdefault(key, [])
+            if bytes(data) in copies:
+                continue
+            copies.append(bytes(data))
             stored.append(item)
         return stored, rejects
 
