@@ -17,6 +17,7 @@ prepare thread, INSERT + COMMIT ~12 µs on the fold thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from fleetlog.services.projector.store import Generation
 from fleetlog.services.projector.stream_reader import OrderedReader, StreamBatch
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
 __all__ = ["CATCHUP_BATCH_BYTES", "CATCHUP_BATCH_EVENTS", "Feed", "FoldPipeline", "Running"]
 
@@ -67,17 +68,52 @@ class Running:
 
 
 class _InFlight:
-    """A batch handed to the fold thread: what the loop must know of it once it committed."""
+    """A batch handed to the fold thread: what the loop must know of it once it committed.
 
-    __slots__ = ("events", "future", "last_seq", "pending", "started", "ts_ns")
+    `future` is the loop's view of the fold and is cancelled with the task awaiting it
+    (a promotion cancels the retired generation's loop), while the fold thread goes on with
+    the batch; `landed` is set only once the fold thread is done with it (committed, failed,
+    or dropped from the queue unstarted), whatever happened to `future`.
+    """
 
-    def __init__(self, batch: StreamBatch, future: asyncio.Future[list[Reject]]) -> None:
+    __slots__ = ("events", "future", "landed", "last_seq", "pending", "started", "ts_ns")
+
+    def __init__(self, batch: StreamBatch, work: concurrent.futures.Future[list[Reject]]) -> None:
         self.events = len(batch)
         self.last_seq = batch.last_seq
         self.pending = batch.pending()
         self.ts_ns = batch.ts_ns()
         self.started = time.perf_counter()
-        self.future = future
+        loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[list[Reject]] = asyncio.wrap_future(work, loop=loop)
+        self.landed = asyncio.Event()
+
+        def landed(_: concurrent.futures.Future[list[Reject]]) -> None:  # on the fold thread
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(self.landed.set)
+
+        # After `wrap_future`'s own callback: on the loop, `future` completes (and `_progress`
+        # is scheduled) before a task waiting on `landed` resumes.
+        work.add_done_callback(landed)
+
+
+async def _to_the_end(awaitable: Awaitable[object]) -> None:
+    """Await `awaitable` to its end even if this task is cancelled meanwhile; a cancellation
+    that arrived is raised afterwards. For the clean-up of a fold loop: `stop_tasks` cancels
+    it again every few seconds (backbone/tasks.py), and a clean-up cut short leaks a reader.
+    """
+    inner = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(inner)
+            break
+        except asyncio.CancelledError:
+            if inner.done():
+                raise  # `inner` itself was cancelled, not this task
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class FoldPipeline:
@@ -110,12 +146,12 @@ class FoldPipeline:
             self.servers, stream, feed.checkpoint + 1, name=f"fleetlog-{running.gen.schema}",
             max_buffer_bytes=READER_BUFFER_BYTES, keep_headers=False,
         )
-        await reader.start()
-        await self._check_caught_up(running, stream)
         loop = asyncio.get_running_loop()
         projection, schema = running.projection, running.gen.schema
         folding: _InFlight | None = None
         try:
+            await reader.start()
+            await self._check_caught_up(running, stream)
             while not self._stopping.is_set():
                 # Far behind (a replay): bigger transactions, bounded by bytes. Each commit
                 # costs a WAL sync and ~8 statements, a few ms whatever its size.
@@ -142,17 +178,21 @@ class FoldPipeline:
                 staged = await loop.run_in_executor(self._prepare_thread, prepare, projection, stream, batch)
                 if folding is not None:
                     await self._landed(running, stream, folding)
-                future = loop.run_in_executor(
-                    self._fold_thread, self.folder.apply, projection, schema, stream, batch, staged
-                )
-                folding = _InFlight(batch, future)
-                future.add_done_callback(self._progress(running, stream, folding))
+                work = self._fold_thread.submit(self.folder.apply, projection, schema, stream, batch, staged)
+                folding = _InFlight(batch, work)
+                folding.future.add_done_callback(self._progress(running, stream, folding))
                 del batch, staged  # the fold thread holds them; not kept while the next is read
         finally:
-            if folding is not None:  # a batch in flight commits (or fails) before the reader closes
-                with contextlib.suppress(Exception):
-                    await folding.future
-            await reader.close()
+            # Cancelled (a promotion retires this generation; `stop_tasks`) or not, the batch in
+            # flight commits (or fails) before the loop ends, and the reader is closed: its
+            # socket, its consumer on the stream and its buffer are not left behind. A
+            # cancellation may have cancelled `folding.future` already (it lands in `_landed`
+            # as often as not), so wait for the fold thread itself, not that future.
+            try:
+                if folding is not None:
+                    await _to_the_end(folding.landed.wait())
+            finally:
+                await _to_the_end(reader.close())
 
     def _progress(
         self, running: Running, stream: str, done: _InFlight

@@ -203,11 +203,15 @@ class Projector(FoldPipeline):
         )
         report = await asyncio.to_thread(self._compare, old, running)
         await asyncio.to_thread(self.store.promote, running.gen, old.gen if old else None, report)
-        if old is not None:
-            for task in old.tasks:
-                task.cancel()
-            self._running.pop((name, old.gen.generation), None)
         log.info("projection %s: generation %d is live (%s)", name, running.gen.generation, report)
+        if old is not None:
+            self._running.pop((name, old.gen.generation), None)
+            # Stop the old fold loops before their schema goes: each ends once its batch in
+            # flight is done with and its reader (socket, consumer, buffer) is closed
+            # (pipeline.py). Dropped first, that batch failed on the dropped schema. stop_tasks
+            # cancels again if a cancellation is swallowed (backbone/tasks.py).
+            await stop_tasks(old.tasks)
+            await asyncio.to_thread(self.store.drop_retired, old.gen)
 
     def _compare(self, old: _Running | None, new: _Running) -> str:
         """Compare the rebuilt tables with the live ones when both stand at the same checkpoints."""

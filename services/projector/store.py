@@ -174,7 +174,11 @@ class ViewStore:
             return frozenset(self.dropped)
 
     def promote(self, new: Generation, old: Generation | None, report: str | None) -> None:
-        """Make `new` the live generation in one transaction, then drop the old tables."""
+        """Make `new` the live generation (and `old` retired) in one transaction.
+
+        The old tables stay until `drop_retired`: the projector first stops the old
+        generation's fold loops, whose batch in flight would otherwise fail on a dropped schema.
+        """
         with self._lock:
             cur = self.con.cursor()
             cur.execute(f'USE "{self.catalog}"')
@@ -199,10 +203,13 @@ class ViewStore:
         new.state = "live"
         if old is not None:
             old.state = "retired"
-            with self._lock:
-                self.con.execute("DELETE FROM fleetlog_checkpoints WHERE schema_name = ?", [old.schema])
-                self.con.execute(f'DROP SCHEMA IF EXISTS "{old.schema}" CASCADE')
-                self._dropped(old.schema)
+
+    def drop_retired(self, old: Generation) -> None:
+        """Drop a promoted-over generation's tables and checkpoints (nothing folds it any more)."""
+        with self._lock:
+            self.con.execute("DELETE FROM fleetlog_checkpoints WHERE schema_name = ?", [old.schema])
+            self.con.execute(f'DROP SCHEMA IF EXISTS "{old.schema}" CASCADE')
+            self._dropped(old.schema)
 
     # -- reading -------------------------------------------------------------
     def checkpoints(self, schema: str) -> dict[str, int]:
