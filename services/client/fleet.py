@@ -15,6 +15,7 @@ spool locally and the client keeps trying (queries raise FleetUnavailable).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ from fleetlog.services.client.state import StateAPI
 from fleetlog.services.writepath import exitsafe
 from fleetlog.services.writepath.publisher import Publisher, PublisherStats, Receipt, Token
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -171,9 +173,10 @@ class Fleet:
         """One query-service request; errors come back as typed exceptions."""
         nc = await self.nats(min(timeout, 2.0))
         denied_before = denials(nc, subject)
+        payload = _encode(body)
         try:
             try:
-                msg = await nc.request(subject, _encode(body), timeout=timeout)
+                msg = await _ask(nc, subject, payload, timeout)
             except NatsTimeout:
                 if denials(nc, subject) > denied_before:
                     raise PermissionDenied(subject) from None
@@ -182,7 +185,7 @@ class Fleet:
                 # On a cluster the request or its answer can be lost with a node (the connection
                 # of either side moves to another one): ask once more, on the live connection.
                 nc = await self.nats(min(timeout, 2.0))
-                msg = await nc.request(subject, _encode(body), timeout=timeout)
+                msg = await _ask(nc, subject, payload, timeout)
         except NoRespondersError:
             raise FleetUnavailable(
                 f"no fleetlog query service answers {subject} (is `fleetlog up` or `fleetlog serve` running?)"
@@ -320,3 +323,19 @@ def _split_validation(message: str) -> tuple[str, str]:
         rule, _, where = message.rpartition(" - at `$.")
         return where.rstrip("`"), rule
     return "event", message
+
+
+NO_RESPONDERS_GRACE_S = 1.0  # a node joining or restarting has no responders for a moment
+
+
+async def _ask(nc: Client, subject: str, payload: bytes, timeout: float) -> Msg:
+    """One request; "no responders" is asked again for a short while (a node that is joining
+    the query group, or restarting, is not there for an instant) before it is believed."""
+    deadline = asyncio.get_running_loop().time() + min(timeout, NO_RESPONDERS_GRACE_S)
+    while True:
+        try:
+            return await nc.request(subject, payload, timeout=timeout)
+        except NoRespondersError:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
