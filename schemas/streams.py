@@ -17,8 +17,6 @@ class StreamSpec:
     `max_age_s` None means no age limit; `max_msgs_per_subject` 1 makes the
     stream a compacted table (last message per subject), N keeps the last N.
     `max_age_setting` names the `FleetSettings` field that overrides max_age_s.
-    `allow_atomic` lets a publisher store several messages all or nothing (JetStream
-    atomic batch, nats-server 2.12+), each with its own expected sequence.
     """
 
     name: str
@@ -28,7 +26,6 @@ class StreamSpec:
     max_msgs_per_subject: int = -1
     max_age_setting: str | None = None
     duplicate_window_s: float = 120.0
-    allow_atomic: bool = False
 
 
 STREAMS: Final[tuple[StreamSpec, ...]] = (
@@ -77,7 +74,6 @@ STREAMS: Final[tuple[StreamSpec, ...]] = (
         ("fleet.proc.*.session.*", "fleet.proc.*.run.*", "fleet.proc.*.lock"),
         "processor bookkeeping per (processor, session file), runs, locks (latest per subject)",
         max_msgs_per_subject=1,
-        allow_atomic=True,  # a run record and the lock's re-assertion, stored together or not at all
     ),
     StreamSpec(
         "FLEET_SCHEDULER",

@@ -32,7 +32,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-__all__ = ["BatchItem", "BrokerRefused", "Guarded", "StoredMsg", "WrongLastSequence"]
+__all__ = ["BrokerRefused", "Guarded", "StoredMsg", "WrongLastSequence"]
 
 WRONG_LAST_SEQUENCE = 10071
 # The same refusal from a clustered stream's leader while another write to the subject is
@@ -193,50 +193,6 @@ class Guarded:
                 raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
             raise BrokerRefused(f"JetStream refused the publish to {subject}: {ack.error.get('description')}")
         return ack.stream, ack.seq, ack.duplicate
-
-    async def publish_batch(self, items: list[BatchItem], batch_id: str) -> tuple[str, int]:
-        """All or nothing, each item guarded on its own subject (see `_publish_batch`)."""
-        return await _publish_batch(self, items, batch_id)
-
-
-class BatchItem(NamedTuple):
-    subject: str
-    payload: bytes
-    msg_id: str
-    expected_last_seq: int  # the subject's last seq this message requires (0: the subject is empty)
-
-
-async def _publish_batch(g: Guarded, items: list[BatchItem], batch_id: str) -> tuple[str, int]:
-    """Store `items` all or nothing (JetStream atomic batch; the stream needs `allow_atomic`).
-
-    Each message carries its own expected last subject sequence; if any fails, nothing is
-    stored and WrongLastSequence is raised (JetStream does not say which one). Every
-    message is a request: the staged ones are answered empty, the commit with the ack of
-    the whole batch. Returns (stream, seq of the last message)."""
-    version = g.nc.connected_server_version
-    if (version.major, version.minor) < (2, 12):
-        # An older server ignores the batch headers and would store the messages one by one,
-        # each on its own guard: never fall back to that silently.
-        raise BrokerRefused(f"atomic batch publish needs nats-server 2.12 or later (connected to {version})")
-    n = len(items)
-    for i, item in enumerate(items, 1):
-        headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i), "Nats-Msg-Id": item.msg_id,
-                   "Nats-Expected-Last-Subject-Sequence": str(item.expected_last_seq)}
-        if i == n:
-            headers["Nats-Batch-Commit"] = "1"
-        # Every message is a request: a staged one is answered with an empty body or an error,
-        # so a refusal is seen here, never silently dropped (no core publish into the stream).
-        reply = await g._request(item.subject, item.payload, headers)
-        if i < n and not reply.data:
-            continue
-        ack = _ack_decoder.decode(reply.data)
-        if ack.error is not None:
-            if ack.error.get("err_code") in _LOST_RACE:
-                raise WrongLastSequence(str(ack.error.get("description", "wrong last sequence")))
-            raise BrokerRefused(f"JetStream refused the batch on {item.subject}: {ack.error.get('description')}")
-        if i == n:
-            return ack.stream, ack.seq
-    raise ValueError("an empty batch")
 
 
 def _stored(msg: Any) -> StoredMsg | None:

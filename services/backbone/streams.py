@@ -54,7 +54,6 @@ def stream_config(spec: StreamSpec, settings: FleetSettings) -> StreamConfig:
         duplicate_window=spec.duplicate_window_s if not max_age else min(spec.duplicate_window_s, max_age),
         num_replicas=settings.stream_replicas,
         allow_direct=True,  # guarded commands read the last message per subject with direct get
-        allow_atomic=spec.allow_atomic or None,
     )
 
 
@@ -67,16 +66,10 @@ async def ensure_streams(nc: Client, settings: FleetSettings) -> None:
     and ReplicasRefused says why and what to set."""
     set_replicas = "stream_replicas" in settings.model_fields_set
     jsm = nc.jetstream()
-    version = nc.connected_server_version
-    atomic_ok = (version.major, version.minor) >= (2, 12)  # older servers lack atomic batches
     clustered = bool(getattr(nc, "_server_info", {}).get("cluster"))
     loop = asyncio.get_running_loop()
     for spec in STREAMS:
         wanted = stream_config(spec, settings)
-        if wanted.allow_atomic and not atomic_ok:
-            log.warning("%s: nats-server %s has no atomic batch publish (2.12+): processor run records "
-                        "written under a lock will be refused", spec.name, version)
-            wanted.allow_atomic = None
         # On a cluster that has just (re)started, a stream's group may not have a leader yet
         # even though the meta leader exists: its API calls time out or answer 503 for a few
         # seconds. Wait for it (bounded); on one server such an error is real and raised.
@@ -111,7 +104,7 @@ async def _ensure_one(jsm: JetStreamContext, name: str, wanted: StreamConfig, se
         or have.max_msgs_per_subject != wanted.max_msgs_per_subject
         or abs((have.max_age or 0) - (wanted.max_age or 0)) > 1e-6
         or not have.allow_direct
-        or bool(have.allow_atomic) != bool(wanted.allow_atomic)
+        or bool(have.allow_atomic)  # an older fleetlog's FLEET_PROCESSORS: nothing writes atomic batches
         or (have.num_replicas or 1) != (wanted.num_replicas or 1)
     ):
         await _apply(jsm.update_stream(wanted), name, settings, "update")
