@@ -6,12 +6,13 @@ nats-server processes on real store dirs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nats
 import pytest
 from fleetlog.services.backbone.errors import FleetUnavailable
-from fleetlog.services.node.broker import BrokerError, EmbeddedBroker, account_stores, free_port
+from fleetlog.services.node.broker import BrokerError, EmbeddedBroker, account_stores, free_port, reload_secure_broker
 from fleetlog.services.node.cluster import LocalCluster
 from fleetlog.services.node.server import Server
 
@@ -108,3 +109,19 @@ async def test_a_request_nobody_answers_through_an_import_is_no_responders(tmp_p
                 await f.status()
     finally:
         await broker.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_reload_refuses_a_running_node_of_one_account(tmp_path: Path) -> None:
+    """`identities add|revoke` on a node an older fleetlog started (its config has users in the
+    global account, its streams in `$G`): rendering accounts into it would strand the streams,
+    so the reload says to restart it; a stopped one is left for its next start."""
+    node = tmp_path / "broker"
+    node.mkdir()
+    (node / "nats.conf").write_text('{"listen": "127.0.0.1:4222", "authorization": {"users": []}}')
+    (node / "nats.pid").write_text(str(os.getpid()))  # a live process stands in for its nats-server
+    with pytest.raises(BrokerError, match=r"before accounts .*start it again with `fleetlog up --secure`"):
+        await reload_secure_broker(node)
+    (node / "nats.pid").write_text("999999999")  # no such process: stopped
+    assert not await reload_secure_broker(node)
+    assert "authorization" in (node / "nats.conf").read_text()  # untouched until it starts
