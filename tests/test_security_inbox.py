@@ -35,7 +35,6 @@ async def test_an_identity_reads_only_its_own_replies(node: Node, tmp_path: Path
     bob_root = Identity.load(bob).inbox_prefix
     assert bob_root.startswith("_INBOX.U") and bob_root != Identity.load(alice).inbox_prefix
     nc = await raw(broker, alice)
-    admin = await raw(broker, broker.credentials_path("admin-fleetlog"))
     try:
         stolen: list[bytes] = []
         own: asyncio.Queue[bytes] = asyncio.Queue()
@@ -50,12 +49,14 @@ async def test_an_identity_reads_only_its_own_replies(node: Node, tmp_path: Path
         await nc.subscribe("_INBOX.>", cb=steal)
         await nc.subscribe(f"{Identity.load(alice).inbox_prefix}.probe", cb=mine)
         await nc.flush()
-        # The admin answers "bob" first, then alice on her own inbox: one sender's messages
-        # reach a client in order, so once hers arrived, bob's would have (were it allowed).
-        await admin.publish(f"{bob_root}.x.y", b"bob's reply")
-        await admin.publish(f"{Identity.load(alice).inbox_prefix}.probe", b"alice's")
-        await admin.flush()
-        assert await asyncio.wait_for(own.get(), 30) == b"alice's"
+        # Two of alice's attempts, the first acked to bob's inbox, the second to her own: the
+        # stream acks in order (and, on a secure node's accounts, the admin's messages cannot
+        # reach a client inbox at all), so once hers arrived, bob's would have (were it allowed).
+        await nc.publish("fleet.attempt.alice.probe", _attempt("alice"), reply=f"{bob_root}.x.y")
+        await nc.publish("fleet.attempt.alice.probe", _attempt("alice"),
+                         reply=f"{Identity.load(alice).inbox_prefix}.probe")
+        await nc.flush()
+        assert b'"stream":"FLEET_ATTEMPTS"' in await asyncio.wait_for(own.get(), 30)
         assert stolen == []
         refused = [t for t in errors_of(nc) if "permissions violation for subscription" in t.lower()]
         assert any(bob_root.lower() in t for t in refused), errors_of(nc)
@@ -65,14 +66,13 @@ async def test_an_identity_reads_only_its_own_replies(node: Node, tmp_path: Path
         assert ack.stream == "FLEET_ATTEMPTS"  # a JetStream ack on her own root
     finally:
         await nc.close()
-        await admin.close()
     async with Fleet.connect(broker.url, credentials=alice, spool_dir=tmp_path / "a", ensure=False) as fleet:
         assert fleet._link.nc is not None and bytes(fleet._link.nc._inbox_prefix).decode() == \
             Identity.load(alice).inbox_prefix  # nats-py's requests and the publisher's raw wire alike
         fleet.attempts.record(agent="alice", action="sdk", outcome="success", elapsed_s=1.0)
         token = await fleet.flush(timeout=30)
         page = await fleet.attempts.query(agent="alice", min_seq=token)
-        assert sorted(r.action for r in page.items) == ["probe", "sdk"]
+        assert sorted(r.action for r in page.items) == ["probe"] * 3 + ["sdk"]
 
 
 async def test_snapshots_only_as_its_own_agent_and_host(node: Node, tmp_path: Path) -> None:

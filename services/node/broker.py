@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .identities import Registry, authorization, broker_config, password_path, registry_lock, write_private
+from .identities import FLEET_ACCOUNT, Registry, accounts, broker_config, password_path, registry_lock, write_private
 
 # Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL or
 # os._exit (pytest-timeout), so no orphan nats-server outlives it. libc is loaded here, in
@@ -43,8 +43,12 @@ def die_with_parent() -> Callable[[], None]:
     return functools.partial(_die_with_parent, os.getpid())
 
 
-__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "ensure_builtin_identities", "find_nats_server",
-           "free_port", "probe_nats", "reload_secure_broker", "seed_path"]
+__all__ = ["GLOBAL_ACCOUNT", "BrokerError", "EmbeddedBroker", "account_stores", "adopt_store", "die_with_parent",
+           "ensure_builtin_identities", "find_nats_server", "free_port", "probe_nats", "reload_secure_broker",
+           "seed_path"]
+
+# nats-server's account when no accounts are configured: a plain node's streams live there.
+GLOBAL_ACCOUNT = "$G"
 
 
 class BrokerError(RuntimeError):
@@ -139,6 +143,8 @@ class EmbeddedBroker:
             return
         binary = find_nats_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.conf is None:  # a cluster node's store is checked by the cluster (services/node/cluster.py)
+            adopt_store(self.data_dir / "jetstream", FLEET_ACCOUNT if self.secure else GLOBAL_ACCOUNT)
         if self.secure:
             if self.conf is None:  # a cluster makes them once, before its nodes start
                 ensure_builtin_identities(self.registry_dir)
@@ -226,6 +232,28 @@ def ensure_builtin_identities(registry_dir: Path) -> None:
         registry.add(role, "fleetlog", out=seed)  # admin: its dashboard password beside the seed
 
 
+def account_stores(store_dir: Path) -> Path:
+    """Where nats-server keeps each account's streams under a `store_dir` (`<store_dir>/jetstream/<account>`)."""
+    return Path(store_dir) / "jetstream"
+
+
+def adopt_store(store_dir: Path, account: str) -> bool:
+    """Give a single node's streams to the account it is about to serve them in, before
+    nats-server starts: a secure node keeps them in FLEET, a plain one in the global account
+    (`$G`), and a store from the other mode (a secure node of a fleetlog before accounts, or
+    a plain node started `--secure`) has them under the other name. A stream's files name no
+    account (meta.inf is its config, meta.sum is keyed by the stream's name), so moving the
+    directory is the whole move: nats-server loads the streams as the account's at start
+    (tests/test_accounts_upgrade.py). Nothing moves when the account already has a store.
+    True when it moved."""
+    root = account_stores(store_dir)
+    other = GLOBAL_ACCOUNT if account == FLEET_ACCOUNT else FLEET_ACCOUNT
+    if not (root / other).is_dir() or (root / account).exists():
+        return False
+    os.rename(root / other, root / account)
+    return True
+
+
 _write_private = write_private  # the broker's own files: mode 0600, a temp file per write
 
 
@@ -239,7 +267,7 @@ async def reload_secure_broker(data_dir: Path, timeout_s: float = 10.0) -> bool:
     # Under the registry's lock, taken off the event loop: two reloads at once each render the
     # registry as they read it, and the older could be written (and loaded) last.
     with await asyncio.to_thread(_locked, data_dir):
-        users = authorization(Registry(data_dir).load())
+        users = accounts(Registry(data_dir).load())
         for node in [data_dir, *sorted((data_dir.parent / "cluster").glob("node-*"))]:
             reloaded = await _reload_node(node, users, timeout_s) or reloaded
     return reloaded
@@ -258,9 +286,17 @@ async def _reload_node(node: Path, users: dict[str, Any], timeout_s: float) -> b
         conf = json.loads(conf_path.read_text())
     except (OSError, ValueError):  # no node, or a plain one (its config is not fleetlog's JSON)
         return False
-    if not isinstance(conf, dict) or "authorization" not in conf:
+    if not isinstance(conf, dict) or ("accounts" not in conf and "authorization" not in conf):
         return False
-    conf["authorization"] = users  # the rest of the config (cluster, ports) stays as the node started
+    if "accounts" not in conf:
+        # An older fleetlog's node, its streams in the global account: rendering accounts into it
+        # would leave them behind; the move happens at its next start (`adopt_global_account`).
+        # A stopped one is rendered anew then.
+        if not _alive(node / "nats.pid"):
+            return False
+        raise BrokerError(f"{conf_path}: this node was started by a fleetlog before accounts (one global "
+                          "account); stop it and start it again with `fleetlog up --secure`, then retry")
+    conf["accounts"] = users  # the rest of the config (cluster, ports) stays as the node started
     _write_private(conf_path, json.dumps(conf, indent=1))
     log_path = node / "nats-server.log"
     before = _reloads(log_path)
@@ -276,6 +312,14 @@ async def _reload_node(node: Path, users: dict[str, Any], timeout_s: float) -> b
         if asyncio.get_running_loop().time() > deadline:
             raise BrokerError(f"nats-server did not reload {conf_path} within {timeout_s}s; see {log_path}")
         await asyncio.sleep(0.02)
+    return True
+
+
+def _alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
     return True
 
 

@@ -30,7 +30,15 @@ from typing import Any
 
 import nats
 from fleetlog.services.backbone.nkeyauth import Identity
-from fleetlog.services.node.broker import BrokerError, EmbeddedBroker, ensure_builtin_identities, free_port
+from fleetlog.services.node.broker import (
+    GLOBAL_ACCOUNT,
+    BrokerError,
+    EmbeddedBroker,
+    account_stores,
+    ensure_builtin_identities,
+    free_port,
+)
+from fleetlog.services.node.identities import FLEET_ACCOUNT
 
 __all__ = ["CLUSTER_NAME", "LocalCluster", "cluster_args", "healthz", "js_ready"]
 
@@ -137,6 +145,7 @@ class LocalCluster:
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start every node, then wait until all of them report healthy (meta leader elected)."""
+        self.check_stores()
         if self.secure:  # once, before any node reads the registry
             ensure_builtin_identities(self.registry_dir)
         try:
@@ -145,6 +154,25 @@ class LocalCluster:
         except BaseException:
             await self.stop()
             raise
+
+    def check_stores(self) -> None:
+        """Refuse a store whose streams are in the other mode's account: a secure cluster from a
+        fleetlog before accounts (streams in the global account `$G`), or a plain cluster over a
+        secure one's store (in FLEET). A single node moves them by a rename
+        (`broker.adopt_store`); a cluster cannot: its JetStream meta group records each stream
+        with its account, and after a rename every node would still look for them in the old one."""
+        want, other = (FLEET_ACCOUNT, GLOBAL_ACCOUNT) if self.secure else (GLOBAL_ACCOUNT, FLEET_ACCOUNT)
+        for node in self.nodes:
+            root = account_stores(node.data_dir / "jetstream")
+            if (root / other).is_dir() and not (root / want).exists():
+                parent = node.data_dir.parent
+                raise BrokerError(
+                    f"{root / other}: this {'secure' if self.secure else 'plain'} cluster's store keeps its streams "
+                    f"in the account {other!r} (" + ("a secure cluster of a fleetlog before accounts"
+                                                     if self.secure else "it ran as `up --secure`")
+                    + f"), which a cluster cannot move to {want!r}. Start it as it was "
+                    + ("with the fleetlog that made it" if self.secure else "(`up --secure --cluster N`)")
+                    + f", or move {parent} away and start a new cluster (docs/security.md, \"Upgrading\")")
 
     async def wait_healthy(self, timeout_s: float = 60.0, nodes: list[int] | None = None) -> None:
         """Until the plain `/healthz` of the given nodes (default: every running one) says ok; a

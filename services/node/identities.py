@@ -28,10 +28,13 @@ from fleetlog.services.backbone.nkeyauth import inbox_prefix, new_seed, write_se
 
 __all__ = [
     "ADMIN_ONLY",
+    "CLIENTS_ACCOUNT",
+    "FLEET_ACCOUNT",
     "ROLES",
+    "SERVICES",
     "IdentityError",
     "Registry",
-    "authorization",
+    "accounts",
     "broker_config",
     "password_path",
     "permissions",
@@ -214,12 +217,55 @@ def password_path(seed_file: Path) -> Path:
     return Path(seed_file).with_suffix(".password")
 
 
-def authorization(users: list[dict[str, Any]]) -> dict[str, Any]:
-    """The `authorization` block of a secure node's config: each identity by public key."""
-    return {"users": [
-        {"nkey": u["nkey"], "permissions": permissions(u["role"], u["name"], u["host"], public_key=u["nkey"])}
-        for u in users
-    ]}
+# Two accounts on a secure node (docs/security.md, "Replies as a deputy"). nats-server's own
+# answers (a JetStream ack, a stream info, a direct get) go to whatever reply subject the asker
+# named, and no subject permission stops that inside one account: an agent naming a state key
+# as its reply had the server store its PubAck there. So the streams and the trusted roles live
+# in FLEET, every other identity in CLIENTS, which reaches FLEET only through service imports:
+# the server rewrites a request's reply to a `_R_.` subject of FLEET and carries the answer back
+# to the reply in CLIENTS, where no stream captures anything.
+FLEET_ACCOUNT: Final = "FLEET"
+CLIENTS_ACCOUNT: Final = "CLIENTS"
+TRUSTED: Final = frozenset({"service", "admin"})
+# What a client role publishes or asks, as FLEET exports it (subject, response type). Per-user
+# publish permissions still decide who may send what; an import only carries it across.
+# `singleton`: one answer per request (a JetStream ack, a query, a stream info, a direct or
+# leader message get: fleetlog makes no batch gets). `stream`: `$SRV.PING.fleetlog` is answered
+# by every query service instance (`fleetlog status --nodes` on a cluster collects them all);
+# a singleton import would let only the first answer back.
+SERVICES: Final = (
+    ("fleet.attempt.>", "singleton"), ("fleet.snapshot.>", "singleton"), ("fleet.diff.>", "singleton"),
+    ("fleet.runtime.>", "singleton"), ("fleet.run.>", "singleton"), ("fleet.state.>", "singleton"),
+    ("fleet.proc.>", "singleton"), ("fleetlog.>", "singleton"), ("$SRV.PING.fleetlog", "stream"),
+    ("$JS.API.STREAM.INFO.>", "singleton"), ("$JS.API.DIRECT.GET.>", "singleton"),
+    ("$JS.API.STREAM.MSG.GET.>", "singleton"),
+    # No client role may ask it (its permissions deny it), but without an import covering it
+    # nats-server gives CLIENTS a JetStream API responder of its own (`serviceImportShadowed`
+    # in its jetstream.go), which answers every `$JS.API.>` request "JetStream not enabled for
+    # account" before FLEET's answer can come back.
+    ("$JS.API.INFO", "singleton"),
+)
+
+
+def _user(u: dict[str, Any]) -> dict[str, Any]:
+    return {"nkey": u["nkey"], "permissions": permissions(u["role"], u["name"], u["host"], public_key=u["nkey"])}
+
+
+def accounts(users: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `accounts` block of a secure node's config: FLEET (JetStream, `service` and `admin`,
+    the exports) and CLIENTS (every other identity by public key, one import per export, no
+    prefix: a client asks the same subjects as on one account). nats-server adds `$SYS`."""
+    return {
+        FLEET_ACCOUNT: {
+            "jetstream": "enabled",
+            "users": [_user(u) for u in users if u["role"] in TRUSTED],
+            "exports": [{"service": subject, "response_type": kind} for subject, kind in SERVICES],
+        },
+        CLIENTS_ACCOUNT: {
+            "users": [_user(u) for u in users if u["role"] not in TRUSTED],
+            "imports": [{"service": {"account": FLEET_ACCOUNT, "subject": subject}} for subject, _ in SERVICES],
+        },
+    }
 
 
 def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Path,
@@ -232,7 +278,7 @@ def broker_config(host: str, port: int, name: str, store_dir: Path, pid_file: Pa
         "server_name": name,
         "pid_file": str(pid_file),
         "jetstream": {"store_dir": str(store_dir)},
-        "authorization": authorization(users),
+        "accounts": accounts(users),
     }
     for key, value in (extra or {}).items():
         conf[key] = {**conf[key], **value} if isinstance(conf.get(key), dict) else value

@@ -29,7 +29,8 @@ from nats.aio.msg import Msg
 from nats.micro.request import Request
 from nats.micro.service import Service, ServiceConfig, ServiceStats
 
-__all__ = ["REPLY_ROOT", "Dispatcher", "HonestService", "ReplyTooBig", "fit_reply", "note_lag", "private_reply"]
+__all__ = ["IMPORT_REPLY_ROOT", "REPLY_ROOT", "Dispatcher", "HonestService", "ReplyTooBig", "fit_reply", "note_lag",
+           "private_reply"]
 
 log = logging.getLogger("fleetlog.query")
 
@@ -42,12 +43,20 @@ A = TypeVar("A")
 # reply subject it names: a service that may publish anywhere and answered any reply would
 # write for a reader into a stream (`reply=fleet.run.<id>.state`: a "confused deputy").
 REPLY_ROOT = "_INBOX."
+# A client identity of a secure node asks from the CLIENTS account through a service import
+# (services/node/identities.py `accounts`): nats-server rewrites the reply it named to a
+# response subject of its own under `_R_.` in this account, valid for the answer(s) to that
+# one request, and carries what is published there back to the original reply in CLIENTS.
+# Answering one is safe: no stream here captures `_R_.`, and whatever reply the client named
+# is written in CLIENTS, where nothing stores it (a client may not publish here directly).
+IMPORT_REPLY_ROOT = "_R_."
 
 
 def private_reply(msg: Any) -> bool:
-    """Whether a request's reply subject is an inbox (else it is dropped, never answered)."""
+    """Whether a request's reply subject is an inbox or an import's response subject (else it
+    is dropped, never answered)."""
     reply = getattr(msg, "reply", "") or ""
-    return isinstance(reply, str) and reply.startswith(REPLY_ROOT)
+    return isinstance(reply, str) and reply.startswith((REPLY_ROOT, IMPORT_REPLY_ROOT))
 
 
 class ReplyTooBig(Exception):
@@ -121,8 +130,9 @@ class HonestService(Service):
         if private_reply(msg):
             return False
         self.foreign_replies += 1
-        log.warning("dropped a request on %s: its reply subject %r is not an inbox (%s...); not answered",
-                    getattr(msg, "subject", "?"), getattr(msg, "reply", ""), REPLY_ROOT)
+        log.warning("dropped a request on %s: its reply subject %r is not an inbox (%s...) nor an import's "
+                    "(%s...); not answered",
+                    getattr(msg, "subject", "?"), getattr(msg, "reply", ""), REPLY_ROOT, IMPORT_REPLY_ROOT)
         return True
 
     # nats.micro's own PING / INFO / STATS handlers answer to the request's reply subject too.
