@@ -125,3 +125,62 @@ async def test_a_reload_refuses_a_running_node_of_one_account(tmp_path: Path) ->
     (node / "nats.pid").write_text("999999999")  # no such process: stopped
     assert not await reload_secure_broker(node)
     assert "authorization" in (node / "nats.conf").read_text()  # untouched until it starts
+
+
+@pytest.mark.asyncio
+async def test_a_ping_answer_later_than_the_window_is_not_carried_back(tmp_path: Path) -> None:
+    """The ping export carries answers back for PING_ANSWER_WINDOW_S only (a reply mapping the
+    broker would otherwise keep 2 min per ping: a reader pinging in a loop grew it without bound)."""
+    import asyncio
+
+    from fleetlog.services.client.nodes import PING_ANSWER_WINDOW_S
+    broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=True)
+    await broker.start()
+    try:
+        responder = await raw(broker, broker.credentials_path("service-fleetlog"))  # in FLEET
+        dash = await raw(broker, await identity(broker, "reader", "dash"))
+        try:
+            async def answer(msg: nats.aio.msg.Msg) -> None:
+                await msg.respond(b"soon")
+                await asyncio.sleep(PING_ANSWER_WINDOW_S + 1.0)
+                await msg.respond(b"late")
+
+            sub = await responder.subscribe("$SRV.PING.fleetlog", cb=answer)
+            await responder.flush()
+            inbox = dash.new_inbox()
+            got = await dash.subscribe(inbox)
+            await dash.publish("$SRV.PING.fleetlog", b"", reply=inbox)
+            assert (await got.next_msg(timeout=WAIT_S)).data == b"soon"
+            with pytest.raises(nats.errors.TimeoutError):  # the late answer is not carried back
+                await got.next_msg(timeout=PING_ANSWER_WINDOW_S + 3.0)
+            await sub.unsubscribe()
+        finally:
+            await dash.close()
+            await responder.close()
+        async with Fleet.connect(broker.url, credentials=broker.credentials_path("admin-fleetlog"),
+                                 spool_dir=tmp_path / "spool", ensure=False) as f:
+            with pytest.raises(ValueError, match=r"wait_s: must be > 0 and <= 2 s"):
+                await f.nodes(wait_s=PING_ANSWER_WINDOW_S + 1)
+    finally:
+        await broker.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_store_with_streams_in_both_accounts_is_refused(tmp_path: Path) -> None:
+    """After a downgrade (a fleetlog before accounts makes new streams in `$G` beside FLEET) and an
+    upgrade again, either mode would serve half the record: both refuse, naming both dirs."""
+    store = account_stores(tmp_path / "broker" / "jetstream")
+    for account in ("$G", "FLEET"):
+        (store / account / "streams" / "FLEET_ATTEMPTS").mkdir(parents=True)
+    for secure in (True, False):
+        broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), secure=secure)
+        with pytest.raises(BrokerError, match=r"\$G and .*FLEET both hold streams"):
+            await broker.start()
+        assert broker.process is None
+    cluster = LocalCluster(tmp_path / "cluster", size=3, port=free_port(), secure=True)
+    split = account_stores(cluster.nodes[2].data_dir / "jetstream")
+    for account in ("$G", "FLEET"):
+        (split / account / "streams" / "FLEET_STATE").mkdir(parents=True)
+    with pytest.raises(BrokerError, match=r"both hold streams"):
+        await cluster.start()
+    assert all(n.process is None for n in cluster.nodes)

@@ -332,6 +332,22 @@ async def test_the_request_endpoint(fleet: Fleet, lines: Lines, gate: tuple[asyn
         await running
         with pytest.raises(FleetValidationError):
             await caller.processors.request_run("lines", time_budget_seconds=-1)
+        # A request naming a stream subject as its reply is dropped unanswered (the deputy guard,
+        # backbone/replies.py): nothing is stored there, for health and run alike.
+        nc = await caller.nats()
+        js = nc.jetstream()
+        target = "fleet.proc.lines.lock"  # compacted: the subject's last message is what counts
+        before = (await js.get_last_msg("FLEET_PROCESSORS", target)).seq
+        for subject, body in (("fleetlog.processors.health", b"{}"), ("fleetlog.processors.run", b'{"processor":"x"}')):
+            await nc.publish(subject, body, reply=target)
+        await nc.flush()
+        # Answered in order on each endpoint's subscription: once these two inbox requests are
+        # answered, the two above were handled (dropped, or answered onto `target`).
+        health = await nc.request("fleetlog.processors.health", b"{}", timeout=10)
+        assert "Nats-Service-Error-Code" not in (health.headers or {})
+        with pytest.raises(UnknownProcessor):
+            await caller.processors.request_run("x")
+        assert (await js.get_last_msg("FLEET_PROCESSORS", target)).seq == before
     finally:
         await caller.close()
         serving.cancel()

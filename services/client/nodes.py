@@ -13,14 +13,23 @@ import contextlib
 import json
 
 from fleetlog.schemas.answers import StatusAnswer, StatusQuery, node_status_subject
+from fleetlog.services.backbone.errors import FleetValidationError
 from fleetlog.services.client.seam import FleetClient
 
-__all__ = ["node_statuses"]
+__all__ = ["PING_ANSWER_WINDOW_S", "node_statuses"]
+
+# How long a ping's answers are carried back to a client identity on a secure node (the
+# `response_threshold` of the `$SRV.PING.fleetlog` export, services/node/identities.py): longer
+# would let a pinging client hold the broker's reply mappings longer; waiting past it is useless.
+PING_ANSWER_WINDOW_S = 2.0
 
 
 async def node_statuses(client: FleetClient, wait_s: float = 1.0, expect: int | None = None) -> list[StatusAnswer]:
     """The status of each node that answered a ping within `wait_s` (or once `expect` have),
     serving ones first."""
+    if not 0 < wait_s <= PING_ANSWER_WINDOW_S:
+        raise FleetValidationError("wait_s", f"must be > 0 and <= {PING_ANSWER_WINDOW_S:g} s (a secure "
+                                   f"broker carries a ping's answers back for {PING_ANSWER_WINDOW_S:g} s)")
     nc = await client.nats()
     inbox = nc.new_inbox()
     ids: list[str] = []

@@ -44,8 +44,8 @@ def die_with_parent() -> Callable[[], None]:
 
 
 __all__ = ["GLOBAL_ACCOUNT", "BrokerError", "EmbeddedBroker", "account_stores", "adopt_store", "die_with_parent",
-           "ensure_builtin_identities", "find_nats_server", "free_port", "probe_nats", "reload_secure_broker",
-           "seed_path"]
+           "ensure_builtin_identities", "find_nats_server", "free_port", "probe_nats", "refuse_split_store",
+           "reload_secure_broker", "seed_path"]
 
 # nats-server's account when no accounts are configured: a plain node's streams live there.
 GLOBAL_ACCOUNT = "$G"
@@ -248,10 +248,30 @@ def adopt_store(store_dir: Path, account: str) -> bool:
     True when it moved."""
     root = account_stores(store_dir)
     other = GLOBAL_ACCOUNT if account == FLEET_ACCOUNT else FLEET_ACCOUNT
+    refuse_split_store(root)
     if not (root / other).is_dir() or (root / account).exists():
         return False
     os.rename(root / other, root / account)
     return True
+
+
+def holds_streams(account_dir: Path) -> bool:
+    streams = account_dir / "streams"
+    return streams.is_dir() and any(streams.iterdir())
+
+
+def refuse_split_store(root: Path) -> None:
+    """Refuse a store with streams in both accounts: after a downgrade to a fleetlog before
+    accounts (which makes new, empty streams in `$G` beside FLEET and writes there) and an
+    upgrade again, either mode would serve half the record and say nothing (review finding:
+    a secure start served only the FLEET half, a plain start only the `$G` half)."""
+    if holds_streams(root / GLOBAL_ACCOUNT) and holds_streams(root / FLEET_ACCOUNT):
+        raise BrokerError(
+            f"{root / GLOBAL_ACCOUNT} and {root / FLEET_ACCOUNT} both hold streams: the record is split between "
+            "the global account (a fleetlog before accounts, or plain `up`) and FLEET (`up --secure`), and "
+            "either would serve only its half. Keep one: move the other away (e.g. `mv "
+            f"'{root / GLOBAL_ACCOUNT}' '{root}/G.old'`) and re-publish what it holds, or start over "
+            "(docs/security.md, \"Upgrading\")")
 
 
 _write_private = write_private  # the broker's own files: mode 0600, a temp file per write

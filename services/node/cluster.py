@@ -37,6 +37,7 @@ from fleetlog.services.node.broker import (
     account_stores,
     ensure_builtin_identities,
     free_port,
+    refuse_split_store,
 )
 from fleetlog.services.node.identities import FLEET_ACCOUNT
 
@@ -164,6 +165,7 @@ class LocalCluster:
         want, other = (FLEET_ACCOUNT, GLOBAL_ACCOUNT) if self.secure else (GLOBAL_ACCOUNT, FLEET_ACCOUNT)
         for node in self.nodes:
             root = account_stores(node.data_dir / "jetstream")
+            refuse_split_store(root)
             if (root / other).is_dir() and not (root / want).exists():
                 parent = node.data_dir.parent
                 raise BrokerError(

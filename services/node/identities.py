@@ -25,6 +25,7 @@ from typing import Any, Final
 from fleetlog.schemas.runs import RUNTIME_QUERIES
 from fleetlog.services.backbone.logins import LOGIN_ROLES, hash_password, new_password, write_password
 from fleetlog.services.backbone.nkeyauth import inbox_prefix, new_seed, write_seed
+from fleetlog.services.client.nodes import PING_ANSWER_WINDOW_S
 
 __all__ = [
     "ADMIN_ONLY",
@@ -247,6 +248,20 @@ SERVICES: Final = (
 )
 
 
+# How long nats-server carries the answers of one `stream` request back (`$SRV.PING.fleetlog`).
+# It keeps each such request's reply mapping that long even once answered (default 2 min):
+# a reader pinging in a loop grew the broker by ~0.9 KB per ping, 100k pings in 3 s to
+# +87 MB, without bound (review finding); with 1 s the same bursts stayed under ~115 MB.
+# `Fleet.nodes(wait_s)` waits at most this long for answers (PING_ANSWER_WINDOW_S).
+
+
+def _export(subject: str, kind: str) -> dict[str, Any]:
+    export: dict[str, Any] = {"service": subject, "response_type": kind}
+    if kind == "stream":
+        export["response_threshold"] = f"{PING_ANSWER_WINDOW_S:g}s"
+    return export
+
+
 def _user(u: dict[str, Any]) -> dict[str, Any]:
     return {"nkey": u["nkey"], "permissions": permissions(u["role"], u["name"], u["host"], public_key=u["nkey"])}
 
@@ -259,7 +274,7 @@ def accounts(users: list[dict[str, Any]]) -> dict[str, Any]:
         FLEET_ACCOUNT: {
             "jetstream": "enabled",
             "users": [_user(u) for u in users if u["role"] in TRUSTED],
-            "exports": [{"service": subject, "response_type": kind} for subject, kind in SERVICES],
+            "exports": [_export(subject, kind) for subject, kind in SERVICES],
         },
         CLIENTS_ACCOUNT: {
             "users": [_user(u) for u in users if u["role"] not in TRUSTED],

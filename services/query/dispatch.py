@@ -24,39 +24,17 @@ from typing import Any, TypeVar
 
 import msgspec
 from fleetlog.services.backbone.errors import StaleError
+from fleetlog.services.backbone.replies import GuardedService
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.micro.request import Request
-from nats.micro.service import Service, ServiceConfig, ServiceStats
+from nats.micro.service import ServiceConfig, ServiceStats
 
-__all__ = ["IMPORT_REPLY_ROOT", "REPLY_ROOT", "Dispatcher", "HonestService", "ReplyTooBig", "fit_reply", "note_lag",
-           "private_reply"]
+__all__ = ["Dispatcher", "HonestService", "ReplyTooBig", "fit_reply", "note_lag"]
 
 log = logging.getLogger("fleetlog.query")
 
 _encode = msgspec.json.Encoder().encode
 A = TypeVar("A")
-
-
-# Every fleetlog client's replies live under this root (an identity's under `_INBOX.<its
-# public key>`). NATS checks a requester's permission on the subject it asks, never on the
-# reply subject it names: a service that may publish anywhere and answered any reply would
-# write for a reader into a stream (`reply=fleet.run.<id>.state`: a "confused deputy").
-REPLY_ROOT = "_INBOX."
-# A client identity of a secure node asks from the CLIENTS account through a service import
-# (services/node/identities.py `accounts`): nats-server rewrites the reply it named to a
-# response subject of its own under `_R_.` in this account, valid for the answer(s) to that
-# one request, and carries what is published there back to the original reply in CLIENTS.
-# Answering one is safe: no stream here captures `_R_.`, and whatever reply the client named
-# is written in CLIENTS, where nothing stores it (a client may not publish here directly).
-IMPORT_REPLY_ROOT = "_R_."
-
-
-def private_reply(msg: Any) -> bool:
-    """Whether a request's reply subject is an inbox or an import's response subject (else it
-    is dropped, never answered)."""
-    reply = getattr(msg, "reply", "") or ""
-    return isinstance(reply, str) and reply.startswith((REPLY_ROOT, IMPORT_REPLY_ROOT))
 
 
 class ReplyTooBig(Exception):
@@ -116,37 +94,13 @@ def note_lag(lag: dict[str, int], lag_s: dict[str, float]) -> None:
         counters.lag, counters.lag_s = dict(lag), dict(lag_s)
 
 
-class HonestService(Service):
-    """A `nats.micro` service whose STATS carry the counters the request tasks keep."""
+class HonestService(GuardedService):
+    """A `nats.micro` service whose STATS carry the counters the request tasks keep, and that
+    answers only private replies (`GuardedService`)."""
 
     def __init__(self, client: Client, config: ServiceConfig) -> None:
         super().__init__(client, config)
         self.counters: dict[str, _Counters] = {}
-        # Requests whose reply subject was not an inbox: dropped unanswered (see REPLY_ROOT).
-        self.foreign_replies = 0
-
-    def refuse_reply(self, msg: Any) -> bool:
-        """True (and counted, logged) when `msg` names a reply outside the inboxes."""
-        if private_reply(msg):
-            return False
-        self.foreign_replies += 1
-        log.warning("dropped a request on %s: its reply subject %r is not an inbox (%s...) nor an import's "
-                    "(%s...); not answered",
-                    getattr(msg, "subject", "?"), getattr(msg, "reply", ""), REPLY_ROOT, IMPORT_REPLY_ROOT)
-        return True
-
-    # nats.micro's own PING / INFO / STATS handlers answer to the request's reply subject too.
-    async def _handle_ping_request(self, msg: Msg) -> None:
-        if not self.refuse_reply(msg):
-            await super()._handle_ping_request(msg)
-
-    async def _handle_info_request(self, msg: Msg) -> None:
-        if not self.refuse_reply(msg):
-            await super()._handle_info_request(msg)
-
-    async def _handle_stats_request(self, msg: Msg) -> None:
-        if not self.refuse_reply(msg):
-            await super()._handle_stats_request(msg)
 
     def stats(self) -> ServiceStats:
         stats = super().stats()

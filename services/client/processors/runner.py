@@ -29,6 +29,7 @@ import msgspec
 from fleetlog.schemas import new_event_id, now_iso
 from fleetlog.schemas.processors import ProcessorRunRecorded, ProcRunRequest, ProcRunStats
 from fleetlog.services.backbone.errors import FleetError, FleetValidationError
+from fleetlog.services.backbone.replies import GuardedService
 from fleetlog.services.client.processors.files import SessionFile, utcnow
 from fleetlog.services.client.processors.health import HEALTH_SUBJECT, HealthRequest, pipeline_health
 from fleetlog.services.client.processors.lock import ProcessorLock, ProcessorLockBusy
@@ -40,8 +41,8 @@ from fleetlog.services.client.processors.registry import (
     list_processor_names,
 )
 from nats.aio.client import Client
-from nats.micro import add_service
 from nats.micro.request import Request
+from nats.micro.service import ServiceConfig
 
 __all__ = ["DEFAULT_MAX_PER_RUN", "LEASE_S", "RUN_SUBJECT", "UnknownProcessor", "default_max_per_run", "run",
            "serve_runs"]
@@ -277,12 +278,16 @@ async def serve_runs(api: ProcessorsAPI, nc: Client, session_dir: str | Path, *,
                 await req.respond(_encode(ProcRunStats(**stats)))
 
     async def spawn(req: Request) -> None:
+        if svc.refuse_reply(req._msg):
+            return
         # Each request in its own task: a second request during a long run answers 409 at once.
         task = asyncio.create_task(handle(req))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
     async def health(req: Request) -> None:
+        if svc.refuse_reply(req._msg):
+            return
         try:
             body = _health_decoder.decode(req.data or b"{}")
             for name in body.processors or []:
@@ -300,8 +305,12 @@ async def serve_runs(api: ProcessorsAPI, nc: Client, session_dir: str | Path, *,
             with contextlib.suppress(Exception):
                 await req.respond(_encode(answer))
 
-    svc = await add_service(nc, name=SERVICE_NAME, version="1.0.0",
-                            description=f"runs session processors over {session_dir}")
+    # Answers only inbox and import replies, as the query service (backbone/replies.py): on a
+    # NATS run as one account, any role may ask `processors.health`, and an answer to a reply
+    # it named could otherwise be stored on a stream subject.
+    svc = GuardedService(nc, ServiceConfig(name=SERVICE_NAME, version="1.0.0",
+                                           description=f"runs session processors over {session_dir}"))
+    await svc.start()
     try:
         await svc.add_endpoint(name="processors-run", subject=RUN_SUBJECT, handler=spawn)
         await svc.add_endpoint(name="processors-health", subject=HEALTH_SUBJECT, handler=health)
