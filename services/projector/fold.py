@@ -54,10 +54,6 @@ class Reject(NamedTuple):
     data: bytes
 
 
-def _prepare_here(projection: Projection, raw: RawBatch) -> object:
-    return projection.prepare_raw(raw)
-
-
 def _no_hook(schema: str, stream: str, seq: int) -> AbstractContextManager[None]:
     return nullcontext()
 
@@ -72,8 +68,6 @@ class BatchFolder:
         # Wraps each COMMIT (schema, stream, checkpoint): the projector's seqlock for readers
         # (services/projector/committed.py), held around the COMMIT statement alone.
         self.around_commit: Callable[[str, str, int], AbstractContextManager[None]] = _no_hook
-        # Runs a projection's prepare_raw: in process, or the projector's child (prepare_child.py).
-        self.prepare_raw: Callable[[Projection, RawBatch], object] = _prepare_here
         self.last_commit = time.monotonic()
         self.bulk_batches = 0  # batches folded by a projection's fold_raw
         self.bulk_fallbacks = 0  # batches whose fold_raw failed and were folded decoded
@@ -154,7 +148,7 @@ class BatchFolder:
         table, payloads = self._raw_table(batch)
         batch.data = []
         try:
-            prepared = self.prepare_raw(projection, RawBatch(stream, table))
+            prepared = projection.prepare_raw(RawBatch(stream, table))
         except Exception as exc:  # fold_raw then works from the table alone
             log.warning("prepare of %d events failed (%s)", len(batch), exc)
             prepared = None

@@ -32,7 +32,6 @@ from fleetlog.services.projector.fold_stats import FoldStats
 from fleetlog.services.projector.pipeline import CATCHUP_BATCH_EVENTS, FoldPipeline
 from fleetlog.services.projector.pipeline import Feed as _Feed
 from fleetlog.services.projector.pipeline import Running as _Running
-from fleetlog.services.projector.prepare_child import PrepareChild
 from fleetlog.services.projector.retention import keep_to_streams
 from fleetlog.services.projector.store import Generation, ViewStore
 from nats.aio.client import Client
@@ -89,10 +88,6 @@ class Projector(FoldPipeline):
         self.fold_stats = FoldStats()  # batch sizes, fold times, rejects by kind: for /metrics
         self.committed = Committed()  # which checkpoints a read saw, without a transaction
         self.folder.around_commit = self.committed.committing
-        # Large batches (a replay, a backlog) are prepared in a child process, off this
-        # process's GIL (prepare_child.py); started on first use, ended in `stop`.
-        self.prepare_child = PrepareChild()
-        self.folder.prepare_raw = self.prepare_child.prepare
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -149,7 +144,6 @@ class Projector(FoldPipeline):
         await stop_tasks(self._aux)  # cancels again if a cancellation is swallowed (backbone/tasks.py)
         self._fold_thread.shutdown(wait=True)
         self._prepare_thread.shutdown(wait=True)
-        await asyncio.get_running_loop().run_in_executor(None, self.prepare_child.close)
 
     async def _launch(self, projection: Projection, gen: Generation, *, folds: bool) -> None:
         running = _Running(projection, gen, folds=folds)
