@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -127,6 +128,9 @@ def main() -> None:
                     rec(name, "make_ms", made)
     finally:
         spin.stop = True
+        con.close()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
     out = {n: {k: round(sorted(v)[len(v) // 2], 1) for k, v in d.items()} for n, d in results.items()}
     rows_ = [[n, d.get("alone_ms"), d.get("contended_ms"), d.get("commit_alone_ms"), d.get("commit_contended_ms"),
               d.get("make_ms")] for n, d in out.items()]
