@@ -156,30 +156,47 @@ class _Columns:
     def table(self) -> pa.Table:
         return pa.table(
             {
-                "id": pa.array(self.ids, pa.string(), memory_pool=POOL),
-                "seq": pa.array(self.seqs, pa.int64(), memory_pool=POOL),
-                "ts": pa.array(self.ts, pa.string(), memory_pool=POOL),
-                "ts_utc": pa.array(self.at, pa.timestamp("us", tz="UTC"), memory_pool=POOL),
-                "agent": pa.array(self.agents, pa.string(), memory_pool=POOL),
-                "action": pa.array(self.actions, pa.string(), memory_pool=POOL),
-                "outcome": pa.array(self.outcomes, pa.string(), memory_pool=POOL),
-                "elapsed_s": pa.array(self.elapsed, pa.float64(), memory_pool=POOL),
+                "id": _array(self.ids, pa.string()),
+                "seq": _array(self.seqs, pa.int64()),
+                "ts": _array(self.ts, pa.string()),
+                "ts_utc": _array(self.at, pa.timestamp("us", tz="UTC")),
+                "agent": _array(self.agents, pa.string()),
+                "action": _array(self.actions, pa.string()),
+                "outcome": _array(self.outcomes, pa.string()),
+                "elapsed_s": _array(self.elapsed, pa.float64()),
                 **_pane_columns("before", self.before),
                 **_pane_columns("after", self.after),
-                "extras": pa.array(self.extras, pa.string(), memory_pool=POOL),
+                "extras": _array(self.extras, pa.string()),
             }
         )
 
 
+# Rows per pa.array call. Converting a Python list holds the GIL for the whole call (~3 ms for
+# 3,400 2 KB panes); the fold thread's DuckDB client re-takes the GIL after every task of its
+# query and waited out each such call. In slices, the GIL changes hands between them.
+SLICE_ROWS = 256
+
+
+def _array(values: Sequence[Any], type_: pa.DataType) -> pa.ChunkedArray:
+    """`values` as Arrow, converted SLICE_ROWS at a time (the GIL can change hands between)."""
+    n = len(values)
+    if n <= SLICE_ROWS:
+        return pa.chunked_array([pa.array(values, type_, memory_pool=POOL)], type_)
+    return pa.chunked_array(
+        [pa.array(values[i : i + SLICE_ROWS], type_, memory_pool=POOL) for i in range(0, n, SLICE_ROWS)], type_
+    )
+
+
 def _pane_columns(
     name: str, parts: tuple[list[str | None], list[bytes | None], list[str | None]]
-) -> dict[str, pa.Array]:
+) -> dict[str, pa.ChunkedArray]:
     # The text parts are slices of payloads that are valid UTF-8 (checked when the batch
     # became Arrow) cut at JSON token edges, or msgspec's output: no second check.
+    text = _array(parts[1], pa.binary())
     return {
-        f"{name}_head": pa.array(parts[0], pa.string(), memory_pool=POOL),
-        f"{name}_text": pa.array(parts[1], pa.binary(), memory_pool=POOL).view(pa.string()),
-        f"{name}_tail": pa.array(parts[2], pa.string(), memory_pool=POOL),
+        f"{name}_head": _array(parts[0], pa.string()),
+        f"{name}_text": pa.chunked_array([c.view(pa.string()) for c in text.chunks], pa.string()),
+        f"{name}_tail": _array(parts[2], pa.string()),
     }
 
 
@@ -194,25 +211,28 @@ def attempts_table(events: Sequence[tuple[int, AttemptRecorded, datetime]]) -> p
 
 def _decode_batch(table: pa.Table) -> tuple[_Columns, list[int], bool]:
     """The rows this path vouches for as columns, the seqs of the others, and whether an id repeats."""
-    column = table.column("data")
-    data = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # no copy of one chunk
     seqs: list[int] = table.column("seq").to_pylist()
     subjects_: list[str] = table.column("subject").to_pylist()
-    # Each payload is decoded in place from the Arrow buffer (a memoryview slice): no copy.
-    _, offsets_buffer, values = data.buffers()
-    offsets: list[int] = memoryview(offsets_buffer).cast("i")[data.offset : data.offset + len(data) + 1].tolist()
-    valid = data.is_valid().to_pylist() if data.null_count else None
-    view = memoryview(values) if values is not None else memoryview(b"")
+    # Each payload is decoded in place from its chunk's Arrow buffer (a memoryview slice): no copy.
+    views: list[memoryview | None] = []  # row i: its payload, or None (NULL: oversize or not UTF-8)
+    for data in table.column("data").chunks:
+        _, offsets_buffer, values = data.buffers()
+        offsets: list[int] = memoryview(offsets_buffer).cast("i")[data.offset : data.offset + len(data) + 1].tolist()
+        view = memoryview(values) if values is not None else memoryview(b"")
+        valid = data.is_valid().to_pylist() if data.null_count else None
+        views.extend(view[offsets[j] : offsets[j + 1]] if valid is None or valid[j] else None
+                     for j in range(len(data)))
     c = _Columns()
     others: list[int] = []
     decode = _wire.decode
     subject_of = subjects.attempt
     for i, seq in enumerate(seqs):
-        if valid is not None and not valid[i]:
+        payload = views[i]
+        if payload is None:
             others.append(seq)
             continue
         try:
-            e: Any = decode(view[offsets[i] : offsets[i + 1]])
+            e: Any = decode(payload)
             if type(e) is not _Wire:
                 raise _Unusual
             before = _pane_parts(e.pane_before)

@@ -19,14 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pyarrow as pa
 import pytest
-from fleetlog.projections import Projection
+from fleetlog.projections import Projection, attempts_raw
+from fleetlog.projections._base import RawBatch
 from fleetlog.projections.attempts import AttemptsProjection
+from fleetlog.projections.attempts_raw import prepare_attempts
 from fleetlog.schemas import AttemptRecorded, AttemptsPurged, RunCreated, RunState, encode_event, new_event_id
 from fleetlog.services.backbone.streams import ensure_streams
 from fleetlog.services.client.attempts.panes import normalize_pane
 from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.server import Server
+from fleetlog.services.projector import fold
 
 from fleetlog import FleetSettings
 
@@ -220,6 +224,12 @@ async def test_bulk_fold_equals_decode_and_fold(
     bulk = await _fold(broker, tmp_path / "bulk", last, AttemptsProjection(), 5000)
     small = await _fold(broker, tmp_path / "small", last, AttemptsProjection(), 7)
     decoded = await _fold(broker, tmp_path / "decoded", last, DecodedAttempts(), 5000)
+    # The Arrow columns are built in slices (the GIL changes hands between them): with slices
+    # of a few rows, nothing stored, refused or handed to the decoder may change.
+    monkeypatch.setattr(attempts_raw, "SLICE_ROWS", 5)
+    monkeypatch.setattr(fold, "_RAW_SLICE_ROWS", 4)
+    sliced = await _fold(broker, tmp_path / "sliced", last, AttemptsProjection(), 5000)
+    assert sliced == bulk
 
     assert bulk[0] == small[0]  # byte for byte, however batched: a rebuild equals the live view
     assert {k: v for k, v in bulk[0].items() if k != "attempts"} == {
@@ -234,3 +244,39 @@ async def test_bulk_fold_equals_decode_and_fold(
     rows = bulk[0]["attempts"][0]
     assert 0 < rows < len(corpus) - len(bulk[1])
     assert len(bulk[1]) == n_rejected
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 5])
+def test_prepare_across_chunks(rows_per_chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode reads payloads chunk by chunk (a batch's Arrow is built in slices): with the
+    corpus (odd panes, garbage, a purge, NULL payloads) cut into chunks of a few rows and the
+    columns built in slices of a few rows, it makes what it makes of the batch in one piece."""
+    corpus, _ = _corpus()
+    seqs = list(range(1, len(corpus) + 1))
+    subjects = [subject for subject, _, _ in corpus]
+    # NULL where a payload is not UTF-8, as the runtime hands it over; and one oversize (NULL) too.
+    texts: list[str | None] = [_utf8(payload) for _, payload, _ in corpus]
+    texts[len(texts) // 3] = None
+
+    def batch(n: int) -> RawBatch:
+        cut = range(0, len(seqs), n)
+        return RawBatch(STREAM, pa.table({
+            "seq": pa.chunked_array([seqs[i : i + n] for i in cut], pa.int64()),
+            "subject": pa.chunked_array([subjects[i : i + n] for i in cut], pa.string()),
+            "data": pa.chunked_array([texts[i : i + n] for i in cut], pa.string()),
+        }))
+
+    whole = prepare_attempts(batch(len(seqs)))
+    monkeypatch.setattr(attempts_raw, "SLICE_ROWS", rows_per_chunk + 1)
+    sliced = prepare_attempts(batch(rows_per_chunk))
+    assert sliced.rows.num_rows == whole.rows.num_rows > 0
+    assert sliced.rows.equals(whole.rows)
+    assert sliced.others == whole.others and len(whole.others) > 1
+    assert sliced.repeats == whole.repeats
+
+
+def _utf8(payload: bytes) -> str | None:
+    try:
+        return payload.decode()
+    except UnicodeDecodeError:
+        return None

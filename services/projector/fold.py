@@ -37,13 +37,14 @@ _Row = tuple[int, str, bytes]  # (stream seq, subject, payload)
 # Batch payloads in Arrow: the system allocator reuses freed pages; pyarrow's default
 # (mimalloc) returned them to the kernel and every batch page-faulted them in again.
 _POOL = pa.system_memory_pool()
+_RAW_SLICE_ROWS = 256  # payloads per pa.array call (`_raw_table`)
 
 
 class Staged(NamedTuple):
     """A batch made ready for a projection's bulk path (`BatchFolder.prepare`)."""
 
     raw: RawBatch  # with what the projection's prepare_raw made of it
-    payloads: pa.BinaryArray  # the payloads as they came (for the decoder)
+    payloads: pa.ChunkedArray  # the payloads as they came (for the decoder)
 
 
 class Reject(NamedTuple):
@@ -206,14 +207,24 @@ class BatchFolder:
 
         return self._commit(schema, stream, fold, rejects, batch.last_seq, forget)
 
-    def _raw_table(self, batch: StreamBatch) -> tuple[pa.Table, pa.BinaryArray]:
+    def _raw_table(self, batch: StreamBatch) -> tuple[pa.Table, pa.ChunkedArray]:
         """seq, subject, data (text; NULL where oversize or not UTF-8: the decoder rejects those),
-        and the payloads as they came."""
-        data = pa.array(batch.data, pa.binary(), memory_pool=_POOL)
+        and the payloads as they came.
+
+        The payloads are converted RAW_SLICE_ROWS at a time: one pa.array call over a
+        whole batch holds the GIL for milliseconds, and the fold thread (DuckDB's client
+        re-takes the GIL after every task of its query) waited out each such call.
+        """
+        n = len(batch.data)
+        data = pa.chunked_array(
+            [pa.array(batch.data[i : i + _RAW_SLICE_ROWS], pa.binary(), memory_pool=_POOL)
+             for i in range(0, n, _RAW_SLICE_ROWS)] or [pa.array([], pa.binary())],
+            pa.binary(),
+        )
         try:
-            text = data.cast(pa.string(), memory_pool=_POOL)  # validates UTF-8
+            text = pc.cast(data, pa.string(), memory_pool=_POOL)  # validates UTF-8
         except pa.ArrowInvalid:
-            text = pa.array([_utf8_or_none(d) for d in batch.data], pa.string())
+            text = pa.chunked_array([pa.array([_utf8_or_none(d) for d in batch.data], pa.string())])
         oversize = pc.greater(pc.binary_length(data), self.max_event_bytes)
         if pc.any(oversize).as_py():
             text = pc.if_else(oversize, pa.scalar(None, pa.string()), text)
