@@ -5,7 +5,11 @@ and rebuilt views must agree, and one odd event never stops a view."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import msgspec
+import pytest
 from fleetlog.schemas import (
     AttemptRecorded,
     AttemptsPurged,
@@ -19,6 +23,7 @@ from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
 
+from .dashboard_helpers import dashboard_of, get
 from .helpers import rebuild_and_wait
 from .test_state_api import BIND, CTX
 
@@ -84,3 +89,49 @@ async def test_a_purge_again_at_a_batch_end_and_an_id_in_two_cases_fold_once(fle
     assert server.projector.folder.bulk_fallbacks == fallbacks  # the batch took the bulk path
     await rebuild_and_wait(fleet, "attempts")
     assert live == (await fleet.sql(q)).rows and len(live) == 1
+
+
+async def test_a_failing_fold_loop_is_logged_and_starts_again_from_its_checkpoint(
+        fleet: Fleet, server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An error nobody foresaw (here: the bulk prepare raising once, then the fold itself twice)
+    never leaves a view dead and silent: the batch goes the decoder's way, the loop is logged,
+    counted and started again from the checkpoint, and every event lands exactly once."""
+    folder = server.projector.folder
+    js = (await fleet.nats()).jetstream()
+    raw_table, apply = folder._raw_table, folder.apply
+    trips = {"prepare": 1, "fold": 2}
+
+    def failing_raw_table(batch: Any) -> Any:
+        if trips["prepare"]:
+            trips["prepare"] -= 1
+            raise RuntimeError("prepare tripped")
+        return raw_table(batch)
+
+    def failing_apply(*args: Any, **kwargs: Any) -> Any:
+        if trips["fold"] and not trips["prepare"] and args[0].name == "attempts":
+            trips["fold"] -= 1
+            raise OSError("the view's disk is full (injected)")
+        return apply(*args, **kwargs)
+
+    fallbacks = folder.bulk_fallbacks
+    monkeypatch.setattr(folder, "_raw_table", failing_raw_table)
+    monkeypatch.setattr(folder, "apply", failing_apply)
+    caplog.set_level(logging.WARNING, logger="fleetlog.projector")
+    last = 0
+    for n in range(3):  # one batch trips the prepare, the next ones the fold, twice
+        ids = [new_event_id() for _ in range(5)]
+        for event_id in ids:
+            body = encode_event(AttemptRecorded(id=event_id, ts=now_iso(), agent="loop", action=f"a{n}",
+                                                outcome="success", elapsed_s=1.0))
+            last = (await js.publish(f"fleet.attempt.loop.a{n}", body)).seq
+        await fleet.attempts.query(agent="loop", limit=1, min_seq={"FLEET_ATTEMPTS": last})
+    rows = (await fleet.sql("SELECT count(*), count(DISTINCT id) FROM attempts WHERE agent = 'loop'")).rows
+    assert rows == [[15, 15]]
+    assert trips == {"prepare": 0, "fold": 0}
+    assert folder.bulk_fallbacks == fallbacks + 1
+    assert server.projector.fold_stats.restarts.get(("attempts", "FLEET_ATTEMPTS")) == 2
+    failed = [r for r in caplog.records if "starting again from it" in r.getMessage()]
+    assert len(failed) == 2 and failed[0].exc_info is not None and "disk is full" in caplog.text
+    async with dashboard_of(server) as dash:
+        _, _, text = await get(dash.url + "/metrics")
+    assert 'fleetlog_fold_restarts_total{projection="attempts",stream="FLEET_ATTEMPTS"} 2.0' in text

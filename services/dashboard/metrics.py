@@ -213,7 +213,12 @@ class _Scrape(Collector):
                                   labels=["projection", "reason"])
         for (name, kind), n in sorted(stats.rejects.items()):
             rej.add_metric([name, kind], n)
-        yield from (size, took, rej)
+        again = CounterMetricFamily("fleetlog_fold_restarts", "times a view's fold loop failed and started again "
+                                    "from its checkpoint, per projection and stream (the node logs each error)",
+                                    labels=["projection", "stream"])
+        for (name, stream), n in sorted(stats.restarts.items()):
+            again.add_metric([name, stream], n)
+        yield from (size, took, rej, again)
 
 
 def _cumulative(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import duckdb
 import msgspec
@@ -71,7 +71,7 @@ class BatchFolder:
         self.around_commit: Callable[[str, str, int], AbstractContextManager[None]] = _no_hook
         self.last_commit = time.monotonic()
         self.bulk_batches = 0  # batches folded by a projection's fold_raw
-        self.bulk_fallbacks = 0  # batches whose fold_raw failed and were folded decoded
+        self.bulk_fallbacks = 0  # batches whose bulk prepare or fold_raw failed and were folded decoded
         self.decoded_rows = 0  # rows a fold_raw handed back to the decoder
 
     def decode(
@@ -146,7 +146,12 @@ class BatchFolder:
         """
         if not has_raw_fold(projection):
             return None
-        table, payloads = self._raw_table(batch)
+        try:
+            table, payloads = self._raw_table(batch)
+        except Exception as exc:  # the batch is untouched: the decoder folds it event by event
+            log.warning("bulk prepare of %d events failed (%r); folding them decoded", len(batch), exc)
+            self.bulk_fallbacks += 1
+            return None
         batch.data = []
         try:
             prepared = projection.prepare_raw(RawBatch(stream, table))
@@ -156,15 +161,16 @@ class BatchFolder:
         return Staged(RawBatch(stream, table, prepared), payloads)
 
     def apply(
-        self, projection: Projection, schema: str, stream: str, batch: StreamBatch, staged: Staged | None = None
+        self, projection: Projection, schema: str, stream: str, batch: StreamBatch,
+        staged: Staged | Literal["unprepared"] | None = "unprepared",
     ) -> list[Reject]:
         """Fold one batch exactly once: fold, rejects and checkpoint in one transaction.
-        `staged`: what `prepare` made of the batch (prepared here if not given)."""
+        `staged`: what `prepare` made of the batch (None: fold it decoded; prepared here if not given)."""
         last_seq = batch.last_seq
         forget = _forgetter(projection, batch.subjects, batch.seqs)
         # A projection's bulk path takes every batch, however small: it has no fixed cost
         # beyond the decoder's own INSERT (attempts: no SQL parse stage since issue 19).
-        if staged is None:
+        if staged == "unprepared":
             staged = self.prepare(projection, stream, batch)
         if staged is not None:
             try:

@@ -47,6 +47,9 @@ class FoldStats:
     batch_events: dict[str, Histogram] = field(default_factory=dict)
     duration_s: dict[str, Histogram] = field(default_factory=dict)
     rejects: dict[tuple[str, str], int] = field(default_factory=dict)  # (projection, kind) -> count
+    # A feed's fold loop that failed and was started again from its checkpoint (pipeline.py
+    # `_fold_feed`): (projection, stream) -> count. Never 0 on a healthy node.
+    restarts: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def observe(self, projection: str, events: int, seconds: float, reasons: list[str]) -> None:
         self.batch_events.setdefault(projection, Histogram(BATCH_BUCKETS)).observe(events)
@@ -54,3 +57,6 @@ class FoldStats:
         for reason in reasons:
             key = (projection, reject_kind(reason))
             self.rejects[key] = self.rejects.get(key, 0) + 1
+
+    def restarted(self, projection: str, stream: str) -> None:
+        self.restarts[(projection, stream)] = self.restarts.get((projection, stream), 0) + 1

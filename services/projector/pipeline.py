@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CATCHUP_BATCH_BYTES", "CATCHUP_BATCH_EVENTS", "Feed", "FoldPipeline", "Running"]
 
+log = logging.getLogger("fleetlog.projector")
+
 # Batch limits while a feed is more than `batch_max` behind (a replay or a backlog). Two
 # batches are in memory (one prepared, one folding): 8 MB and a 12 MB reader buffer keep the
 # projector of a 1M replay of 2 KB panes under 400 MB (measured peak: 475 MB at 12 / 16 MB,
@@ -45,6 +48,9 @@ CATCHUP_BATCH_BYTES = 8 * 1024 * 1024
 READER_BUFFER_BYTES = 12 * 1024 * 1024
 # How often an idle feed not known to be caught up asks the broker (one STREAM.INFO each).
 CHECK_IDLE_S = 0.5
+# A failed fold loop starts again after this, doubling while it fails without progress.
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
 
 
 @dataclass
@@ -139,6 +145,30 @@ class FoldPipeline:
 
     async def _maybe_promote(self, running: Running) -> None:
         raise NotImplementedError  # Projector's
+
+    async def _fold_feed(self, running: Running, stream: str) -> None:
+        """Fold one feed until the node stops or the generation retires; a fold loop that fails
+        (an error nobody foresaw: the view's disk full, a bug in a projection's bulk path) is
+        logged with its traceback, counted (`fleetlog_fold_restarts`) and started again from the
+        feed's checkpoint after a backoff, never left dead without a word: before, the task
+        ended and the view stopped folding, silent until the node stopped. Exactly-once is
+        unchanged: a batch either committed with its checkpoint or is read again."""
+        backoff = RESTART_FIRST_S
+        while not self._stopping.is_set() and running.gen.state != "retired":
+            folded = running.feeds[stream].checkpoint
+            try:
+                await self._consume(running, stream)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                feed = running.feeds[stream]
+                backoff = RESTART_FIRST_S if feed.checkpoint > folded else min(backoff * 2, RESTART_MAX_S)
+                self.fold_stats.restarted(running.projection.name, stream)
+                log.exception("fold of %s (%s) on %s failed after checkpoint %d; starting again from it in %.1f s",
+                              running.projection.name, running.gen.schema, stream, feed.checkpoint, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
 
     async def _consume(self, running: Running, stream: str) -> None:
         feed = running.feeds[stream]

@@ -155,7 +155,7 @@ class Projector(FoldPipeline):
         if folds:
             for stream in projection.streams:
                 running.tasks.append(
-                    asyncio.create_task(self._consume(running, stream), name=f"fold-{gen.schema}-{stream}")
+                    asyncio.create_task(self._fold_feed(running, stream), name=f"fold-{gen.schema}-{stream}")
                 )
 
     async def _check_caught_up(self, running: _Running, stream: str) -> None:
