@@ -142,7 +142,9 @@ async def test_a_ping_answer_later_than_the_window_is_not_carried_back(tmp_path:
         try:
             async def answer(msg: nats.aio.msg.Msg) -> None:
                 await msg.respond(b"soon")
-                await asyncio.sleep(PING_ANSWER_WINDOW_S + 1.0)
+                # nats-server prunes expired reply mappings on a timer of the threshold's period:
+                # one lives between 1 and 2 thresholds (a late answer 1.5 thresholds on came back at times).
+                await asyncio.sleep(2 * PING_ANSWER_WINDOW_S + 1.0)
                 await msg.respond(b"late")
 
             sub = await responder.subscribe("$SRV.PING.fleetlog", cb=answer)
@@ -152,15 +154,11 @@ async def test_a_ping_answer_later_than_the_window_is_not_carried_back(tmp_path:
             await dash.publish("$SRV.PING.fleetlog", b"", reply=inbox)
             assert (await got.next_msg(timeout=WAIT_S)).data == b"soon"
             with pytest.raises(nats.errors.TimeoutError):  # the late answer is not carried back
-                await got.next_msg(timeout=PING_ANSWER_WINDOW_S + 3.0)
+                await got.next_msg(timeout=2 * PING_ANSWER_WINDOW_S + 3.0)
             await sub.unsubscribe()
         finally:
             await dash.close()
             await responder.close()
-        async with Fleet.connect(broker.url, credentials=broker.credentials_path("admin-fleetlog"),
-                                 spool_dir=tmp_path / "spool", ensure=False) as f:
-            with pytest.raises(ValueError, match=r"wait_s: must be > 0 and <= 2 s"):
-                await f.nodes(wait_s=PING_ANSWER_WINDOW_S + 1)
     finally:
         await broker.stop()
 
