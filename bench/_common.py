@@ -132,12 +132,13 @@ def _nats_server() -> str:
 
 @contextlib.asynccontextmanager
 async def broker(
-    keep: Path | None = None, prefix: str = "fleetlog-bench-"
+    keep: Path | None = None, prefix: str = "fleetlog-bench-", *, secure: bool = False
 ) -> AsyncIterator[tuple[EmbeddedBroker, Path]]:
-    """A private nats-server; yields (broker, workdir). workdir is removed unless `keep` is given."""
+    """A private nats-server (`secure`: with accounts and identities, as `up --secure`); yields
+    (broker, workdir). workdir is removed unless `keep` is given."""
     work = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
-    b = EmbeddedBroker(work / "broker", port=free_port())
+    b = EmbeddedBroker(work / "broker", port=free_port(), secure=secure)
     await b.start()
     try:
         yield b, work
