@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Literal, NamedTuple
 
 import duckdb
@@ -28,8 +26,9 @@ from fleetlog.schemas import encode_event as _encode_event
 from fleetlog.schemas import event_decoder, parse_ts
 from fleetlog.services.projector.store import ViewStore
 from fleetlog.services.projector.stream_reader import StreamBatch
+from fleetlog.services.projector.transactions import CatchUpRolledBack, FoldTransactions
 
-__all__ = ["BatchFolder", "Reject", "Staged"]
+__all__ = ["BatchFolder", "Landed", "Reject", "Staged"]
 
 log = logging.getLogger("fleetlog.projector")
 
@@ -55,8 +54,8 @@ class Reject(NamedTuple):
     data: bytes
 
 
-def _no_hook(schema: str, stream: str, seq: int) -> AbstractContextManager[None]:
-    return nullcontext()
+# Told when a batch's transaction commits (its rejects, None) or is undone (what it had, why).
+Landed = Callable[[list[Reject], BaseException | None], None]
 
 
 class BatchFolder:
@@ -65,11 +64,8 @@ class BatchFolder:
     def __init__(self, store: ViewStore, max_event_bytes: int) -> None:
         self.store = store
         self.max_event_bytes = max_event_bytes
-        self.write_lock = threading.Lock()
-        # Wraps each COMMIT (schema, stream, checkpoint): the projector's seqlock for readers
-        # (services/projector/committed.py), held around the COMMIT statement alone.
-        self.around_commit: Callable[[str, str, int], AbstractContextManager[None]] = _no_hook
-        self.last_commit = time.monotonic()
+        self.tx = FoldTransactions(store)
+        self.write_lock: threading.Lock = self.tx.write_lock
         self.bulk_batches = 0  # batches folded by a projection's fold_raw
         self.bulk_fallbacks = 0  # batches whose bulk prepare or fold_raw failed and were folded decoded
         self.decoded_rows = 0  # rows a fold_raw handed back to the decoder
@@ -162,21 +158,28 @@ class BatchFolder:
 
     def apply(
         self, projection: Projection, schema: str, stream: str, batch: StreamBatch,
-        staged: Staged | Literal["unprepared"] | None = "unprepared",
+        staged: Staged | Literal["unprepared"] | None = "unprepared", *,
+        hold: bool = False, landed: Landed | None = None,
     ) -> list[Reject]:
         """Fold one batch exactly once: fold, rejects and checkpoint in one transaction.
-        `staged`: what `prepare` made of the batch (None: fold it decoded; prepared here if not given)."""
+        `staged`: what `prepare` made of the batch (None: fold it decoded; prepared here if not given).
+        `hold`: more catch-up batches follow, the transaction may stay open for them
+        (services/projector/transactions.py); `landed` hears when it commits or is undone.
+        Raises CatchUpRolledBack if the batch failed in a transaction holding earlier ones."""
         last_seq = batch.last_seq
         forget = _forgetter(projection, batch.subjects, batch.seqs)
+        tell = _Tell(landed)
         # A projection's bulk path takes every batch, however small: it has no fixed cost
         # beyond the decoder's own INSERT (attempts: no SQL parse stage since issue 19).
         if staged == "unprepared":
             staged = self.prepare(projection, stream, batch)
         if staged is not None:
             try:
-                rejects = self._apply_raw(projection, schema, stream, batch, staged, forget)
+                rejects = self._apply_raw(projection, schema, stream, batch, staged, forget, hold, tell)
                 self.bulk_batches += 1
                 return rejects
+            except CatchUpRolledBack:
+                raise
             except Exception as exc:
                 self.bulk_fallbacks += 1
                 log.warning("bulk fold of %d events failed (%s); folding them decoded", len(batch), exc)
@@ -184,15 +187,18 @@ class BatchFolder:
         rows = zip(batch.seqs, batch.subjects, batch.data, strict=True)
         stored, rejects = self.decode(projection, stream, rows)
         try:
-            rejects = self._commit(schema, stream, _folder(projection, stored), rejects, last_seq, forget)
+            rejects = self._commit(schema, stream, _folder(projection, stored), rejects, last_seq, forget,
+                                   rows=len(batch), hold=hold, tell=tell)
+        except CatchUpRolledBack:
+            raise
         except Exception as exc:
             log.warning("fold of %d events failed (%s); retrying one by one", len(stored), exc)
-            rejects = self._apply_one_by_one(projection, schema, stream, stored, rejects, last_seq, forget)
+            rejects = self._apply_one_by_one(projection, schema, stream, stored, rejects, last_seq, forget, tell)
         return rejects
 
     def _apply_raw(
         self, projection: Projection, schema: str, stream: str, batch: StreamBatch, staged: Staged,
-        forget: _Forget | None,
+        forget: _Forget | None, hold: bool, tell: _Tell,
     ) -> list[Reject]:
         """The projection's bulk path: raw payloads in one Arrow table, no object per event."""
         payloads = staged.payloads
@@ -211,7 +217,8 @@ class BatchFolder:
         def fold(cur: duckdb.DuckDBPyConnection) -> Sequence[FoldReject] | None:
             return projection.fold_raw(cur, staged.raw, decode)
 
-        return self._commit(schema, stream, fold, rejects, batch.last_seq, forget)
+        return self._commit(schema, stream, fold, rejects, batch.last_seq, forget, rows=len(batch), hold=hold,
+                            tell=tell)
 
     def _raw_table(self, batch: StreamBatch) -> tuple[pa.Table, pa.ChunkedArray]:
         """seq, subject, data (text; NULL where oversize or not UTF-8: the decoder rejects those),
@@ -252,6 +259,7 @@ class BatchFolder:
         rejects: list[Reject],
         last_seq: int,
         forget: _Forget | None,
+        tell: _Tell,
     ) -> list[Reject]:
         """Slow path after a failed batch: an event whose fold fails becomes a reject."""
         out = list(rejects)
@@ -263,7 +271,7 @@ class BatchFolder:
                 reject = Reject(stream, item.seq, item.subject, f"fold failed: {exc}", _encode_event(item.event))
                 self._commit(schema, stream, None, [reject], item.seq)
                 out.append(reject)
-        self._commit(schema, stream, _forget_only(forget, out), [], last_seq)
+        self._commit(schema, stream, _forget_only(forget, out), [], last_seq, tell=tell, told=out)
         return out
 
     def _commit(
@@ -274,42 +282,36 @@ class BatchFolder:
         rejects: list[Reject],
         seq: int,
         forget: _Forget | None = None,
+        *,
+        rows: int = 0,
+        hold: bool = False,
+        tell: _Tell | None = None,
+        told: list[Reject] | None = None,
     ) -> list[Reject]:
-        """Fold + rejects + checkpoint in one transaction; returns every reject.
+        """Fold + rejects + checkpoint in the feed's transaction (`FoldTransactions.run`);
+        returns every reject. `tell` hears of the commit with `told` (default: these rejects).
 
         `fold(cursor)` may add decode-time rejects to `rejects` while it runs (the bulk
         path decodes inside the fold); the events it refuses are rejects too. `forget`
         gets the decode-time ones after the fold (`Projection.forget`).
         """
-        cur = self.store.cursor(schema)
-        try:
-            with self.write_lock:
-                cur.execute("BEGIN")
-                try:
-                    refused = fold(cur) if fold is not None else None
-                    if forget is not None and rejects:
-                        forget(cur, rejects)
-                    out = list(rejects)
-                    if refused:
-                        out.extend(
-                            Reject(stream, item.seq, item.subject, reason, _encode_event(item.event))
-                            for item, reason in refused
-                        )
-                    if out:
-                        self._insert_rejects(cur, stream, out)
-                    cur.execute(
-                        "UPDATE main.fleetlog_checkpoints SET seq = ?, updated_at = now()"
-                        " WHERE schema_name = ? AND stream = ? AND seq < ?",
-                        [seq, schema, stream, seq],
-                    )
-                    with self.around_commit(schema, stream, seq):
-                        cur.execute("COMMIT")
-                    self.last_commit = time.monotonic()
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-        finally:
-            cur.close()
+        out: list[Reject] = []
+
+        def write(cur: duckdb.DuckDBPyConnection) -> None:
+            refused = fold(cur) if fold is not None else None
+            if forget is not None and rejects:
+                forget(cur, rejects)
+            out.extend(rejects)
+            if refused:
+                out.extend(
+                    Reject(stream, item.seq, item.subject, reason, _encode_event(item.event))
+                    for item, reason in refused
+                )
+            if out:
+                self._insert_rejects(cur, stream, out)
+
+        on_commit = tell.bind(out if told is None else told) if tell is not None else None
+        self.tx.run(schema, stream, seq, rows, write, hold=hold, on_commit=on_commit)
         return out
 
     def advance(self, schema: str, stream: str, seq: int) -> None:
@@ -318,19 +320,7 @@ class BatchFolder:
 
     def trim(self, projection: Projection, schema: str, stream: str, first_seq: int) -> int:
         """`Projection.trim` in its own transaction (retention: rows whose messages aged out)."""
-        cur = self.store.cursor(schema)
-        try:
-            with self.write_lock:
-                cur.execute("BEGIN")
-                try:
-                    deleted = projection.trim(cur, stream, first_seq)
-                    cur.execute("COMMIT")
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-        finally:
-            cur.close()
-        return deleted
+        return self.tx.once(schema, lambda cur: projection.trim(cur, stream, first_seq))
 
     @staticmethod
     def _insert_rejects(cur: duckdb.DuckDBPyConnection, stream: str, rejects: list[Reject]) -> None:
@@ -357,6 +347,25 @@ class BatchFolder:
 
 
 _Forget = Callable[[duckdb.DuckDBPyConnection, Sequence[Reject]], None]
+
+
+class _Tell:
+    """A batch's `landed` callback, told once: by the transaction that holds its last write."""
+
+    __slots__ = ("landed",)
+
+    def __init__(self, landed: Landed | None) -> None:
+        self.landed = landed
+
+    def bind(self, rejects: list[Reject]) -> Callable[[BaseException | None], None] | None:
+        landed = self.landed
+        if landed is None:
+            return None
+
+        def on_commit(error: BaseException | None) -> None:
+            landed(rejects, error)
+
+        return on_commit
 
 
 def _forgetter(projection: Projection, subjects: Sequence[str], seqs: Sequence[int]) -> _Forget | None:

@@ -30,6 +30,7 @@ from fleetlog.services.projector.fold import BatchFolder, Reject
 from fleetlog.services.projector.fold_stats import FoldStats
 from fleetlog.services.projector.store import Generation
 from fleetlog.services.projector.stream_reader import OrderedReader, StreamBatch
+from fleetlog.services.projector.transactions import CatchUpRolledBack
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -78,29 +79,54 @@ class _InFlight:
 
     `future` is the loop's view of the fold and is cancelled with the task awaiting it
     (a promotion cancels the retired generation's loop), while the fold thread goes on with
-    the batch; `landed` is set only once the fold thread is done with it (committed, failed,
-    or dropped from the queue unstarted), whatever happened to `future`.
+    the batch; `landed` is set only once the fold thread is done with it (folded, failed,
+    or dropped from the queue unstarted), whatever happened to `future`. `committed` completes
+    when the transaction holding the batch commits (with its rejects) or is undone: at once
+    while live, later for a batch of a held catch-up transaction (transactions.py).
     """
 
-    __slots__ = ("events", "future", "landed", "last_seq", "pending", "started", "ts_ns")
+    __slots__ = ("committed", "events", "future", "landed", "last_seq", "pending", "started", "ts_ns")
 
-    def __init__(self, batch: StreamBatch, work: concurrent.futures.Future[list[Reject]]) -> None:
+    def __init__(self, batch: StreamBatch) -> None:
         self.events = len(batch)
         self.last_seq = batch.last_seq
         self.pending = batch.pending()
         self.ts_ns = batch.ts_ns()
         self.started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[list[Reject]] = asyncio.wrap_future(work, loop=loop)
         self.landed = asyncio.Event()
+        self.committed: asyncio.Future[list[Reject]] = loop.create_future()
+        self.future: asyncio.Future[list[Reject]] = loop.create_future()
 
-        def landed(_: concurrent.futures.Future[list[Reject]]) -> None:  # on the fold thread
+    def submit(self, fold_thread: ThreadPoolExecutor, apply: Callable[..., list[Reject]], *args: object,
+               hold: bool) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_commit(rejects: list[Reject], error: BaseException | None) -> None:  # on the fold thread
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(_settle, self.committed, rejects, error)
+
+        work = fold_thread.submit(apply, *args, hold=hold, landed=on_commit)
+        self.future = asyncio.wrap_future(work, loop=loop)
+
+        def landed(done: concurrent.futures.Future[list[Reject]]) -> None:  # on the fold thread
+            with contextlib.suppress(RuntimeError):
+                if not done.cancelled() and done.exception() is not None:  # no commit will come
+                    loop.call_soon_threadsafe(_settle, self.committed, [], done.exception())
                 loop.call_soon_threadsafe(self.landed.set)
 
-        # After `wrap_future`'s own callback: on the loop, `future` completes (and `_progress`
-        # is scheduled) before a task waiting on `landed` resumes.
+        # After `wrap_future`'s own callback: on the loop, `future` completes before a task
+        # waiting on `landed` resumes.
         work.add_done_callback(landed)
+
+
+def _settle(future: asyncio.Future[list[Reject]], rejects: list[Reject], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(rejects)
+    else:
+        future.set_exception(error)
 
 
 async def _to_the_end(awaitable: Awaitable[object]) -> None:
@@ -161,6 +187,12 @@ class FoldPipeline:
                 return
             except asyncio.CancelledError:
                 raise
+            except CatchUpRolledBack:
+                # A failure undid a held catch-up transaction (logged where it happened): read
+                # again from the checkpoint at once; up to the failed batch each batch commits
+                # alone, so the failed one meets its own fallbacks.
+                self.fold_stats.restarted(running.projection.name, stream)
+                continue
             except Exception:
                 feed = running.feeds[stream]
                 backoff = RESTART_FIRST_S if feed.checkpoint > folded else min(backoff * 2, RESTART_MAX_S)
@@ -178,14 +210,21 @@ class FoldPipeline:
         )
         loop = asyncio.get_running_loop()
         projection, schema = running.projection, running.gen.schema
+        # A catch-up batch may stay in an open transaction for the next ones (transactions.py),
+        # unless the generation reads several streams: their feeds' transactions could then
+        # touch the same rows, and only one transaction is open at a time anyway.
+        may_hold = len(projection.streams) == 1
         folding: _InFlight | None = None
+        uncommitted: list[_InFlight] = []  # folded or folding, their transaction not yet committed
         try:
             await reader.start()
             await self._check_caught_up(running, stream)
             while not self._stopping.is_set():
-                # Far behind (a replay): bigger transactions, bounded by bytes. Each commit
-                # costs a WAL sync and ~8 statements, a few ms whatever its size.
-                behind = feed.pending is not None and feed.pending > self.batch_max
+                uncommitted = _undone_raised(uncommitted)
+                # Far behind (a replay, a backlog already delivered): bigger batches, bounded by
+                # bytes. Each costs a few statements and ms whatever its size.
+                behind = reader.buffered > self.batch_max or (
+                    feed.pending is not None and feed.pending > self.batch_max)
                 batch = await reader.next_columns(
                     self.catchup_batch_max if behind else self.batch_max,
                     self.batch_wait_s,
@@ -197,47 +236,71 @@ class FoldPipeline:
                     if folding is not None:
                         await self._landed(running, stream, folding)
                         folding = None
+                    await self._commit_held(schema, stream, uncommitted)
                     # Idle and not known caught up (live or building): ask the broker, at most
                     # every CHECK_IDLE_S. A live view restarted after its last messages were
                     # deleted is delivered nothing, so only the broker can say it is done.
                     if not feed.caught_up and time.monotonic() - feed.checked_at >= CHECK_IDLE_S:
                         await self._check_caught_up(running, stream)
                     continue
-                await self._folding.wait()  # held (`pause`): the batch in hand waits unfolded
+                if not self._folding.is_set():  # held (`pause`): what was folded commits, the batch in hand waits
+                    if folding is not None:
+                        await self._landed(running, stream, folding)
+                        folding = None
+                    await self._commit_held(schema, stream, uncommitted)
+                    await self._folding.wait()
                 prepare = self.folder.prepare
                 staged = await loop.run_in_executor(self._prepare_thread, prepare, projection, stream, batch)
                 if folding is not None:
                     await self._landed(running, stream, folding)
-                work = self._fold_thread.submit(self.folder.apply, projection, schema, stream, batch, staged)
-                folding = _InFlight(batch, work)
-                folding.future.add_done_callback(self._progress(running, stream, folding))
+                # More than a batch still to come (in the broker or already in the reader's buffer).
+                hold = may_hold and batch.pending() + reader.buffered > self.batch_max
+                folding = _InFlight(batch)
+                folding.submit(self._fold_thread, self.folder.apply, projection, schema, stream, batch, staged,
+                               hold=hold)
+                folding.committed.add_done_callback(self._progress(running, stream, folding))
+                uncommitted.append(folding)
                 del batch, staged  # the fold thread holds them; not kept while the next is read
         finally:
             # Cancelled (a promotion retires this generation; `stop_tasks`) or not, the batch in
-            # flight commits (or fails) before the loop ends, and the reader is closed: its
-            # socket, its consumer on the stream and its buffer are not left behind. A
-            # cancellation may have cancelled `folding.future` already (it lands in `_landed`
-            # as often as not), so wait for the fold thread itself, not that future.
+            # flight is folded (or fails) and what is held commits before the loop ends, and the
+            # reader is closed: its socket, its consumer on the stream and its buffer are not left
+            # behind. A cancellation may have cancelled `folding.future` already (it lands in
+            # `_landed` as often as not), so wait for the fold thread itself, not that future.
             try:
                 if folding is not None:
                     await _to_the_end(folding.landed.wait())
+                # A failure here was raised already (the batch's fold) or logged (an undone
+                # catch-up transaction); the next start reads from the committed checkpoint.
+                with contextlib.suppress(Exception):
+                    await _to_the_end(self._commit_held(schema, stream, uncommitted))
             finally:
                 await _to_the_end(reader.close())
+
+    async def _commit_held(self, schema: str, stream: str, uncommitted: list[_InFlight]) -> None:
+        """Commit the feed's held catch-up transaction, and wait for its batches' progress.
+        Raises CatchUpRolledBack if it was undone."""
+        waiting = [f.committed for f in uncommitted if not f.committed.done()]
+        if waiting:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._fold_thread, self.folder.tx.commit_feed, schema, stream)
+            await asyncio.wait(waiting)
+        uncommitted[:] = _undone_raised(uncommitted)
 
     def _progress(
         self, running: Running, stream: str, done: _InFlight
     ) -> Callable[[asyncio.Future[list[Reject]]], None]:
-        """Move the feed's progress once the fold committed (on the loop, straight away)."""
+        """Move the feed's progress once the batch's transaction committed (on the loop, straight away)."""
 
         def moved(future: asyncio.Future[list[Reject]]) -> None:
             if future.cancelled() or future.exception() is not None:
-                return  # raised to the loop by `_landed`
+                return  # raised to the loop by `_undone_raised`
             rejects = future.result()
             feed = running.feeds[stream]
             live = running.gen.state == "live"
             self.fold_stats.observe(running.projection.name, done.events, time.perf_counter() - done.started,
                                     [r.reason for r in rejects] if live else [])
-            feed.checkpoint = done.last_seq
+            feed.checkpoint = max(feed.checkpoint, done.last_seq)
             feed.pending = done.pending
             feed.last_ts_ns = done.ts_ns
             feed.caught_up = feed.pending == 0
@@ -255,3 +318,13 @@ class FoldPipeline:
         await done.future
         if running.gen.state == "building" and running.feeds[stream].caught_up:
             await self._maybe_promote(running)
+
+
+def _undone_raised(inflight: list[_InFlight]) -> list[_InFlight]:
+    """The batches whose transaction has not committed yet; raises CatchUpRolledBack if one was undone
+    (every undone one's error is retrieved: none is left to the loop's "never retrieved" warning)."""
+    errors = [f.committed.exception() for f in inflight if f.committed.done() and not f.committed.cancelled()]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return [f for f in inflight if not f.committed.done()]

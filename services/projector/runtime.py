@@ -87,7 +87,7 @@ class Projector(FoldPipeline):
         self.folded_events = 0
         self.fold_stats = FoldStats()  # batch sizes, fold times, rejects by kind: for /metrics
         self.committed = Committed()  # which checkpoints a read saw, without a transaction
-        self.folder.around_commit = self.committed.committing
+        self.folder.tx.around_commit = self.committed.committing
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -242,7 +242,7 @@ class Projector(FoldPipeline):
         done_at = 0.0
         while True:
             await asyncio.sleep(self.idle_checkpoint_s / 2)
-            last = self.folder.last_commit
+            last = self.folder.tx.last_commit
             if last <= done_at or time.monotonic() - last < self.idle_checkpoint_s:
                 continue
             done_at = last
@@ -256,6 +256,8 @@ class Projector(FoldPipeline):
         )
 
     def _checkpoint(self) -> None:
+        if self.folder.tx.holding:  # a catch-up transaction is open: its COMMIT comes within HOLD_S
+            return
         with self._write_lock:
             try:
                 self.store.checkpoint()

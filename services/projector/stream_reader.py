@@ -158,6 +158,12 @@ class OrderedReader(InboundMixin, SupervisorMixin):
         return self._bytes_in - self._bytes_out
 
     @property
+    def buffered(self) -> int:
+        """Records received but not yet handed out: delivered, so no longer in the broker's
+        pending count, yet still ahead of the consumer of this reader."""
+        return len(self._seqs)
+
+    @property
     def last_error(self) -> str | None:
         """Most recent transport/API problem (for health reporting); None if none yet."""
         return self._last_error
