@@ -105,7 +105,7 @@ def prepare_attempts(batch: RawBatch) -> Prepared:
             rows = pa.concat_tables([rows, strict])
             rows = rows.take(pc.sort_indices(rows.column("seq")))
     # The decoder keeps the first of a repeated id; ids compare as UUIDs (any letter case).
-    repeats = len(pc.unique(pc.utf8_lower(rows.column("id")))) != rows.num_rows
+    repeats = len(pc.unique(pc.ascii_lower(rows.column("id")))) != rows.num_rows
     return Prepared(rows, others, repeats)
 
 
