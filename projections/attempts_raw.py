@@ -122,23 +122,29 @@ def _views(chunk: pa.Array) -> list[memoryview | None]:
 
 
 def _decode_chunk(chunk: pa.Array) -> list[Any]:
-    """The chunk's payloads decoded as `_Fast`, in one C-level map; if one raises (or is NULL),
-    one at a time, with None for those (`_Fast` only relaxes `_Wire`: what it refuses,
-    `strict_row` refuses too)."""
+    """The chunk's payloads decoded as `_Fast`, one C-level map per SLICE_ROWS (~0.4 ms of GIL
+    with 2 KB panes, whatever the chunk's size); a slice where one raises (or a chunk with a
+    NULL) one payload at a time, with None for those (`_Fast` only relaxes `_Wire`: what it
+    refuses, `strict_row` refuses too)."""
     views = _views(chunk)
     decode = wire.fast.decode
-    if not chunk.null_count:  # every view is a memoryview
-        try:
-            return list(map(decode, views))  # type: ignore[arg-type]
-        except wire.DECODE_ERRORS:
-            pass
+    if chunk.null_count:
+        return [None if view is None else _decode_or_none(decode, view) for view in views]
     out: list[Any] = []
-    for view in views:
+    for i in range(0, len(views), SLICE_ROWS):
+        part = views[i : i + SLICE_ROWS]
         try:
-            out.append(None if view is None else decode(view))
+            out += list(map(decode, part))  # type: ignore[arg-type]  # whole, or nothing if one raises
         except wire.DECODE_ERRORS:
-            out.append(None)
+            out += [_decode_or_none(decode, view) for view in part]  # type: ignore[arg-type]
     return out
+
+
+def _decode_or_none(decode: Any, payload: memoryview) -> Any:
+    try:
+        return decode(payload)
+    except wire.DECODE_ERRORS:
+        return None
 
 
 def _columns(events: list[Any], seqs: pa.ChunkedArray, subjects_: pa.ChunkedArray) -> tuple[pa.Table, pa.Array | None]:
