@@ -31,7 +31,7 @@ from fleetlog.projections.attempts_raw import prepare_attempts
 
 ROWS = 5_000
 COLS = ("CAST(b.id AS UUID), seq, ts, ts_utc, agent, action, outcome, elapsed_s, "
-        "before_head || before_text || before_tail, after_head || after_text || after_tail, extras")
+        "pane_before, pane_after, extras")
 
 
 def batch(fac: AttemptFactory, base: int) -> RawBatch:
