@@ -125,8 +125,11 @@ async def fold_in_process(url: str, data_dir: Path, last_seq: int, duckdb_thread
     stats = server.projector.fold_stats
     batches = stats.batch_events["attempts"]
     n_batches = sum(batches.counts)
+    # fold_seconds: each batch's time from its submit to its transaction's COMMIT (held batches
+    # overlap); catchup_commits: transactions that held more than one batch.
     fold_busy = {"batches": n_batches, "mean_batch_events": round(batches.total / max(1, n_batches)),
-                 "fold_seconds": round(stats.duration_s["attempts"].total, 2)}
+                 "fold_seconds": round(stats.duration_s["attempts"].total, 2),
+                 "catchup_commits": projector.folder.tx.held_commits}
     rows = server.store.cursor("attempts_g1").execute("SELECT count(*) FROM attempts").fetchone()[0]
     await server.stop()
     return {"events": last_seq, "seconds": round(dt, 2), "events_per_s": round(last_seq / dt),
