@@ -44,7 +44,16 @@ from fleetlog.schemas._base import UUID_PATTERN
 
 from . import attempts_wire as wire
 from ._base import DecodeRows, FoldReject, Projection, RawBatch
-from .attempts_sql import BULK, BULK_OTHER_BODY, BULK_REPEATS, END, another_body, insert_attempts, insert_range
+from .attempts_sql import (
+    BULK,
+    BULK_OTHER_BODY,
+    BULK_REPEATS,
+    END,
+    another_body,
+    insert_attempts,
+    insert_range,
+    unregister,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -337,7 +346,7 @@ def fold_attempts_raw(
         if rows.num_rows:
             other_body += insert_range(con, sql, BULK_OTHER_BODY, rows, lo, END)
     finally:
-        con.unregister("_fleetlog_attempts")
+        unregister(con, "_fleetlog_attempts")
     if other_body:
         why = {seq: another_body(seq, i, kept) for seq, i, kept in other_body}
         # One at a time: the decoder keeps only the first of a repeated id among what it is given.

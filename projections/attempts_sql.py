@@ -7,15 +7,15 @@ events the decoder folds). One INSERT … SELECT per range; never a row at a tim
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-if TYPE_CHECKING:
-    import duckdb
-
-__all__ = ["BULK", "BULK_OTHER_BODY", "BULK_REPEATS", "END", "another_body", "insert_attempts", "insert_range"]
+__all__ = [
+    "BULK", "BULK_OTHER_BODY", "BULK_REPEATS", "END", "another_body", "insert_attempts", "insert_range", "unregister",
+]
 
 
 def _insert_sql(src: str, repeats: bool) -> str:
@@ -94,4 +94,12 @@ def insert_attempts(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> list[tupl
     try:
         return insert_range(con, _DECODED, _DECODED_OTHER_BODY, rows, 0, END)
     finally:
-        con.unregister("_fleetlog_attempts_decoded")
+        unregister(con, "_fleetlog_attempts_decoded")
+
+
+def unregister(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Drop a registered Arrow table. After a failed statement DuckDB refuses this too (the
+    transaction is aborted); raising that would hide the error that aborted it (a reject then
+    read "Current transaction is aborted" instead of the conversion that failed)."""
+    with contextlib.suppress(duckdb.Error):
+        con.unregister(name)

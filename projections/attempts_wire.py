@@ -21,7 +21,8 @@ For what the SDK publishes this stores exactly what the decoder's path stores
 pane's keys in another order, with whitespace or with escapes msgspec does not write
 (`\u00e9`, `\/`) gets the same pane back from every query, but the stored text keeps
 its escapes. Which path folds an event depends only on its bytes, so a rebuild stores
-what the live view stored, however the stream is batched.
+what the live view stored, however the stream is batched (unless a whole batch's bulk fold
+fails and the decoder's path folds it: docs/architecture.md, the bulk fold path).
 """
 
 from __future__ import annotations

@@ -27,11 +27,14 @@ __all__ = [
     "parse_ts",
 ]
 
+# RE2's `$` (pyarrow compute) is the end of the text; Python's `re` (msgspec) also lets `$`
+# match before a trailing newline, so the struct's pattern ends in `\Z`: an id "<uuid>\n"
+# passed the decode and then failed DuckDB's CAST to UUID inside a whole batch's INSERT.
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 # An event id: any RFC 4122 UUID string. fleetlog makes UUIDv7 (time-ordered), which
 # lets projections dedupe with a narrow range anti-join; other ids still dedupe, slower.
-UuidStr = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
+UuidStr = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN[:-1] + r"\Z")]
 # Identities that end up in subjects (agent, action, run id, ...): non-empty, bounded.
 Identity = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # Free text that must be present (outcome, status, ...).

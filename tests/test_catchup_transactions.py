@@ -5,18 +5,21 @@ and a rebuild (itself a catch-up) equals the live view."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fleetlog.schemas import AttemptRecorded, AttemptsPurged, encode_event, new_event_id, now_iso, subjects
+from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.node.server import Server
 from fleetlog.services.projector import transactions
 
 from fleetlog import Fleet, FleetSettings
 
-from .helpers import rebuild_and_wait
+from .helpers import rebuild_and_wait, wait_until
 
 BACKLOG = 1_500
 OLD_TS = "2020-06-01T00:00:00+00:00"
@@ -120,3 +123,25 @@ async def test_a_failure_inside_a_held_transaction_undoes_it_and_the_feed_reads_
     assert server.projector.folder.bulk_fallbacks == fallbacks
     await rebuild_and_wait(fleet, "attempts")
     assert await view_rows(fleet) == live
+
+
+async def test_a_loop_cancelled_while_its_batch_waits_in_the_fold_queue_ends(fleet: Fleet, server: Server) -> None:
+    """Review: the loop's cancel (a promotion, a stop) reached the fold queued behind another
+    write; nothing was written, yet the loop's clean-up waited for its commit forever."""
+    projector = server.projector
+    js = (await fleet.nats()).jetstream()
+    await fleet.attempts.query(limit=1)  # the view's loop runs
+    running = projector.live("attempts")
+    queue = projector._fold_thread._work_queue  # type: ignore[attr-defined]
+    # The one fold thread busy with another write (another feed's fold, a trim, an idle CHECKPOINT).
+    busy = asyncio.get_running_loop().run_in_executor(projector._fold_thread, time.sleep, 1.5)
+    await js.publish("fleet.attempt.catchup.act", attempt(0))
+
+    async def queued() -> bool:
+        return bool(queue.qsize() >= 1)
+
+    await wait_until(queued, timeout_s=10, interval_s=0.01)  # the batch waits behind it
+    await asyncio.sleep(0.2)  # and the loop, its reader idle (batch_wait_s 0.01), waits for that fold
+    left = await stop_tasks(running.tasks, rounds=3, wait_s=2.0)
+    await busy
+    assert not left, [t.get_name() for t in left]

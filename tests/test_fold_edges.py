@@ -135,3 +135,26 @@ async def test_a_failing_fold_loop_is_logged_and_starts_again_from_its_checkpoin
     async with dashboard_of(server) as dash:
         _, _, text = await get(dash.url + "/metrics")
     assert 'fleetlog_fold_restarts_total{projection="attempts",stream="FLEET_ATTEMPTS"} 2.0' in text
+
+
+async def test_an_id_ending_in_a_newline_is_a_reject_and_its_batch_stays_on_the_bulk_path(
+        fleet: Fleet, server: Server) -> None:
+    """Review (issue 19): Python's `$` let "<uuid>\\n" pass the id's pattern; DuckDB's CAST to UUID
+    then failed the batch's whole INSERT, and the batch went the decoder's way (which stores an
+    escaped pane as msgspec writes it: another body than a rebuild's)."""
+    js = (await fleet.nats()).jetstream()
+    seq = (await js.publish("fleet.attempt.edge.act", attempt())).seq
+    await fleet.attempts.query(limit=1, min_seq={"FLEET_ATTEMPTS": seq})
+    fallbacks = server.projector.folder.bulk_fallbacks
+    good = attempt(pane_after={"format": "full", "text": "caf\u00e9"})
+    poison = attempt().replace(b'","ts"', b'\\n","ts"', 1)  # the id's closing quote, then ts
+    server.projector.pause()
+    try:
+        bad = (await js.publish("fleet.attempt.edge.act", poison)).seq
+        last = (await js.publish("fleet.attempt.edge.act", good)).seq
+    finally:
+        server.projector.resume()
+    reasons = {r.seq: r.reason for r in (await fleet.rejects("attempts", min_seq={"FLEET_ATTEMPTS": last})).items}
+    assert "invalid event" in reasons[bad] and "$.id" in reasons[bad], reasons
+    assert server.projector.folder.bulk_fallbacks == fallbacks
+    assert last not in reasons

@@ -113,16 +113,26 @@ class _InFlight:
 
         work = fold_thread.submit(apply, *args, hold=hold, landed=on_commit)
         self.future = asyncio.wrap_future(work, loop=loop)
+        # Read by `_landed`, unless the loop leaves first (a promotion, a cancellation): the
+        # error is raised there or not at all, never logged at GC as "never retrieved".
+        self.future.add_done_callback(_retrieved)
 
-        def landed(done: concurrent.futures.Future[list[Reject]]) -> None:  # on the fold thread
+        def landed(done: concurrent.futures.Future[list[Reject]]) -> None:  # fold thread, or the loop's cancel
             with contextlib.suppress(RuntimeError):
-                if not done.cancelled() and done.exception() is not None:  # no commit will come
+                if done.cancelled():  # cancelled in the queue (the loop's task was): nothing was written
+                    loop.call_soon_threadsafe(self.committed.cancel)
+                elif done.exception() is not None:  # no commit will come
                     loop.call_soon_threadsafe(_settle, self.committed, [], done.exception())
                 loop.call_soon_threadsafe(self.landed.set)
 
         # After `wrap_future`'s own callback: on the loop, `future` completes before a task
         # waiting on `landed` resumes.
         work.add_done_callback(landed)
+
+
+def _retrieved(future: asyncio.Future[list[Reject]]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(future: asyncio.Future[list[Reject]], rejects: list[Reject], error: BaseException | None) -> None:
