@@ -6,9 +6,9 @@ object and a callback coroutine.  The projector has to replay a million events a
 >= 150k events/s, so this reader speaks just enough of the NATS client protocol itself
 (INFO/CONNECT/PING/PONG/SUB/UNSUB/PUB/MSG/HMSG) over its own TCP connection, creates an
 ephemeral *ordered-style* push consumer through the JetStream API on that connection, and
-slices deliveries out of large socket reads with ``bytes.find``.  Records are buffered
-column by column (no object per message beyond the payload bytes) and handed out either
-as columns (:meth:`OrderedReader.next_columns`, what the projector uses) or as
+slices deliveries out of large socket reads with ``bytearray.find``.  Records are buffered
+column by column, the payloads left where the socket wrote them (no object per payload), and
+handed out either as columns (:meth:`OrderedReader.next_columns`, what the projector uses) or as
 :class:`StreamRecord` tuples (:meth:`OrderedReader.next_batch`).
 
 Delivery contract (the spine of an exactly-once projector):
@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from array import array as int_array
 from bisect import bisect_right
 from itertools import accumulate
+from operator import sub
 from typing import NamedTuple
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.projector.stream_consumer import SupervisorMixin
 from fleetlog.services.projector.stream_parse import InboundMixin
@@ -64,21 +68,27 @@ class StreamRecord(NamedTuple):
 
 
 class StreamBatch:
-    """Consecutive stream messages as columns (same order, same length)."""
+    """Consecutive stream messages as columns (same order, same length).
 
-    __slots__ = ("data", "headers", "replies", "seqs", "subjects")
+    The payloads come as one Arrow binary column (`payloads`): the reader gathers them
+    there from the segments they were read into, in C++ without the GIL, and a projection's
+    bulk path reads them from it. `data` is the same payloads as `bytes`, made on first use
+    (the decoder's path)."""
+
+    __slots__ = ("_data", "headers", "payloads", "replies", "seqs", "subjects")
 
     def __init__(
         self,
         seqs: list[int],
         subjects: list[str],
-        data: list[bytes],
+        payloads: pa.ChunkedArray,
         headers: list[bytes | None] | None,
-        replies: list[bytes],
+        replies: list[bytearray],
     ) -> None:
         self.seqs = seqs
         self.subjects = subjects
-        self.data = data
+        self.payloads = payloads
+        self._data: list[bytes] | None = None
         self.headers = headers
         """Raw header blocks, or None for the whole batch from a reader with ``keep_headers=False``."""
         self.replies = replies
@@ -88,23 +98,34 @@ class StreamBatch:
         return len(self.seqs)
 
     @property
+    def data(self) -> list[bytes]:
+        """The payloads as `bytes` (a copy of each, made once)."""
+        if self._data is None:
+            self._data = self.payloads.to_pylist()
+        return self._data
+
+    @data.setter
+    def data(self, value: list[bytes]) -> None:
+        self._data = value
+
+    @property
     def last_seq(self) -> int:
         return self.seqs[-1]
 
     def ts_ns(self, i: int = -1) -> int:
         """Stream timestamp of message ``i`` (default: the last), ns since the epoch."""
-        return int(_split_ack(self.replies[i])[3])
+        return int(_split_ack(bytes(self.replies[i]))[3])
 
     def pending(self, i: int = -1) -> int:
         """Messages still pending for the consumer after message ``i`` (default: the last)."""
-        return int(_split_ack(self.replies[i])[4])
+        return int(_split_ack(bytes(self.replies[i]))[4])
 
     def records(self) -> list[StreamRecord]:
         hdrs = self.headers
         out: list[StreamRecord] = []
         cols = zip(self.seqs, self.subjects, self.data, self.replies, strict=True)
         for i, (seq, subject, data, reply) in enumerate(cols):
-            _, _, _, ts, pending = _split_ack(reply)
+            _, _, _, ts, pending = _split_ack(bytes(reply))
             out.append(StreamRecord(seq, subject, data, int(ts), int(pending), hdrs[i] if hdrs is not None else None))
         return out
 
@@ -222,7 +243,8 @@ class OrderedReader(InboundMixin, SupervisorMixin):
         if self._fatal is not None:
             raise self._fatal
         if max_bytes is not None and len(self._seqs) > 1:
-            sizes = accumulate(map(len, self._datas[:max_n]))
+            spans = self._spans[: 2 * max_n]
+            sizes = accumulate(map(sub, spans[1::2], spans[::2]))
             max_n = max(1, bisect_right(list(sizes), max_bytes))
         return self._take(max_n)
 
@@ -262,21 +284,21 @@ class OrderedReader(InboundMixin, SupervisorMixin):
             return None
         if avail <= max_n:
             # Hand the lists over whole; the parser starts new ones on its next call.
-            batch = StreamBatch(self._seqs, self._subjs, self._datas,
-                                self._hdrs if self._keep_headers else None, self._replies)
-            self._seqs, self._subjs, self._datas, self._replies, self._hdrs = [], [], [], [], []
+            seqs, subjs, spans, replies = self._seqs, self._subjs, self._spans, self._replies
+            hdrs = self._hdrs if self._keep_headers else None
+            self._seqs, self._subjs, self._spans, self._replies, self._hdrs = [], [], [], [], []
         else:
             # Copy the head out and drop it from the buffer at once (a memmove of the
             # remaining pointers): nothing handed out stays referenced from here.
-            seqs, subjs, datas, replies = (
-                self._seqs[:max_n], self._subjs[:max_n], self._datas[:max_n], self._replies[:max_n]
+            seqs, subjs, spans, replies = (
+                self._seqs[:max_n], self._subjs[:max_n], self._spans[: 2 * max_n], self._replies[:max_n]
             )
-            del self._seqs[:max_n], self._subjs[:max_n], self._datas[:max_n], self._replies[:max_n]
-            hdrs: list[bytes | None] | None = None
+            del self._seqs[:max_n], self._subjs[:max_n], self._spans[: 2 * max_n], self._replies[:max_n]
+            hdrs = None
             if self._keep_headers:
                 hdrs = self._hdrs[:max_n]
                 del self._hdrs[:max_n]
-            batch = StreamBatch(seqs, subjs, datas, hdrs, replies)
+        batch = StreamBatch(seqs, subjs, self._gather(spans), hdrs, replies)
         n = len(batch.seqs)
         self._handed_total += n
         self._last_seq = batch.seqs[-1]
@@ -293,3 +315,43 @@ class OrderedReader(InboundMixin, SupervisorMixin):
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
         return batch
+
+    def _gather(self, spans: list[int]) -> pa.ChunkedArray:
+        """The payloads at `spans` (start, end per record, in the oldest buffered segments), copied
+        into one Arrow binary chunk per segment; a segment none of whose records stays buffered
+        is let go.
+
+        Per segment, the spans are the offsets of an Arrow array over the segment whose every
+        second value is a payload (the values between are the protocol lines around them); a
+        `take` of those copies the payloads out in C++, without the GIL and without an object
+        per message."""
+        chunks: list[pa.Array] = []
+        segs = self._segs
+        i, left = 0, len(spans) // 2
+        while left:
+            entry = segs[0]
+            k = min(entry[1], left)
+            offsets = int_array("i", spans[2 * i : 2 * (i + k)])
+            buffers = [None, pa.py_buffer(offsets), pa.py_buffer(entry[0])]
+            around = pa.Array.from_buffers(pa.binary(), 2 * k - 1, buffers)
+            chunks.append(pc.take(around, _evens(k), memory_pool=_POOL))
+            if k == entry[1]:
+                segs.popleft()
+            else:
+                entry[1] -= k
+            i += k
+            left -= k
+        return pa.chunked_array(chunks, pa.binary())
+
+
+# The payloads' Arrow buffers come from the system allocator (see projections/attempts_wire.POOL).
+_POOL = pa.system_memory_pool()
+_EVENS = pa.array([], pa.int32())
+
+
+def _evens(k: int) -> pa.Array:
+    """0, 2, ..., 2(k - 1): the payloads' places among the values of a segment's array."""
+    global _EVENS
+    if len(_EVENS) < k:
+        _EVENS = pa.array(range(0, 2 * max(k, 4096), 2), pa.int32())
+    return _EVENS.slice(0, k)
