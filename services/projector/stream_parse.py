@@ -48,7 +48,9 @@ class InboundMixin(ReaderState):
         want = max(_MIN_READ, self._need - have)
         if len(seg) - self._fill < want:
             # The next segment starts with the frame read so far (a partial frame, or nothing).
-            seg = bytearray(max(_SEGMENT_BYTES, have + want))
+            size = max(_SEGMENT_BYTES, have + want)
+            spare = self._spare
+            seg = spare.pop() if spare and len(spare[-1]) >= size else bytearray(size)
             seg[:have] = memoryview(self._seg)[self._pos : self._fill]
             self._seg, self._pos, self._fill = seg, 0, have
         # At most _MAX_READ a read beyond the frame (asyncio's own read size): the buffer's

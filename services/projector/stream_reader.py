@@ -319,24 +319,27 @@ class OrderedReader(InboundMixin, SupervisorMixin):
     def _gather(self, spans: list[int]) -> pa.ChunkedArray:
         """The payloads at `spans` (start, end per record, in the oldest buffered segments), copied
         into one Arrow binary chunk per segment; a segment none of whose records stays buffered
-        is let go.
+        is let go (kept as a spare for the next reads if it is not the one being read into).
 
         Per segment, the spans are the offsets of an Arrow array over the segment whose every
         second value is a payload (the values between are the protocol lines around them); a
-        `take` of those copies the payloads out in C++, without the GIL and without an object
-        per message."""
+        `filter` of those copies the payloads out in C++, without the GIL and without an object
+        per message (0.2 µs per 2.4 KB payload; `take` 0.5)."""
         chunks: list[pa.Array] = []
         segs = self._segs
         i, left = 0, len(spans) // 2
         while left:
             entry = segs[0]
-            k = min(entry[1], left)
+            seg, k = entry[0], min(entry[1], left)
             offsets = int_array("i", spans[2 * i : 2 * (i + k)])
-            buffers = [None, pa.py_buffer(offsets), pa.py_buffer(entry[0])]
-            around = pa.Array.from_buffers(pa.binary(), 2 * k - 1, buffers)
-            chunks.append(pc.take(around, _evens(k), memory_pool=_POOL))
+            around = pa.Array.from_buffers(pa.binary(), 2 * k - 1, [None, pa.py_buffer(offsets), pa.py_buffer(seg)])
+            chunk = pc.filter(around, _every_second(2 * k - 1), memory_pool=_POOL)
+            del around
+            chunks.append(chunk)
             if k == entry[1]:
                 segs.popleft()
+                if seg is not self._seg and len(self._spare) < self._spare_max and _owns(chunk, seg):
+                    self._spare.append(seg)
             else:
                 entry[1] -= k
             i += k
@@ -346,12 +349,19 @@ class OrderedReader(InboundMixin, SupervisorMixin):
 
 # The payloads' Arrow buffers come from the system allocator (see projections/attempts_wire.POOL).
 _POOL = pa.system_memory_pool()
-_EVENS = pa.array([], pa.int32())
+_ALTERNATE = pa.array([], pa.bool_())
 
 
-def _evens(k: int) -> pa.Array:
-    """0, 2, ..., 2(k - 1): the payloads' places among the values of a segment's array."""
-    global _EVENS
-    if len(_EVENS) < k:
-        _EVENS = pa.array(range(0, 2 * max(k, 4096), 2), pa.int32())
-    return _EVENS.slice(0, k)
+def _every_second(n: int) -> pa.Array:
+    """True, False, True, ... (n values): the payloads' places among a segment's array's values."""
+    global _ALTERNATE
+    if len(_ALTERNATE) < n:
+        _ALTERNATE = pa.array([True, False] * max(n, 8192), pa.bool_())
+    return _ALTERNATE.slice(0, n)
+
+
+def _owns(chunk: pa.Array, seg: bytearray) -> bool:
+    """Whether `chunk`'s payloads are its own copy, not a view of `seg` (so `seg` may be written again)."""
+    values = chunk.buffers()[2]
+    start = pa.py_buffer(seg).address
+    return values is None or not start <= values.address < start + len(seg)
