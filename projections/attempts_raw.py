@@ -89,15 +89,14 @@ def prepare_attempts(batch: RawBatch) -> Prepared:
     decoded: list[Any] = []  # per row: a `_Fast`, or None (NULL payload, or the decode raised)
     before, after = _PaneColumn(), _PaneColumn()
     fast = wire.FAST
-    for chunk in table.column("data").chunks:
-        for part in _decode_chunk(chunk):
-            decoded += part
-            if list(map(type, part)).count(fast) == len(part):
-                before.add(list(map(_BEFORE, part)))
-                after.add(list(map(_AFTER, part)))
-            else:
-                before.add([e.pane_before if type(e) is fast else None for e in part])
-                after.add([e.pane_after if type(e) is fast else None for e in part])
+    for part in _decode_slices(table.column("data")):
+        decoded += part
+        if list(map(type, part)).count(fast) == len(part):
+            before.add(list(map(_BEFORE, part)))
+            after.add(list(map(_AFTER, part)))
+        else:
+            before.add([e.pane_before if type(e) is fast else None for e in part])
+            after.add([e.pane_after if type(e) is fast else None for e in part])
     types = list(map(type, decoded))
     picked: list[int] | None = None  # the rows decoded as `_Fast` (None: all)
     if types.count(fast) != n:  # a purge, garbage: a Python step per row, in this batch only
@@ -135,22 +134,26 @@ def _views(chunk: pa.Array) -> list[memoryview | None]:
     return views
 
 
-def _decode_chunk(chunk: pa.Array) -> Iterator[list[Any]]:
-    """The chunk's payloads decoded as `_Fast`, SLICE_ROWS at a time (a slice per yield), each
-    slice by one C-level map (~0.4 ms of GIL with 2 KB panes); a slice where one raises (or a
-    chunk with a NULL) one payload at a time, with None for those (`_Fast` only relaxes `_Wire`:
-    what it refuses, `strict_row` refuses too)."""
-    views = _views(chunk)
+def _decode_slices(data: pa.ChunkedArray) -> Iterator[list[Any]]:
+    """The payloads decoded as `_Fast`, SLICE_ROWS at a time whatever the chunks (a slice per
+    yield; the pane columns' chunks, and so the record batches DuckDB's scan makes of the table,
+    stay that size: each is a task after which DuckDB's client re-takes the GIL), each slice by one
+    C-level map (~0.4 ms of GIL with 2 KB panes); a slice where one raises (or with a NULL) one
+    payload at a time, with None for those (`_Fast` only relaxes `_Wire`: what it refuses,
+    `strict_row` refuses too)."""
     decode = wire.fast.decode
-    for i in range(0, len(views), SLICE_ROWS):
-        part = views[i : i + SLICE_ROWS]
-        if chunk.null_count:
-            yield [None if view is None else _decode_or_none(decode, view) for view in part]
+    for i in range(0, len(data), SLICE_ROWS):
+        part = data.slice(i, SLICE_ROWS)
+        views: list[memoryview | None] = []
+        for chunk in part.chunks:
+            views += _views(chunk)
+        if part.null_count:
+            yield [None if view is None else _decode_or_none(decode, view) for view in views]
             continue
         try:
-            yield list(map(decode, part))  # type: ignore[arg-type]  # whole, or nothing if one raises
+            yield list(map(decode, views))  # type: ignore[arg-type]  # whole, or nothing if one raises
         except wire.DECODE_ERRORS:
-            yield [_decode_or_none(decode, view) for view in part]  # type: ignore[arg-type]
+            yield [_decode_or_none(decode, view) for view in views]  # type: ignore[arg-type]
 
 
 def _decode_or_none(decode: Any, payload: memoryview) -> Any:
