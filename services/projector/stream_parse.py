@@ -95,6 +95,9 @@ class InboundMixin(ReaderState):
         This is the hot loop, so it works on locals only.
         """
         find = buf.find
+        # The frame lines are copied out as `bytes` through a memoryview (one allocation each):
+        # split and rsplit of a bytearray slice make bytearrays, two allocations apiece.
+        view = memoryview(buf)
         seqs = self._seqs
         add_seq = seqs.append
         add_subj = self._subjs.append
@@ -103,12 +106,8 @@ class InboundMixin(ReaderState):
         add_hdr = self._hdrs.append if self._keep_headers else None
         n_first = n_mark = len(seqs)
         pos_mark = pos
-        # The line's fields are bytearrays (slices of the segment); they compare equal to bytes.
-        dsid: bytes | bytearray | None = self._deliver_sid
-        ack_head: bytes | bytearray | None = self._ack_head
-        head: bytes | bytearray
-        _ts: bytes | bytearray
-        _pend: bytes | bytearray
+        dsid = self._deliver_sid
+        ack_head = self._ack_head
         expected = self._expected_cseq
         last = self._last_buffered_seq
         cache = self._subjects
@@ -121,37 +120,37 @@ class InboundMixin(ReaderState):
                     break
                 op = buf[pos]
                 if op == 72:  # b"HMSG "
-                    args = buf[pos + 5 : eol].split(b" ")
+                    args = bytes(view[pos + 5 : eol]).split(b" ")
                     if len(args) == 5:
                         subj, sid, reply, hsize, size = args
                     elif len(args) == 4:
                         subj, sid, hsize, size = args
-                        reply = bytearray()
+                        reply = b""
                     else:
                         raise _ProtocolError(f"bad HMSG line {bytes(buf[pos:eol])!r}")
                     start = eol + 2
                     hend = start + int(hsize)
                     end = start + int(size)
                 elif op == 77 and buf[pos + 1] == 83:  # b"MSG "
-                    args = buf[pos + 4 : eol].split(b" ")
+                    args = bytes(view[pos + 4 : eol]).split(b" ")
                     if len(args) == 4:
                         subj, sid, reply, size = args
                     elif len(args) == 3:
                         subj, sid, size = args
-                        reply = bytearray()
+                        reply = b""
                     else:
                         raise _ProtocolError(f"bad MSG line {bytes(buf[pos:eol])!r}")
                     start = hend = eol + 2
                     end = start + int(size)
                 else:
-                    pos = self._control(bytes(buf[pos:eol]), eol + 2)
+                    pos = self._control(bytes(view[pos:eol]), eol + 2)
                     continue
                 if end + 2 > blen:
                     self._need = end + 2 - pos
                     break
                 pos = end + 2
                 if sid != dsid:
-                    self._other_msg(sid, subj, bytes(buf[start:hend]), bytes(buf[hend:end]))
+                    self._other_msg(sid, subj, bytes(view[start:hend]), bytes(view[hend:end]))
                     continue
                 seen = True
                 try:
@@ -162,7 +161,7 @@ class InboundMixin(ReaderState):
                     sseq = int(b_sseq)
                     cseq = int(b_cseq)
                 elif reply.startswith(b"$JS.ACK."):
-                    sseq, cseq, _ts, _pend = self._ack_fields(bytes(reply))
+                    sseq, cseq, _ts, _pend = self._ack_fields(reply)
                     ack_head = self._ack_head
                 else:
                     # Status message on the deliver subject: heartbeat or flow control.
@@ -171,7 +170,7 @@ class InboundMixin(ReaderState):
                     self._account(len(seqs) - n_mark, pos - pos_mark)
                     n_mark = len(seqs)
                     pos_mark = pos
-                    self._status(bytes(reply), bytes(buf[start:hend]))
+                    self._status(reply, bytes(view[start:hend]))
                     dsid = self._deliver_sid
                     expected = self._expected_cseq
                     continue
@@ -185,19 +184,18 @@ class InboundMixin(ReaderState):
                 if sseq <= last:
                     continue
                 last = sseq
-                key = bytes(subj)
-                s = cache.get(key)
+                s = cache.get(subj)
                 if s is None:
                     if len(cache) >= _SUBJECT_CACHE_MAX:
                         cache.clear()
-                    s = cache[key] = key.decode("utf-8", "surrogateescape")
+                    s = cache[subj] = subj.decode("utf-8", "surrogateescape")
                 add_seq(sseq)
                 add_subj(s)
                 add_span(hend)
                 add_span(end)
                 add_reply(reply)
                 if add_hdr is not None:
-                    add_hdr(bytes(buf[start:hend]) if hend > start else None)
+                    add_hdr(bytes(view[start:hend]) if hend > start else None)
         finally:
             # Also on exceptions: records already appended must stay accounted for, and their
             # segment kept while they are buffered.
@@ -248,11 +246,11 @@ class InboundMixin(ReaderState):
             raise _ProtocolError(f"unexpected protocol line {line[:80]!r}")
         return nxt
 
-    def _other_msg(self, sid: bytearray, subj: bytearray, hdr: bytes, data: bytes) -> None:
+    def _other_msg(self, sid: bytes, subj: bytes, hdr: bytes, data: bytes) -> None:
         """Messages not on the live deliver subscription: API replies, or stale deliveries."""
         if sid != _INBOX_SID:
             return  # in-flight deliveries of a consumer we already dropped
-        token = bytes(subj.rpartition(b".")[2])
+        token = subj.rpartition(b".")[2]
         fut = self._requests.pop(token, None)
         if fut is None or fut.done():
             return

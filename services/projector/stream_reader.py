@@ -83,7 +83,7 @@ class StreamBatch:
         subjects: list[str],
         payloads: pa.ChunkedArray,
         headers: list[bytes | None] | None,
-        replies: list[bytearray],
+        replies: list[bytes],
     ) -> None:
         self.seqs = seqs
         self.subjects = subjects
@@ -114,18 +114,18 @@ class StreamBatch:
 
     def ts_ns(self, i: int = -1) -> int:
         """Stream timestamp of message ``i`` (default: the last), ns since the epoch."""
-        return int(_split_ack(bytes(self.replies[i]))[3])
+        return int(_split_ack(self.replies[i])[3])
 
     def pending(self, i: int = -1) -> int:
         """Messages still pending for the consumer after message ``i`` (default: the last)."""
-        return int(_split_ack(bytes(self.replies[i]))[4])
+        return int(_split_ack(self.replies[i])[4])
 
     def records(self) -> list[StreamRecord]:
         hdrs = self.headers
         out: list[StreamRecord] = []
         cols = zip(self.seqs, self.subjects, self.data, self.replies, strict=True)
         for i, (seq, subject, data, reply) in enumerate(cols):
-            _, _, _, ts, pending = _split_ack(bytes(reply))
+            _, _, _, ts, pending = _split_ack(reply)
             out.append(StreamRecord(seq, subject, data, int(ts), int(pending), hdrs[i] if hdrs is not None else None))
         return out
 
@@ -286,7 +286,8 @@ class OrderedReader(InboundMixin, SupervisorMixin):
             # Hand the lists over whole; the parser starts new ones on its next call.
             seqs, subjs, spans, replies = self._seqs, self._subjs, self._spans, self._replies
             hdrs = self._hdrs if self._keep_headers else None
-            self._seqs, self._subjs, self._spans, self._replies, self._hdrs = [], [], [], [], []
+            self._seqs, self._subjs, self._replies, self._hdrs = [], [], [], []
+            self._spans = int_array("i")
         else:
             # Copy the head out and drop it from the buffer at once (a memmove of the
             # remaining pointers): nothing handed out stays referenced from here.
@@ -316,7 +317,7 @@ class OrderedReader(InboundMixin, SupervisorMixin):
                 self._transport.resume_reading()
         return batch
 
-    def _gather(self, spans: list[int]) -> pa.ChunkedArray:
+    def _gather(self, spans: int_array[int]) -> pa.ChunkedArray:
         """The payloads at `spans` (start, end per record, in the oldest buffered segments), copied
         into one Arrow binary chunk per segment; a segment none of whose records stays buffered
         is let go (kept as a spare for the next reads if it is not the one being read into).
@@ -331,7 +332,7 @@ class OrderedReader(InboundMixin, SupervisorMixin):
         while left:
             entry = segs[0]
             seg, k = entry[0], min(entry[1], left)
-            offsets = int_array("i", spans[2 * i : 2 * (i + k)])
+            offsets = spans[2 * i : 2 * (i + k)]
             around = pa.Array.from_buffers(pa.binary(), 2 * k - 1, [None, pa.py_buffer(offsets), pa.py_buffer(seg)])
             chunk = pc.filter(around, _every_second(2 * k - 1), memory_pool=_POOL)
             del around
