@@ -339,7 +339,7 @@ class OrderedReader(InboundMixin, SupervisorMixin):
             chunks.append(chunk)
             if k == entry[1]:
                 segs.popleft()
-                if seg is not self._seg and len(self._spare) < self._spare_max and _owns(chunk, seg):
+                if seg is not self._seg and len(self._segs) + len(self._spare) < self._spare_max and _owns(chunk, seg):
                     self._spare.append(seg)
             else:
                 entry[1] -= k

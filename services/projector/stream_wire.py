@@ -249,10 +249,11 @@ class ReaderState:
         self._spans = int_array("i")  # C ints: no int object per offset
         self._segs: deque[list[Any]] = deque()
         # Segments no record is in any more, read into again: a new one is zero-filled (1 MiB
-        # written, its pages faulted in: 0.1-0.2 µs per 2.4 KB event on the event loop). As many
-        # as the buffer holds: a hand-out frees up to that many, and the next reads take them.
+        # written, its pages faulted in: 0.1-0.2 µs per 2.4 KB event on the event loop). Kept
+        # while the segments in use and the spares together stay within what the buffer holds
+        # (+ 2): a hand-out frees several at once, and the next reads take them back.
         self._spare: list[bytearray] = []
-        self._spare_max = max(4, max_buffer_bytes // _SEGMENT_BYTES)
+        self._spare_max = max(4, max_buffer_bytes // _SEGMENT_BYTES + 2)
         self._replies: list[bytes] = []  # the $JS.ACK subject: stream time and pending, read lazily
         self._hdrs: list[bytes | None] = []  # filled only with keep_headers
         self._parsed_total = 0  # records ever buffered
