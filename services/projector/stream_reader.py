@@ -321,6 +321,7 @@ class OrderedReader(InboundMixin, SupervisorMixin):
         """The payloads at `spans` (start, end per record, in the oldest buffered segments), copied
         into one Arrow binary chunk per segment; a segment none of whose records stays buffered
         is let go (kept as a spare for the next reads if it is not the one being read into).
+        No chunk points into a segment: segments are written again.
 
         Per segment, the spans are the offsets of an Arrow array over the segment whose every
         second value is a payload (the values between are the protocol lines around them); a
@@ -336,10 +337,12 @@ class OrderedReader(InboundMixin, SupervisorMixin):
             around = pa.Array.from_buffers(pa.binary(), 2 * k - 1, [None, pa.py_buffer(offsets), pa.py_buffer(seg)])
             chunk = pc.filter(around, _every_second(2 * k - 1), memory_pool=_POOL)
             del around
+            if not _owns(chunk, seg):  # never seen (filter copies): a segment is written again
+                chunk = pa.array(chunk.to_pylist(), pa.binary(), memory_pool=_POOL)
             chunks.append(chunk)
             if k == entry[1]:
                 segs.popleft()
-                if seg is not self._seg and len(self._segs) + len(self._spare) < self._spare_max and _owns(chunk, seg):
+                if seg is not self._seg and len(self._segs) + len(self._spare) < self._spare_max:
                     self._spare.append(seg)
             else:
                 entry[1] -= k
