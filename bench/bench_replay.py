@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -88,7 +89,7 @@ async def raw_rate(url: str, last_seq: int) -> dict:
         if batch is not None:
             got += len(batch)
             last = batch.last_seq
-            nbytes += sum(map(len, batch.data))
+            nbytes += pc.sum(pc.binary_length(batch.payloads)).as_py()
     dt = time.perf_counter() - t0
     await reader.close()
     return {"events": got, "seconds": round(dt, 2), "events_per_s": round(got / dt),

@@ -31,7 +31,7 @@ bulk rows. The INSERT … SELECT of each range of seqs between those is attempts
 from __future__ import annotations
 
 from array import array as int_array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import accumulate, chain, islice, pairwise, repeat
 from operator import add, attrgetter, is_not
@@ -88,21 +88,34 @@ class Prepared(NamedTuple):
 
 
 def prepare_attempts(batch: RawBatch) -> Prepared:
-    """The decode, off the fold thread (`Projection.prepare_raw`): it reads nothing from the view."""
+    """The decode, off the fold thread (`Projection.prepare_raw`): it reads nothing from the view.
+
+    Each slice's panes are joined into their columns right after the slice is decoded, while its
+    payloads are still in the core's cache: in the replay every payload is fresh memory, and a
+    pass over it that comes after the whole batch is decoded reads it from RAM again."""
     table = batch.table
     n = table.num_rows
     decoded: list[Any] = []  # per row: a `_Fast`, or None (NULL payload, or the decode raised)
-    for chunk in table.column("data").chunks:
-        decoded += _decode_chunk(chunk)
+    before, after = _PaneColumn(), _PaneColumn()
+    fast = wire.FAST
+    for part in _decode_slices(table.column("data")):
+        decoded += part
+        if list(map(type, part)).count(fast) == len(part):
+            before.add(list(map(_BEFORE, part)))
+            after.add(list(map(_AFTER, part)))
+        else:
+            before.add([e.pane_before if type(e) is fast else None for e in part])
+            after.add([e.pane_after if type(e) is fast else None for e in part])
     types = list(map(type, decoded))
     picked: list[int] | None = None  # the rows decoded as `_Fast` (None: all)
-    if types.count(wire.FAST) != n:  # a purge, garbage: a Python step per row, in this batch only
-        picked = [i for i, t in enumerate(types) if t is wire.FAST]
+    if types.count(fast) != n:  # a purge, garbage: a Python step per row, in this batch only
+        picked = [i for i, t in enumerate(types) if t is fast]
         decoded = [decoded[i] for i in picked]
     del types
     seqs, subjects_ = table.column("seq"), table.column("subject")
     rows, ok = _columns(decoded, seqs if picked is None else seqs.take(picked),
-                        subjects_ if picked is None else subjects_.take(picked))
+                        subjects_ if picked is None else subjects_.take(picked),
+                        before.finish(picked), after.finish(picked))
     del decoded
     others: list[int] = []
     if picked is not None or ok is not None:
@@ -130,23 +143,26 @@ def _views(chunk: pa.Array) -> list[memoryview | None]:
     return views
 
 
-def _decode_chunk(chunk: pa.Array) -> list[Any]:
-    """The chunk's payloads decoded as `_Fast`, one C-level map per SLICE_ROWS (~0.4 ms of GIL
-    with 2 KB panes, whatever the chunk's size); a slice where one raises (or a chunk with a
-    NULL) one payload at a time, with None for those (`_Fast` only relaxes `_Wire`: what it
-    refuses, `strict_row` refuses too)."""
-    views = _views(chunk)
+def _decode_slices(data: pa.ChunkedArray) -> Iterator[list[Any]]:
+    """The payloads decoded as `_Fast`, SLICE_ROWS at a time whatever the chunks (a slice per
+    yield; the pane columns' chunks, and so the record batches DuckDB's scan makes of the table,
+    stay that size: each is a task after which DuckDB's client re-takes the GIL), each slice by one
+    C-level map (~0.4 ms of GIL with 2 KB panes); a slice where one raises (or with a NULL) one
+    payload at a time, with None for those (`_Fast` only relaxes `_Wire`: what it refuses,
+    `strict_row` refuses too)."""
     decode = wire.fast.decode
-    if chunk.null_count:
-        return [None if view is None else _decode_or_none(decode, view) for view in views]
-    out: list[Any] = []
-    for i in range(0, len(views), SLICE_ROWS):
-        part = views[i : i + SLICE_ROWS]
+    for i in range(0, len(data), SLICE_ROWS):
+        part = data.slice(i, SLICE_ROWS)
+        views: list[memoryview | None] = []
+        for chunk in part.chunks:
+            views += _views(chunk)
+        if part.null_count:
+            yield [None if view is None else _decode_or_none(decode, view) for view in views]
+            continue
         try:
-            out += list(map(decode, part))  # type: ignore[arg-type]  # whole, or nothing if one raises
+            yield list(map(decode, views))  # type: ignore[arg-type]  # whole, or nothing if one raises
         except wire.DECODE_ERRORS:
-            out += [_decode_or_none(decode, view) for view in part]  # type: ignore[arg-type]
-    return out
+            yield [_decode_or_none(decode, view) for view in views]  # type: ignore[arg-type]
 
 
 def _decode_or_none(decode: Any, payload: memoryview) -> Any:
@@ -156,9 +172,12 @@ def _decode_or_none(decode: Any, payload: memoryview) -> Any:
         return None
 
 
-def _columns(events: list[Any], seqs: pa.ChunkedArray, subjects_: pa.ChunkedArray) -> tuple[pa.Table, pa.Array | None]:
-    """The decoded events as the attempts table, and which rows the column checks vouch for
-    (None: all of them).
+def _columns(
+    events: list[Any], seqs: pa.ChunkedArray, subjects_: pa.ChunkedArray,
+    panes_before: tuple[pa.ChunkedArray, pa.Array | None], panes_after: tuple[pa.ChunkedArray, pa.Array | None],
+) -> tuple[pa.Table, pa.Array | None]:
+    """The decoded events as the attempts table (their pane columns made by `_PaneColumn`), and
+    which rows the column checks vouch for (None: all of them).
 
     The short columns are one Arrow array each (~0.15 ms of GIL for 5,000 rows): pyarrow
     compute pays a fixed cost per chunk (RE2 compiles its pattern again), 0.08 µs per event
@@ -168,8 +187,7 @@ def _columns(events: list[Any], seqs: pa.ChunkedArray, subjects_: pa.ChunkedArra
     agents = pa.array(list(map(_AGENT, events)), pa.string(), memory_pool=wire.POOL)
     actions = pa.array(list(map(_ACTION, events)), pa.string(), memory_pool=wire.POOL)
     ts_utc, ts_ok = _ts_utc(ts)
-    before, before_ok = _panes(list(map(_BEFORE, events)))
-    after, after_ok = _panes(list(map(_AFTER, events)))
+    (before, before_ok), (after, after_ok) = panes_before, panes_after
     expected = pc.binary_join_element_wise("fleet.attempt", _escaped(agents), _escaped(actions), ".")
     ok = pc.and_(pc.and_(pc.match_substring_regex(ids, UUID_PATTERN), ts_ok), pc.equal(subjects_, expected))
     for check in (before_ok, after_ok):
@@ -213,35 +231,34 @@ def _escaped(identities: pa.Array) -> pa.Array:
     return pc.take(pa.array(escaped, pa.string()), pc.index_in(identities, value_set=distinct))
 
 
-def _panes(panes: list[Any]) -> tuple[pa.ChunkedArray, pa.Array | None]:
-    """The panes' JSON (NULL where none), and which rows' texts are JSON strings (None: all).
+class _PaneColumn:
+    """A pane column (its JSON, NULL where none), slice by slice (`add`), and which rows' texts
+    are JSON strings (`finish`).
 
     Per slice, one `bytes.join` of each pane's head, text and tail writes the column's buffer;
     its offsets come from the lengths (C-level maps). A second, binary view of the same buffer
-    starts each value at a text: `starts_with '"'` over it checks every text at once."""
-    n = len(panes)
-    if not any(panes):  # a Struct is true
-        return pa.chunked_array([pa.nulls(n, pa.string())]), None
-    formats = set(map(_FORMAT, filter(None, panes)))
-    truncated = set(map(_TRUNCATED, filter(None, panes)))
-    heads = {f: wire.head(f) for f in formats}
-    # The usual batch: one format, one `truncated`: the same head and tail for every pane.
-    head, tail = (heads[next(iter(formats))], wire.tail(next(iter(truncated)))) if len(formats) == len(truncated) == 1 \
-        else (None, None)
-    column: list[pa.Array] = []
-    texts_at: list[pa.Array] = []
-    for i in range(0, n, SLICE_ROWS):
-        part = panes[i : i + SLICE_ROWS]
-        present = list(filter(None, part))
+    starts each value at a text: one `starts_with '"'` over them all checks every text at once."""
+
+    def __init__(self) -> None:
+        self.column: list[pa.Array] = []
+        self.texts_at: list[pa.Array] = []
+
+    def add(self, part: list[Any]) -> None:
+        """One slice's panes (None: no pane, or the row is not a `_Fast`)."""
+        present = list(filter(None, part))  # a Struct is true
         if not present:
-            column.append(pa.nulls(len(part), pa.string()))
-            continue
+            self.column.append(pa.nulls(len(part), pa.string()))
+            return
         texts = list(map(_TEXT, present))
-        if head is not None and tail is not None:
-            pieces = zip(repeat(head), texts, repeat(tail), strict=False)
+        formats = set(map(_FORMAT, present))
+        truncated = set(map(_TRUNCATED, present))
+        if len(formats) == len(truncated) == 1:  # the usual slice: one head and tail for every pane
+            head, tail = wire.head(next(iter(formats))), wire.tail(next(iter(truncated)))
+            pieces: Iterable[tuple[bytes, Any, bytes]] = zip(repeat(head), texts, repeat(tail), strict=False)
             lengths = map(add, map(len, texts), repeat(len(head) + len(tail)))
             head_lengths: Iterable[int] = repeat(len(head))
         else:
+            heads = {f: wire.head(f) for f in formats}
             pane_heads = list(map(heads.__getitem__, map(_FORMAT, present)))
             tails = list(map(wire.tail, map(_TRUNCATED, present)))
             pieces = zip(pane_heads, texts, tails, strict=True)
@@ -251,22 +268,32 @@ def _panes(panes: list[Any]) -> tuple[pa.ChunkedArray, pa.Array | None]:
         ends = list(accumulate(lengths, initial=0))
         text_starts = int_array("i", map(add, islice(ends, len(present)), head_lengths))
         text_starts.append(ends[-1])
-        texts_at.append(pa.Array.from_buffers(pa.binary(), len(present), [None, pa.py_buffer(text_starts), data]))
+        self.texts_at.append(pa.Array.from_buffers(pa.binary(), len(present), [None, pa.py_buffer(text_starts), data]))
         if len(present) == len(part):
             offsets = pa.py_buffer(int_array("i", ends))
-            column.append(pa.Array.from_buffers(pa.string(), len(part), [None, offsets, data]))
-            continue
+            self.column.append(pa.Array.from_buffers(pa.string(), len(part), [None, offsets, data]))
+            return
         mask = list(map(is_not, part, repeat(None)))  # row offsets: the end of the panes before it
-        offsets = int_array("i", map(ends.__getitem__, accumulate(mask, initial=0)))
+        offsets = pa.py_buffer(int_array("i", map(ends.__getitem__, accumulate(mask, initial=0))))
         validity = pa.array(mask, pa.bool_()).buffers()[1]
-        column.append(pa.Array.from_buffers(pa.string(), len(part), [validity, pa.py_buffer(offsets), data],
-                                            null_count=len(part) - len(present)))
-    ok_present = pc.starts_with(pa.chunked_array(texts_at, pa.binary()), '"')
-    if pc.all(ok_present).as_py():
-        return pa.chunked_array(column, pa.string()), None
-    present_mask = pa.array(list(map(is_not, panes, repeat(None))), pa.bool_())
-    ok = pc.replace_with_mask(pa.array([True] * n, pa.bool_()), present_mask, ok_present.combine_chunks())
-    return pa.chunked_array(column, pa.string()), ok
+        self.column.append(pa.Array.from_buffers(pa.string(), len(part), [validity, offsets, data],
+                                                 null_count=len(part) - len(present)))
+
+    def finish(self, picked: list[int] | None) -> tuple[pa.ChunkedArray, pa.Array | None]:
+        """The column (of the `picked` rows only, if given), and which rows' texts are JSON
+        strings (None: all)."""
+        column = pa.chunked_array(self.column, pa.string())
+        ok: pa.Array | None = None
+        if self.texts_at:
+            ok_present = pc.starts_with(pa.chunked_array(self.texts_at, pa.binary()), '"')
+            if not pc.all(ok_present).as_py():
+                present = column.is_valid().combine_chunks()
+                ok = pc.replace_with_mask(pa.array([True] * len(column), pa.bool_()), present,
+                                          ok_present.combine_chunks())
+        if picked is None:
+            return column, ok
+        indices = pa.array(picked, pa.int64())
+        return column.take(indices), None if ok is None else ok.take(indices)
 
 
 def _strict_rows(table: pa.Table, rows: list[int]) -> tuple[pa.Table, list[int]]:

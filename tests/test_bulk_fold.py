@@ -30,7 +30,7 @@ from fleetlog.services.backbone.streams import ensure_streams
 from fleetlog.services.client.attempts.panes import normalize_pane
 from fleetlog.services.node.broker import EmbeddedBroker
 from fleetlog.services.node.server import Server
-from fleetlog.services.projector import fold
+from fleetlog.services.projector import stream_parse
 
 from fleetlog import FleetSettings
 
@@ -224,10 +224,12 @@ async def test_bulk_fold_equals_decode_and_fold(
     bulk = await _fold(broker, tmp_path / "bulk", last, AttemptsProjection(), 5000)
     small = await _fold(broker, tmp_path / "small", last, AttemptsProjection(), 7)
     decoded = await _fold(broker, tmp_path / "decoded", last, DecodedAttempts(), 5000)
-    # The Arrow columns are built in slices (the GIL changes hands between them): with slices
-    # of a few rows, nothing stored, refused or handed to the decoder may change.
+    # The Arrow columns are built in slices (the GIL changes hands between them), and the
+    # payloads come in one chunk per reader segment: with slices of a few rows and segments
+    # of a few payloads, nothing stored, refused or handed to the decoder may change.
     monkeypatch.setattr(attempts_raw, "SLICE_ROWS", 5)
-    monkeypatch.setattr(fold, "_RAW_SLICE_ROWS", 4)
+    monkeypatch.setattr(stream_parse, "_SEGMENT_BYTES", 4096)
+    monkeypatch.setattr(stream_parse, "_MIN_READ", 1024)
     sliced = await _fold(broker, tmp_path / "sliced", last, AttemptsProjection(), 5000)
     assert sliced == bulk
 

@@ -36,7 +36,6 @@ _Row = tuple[int, str, bytes]  # (stream seq, subject, payload)
 # Batch payloads in Arrow: the system allocator reuses freed pages; pyarrow's default
 # (mimalloc) returned them to the kernel and every batch page-faulted them in again.
 _POOL = pa.system_memory_pool()
-_RAW_SLICE_ROWS = 256  # payloads per pa.array call (`_raw_table`)
 
 
 class Staged(NamedTuple):
@@ -137,8 +136,8 @@ class BatchFolder:
         projection's `prepare_raw` (e.g. decoding them into columns). Thread-safe, so the
         runtime runs it for batch N+1 on its own thread while batch N folds.
 
-        The payload bytes move into Arrow: `batch.data` is emptied (one copy of a 12 MB batch
-        instead of two) and refilled by `apply` if the bulk fold fails.
+        The payloads stay in the reader's Arrow column (`batch.payloads`): no `bytes` per
+        payload is made unless the decoder needs them.
         """
         if not has_raw_fold(projection):
             return None
@@ -148,7 +147,6 @@ class BatchFolder:
             log.warning("bulk prepare of %d events failed (%r); folding them decoded", len(batch), exc)
             self.bulk_fallbacks += 1
             return None
-        batch.data = []
         try:
             prepared = projection.prepare_raw(RawBatch(stream, table))
         except Exception as exc:  # fold_raw then works from the table alone
@@ -224,16 +222,10 @@ class BatchFolder:
         """seq, subject, data (text; NULL where oversize or not UTF-8: the decoder rejects those),
         and the payloads as they came.
 
-        The payloads are converted RAW_SLICE_ROWS at a time: one pa.array call over a
-        whole batch holds the GIL for milliseconds, and the fold thread (DuckDB's client
-        re-takes the GIL after every task of its query) waited out each such call.
+        The payloads are the reader's Arrow column (`StreamBatch.payloads`), not copied: the
+        cast to text only checks their UTF-8 (in C++, without the GIL) and shares its buffers.
         """
-        n = len(batch.data)
-        data = pa.chunked_array(
-            [pa.array(batch.data[i : i + _RAW_SLICE_ROWS], pa.binary(), memory_pool=_POOL)
-             for i in range(0, n, _RAW_SLICE_ROWS)] or [pa.array([], pa.binary())],
-            pa.binary(),
-        )
+        data = batch.payloads
         try:
             text = pc.cast(data, pa.string(), memory_pool=_POOL)  # validates UTF-8
         except pa.ArrowInvalid:

@@ -205,8 +205,7 @@ class SupervisorMixin(ReaderState):
 
     def _reset_connection_state(self) -> None:
         self._ready_conn = False
-        self._chunks.clear()
-        self._chunks_len = 0
+        self._pos = self._fill  # a frame the old connection left half read is dropped
         self._need = 0
         self._paused = False
         self._pings_out = 0

@@ -1,9 +1,12 @@
 """The bulk reader's inbound protocol: slice messages out of large socket reads.
 
-Per data message the hot loop does one ``find``, one ``split`` of the frame line, one
+The socket is read straight into a segment (``_recv_buffer``, asyncio's BufferedProtocol);
+per data message the hot loop does one ``find``, one ``split`` of the frame line, one
 ``rsplit`` of the reply subject (checked against the consumer's constant
-``$JS.ACK.<stream>.<consumer>.1`` head), two ``int()`` calls and four list appends (the
-buffer is columnar; see ``ReaderState``).  Everything unusual drops to a slower helper.
+``$JS.ACK.<stream>.<consumer>.1`` head), two ``int()`` calls and five list appends (the
+buffer is columnar; see ``ReaderState``). The payload is not copied: its span in the
+segment is kept, and the hand-out gathers the spans into Arrow.  Everything unusual drops
+to a slower helper.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from fleetlog.services.projector.stream_wire import (
     _CRLF,
     _INBOX_SID,
     _MAX_CONTROL_LINE,
+    _MAX_READ,
+    _MIN_READ,
     _RECORD_OVERHEAD,
+    _SEGMENT_BYTES,
     _SUBJECT_CACHE_MAX,
     ReaderState,
     _ApiError,
@@ -29,20 +35,36 @@ __all__ = ["InboundMixin"]
 
 
 class InboundMixin(ReaderState):
-    def _on_data(self, gen: int, data: bytes) -> None:
+    def _recv_buffer(self, gen: int) -> memoryview:
+        """Where the socket writes next: the free end of the current segment, with room for at
+        least _MIN_READ and for the frame being read. A segment no buffered record is in is
+        used again from its start once everything in it is parsed."""
+        if gen != self._gen:  # a dropped connection's last read: read into scratch, ignored
+            return memoryview(bytearray(_MIN_READ))
+        seg = self._seg
+        if self._pos == self._fill and not (self._segs and self._segs[-1][0] is seg):
+            self._pos = self._fill = 0
+        have = self._fill - self._pos
+        want = max(_MIN_READ, self._need - have)
+        if len(seg) - self._fill < want:
+            # The next segment starts with the frame read so far (a partial frame, or nothing).
+            size = max(_SEGMENT_BYTES, have + want)
+            spare = self._spare
+            seg = spare.pop() if spare and len(spare[-1]) >= size else bytearray(size)
+            seg[:have] = memoryview(self._seg)[self._pos : self._fill]
+            self._seg, self._pos, self._fill = seg, 0, have
+        # At most _MAX_READ a read beyond the frame (asyncio's own read size): the buffer's
+        # overshoot past max_buffer_bytes stays one read.
+        return memoryview(seg)[self._fill : self._fill + max(_MAX_READ, want)]
+
+    def _on_data(self, gen: int, nbytes: int) -> None:
         if gen != self._gen:
             return
-        if self._chunks:
-            self._chunks.append(data)
-            self._chunks_len += len(data)
-            if self._chunks_len < self._need:
-                return
-            buf = b"".join(self._chunks)
-            self._chunks.clear()
-        else:
-            buf = data
+        self._fill += nbytes
+        if self._fill - self._pos < self._need:
+            return
         try:
-            pos = self._parse(buf)
+            pos = self._parse(self._seg, self._pos, self._fill)
         except Exception as exc:  # malformed stream or a bug: drop the connection, reconnect
             log.warning("stream reader: protocol error, dropping connection: %r", exc)
             self._last_error = f"protocol error: {exc!r}"
@@ -51,15 +73,13 @@ class InboundMixin(ReaderState):
             return
         if gen != self._gen:
             return
-        if pos < len(buf):
-            rest = buf[pos:]
-            if len(rest) > _MAX_CONTROL_LINE and self._need <= len(rest) + 1:
-                log.warning("stream reader: unterminated protocol line, dropping connection")
-                if self._transport is not None:
-                    self._transport.abort()
-                return
-            self._chunks.append(rest)
-            self._chunks_len = len(rest)
+        self._pos = pos
+        rest = self._fill - pos
+        if rest > _MAX_CONTROL_LINE and self._need <= rest + 1:
+            log.warning("stream reader: unterminated protocol line, dropping connection")
+            if self._transport is not None:
+                self._transport.abort()
+            return
         if not self._paused and self._bytes_in - self._bytes_out > self._max_buffer:
             self._paused = True
             if self._transport is not None:
@@ -68,22 +88,24 @@ class InboundMixin(ReaderState):
         if w is not None and (len(self._seqs) >= self._want or self._paused):
             _wake(w)
 
-    def _parse(self, buf: bytes) -> int:
-        """Consume complete protocol frames from ``buf``; return the first unconsumed offset.
+    def _parse(self, buf: bytearray, pos: int, blen: int) -> int:
+        """Consume complete protocol frames from ``buf[pos:blen]``; return the first unconsumed
+        offset. A payload stays where it is: its (start, end) goes to ``_spans``.
 
         This is the hot loop, so it works on locals only.
         """
         find = buf.find
-        blen = len(buf)
-        pos = 0
+        # The frame lines are copied out as `bytes` through a memoryview (one allocation each):
+        # split and rsplit of a bytearray slice make bytearrays, two allocations apiece.
+        view = memoryview(buf)
         seqs = self._seqs
         add_seq = seqs.append
         add_subj = self._subjs.append
-        add_data = self._datas.append
+        add_span = self._spans.append
         add_reply = self._replies.append
         add_hdr = self._hdrs.append if self._keep_headers else None
-        n_mark = len(seqs)
-        pos_mark = 0
+        n_first = n_mark = len(seqs)
+        pos_mark = pos
         dsid = self._deliver_sid
         ack_head = self._ack_head
         expected = self._expected_cseq
@@ -92,43 +114,43 @@ class InboundMixin(ReaderState):
         seen = False
         try:
             while pos < blen:
-                eol = find(b"\r\n", pos)
+                eol = find(b"\r\n", pos, blen)
                 if eol < 0:
                     self._need = blen - pos + 1
                     break
                 op = buf[pos]
                 if op == 72:  # b"HMSG "
-                    args = buf[pos + 5 : eol].split(b" ")
+                    args = bytes(view[pos + 5 : eol]).split(b" ")
                     if len(args) == 5:
                         subj, sid, reply, hsize, size = args
                     elif len(args) == 4:
                         subj, sid, hsize, size = args
                         reply = b""
                     else:
-                        raise _ProtocolError(f"bad HMSG line {buf[pos:eol]!r}")
+                        raise _ProtocolError(f"bad HMSG line {bytes(buf[pos:eol])!r}")
                     start = eol + 2
                     hend = start + int(hsize)
                     end = start + int(size)
                 elif op == 77 and buf[pos + 1] == 83:  # b"MSG "
-                    args = buf[pos + 4 : eol].split(b" ")
+                    args = bytes(view[pos + 4 : eol]).split(b" ")
                     if len(args) == 4:
                         subj, sid, reply, size = args
                     elif len(args) == 3:
                         subj, sid, size = args
                         reply = b""
                     else:
-                        raise _ProtocolError(f"bad MSG line {buf[pos:eol]!r}")
+                        raise _ProtocolError(f"bad MSG line {bytes(buf[pos:eol])!r}")
                     start = hend = eol + 2
                     end = start + int(size)
                 else:
-                    pos = self._control(buf[pos:eol], eol + 2)
+                    pos = self._control(bytes(view[pos:eol]), eol + 2)
                     continue
                 if end + 2 > blen:
                     self._need = end + 2 - pos
                     break
                 pos = end + 2
                 if sid != dsid:
-                    self._other_msg(sid, subj, buf[start:hend], buf[hend:end])
+                    self._other_msg(sid, subj, bytes(view[start:hend]), bytes(view[hend:end]))
                     continue
                 seen = True
                 try:
@@ -148,7 +170,7 @@ class InboundMixin(ReaderState):
                     self._account(len(seqs) - n_mark, pos - pos_mark)
                     n_mark = len(seqs)
                     pos_mark = pos
-                    self._status(reply, buf[start:hend])
+                    self._status(reply, bytes(view[start:hend]))
                     dsid = self._deliver_sid
                     expected = self._expected_cseq
                     continue
@@ -169,15 +191,24 @@ class InboundMixin(ReaderState):
                     s = cache[subj] = subj.decode("utf-8", "surrogateescape")
                 add_seq(sseq)
                 add_subj(s)
-                add_data(buf[hend:end])
+                add_span(hend)
+                add_span(end)
                 add_reply(reply)
                 if add_hdr is not None:
-                    add_hdr(buf[start:hend] if hend > start else None)
+                    add_hdr(bytes(view[start:hend]) if hend > start else None)
         finally:
-            # Also on exceptions: records already appended must stay accounted for.
+            # Also on exceptions: records already appended must stay accounted for, and their
+            # segment kept while they are buffered.
             self._expected_cseq = expected
             self._last_buffered_seq = last
             self._account(len(seqs) - n_mark, pos - pos_mark)
+            added = len(seqs) - n_first
+            if added:
+                segs = self._segs
+                if segs and segs[-1][0] is buf:
+                    segs[-1][1] += added
+                else:
+                    segs.append([buf, added])
             if seen:
                 self._last_activity = asyncio.get_running_loop().time()
         return pos

@@ -6,9 +6,9 @@ object and a callback coroutine.  The projector has to replay a million events a
 >= 150k events/s, so this reader speaks just enough of the NATS client protocol itself
 (INFO/CONNECT/PING/PONG/SUB/UNSUB/PUB/MSG/HMSG) over its own TCP connection, creates an
 ephemeral *ordered-style* push consumer through the JetStream API on that connection, and
-slices deliveries out of large socket reads with ``bytes.find``.  Records are buffered
-column by column (no object per message beyond the payload bytes) and handed out either
-as columns (:meth:`OrderedReader.next_columns`, what the projector uses) or as
+slices deliveries out of large socket reads with ``bytearray.find``.  Records are buffered
+column by column, the payloads left where the socket wrote them (no object per payload), and
+handed out either as columns (:meth:`OrderedReader.next_columns`, what the projector uses) or as
 :class:`StreamRecord` tuples (:meth:`OrderedReader.next_batch`).
 
 Delivery contract (the spine of an exactly-once projector):
@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from array import array as int_array
 from bisect import bisect_right
 from itertools import accumulate
+from operator import sub
 from typing import NamedTuple
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from fleetlog.services.backbone.tasks import stop_tasks
 from fleetlog.services.projector.stream_consumer import SupervisorMixin
 from fleetlog.services.projector.stream_parse import InboundMixin
@@ -64,21 +68,27 @@ class StreamRecord(NamedTuple):
 
 
 class StreamBatch:
-    """Consecutive stream messages as columns (same order, same length)."""
+    """Consecutive stream messages as columns (same order, same length).
 
-    __slots__ = ("data", "headers", "replies", "seqs", "subjects")
+    The payloads come as one Arrow binary column (`payloads`): the reader gathers them
+    there from the segments they were read into, in C++ without the GIL, and a projection's
+    bulk path reads them from it. `data` is the same payloads as `bytes`, made on first use
+    (the decoder's path)."""
+
+    __slots__ = ("_data", "headers", "payloads", "replies", "seqs", "subjects")
 
     def __init__(
         self,
         seqs: list[int],
         subjects: list[str],
-        data: list[bytes],
+        payloads: pa.ChunkedArray,
         headers: list[bytes | None] | None,
         replies: list[bytes],
     ) -> None:
         self.seqs = seqs
         self.subjects = subjects
-        self.data = data
+        self.payloads = payloads
+        self._data: list[bytes] | None = None
         self.headers = headers
         """Raw header blocks, or None for the whole batch from a reader with ``keep_headers=False``."""
         self.replies = replies
@@ -86,6 +96,17 @@ class StreamBatch:
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def data(self) -> list[bytes]:
+        """The payloads as `bytes` (a copy of each, made once)."""
+        if self._data is None:
+            self._data = self.payloads.to_pylist()
+        return self._data
+
+    @data.setter
+    def data(self, value: list[bytes]) -> None:
+        self._data = value
 
     @property
     def last_seq(self) -> int:
@@ -222,7 +243,8 @@ class OrderedReader(InboundMixin, SupervisorMixin):
         if self._fatal is not None:
             raise self._fatal
         if max_bytes is not None and len(self._seqs) > 1:
-            sizes = accumulate(map(len, self._datas[:max_n]))
+            spans = self._spans[: 2 * max_n]
+            sizes = accumulate(map(sub, spans[1::2], spans[::2]))
             max_n = max(1, bisect_right(list(sizes), max_bytes))
         return self._take(max_n)
 
@@ -262,21 +284,22 @@ class OrderedReader(InboundMixin, SupervisorMixin):
             return None
         if avail <= max_n:
             # Hand the lists over whole; the parser starts new ones on its next call.
-            batch = StreamBatch(self._seqs, self._subjs, self._datas,
-                                self._hdrs if self._keep_headers else None, self._replies)
-            self._seqs, self._subjs, self._datas, self._replies, self._hdrs = [], [], [], [], []
+            seqs, subjs, spans, replies = self._seqs, self._subjs, self._spans, self._replies
+            hdrs = self._hdrs if self._keep_headers else None
+            self._seqs, self._subjs, self._replies, self._hdrs = [], [], [], []
+            self._spans = int_array("i")
         else:
             # Copy the head out and drop it from the buffer at once (a memmove of the
             # remaining pointers): nothing handed out stays referenced from here.
-            seqs, subjs, datas, replies = (
-                self._seqs[:max_n], self._subjs[:max_n], self._datas[:max_n], self._replies[:max_n]
+            seqs, subjs, spans, replies = (
+                self._seqs[:max_n], self._subjs[:max_n], self._spans[: 2 * max_n], self._replies[:max_n]
             )
-            del self._seqs[:max_n], self._subjs[:max_n], self._datas[:max_n], self._replies[:max_n]
-            hdrs: list[bytes | None] | None = None
+            del self._seqs[:max_n], self._subjs[:max_n], self._spans[: 2 * max_n], self._replies[:max_n]
+            hdrs = None
             if self._keep_headers:
                 hdrs = self._hdrs[:max_n]
                 del self._hdrs[:max_n]
-            batch = StreamBatch(seqs, subjs, datas, hdrs, replies)
+        batch = StreamBatch(seqs, subjs, self._gather(spans), hdrs, replies)
         n = len(batch.seqs)
         self._handed_total += n
         self._last_seq = batch.seqs[-1]
@@ -293,3 +316,56 @@ class OrderedReader(InboundMixin, SupervisorMixin):
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
         return batch
+
+    def _gather(self, spans: int_array[int]) -> pa.ChunkedArray:
+        """The payloads at `spans` (start, end per record, in the oldest buffered segments), copied
+        into one Arrow binary chunk per segment; a segment none of whose records stays buffered
+        is let go (kept as a spare for the next reads if it is not the one being read into).
+        No chunk points into a segment: segments are written again.
+
+        Per segment, the spans are the offsets of an Arrow array over the segment whose every
+        second value is a payload (the values between are the protocol lines around them); a
+        `filter` of those copies the payloads out in C++, without the GIL and without an object
+        per message (0.2 µs per 2.4 KB payload; `take` 0.5)."""
+        chunks: list[pa.Array] = []
+        segs = self._segs
+        i, left = 0, len(spans) // 2
+        while left:
+            entry = segs[0]
+            seg, k = entry[0], min(entry[1], left)
+            offsets = spans[2 * i : 2 * (i + k)]
+            around = pa.Array.from_buffers(pa.binary(), 2 * k - 1, [None, pa.py_buffer(offsets), pa.py_buffer(seg)])
+            chunk = pc.filter(around, _every_second(2 * k - 1), memory_pool=_POOL)
+            del around
+            if not _owns(chunk, seg):  # never seen (filter copies): a segment is written again
+                chunk = pa.array(chunk.to_pylist(), pa.binary(), memory_pool=_POOL)
+            chunks.append(chunk)
+            if k == entry[1]:
+                segs.popleft()
+                if seg is not self._seg and len(self._segs) + len(self._spare) < self._spare_max:
+                    self._spare.append(seg)
+            else:
+                entry[1] -= k
+            i += k
+            left -= k
+        return pa.chunked_array(chunks, pa.binary())
+
+
+# The payloads' Arrow buffers come from the system allocator (see projections/attempts_wire.POOL).
+_POOL = pa.system_memory_pool()
+_ALTERNATE = pa.array([], pa.bool_())
+
+
+def _every_second(n: int) -> pa.Array:
+    """True, False, True, ... (n values): the payloads' places among a segment's array's values."""
+    global _ALTERNATE
+    if len(_ALTERNATE) < n:
+        _ALTERNATE = pa.array([True, False] * max(n, 8192), pa.bool_())
+    return _ALTERNATE.slice(0, n)
+
+
+def _owns(chunk: pa.Array, seg: bytearray) -> bool:
+    """Whether `chunk`'s payloads are its own copy, not a view of `seg` (so `seg` may be written again)."""
+    values = chunk.buffers()[2]
+    start = pa.py_buffer(seg).address
+    return values is None or not start <= values.address < start + len(seg)

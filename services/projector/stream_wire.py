@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from array import array as int_array
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
@@ -33,10 +34,17 @@ _BACKOFF_MIN_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 1.0
 _MAX_CONTROL_LINE: Final = 1024 * 1024
 _SUBJECT_CACHE_MAX: Final = 65536
-# Rough Python-object cost of one buffered record beyond its payload (list slots, the bytes
-# headers of payload and reply subject, the int).  Counted so that max_buffer_bytes bounds
-# real memory, not just payload bytes.
+# Rough Python-object cost of one buffered record beyond its payload (list slots, its span's
+# two ints, the reply subject, the seq).  Counted so that max_buffer_bytes bounds real
+# memory, not just payload bytes.
 _RECORD_OVERHEAD: Final = 200
+# The socket is read straight into segments of this size (``_Wire.get_buffer``); payloads stay
+# where they landed until handed out. A segment lives while a buffered record is in it.
+_SEGMENT_BYTES: Final = 1024 * 1024
+# A read is offered at least this much room (less left in the segment starts the next one),
+# and at most _MAX_READ beyond the frame being read.
+_MIN_READ: Final = 64 * 1024
+_MAX_READ: Final = 256 * 1024
 _INBOX_SID: Final = b"1"
 _VERSION: Final = "0.2.0"
 
@@ -134,16 +142,20 @@ def _split_ack(reply: bytes) -> tuple[bytes | None, int, int, bytes, bytes]:
     return head, int(t[i]), int(t[i + 1]), t[i + 2], t[i + 3]
 
 
-class _Wire(asyncio.Protocol):
-    """Thin transport adapter: forwards bytes to the reader, tagged with a generation."""
+class _Wire(asyncio.BufferedProtocol):
+    """Thin transport adapter, tagged with a generation: the socket is read straight into the
+    reader's segment (no `bytes` per read, no join of a frame split across reads)."""
 
     def __init__(self, reader: ReaderState, gen: int) -> None:
         self._reader = reader
         self._gen = gen
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def data_received(self, data: bytes) -> None:
-        self._reader._on_data(self._gen, data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader._recv_buffer(self._gen)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reader._on_data(self._gen, nbytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -203,8 +215,11 @@ class ReaderState:
         self._ready_conn = False
         self._hs_info: asyncio.Future[dict[str, Any]] | None = None
         self._hs_pong: asyncio.Future[None] | None = None
-        self._chunks: list[bytes] = []
-        self._chunks_len = 0
+        # The read buffer: the socket writes into `_seg` from `_fill`; frames before `_pos`
+        # are parsed. `_need`: bytes from `_pos` the next frame needs at least.
+        self._seg = bytearray()  # the first read starts a segment
+        self._fill = 0
+        self._pos = 0
         self._need = 0
         self._paused = False
         self._pings_out = 0
@@ -224,11 +239,21 @@ class ReaderState:
 
         # Record buffer, one list per column: validated, in order, not yet handed out.
         # Columns instead of one tuple per record: no per-record container object for the
-        # garbage collector to track, and the projector hands the columns to Arrow as they are.
+        # garbage collector to track. A payload is not copied out of the segment it was read
+        # into: `_spans` holds its (start, end) there, and `_segs` each segment still holding
+        # buffered records with how many ([segment, count], in stream order). The hand-out
+        # gathers them into one Arrow array (stream_reader).
         self._keep_headers = keep_headers
         self._seqs: list[int] = []
         self._subjs: list[str] = []
-        self._datas: list[bytes] = []
+        self._spans = int_array("i")  # C ints: no int object per offset
+        self._segs: deque[list[Any]] = deque()
+        # Segments no record is in any more, read into again: a new one is zero-filled (1 MiB
+        # written, its pages faulted in: 0.1-0.2 µs per 2.4 KB event on the event loop). Kept
+        # while the segments in use and the spares together stay within what the buffer holds
+        # (+ 2): a hand-out frees several at once, and the next reads take them back.
+        self._spare: list[bytearray] = []
+        self._spare_max = max(4, max_buffer_bytes // _SEGMENT_BYTES + 2)
         self._replies: list[bytes] = []  # the $JS.ACK subject: stream time and pending, read lazily
         self._hdrs: list[bytes | None] = []  # filled only with keep_headers
         self._parsed_total = 0  # records ever buffered
@@ -243,7 +268,10 @@ class ReaderState:
         self._want = 0
 
     # -- implemented by the inbound half (stream_parse) -------------------------
-    def _on_data(self, gen: int, data: bytes) -> None:
+    def _recv_buffer(self, gen: int) -> memoryview:
+        raise NotImplementedError
+
+    def _on_data(self, gen: int, nbytes: int) -> None:
         raise NotImplementedError
 
     def _on_lost(self, gen: int, exc: Exception | None) -> None:
