@@ -128,7 +128,7 @@ class AttemptsProjection(Projection):
         from fleetlog.schemas import parse_ts
 
         cutoff = parse_ts(event.before)
-        # fetchall: a result left open would make the bulk path's unregister fail the batch
+        # fetchall: no result is left open on the fold's cursor (one once failed the batch's next statement)
         rows = con.execute("SELECT count(*) FROM attempt_purges WHERE event_id = ?", [event.id]).fetchall()
         if rows and rows[0][0]:
             return  # the same purge delivered twice

@@ -44,16 +44,7 @@ from fleetlog.schemas._base import UUID_PATTERN
 
 from . import attempts_wire as wire
 from ._base import DecodeRows, FoldReject, Projection, RawBatch
-from .attempts_sql import (
-    BULK,
-    BULK_OTHER_BODY,
-    BULK_REPEATS,
-    END,
-    another_body,
-    insert_attempts,
-    insert_range,
-    unregister,
-)
+from .attempts_sql import BULK, BULK_REPEATS, END, OTHER_BODY, another_body, insert_attempts, insert_range
 
 if TYPE_CHECKING:
     import duckdb
@@ -361,19 +352,15 @@ def fold_attempts_raw(
     refused: list[FoldReject] = []
     other_body: list[tuple[int, str, int]] = []
     lo = 0
-    con.register("_fleetlog_attempts", rows)
-    try:
-        # Events the decoder accepted (purges, unusual panes), folded in stream order
-        # between the bulk rows.
-        for event in decode(others) if others else ():
-            if rows.num_rows:
-                other_body += insert_range(con, sql, BULK_OTHER_BODY, rows, lo, event.seq)
-            refused.extend(projection.fold(con, [event]) or ())
-            lo = event.seq
+    # Events the decoder accepted (purges, unusual panes), folded in stream order between
+    # the bulk rows.
+    for event in decode(others) if others else ():
         if rows.num_rows:
-            other_body += insert_range(con, sql, BULK_OTHER_BODY, rows, lo, END)
-    finally:
-        unregister(con, "_fleetlog_attempts")
+            other_body += insert_range(con, sql, OTHER_BODY, rows, lo, event.seq)
+        refused.extend(projection.fold(con, [event]) or ())
+        lo = event.seq
+    if rows.num_rows:
+        other_body += insert_range(con, sql, OTHER_BODY, rows, lo, END)
     if other_body:
         why = {seq: another_body(seq, i, kept) for seq, i, kept in other_body}
         # One at a time: the decoder keeps only the first of a repeated id among what it is given.
