@@ -220,17 +220,17 @@ def insert_new_by_id(
         " AND (SELECT max(CAST(id AS UUID)) FROM _fleetlog_batch)"
     )
     seen = " UNION ALL ".join(f"SELECT t.id FROM {t} t WHERE t.id {span}" for t in (table, *also_skip))
-    con.register("_fleetlog_batch", rows)
-    try:
-        con.execute(
-            f"""
-            INSERT INTO {table}
-            SELECT {columns} FROM _fleetlog_batch b
-            WHERE CAST(b.id AS UUID) NOT IN ({seen})
-            """
-        )
-    finally:
-        con.unregister("_fleetlog_batch")
+    # Read by DuckDB's replacement scan (a local of this name), not `con.register`: a registered
+    # table stays in the transaction's catalog, Arrow buffers and all, until the transaction
+    # ends, and a catch-up transaction holds many batches (services/projector/transactions.py).
+    _fleetlog_batch = rows
+    con.execute(
+        f"""
+        INSERT INTO {table}
+        SELECT {columns} FROM _fleetlog_batch b
+        WHERE CAST(b.id AS UUID) NOT IN ({seen})
+        """
+    )
 
 
 def execute_prepared(cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any]) -> duckdb.DuckDBPyConnection:

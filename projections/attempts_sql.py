@@ -78,7 +78,7 @@ def insert_range(con: duckdb.DuckDBPyConnection, insert: str, other_body: str, r
     """INSERT the rows lo < seq < hi not seen before; when some were skipped (an id the view
     holds, or repeated in the batch), the skipped ones whose body differs from the kept row.
     An identical copy (a spool or retry replay) is a silent duplicate."""
-    _fleetlog_rows = rows
+    _fleetlog_rows = rows  # read by the statements, by name (see _ROWS)
     result = con.execute(insert, [lo, hi]).fetchone()
     inserted = int(result[0]) if result else 0
     seqs = rows.column("seq")
