@@ -76,3 +76,33 @@ async def test_payloads_survive_small_segments_and_their_reuse(
     # The edges were crossed: batches spanning several segments, and segments read into again.
     assert max(b.payloads.num_chunks for b in batches) > 1
     assert spares_seen > 0
+
+
+async def test_a_big_frame_followed_by_less_than_its_size_is_not_held_back(broker: EmbeddedBroker) -> None:
+    """Review of the fourth round: after a 600 KB frame, what it still `_need`ed stayed set, so
+    the next small frames waited for 600 KB more bytes (in practice until an idle heartbeat;
+    here the heartbeat is 60 s away and the reader must deliver within 30)."""
+    nc = await nats.connect(broker.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="BIG", subjects=["big.>"])
+        for i in range(5):
+            await js.publish("big.x", b"small %d" % i)
+        await js.publish("big.x", b"B" * 600_000)
+        for i in range(5):
+            await js.publish("big.x", b"small after %d" % i)
+    finally:
+        await nc.close()
+    reader = OrderedReader([broker.url], "BIG", 1, name="big", keep_headers=False, idle_heartbeat_s=60.0)
+    await reader.start()
+    got: list[bytes] = []
+    try:
+        for _ in range(300):
+            batch = await reader.next_columns(100, 0.1)
+            if batch is not None:
+                got += batch.payloads.to_pylist()
+            if len(got) >= 11:
+                break
+    finally:
+        await reader.close()
+    assert [len(p) for p in got] == [7] * 5 + [600_000] + [13] * 5

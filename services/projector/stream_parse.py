@@ -112,6 +112,10 @@ class InboundMixin(ReaderState):
         last = self._last_buffered_seq
         cache = self._subjects
         seen = False
+        # Set again below if a frame is cut short; a frame that completed needs nothing more
+        # (a stale `_need` of a 600 KB frame held every later small frame back: the reader
+        # stalled until that much more arrived).
+        self._need = 0
         try:
             while pos < blen:
                 eol = find(b"\r\n", pos, blen)
