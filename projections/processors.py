@@ -121,12 +121,10 @@ class ProcessorsProjection(Projection):
                             ("proc_locks", _lock_rows(locks))):
             if rows is None:
                 continue
-            con.register("_fleetlog_proc_rows", rows)
-            try:
-                # one row per key in the batch: INSERT OR REPLACE is the whole upsert
-                con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM _fleetlog_proc_rows")
-            finally:
-                con.unregister("_fleetlog_proc_rows")
+            # read by name in the SQL below (a replacement scan: projections/_base.py)
+            _fleetlog_proc_rows = rows
+            # one row per key in the batch: INSERT OR REPLACE is the whole upsert
+            con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM _fleetlog_proc_rows")
 
     def forget(self, con: duckdb.DuckDBPyConnection, rejected: Sequence[tuple[str, int]]) -> None:
         _delete_subjects(con, self.tables, [s for s, _ in rejected])
@@ -143,12 +141,10 @@ class ProcessorsProjection(Projection):
 
 
 def _delete_subjects(con: duckdb.DuckDBPyConnection, tables: Sequence[str], subjects: list[str]) -> None:
-    con.register("_fleetlog_proc_forget", pa.table({"subject": pa.array(subjects, pa.string())}))
-    try:
-        for table in tables:
-            con.execute(f"DELETE FROM {table} USING _fleetlog_proc_forget f WHERE {table}.subject = f.subject")
-    finally:
-        con.unregister("_fleetlog_proc_forget")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_proc_forget = pa.table({"subject": pa.array(subjects, pa.string())})
+    for table in tables:
+        con.execute(f"DELETE FROM {table} USING _fleetlog_proc_forget f WHERE {table}.subject = f.subject")
 
 
 def _session_rows(items: list[StoredEvent]) -> pa.Table | None:

@@ -174,13 +174,11 @@ class RunsProjection(Projection):
 def _load_runs(con: duckdb.DuckDBPyConnection, run_ids: set[str]) -> dict[str, _Current]:
     if not run_ids:
         return {}
-    con.register("_fleetlog_ids", pa.table({"run_id": pa.array(sorted(run_ids), pa.string())}))
-    try:
-        rows = con.execute(
-            "SELECT r.state, r.state_seq FROM runs r SEMI JOIN _fleetlog_ids i USING (run_id)"
-        ).fetchall()
-    finally:
-        con.unregister("_fleetlog_ids")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_ids = pa.table({"run_id": pa.array(sorted(run_ids), pa.string())})
+    rows = con.execute(
+        "SELECT r.state, r.state_seq FROM runs r SEMI JOIN _fleetlog_ids i USING (run_id)"
+    ).fetchall()
     out: dict[str, _Current] = {}
     for state_json, state_seq in rows:
         state = _state_decoder.decode(state_json)
@@ -196,13 +194,11 @@ def _load_event_keys(con: duckdb.DuckDBPyConnection, appended: list[StoredEvent]
         "run_id": pa.array([e.run_id for e in events], pa.string()),
         "sequence": pa.array([e.sequence for e in events], pa.int64()),
     })
-    con.register("_fleetlog_keys", keys)
-    try:
-        rows = con.execute(
-            "SELECT e.run_id, e.sequence FROM run_events e SEMI JOIN _fleetlog_keys k USING (run_id, sequence)"
-        ).fetchall()
-    finally:
-        con.unregister("_fleetlog_keys")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_keys = keys
+    rows = con.execute(
+        "SELECT e.run_id, e.sequence FROM run_events e SEMI JOIN _fleetlog_keys k USING (run_id, sequence)"
+    ).fetchall()
     return {(r, int(s)) for r, s in rows}
 
 
@@ -221,12 +217,10 @@ def _write_runs(con: duckdb.DuckDBPyConnection, rows: list[_Current]) -> None:
         columns[name] = _column([getattr(s, field) for s in states], kind)
     columns["state"] = _column([_encode(s).decode() for s in states], text)
     columns["state_seq"] = _column([c.state_seq for c in rows], i64)
-    con.register("_fleetlog_runs", pa.table(columns))
-    try:
-        con.execute("DELETE FROM runs WHERE run_id IN (SELECT run_id FROM _fleetlog_runs)")
-        con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) SELECT {', '.join(RUN_COLUMNS)} FROM _fleetlog_runs")
-    finally:
-        con.unregister("_fleetlog_runs")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_runs = pa.table(columns)
+    con.execute("DELETE FROM runs WHERE run_id IN (SELECT run_id FROM _fleetlog_runs)")
+    con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) SELECT {', '.join(RUN_COLUMNS)} FROM _fleetlog_runs")
 
 
 
@@ -249,14 +243,12 @@ def _write_events(con: duckdb.DuckDBPyConnection, accepted: list[StoredEvent]) -
         "id": _column([s.seq for s in accepted], i64),
         "event_uuid": _column([e.id for e in events], text),
     })
-    con.register("_fleetlog_events", table)
-    try:
-        con.execute(
-            "INSERT INTO run_events SELECT run_id, sequence, type, data, usage, source, artifact_refs, metadata,"
-            " created_at, fence, id, CAST(event_uuid AS UUID) FROM _fleetlog_events"
-        )
-    finally:
-        con.unregister("_fleetlog_events")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_events = table
+    con.execute(
+        "INSERT INTO run_events SELECT run_id, sequence, type, data, usage, source, artifact_refs, metadata,"
+        " created_at, fence, id, CAST(event_uuid AS UUID) FROM _fleetlog_events"
+    )
 
 
 PROJECTION = RunsProjection()

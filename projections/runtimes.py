@@ -126,21 +126,17 @@ class RuntimesProjection(Projection):
         if not latest:
             return
         gone = pa.table({"subject": pa.array([s for s, _ in rejected], pa.string())})
-        con.register("_fleetlog_forget", gone)
-        try:
-            con.execute("DELETE FROM runtime_messages WHERE subject IN (SELECT subject FROM _fleetlog_forget)")
-        finally:
-            con.unregister("_fleetlog_forget")
+        # read by name in the SQL below (a replacement scan: projections/_base.py)
+        _fleetlog_forget = gone
+        con.execute("DELETE FROM runtime_messages WHERE subject IN (SELECT subject FROM _fleetlog_forget)")
         ids = sorted(latest)
-        con.register("_fleetlog_ids", pa.table({"runtime_id": pa.array(ids, pa.string())}))
-        try:
-            messages = con.execute(
-                "SELECT subject, seq, event FROM runtime_messages SEMI JOIN _fleetlog_ids USING (runtime_id)"
-                " ORDER BY seq"
-            ).fetchall()
-            con.execute("DELETE FROM runtimes WHERE runtime_id IN (SELECT runtime_id FROM _fleetlog_ids)")
-        finally:
-            con.unregister("_fleetlog_ids")
+        # read by name in the SQL below (a replacement scan: projections/_base.py)
+        _fleetlog_ids = pa.table({"runtime_id": pa.array(ids, pa.string())})
+        messages = con.execute(
+            "SELECT subject, seq, event FROM runtime_messages SEMI JOIN _fleetlog_ids USING (runtime_id)"
+            " ORDER BY seq"
+        ).fetchall()
+        con.execute("DELETE FROM runtimes WHERE runtime_id IN (SELECT runtime_id FROM _fleetlog_ids)")
         rows: dict[str, dict[str, Any]] = {}
         for subject, seq, event_json in messages:
             event = decode_event(event_json.encode())
@@ -206,11 +202,9 @@ def _keep_messages(con: duckdb.DuckDBPyConnection, last: dict[str, StoredEvent |
     """Each subject's last event replaces the one kept for it (a refused one leaves none)."""
     if not last:
         return
-    con.register("_fleetlog_subjects", pa.table({"subject": pa.array(list(last), pa.string())}))
-    try:
-        con.execute("DELETE FROM runtime_messages WHERE subject IN (SELECT subject FROM _fleetlog_subjects)")
-    finally:
-        con.unregister("_fleetlog_subjects")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_subjects = pa.table({"subject": pa.array(list(last), pa.string())})
+    con.execute("DELETE FROM runtime_messages WHERE subject IN (SELECT subject FROM _fleetlog_subjects)")
     kept = [s for s in last.values() if s is not None]
     if not kept:
         return
@@ -220,11 +214,9 @@ def _keep_messages(con: duckdb.DuckDBPyConnection, last: dict[str, StoredEvent |
         "seq": pa.array([s.seq for s in kept], pa.int64()),
         "event": pa.array([encode_event(s.event).decode() for s in kept], pa.string()),
     })
-    con.register("_fleetlog_messages", table)
-    try:
-        con.execute("INSERT INTO runtime_messages SELECT subject, runtime_id, seq, event FROM _fleetlog_messages")
-    finally:
-        con.unregister("_fleetlog_messages")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_messages = table
+    con.execute("INSERT INTO runtime_messages SELECT subject, runtime_id, seq, event FROM _fleetlog_messages")
 
 
 def _runtime_of(subject: str) -> str | None:
@@ -238,11 +230,9 @@ def _runtime_of(subject: str) -> str | None:
 
 
 def _load(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, dict[str, Any]]:
-    con.register("_fleetlog_ids", pa.table({"runtime_id": pa.array(ids, pa.string())}))
-    try:
-        rows = con.execute(f"SELECT {_SELECT} FROM runtimes SEMI JOIN _fleetlog_ids USING (runtime_id)").fetchall()
-    finally:
-        con.unregister("_fleetlog_ids")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_ids = pa.table({"runtime_id": pa.array(ids, pa.string())})
+    rows = con.execute(f"SELECT {_SELECT} FROM runtimes SEMI JOIN _fleetlog_ids USING (runtime_id)").fetchall()
     return {row["runtime_id"]: row for row in map(_row, rows)}
 
 
@@ -258,12 +248,10 @@ def _write(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
         )
         for c in COLUMNS
     })
-    con.register("_fleetlog_runtimes", table)
-    try:
-        con.execute("DELETE FROM runtimes WHERE runtime_id IN (SELECT runtime_id FROM _fleetlog_runtimes)")
-        con.execute(f"INSERT INTO runtimes ({_SELECT}) SELECT {_SELECT} FROM _fleetlog_runtimes")
-    finally:
-        con.unregister("_fleetlog_runtimes")
+    # read by name in the SQL below (a replacement scan: projections/_base.py)
+    _fleetlog_runtimes = table
+    con.execute("DELETE FROM runtimes WHERE runtime_id IN (SELECT runtime_id FROM _fleetlog_runtimes)")
+    con.execute(f"INSERT INTO runtimes ({_SELECT}) SELECT {_SELECT} FROM _fleetlog_runtimes")
 
 
 def _to_view(values: Sequence[Any]) -> RuntimeView:

@@ -94,20 +94,16 @@ class StateProjection(Projection):
         kept = [s for s, ok in last.values() if ok and isinstance(s.event, StateSet)]
         if gone:
             keys = pa.table({"scope_key": [k[0] for k in gone], "key": [k[1] for k in gone]})
-            con.register("_fleetlog_state_gone", keys)
-            try:
-                con.execute("DELETE FROM state USING _fleetlog_state_gone g"
-                            " WHERE state.scope_key = g.scope_key AND state.key = g.key")
-            finally:
-                con.unregister("_fleetlog_state_gone")
+            # read by name in the SQL below (a replacement scan: projections/_base.py)
+            _fleetlog_state_gone = keys
+            con.execute("DELETE FROM state USING _fleetlog_state_gone g"
+                        " WHERE state.scope_key = g.scope_key AND state.key = g.key")
         if kept:
-            con.register("_fleetlog_state_set", self._rows(kept))
-            try:
-                # = ON CONFLICT (scope_key, key) DO UPDATE SET every other column; measured about
-                # twice as fast here (the batch holds each key once, so there is no ambiguity)
-                con.execute(f"INSERT OR REPLACE INTO state SELECT {', '.join(_COLUMNS)} FROM _fleetlog_state_set")
-            finally:
-                con.unregister("_fleetlog_state_set")
+            # read by name in the SQL below (a replacement scan: projections/_base.py)
+            _fleetlog_state_set = self._rows(kept)
+            # = ON CONFLICT (scope_key, key) DO UPDATE SET every other column; measured about
+            # twice as fast here (the batch holds each key once, so there is no ambiguity)
+            con.execute(f"INSERT OR REPLACE INTO state SELECT {', '.join(_COLUMNS)} FROM _fleetlog_state_set")
         return rejects
 
     @staticmethod
@@ -133,11 +129,9 @@ class StateProjection(Projection):
         """A message rejected before the fold (undecodable, oversize, wrong subject) replaced
         the key's message in the compacted stream: the key holds no value, as after a rebuild."""
         subjects = [subject for subject, _seq in rejected]
-        con.register("_fleetlog_state_forget", pa.table({"subject": pa.array(subjects, pa.string())}))
-        try:
-            con.execute("DELETE FROM state USING _fleetlog_state_forget f WHERE state.subject = f.subject")
-        finally:
-            con.unregister("_fleetlog_state_forget")
+        # read by name in the SQL below (a replacement scan: projections/_base.py)
+        _fleetlog_state_forget = pa.table({"subject": pa.array(subjects, pa.string())})
+        con.execute("DELETE FROM state USING _fleetlog_state_forget f WHERE state.subject = f.subject")
 
     def endpoints(self) -> Sequence[Endpoint]:
         return (
