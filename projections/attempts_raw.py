@@ -104,8 +104,10 @@ def prepare_attempts(batch: RawBatch) -> Prepared:
         decoded = [decoded[i] for i in picked]
     del types
     seqs, subjects_ = table.column("seq"), table.column("subject")
-    rows, ok = _columns(decoded, seqs if picked is None else seqs.take(picked),
-                        subjects_ if picked is None else subjects_.take(picked),
+    # Typed indices: `take([])` of a plain list has no kernel (a batch where no row decoded).
+    taken = None if picked is None else pa.array(picked, pa.int64())
+    rows, ok = _columns(decoded, seqs if taken is None else seqs.take(taken),
+                        subjects_ if taken is None else subjects_.take(taken),
                         before.finish(picked), after.finish(picked))
     del decoded
     others: list[int] = []

@@ -194,3 +194,16 @@ def test_ts_column_parse_equals_parse_ts() -> None:
         assert ok.to_pylist() == [True, True, True, False], s
         with pytest.raises(ValueError):
             parse_ts(s)
+
+
+def test_a_batch_where_no_row_decodes_goes_to_the_decoder_whole() -> None:
+    """Found by the rejects test: with no row decoded (garbage, an oversize payload, a purge
+    alone), the column step took rows by an empty Python list, which pyarrow cannot type: the
+    prepare raised and the batch went the slow way, logged as a failure."""
+    purge = encode_event(AttemptsPurged(id=new_event_id(), ts="2026-11-16T00:00:00+00:00",
+                                        before="2020-01-01T00:00:00+00:00"))
+    items = [("fleet.attempt.alpha.probe", b"{not json"), ("fleet.attempt.purge", purge),
+             ("fleet.attempt.alpha.probe", None)]
+    prepared = prepare_attempts(_batch(items, 2))
+    assert prepared.rows.num_rows == 0
+    assert prepared.others == [1, 2, 3]
