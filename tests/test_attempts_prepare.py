@@ -23,22 +23,16 @@ from fleetlog.projections._base import RawBatch
 from fleetlog.projections.attempts import PROJECTION
 from fleetlog.projections.attempts_raw import attempts_table, prepare_attempts
 from fleetlog.schemas import AttemptRecorded, AttemptsPurged, encode_event, new_event_id, parse_ts
-from fleetlog.services.client.attempts.panes import normalize_pane
 from fleetlog.services.projector.fold import BatchFolder
+
+from .test_bulk_fold import _event
 
 STREAM = "FLEET_ATTEMPTS"
 
 
 def _sdk(agent: str = "alpha", action: str = "probe", **kw: Any) -> tuple[str, bytes]:
     """Exactly what `fleet.attempts.record()` publishes (panes normalised as the client does)."""
-    fields: dict[str, Any] = {
-        "id": new_event_id(), "ts": "2026-11-16T03:44:42.062811+00:00", "agent": agent, "action": action,
-        "outcome": "success", "elapsed_s": 1.25, "pane_before": None, "pane_after": None, "extras": {},
-    }
-    fields.update(kw)
-    for pane in ("pane_before", "pane_after"):
-        fields[pane] = normalize_pane(pane, fields[pane], 64)
-    e = AttemptRecorded(**fields)
+    e = AttemptRecorded(**_event(agent, action, **kw))
     return e.subject(), encode_event(e)
 
 
