@@ -204,7 +204,8 @@ class _Scrape(Collector):
         size = HistogramMetricFamily("fleetlog_fold_batch_events", "events per folded batch, per projection",
                                      labels=["projection"])
         took = HistogramMetricFamily("fleetlog_fold_duration_seconds", "time to fold and commit one batch, "
-                                     "per projection", labels=["projection"])
+                                     "per projection (a catch-up batch held for the next ones: until "
+                                     "their common commit)", labels=["projection"])
         for fam, hists in ((size, stats.batch_events), (took, stats.duration_s)):
             for name, hist in sorted(hists.items()):
                 fam.add_metric([name], _buckets(hist), hist.total)
