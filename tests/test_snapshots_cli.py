@@ -4,6 +4,7 @@ restarted without losing or repeating a diff it had acknowledged, and ten proces
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fleetlog.schemas import subjects
+from fleetlog.services.client.snapshots import watch
 from fleetlog.services.node.server import Server
 
 from fleetlog import Fleet
@@ -160,3 +163,33 @@ async def test_ten_processes_take_one_agent_at_once(fleet: Fleet, server: Server
     assert sorted((p["n"], p["diff_fields"]) for p in printed) == sorted(
         (e["data"]["n"], e["diff_fields"]) for _, e in chain)
     assert len(await stored(fleet, "FLEET_DIFFS", subjects.diff("h", "procs"))) == 9
+
+
+async def test_two_watchers_on_one_durable_run_each_slow_hook_once_in_order(
+        fleet: Fleet, server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two watchers share a durable; each hook outlasts the ack wait. One diff is out at a time
+    and the one running says it is still at work (`in_progress`), so neither runs a diff the
+    other holds, and the diffs run in order. Before: the second took t2 at once, and t1 went
+    to it again when its ack wait ran out mid-hook."""
+    monkeypatch.setattr(watch, "ACK_WAIT_S", 1.0)
+    script, out = tmp_path / "slow_hook.py", tmp_path / "slow_hook.log"
+    script.write_text("import time\ntime.sleep(2.5)\n" + HOOK)
+    for i in range(3):  # two diffs: t1, t2
+        await fleet.snapshots.take("slow", {"timestamp": f"t{i}", "n": i}, host="h")
+    await fleet.flush()
+    nc = await fleet.nats()
+    command = [f"{sys.executable} {script} {out}"]
+    subject = watch.diff_subject("h", "slow")
+    await watch.serve_hooks(nc, subject, [], durable="slow-hooks", after_seq=0, count=0)  # the durable, at the start
+    watchers = [asyncio.create_task(watch.serve_hooks(nc, subject, command, durable="slow-hooks")) for _ in range(2)]
+    try:
+        async def both_ran() -> bool:
+            return len(hook_lines(out)) >= 2
+
+        await wait_until(both_ran, timeout_s=60)
+        await asyncio.sleep(3.5)  # a redelivered diff would have run again by now (ack wait 1 s, hook 2.5 s)
+    finally:
+        for w in watchers:
+            w.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+    assert hook_lines(out) == ["t1", "t2"]  # each once, in order
